@@ -1,0 +1,315 @@
+"""The typed config tree: the single source of every default.
+
+Symbols follow Pandey et al., "Contrastive Semi-Supervised Learning for 2D Medical Segmentation"
+(MICCAI 2021):
+
+    tau        temperature of the contrastive loss (Eq. 1); default 0.1, must be > 0
+    alpha      interpolation weight of a hard negative normalize(a z_i + (1-a) z_n), drawn per pair
+               from U(alpha_min, alpha_max); paper (0, 0.4); 0 <= alpha_min < alpha_max <= 0.5
+    omega      silhouette score of the patch embeddings, in [-1, 1]
+    lambda_    noise variance of consistency regularisation, (omega + 1) / 2 + eps
+    eps        small non-negative offset of lambda_
+
+YAML only overrides these dataclasses (``load_config``). Unknown keys, wrong types and
+out-of-range values raise ``ConfigError`` with one line naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # dataset name; issue 2 ships "synthetic"
+    num_classes: int = 4  # C, including background class 0
+    image_size: tuple[int, int] = (128, 128)  # (H, W) every image is generated / resized to
+    in_channels: int = 1  # image channels fed to the network
+    n_train: int = 40  # training images (labelled + unlabelled)
+    n_val: int = 8
+    n_test: int = 16
+    labelled_fraction: float = 0.1  # share of training images with masks (D_L); the rest is D_U
+    labelled_count: int = 0  # if > 0, |D_L| exactly (overrides labelled_fraction)
+    difficulty: float = 1.0  # synthetic only: 0 = easy, larger = noisier and more varied
+    seed: int = 0  # seed of the data generation and of the split
+
+
+@dataclass
+class ModelConfig:
+    name: str = "attention_unet"  # a name in cssl_ray.models.registry
+    base_channels: int = 64  # width of the first level; 64 gives the vanilla U-Net size
+    depth: int = 4  # number of down-samplings; the network's stride is 2**depth
+    embed_dim: int = 256  # output size of the projection head g (paper: 256)
+    proj_hidden: int = 512  # hidden width of the 2-layer projection head
+    encoder: str = "resnet18"  # timm encoder name for name == "timm_unet"
+    pretrained: bool = False  # timm: never downloads; use encoder_weights for local weights
+    encoder_weights: str = ""  # timm: path to a local state dict for the encoder
+
+
+@dataclass
+class PseudoConfig:
+    threshold: float = 0.9  # softmax confidence a pixel needs to get a pseudo-label
+    ignore_index: int = 255  # label of pixels below the threshold
+
+
+@dataclass
+class PatchConfig:
+    size: int = 64  # side of the square class-wise patch window
+    min_pixels: int = 25  # pixels of the patch's class a window must hold
+    mask: Literal["others_all", "others_foreground", "none"] = "others_all"
+    per_class_per_image: int = 4  # windows drawn per (image, foreground class present)
+    batch_size: int = 816  # patches per contrastive batch (paper: 816)
+
+
+@dataclass
+class ContrastiveConfig:
+    tau: float = 0.1
+    alpha_min: float = 0.0
+    alpha_max: float = 0.4
+    hard_ratio: float = 1.0  # hard : batch negatives; 1.0 = one hard negative per batch negative
+    aux_samples: int = 0  # one-foreground-class data: auxiliary Gaussian negatives per batch (0 = batch size)
+    aux_sigma: float = 1.0  # std of the auxiliary Gaussian N(mu, aux_sigma^2 I) before normalising
+
+
+@dataclass
+class SilhouetteConfig:
+    kind: Literal["standard", "paper"] = "standard"
+    metric: Literal["manhattan", "euclidean", "cosine"] = "manhattan"
+    max_samples: int = 1024  # subsample size per batch for the standard (O(N^2)) silhouette
+
+
+@dataclass
+class ConsistencyConfig:
+    eps: float = 0.01  # lambda_ = (omega + 1) / 2 + eps
+    teacher: Literal["previous", "ema"] = "previous"  # frozen previous-epoch copy, or EMA
+    ema_decay: float = 0.99
+    perturb: Literal["bottleneck", "all_levels"] = "bottleneck"
+    batch_size: int = 8  # full unlabelled images per consistency batch (paper: 8)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # Adam
+    weight_decay: float = 0.0
+    plateau_factor: float = 0.1  # ReduceLROnPlateau on validation loss
+    plateau_patience: int = 5
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 16  # supervised batch (paper: 16 at 320x256)
+    supervised_epochs: int = 50  # stage A
+    max_rounds: int = 20  # CSSL rounds (pseudo-label -> L_tot epoch -> fine-tune epoch -> validate)
+    steps_per_round: int = 0  # if > 0, cap the L_tot steps of one round (CPU budgets)
+    sup_steps_per_epoch: int = 0  # supervised / fine-tune steps per epoch; 0 = one pass over D_L
+    augment: bool = True  # paired flips / 90-degree rotations of labelled images and masks
+    plateau_rounds: int = 5  # stop when L_tot has not improved by plateau_delta for this many rounds
+    plateau_delta: float = 1e-3
+    use_cl: bool = True
+    use_cr: bool = True
+    use_hard_negatives: bool = True
+    w_cl: float = 1.0
+    w_cr: float = 1.0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out_dir: str = "runs/local"  # checkpoints and the resolved config
+    keep_checkpoints: int = 2  # round checkpoints kept on disk (best.pt is always kept)
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    patches: PatchConfig = field(default_factory=PatchConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    silhouette: SilhouetteConfig = field(default_factory=SilhouetteConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides from plain dicts / YAML, with one-line errors.
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (tuples from lists)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - config author error
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any], prefix: str = "") -> Any:
+    """Return a copy of dataclass ``cfg`` with nested ``overrides`` applied and type-checked."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {overrides!r}")
+    hints = typing.get_type_hints(type(cfg))
+    names = [f.name for f in dataclasses.fields(cfg)]
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}; allowed here: {', '.join(names)}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = apply_overrides(current, value, prefix=f"{full}.")
+        else:
+            changes[key] = _coerce(full, value, hints[key])
+    return dataclasses.replace(cfg, **changes)
+
+
+def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed: {allowed}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks across the tree; raises ``ConfigError`` naming the first bad key."""
+    d, m, p, pt, c = cfg.data, cfg.model, cfg.pseudo, cfg.patches, cfg.contrastive
+    _check(d.num_classes >= 2, "data.num_classes", ">= 2 (background + at least one class)", d.num_classes)
+    _check(all(s >= 8 for s in d.image_size), "data.image_size", "both sides >= 8", d.image_size)
+    _check(d.in_channels >= 1, "data.in_channels", ">= 1", d.in_channels)
+    _check(d.n_train >= 2, "data.n_train", ">= 2", d.n_train)
+    _check(d.n_val >= 1 and d.n_test >= 1, "data.n_val/n_test", ">= 1", (d.n_val, d.n_test))
+    _check(0.0 < d.labelled_fraction <= 1.0, "data.labelled_fraction", "0 < fraction <= 1", d.labelled_fraction)
+    _check(0 <= d.labelled_count <= d.n_train, "data.labelled_count", f"0..data.n_train ({d.n_train})", d.labelled_count)
+    _check(d.difficulty >= 0, "data.difficulty", ">= 0", d.difficulty)
+    _check(m.base_channels >= 1, "model.base_channels", ">= 1", m.base_channels)
+    _check(1 <= m.depth <= 6, "model.depth", "1..6", m.depth)
+    _check(m.embed_dim >= 2, "model.embed_dim", ">= 2", m.embed_dim)
+    _check(m.proj_hidden >= 1, "model.proj_hidden", ">= 1", m.proj_hidden)
+    _check(0.0 < p.threshold <= 1.0, "pseudo.threshold", "0 < threshold <= 1", p.threshold)
+    _check(p.ignore_index < 0 or p.ignore_index >= d.num_classes, "pseudo.ignore_index",
+           f"negative or >= data.num_classes ({d.num_classes})", p.ignore_index)
+    _check(pt.size >= 1 and all(pt.size <= s for s in d.image_size), "patches.size",
+           f"1..min(data.image_size) ({min(d.image_size)})", pt.size)
+    _check(1 <= pt.min_pixels <= pt.size * pt.size, "patches.min_pixels", f"1..patches.size^2 ({pt.size ** 2})", pt.min_pixels)
+    _check(pt.per_class_per_image >= 1, "patches.per_class_per_image", ">= 1", pt.per_class_per_image)
+    _check(pt.batch_size >= 2, "patches.batch_size", ">= 2 (an anchor needs a positive)", pt.batch_size)
+    _check(c.tau > 0, "contrastive.tau", "> 0", c.tau)
+    _check(0.0 <= c.alpha_min, "contrastive.alpha_min", ">= 0", c.alpha_min)
+    _check(c.alpha_max <= 0.5, "contrastive.alpha_max", "<= 0.5 (the anchor must weigh less than the negative)", c.alpha_max)
+    _check(c.alpha_min < c.alpha_max, "contrastive.alpha_min", f"< contrastive.alpha_max ({c.alpha_max})", c.alpha_min)
+    _check(c.hard_ratio > 0, "contrastive.hard_ratio", "> 0", c.hard_ratio)
+    _check(c.aux_samples >= 0, "contrastive.aux_samples", ">= 0", c.aux_samples)
+    _check(c.aux_sigma > 0, "contrastive.aux_sigma", "> 0", c.aux_sigma)
+    _check(cfg.silhouette.max_samples >= 2, "silhouette.max_samples", ">= 2", cfg.silhouette.max_samples)
+    _check(cfg.consistency.eps >= 0, "consistency.eps", ">= 0", cfg.consistency.eps)
+    _check(0.0 <= cfg.consistency.ema_decay < 1.0, "consistency.ema_decay", "0 <= decay < 1", cfg.consistency.ema_decay)
+    _check(cfg.consistency.batch_size >= 1, "consistency.batch_size", ">= 1", cfg.consistency.batch_size)
+    o, t = cfg.optim, cfg.train
+    _check(o.lr > 0, "optim.lr", "> 0", o.lr)
+    _check(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+    _check(0.0 < o.plateau_factor < 1.0, "optim.plateau_factor", "0 < factor < 1", o.plateau_factor)
+    _check(o.plateau_patience >= 0, "optim.plateau_patience", ">= 0", o.plateau_patience)
+    _check(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
+    _check(t.supervised_epochs >= 0, "train.supervised_epochs", ">= 0", t.supervised_epochs)
+    _check(t.max_rounds >= 0, "train.max_rounds", ">= 0", t.max_rounds)
+    _check(t.steps_per_round >= 0, "train.steps_per_round", ">= 0", t.steps_per_round)
+    _check(t.sup_steps_per_epoch >= 0, "train.sup_steps_per_epoch", ">= 0", t.sup_steps_per_epoch)
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", t.keep_checkpoints)
+    _check(t.plateau_rounds >= 1, "train.plateau_rounds", ">= 1", t.plateau_rounds)
+    _check(t.w_cl >= 0 and t.w_cr >= 0, "train.w_cl/w_cr", ">= 0", (t.w_cl, t.w_cr))
+    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
+           "auto, cpu, cuda or cuda:N", t.device)
+    return cfg
+
+
+def from_dict(overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then ``overrides`` (nested dict), then range checks."""
+    return validate(apply_overrides(Config(), overrides or {}))
+
+
+def load_config(path: str | Path, extra: dict[str, Any] | None = None) -> Config:
+    """Read a YAML file of overrides; errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "invalid YAML"
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    try:
+        cfg = apply_overrides(Config(), data)
+        if extra:
+            cfg = apply_overrides(cfg, extra)
+        return validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML, Ray and MLflow."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"contrastive.tau=0.2"`` -> ``{"contrastive": {"tau": 0.2}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw)
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge nested dicts (b wins)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

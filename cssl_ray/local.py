@@ -1,0 +1,217 @@
+"""The whole CSSL schedule in one process (no Ray): stage A, then rounds, then test.
+
+    stage A   supervised epochs on D_L, validating after each (ReduceLROnPlateau on val loss)
+    round r   pseudo-label D_U (B) -> class-wise patches (C) -> one L_tot epoch (CL + CR)
+              -> one supervised fine-tune epoch on D_L -> validate -> checkpoint round_r.pt
+    stop      after train.max_rounds, or when L_tot has not improved by train.plateau_delta for
+              train.plateau_rounds rounds
+    test      once, on the best-validation weights (val dice_mean); never tuned on test data
+
+With use_cl = use_cr = False the rounds hold only the fine-tune epoch: the fully supervised
+baseline with exactly the same supervised steps as the CSSL run.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cssl_ray import checkpoint as ckpt
+from cssl_ray.config import Config, dump_config, to_dict, validate
+from cssl_ray.consistency import Teacher, noise_variance
+from cssl_ray.contrastive import AuxiliaryGaussian
+from cssl_ray.data.bundle import DataBundle, load_bundle
+from cssl_ray.data.splits import write_split
+from cssl_ray.loop import cssl_epoch, evaluate, round_patches, supervised_epoch
+from cssl_ray.models import check_geometry, create_model
+
+
+@dataclass
+class RunResult:
+    test: dict[str, float]
+    best_val: dict[str, float]
+    best_round: int  # 0 = end of the supervised stage
+    history: list[dict[str, Any]] = field(default_factory=list)
+    out_dir: Path | None = None
+    seconds: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class _State:
+    """Everything a round checkpoint restores."""
+
+    def __init__(self, cfg: Config, bundle: DataBundle, device: torch.device):
+        t = cfg.train
+        torch.manual_seed(t.seed)
+        self.model: nn.Module = create_model(cfg.model, cfg.data.in_channels, cfg.data.num_classes).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.optim.lr,
+                                          weight_decay=cfg.optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=cfg.optim.plateau_factor, patience=cfg.optim.plateau_patience)
+        self.generator = torch.Generator().manual_seed(t.seed)
+        self.teacher: Teacher | None = None
+        if t.use_cr:
+            self.teacher = Teacher(self.model, cfg.consistency.teacher, cfg.consistency.ema_decay)
+        # One foreground class: the auxiliary Gaussian is the negative class (fixed from the seed).
+        self.aux: AuxiliaryGaussian | None = None
+        if cfg.data.num_classes == 2 and (t.use_cl or t.use_cr):
+            self.aux = AuxiliaryGaussian(cfg.model.embed_dim, cfg.contrastive.aux_sigma, seed=t.seed)
+        self.omega: float | None = None
+        self.round = 0
+        self.best_dice = -math.inf
+        self.best_round = 0
+        self.best_val: dict[str, float] = {}
+        self.best_model: dict[str, torch.Tensor] = {}
+        self.best_loss_tot = math.inf
+        self.rounds_since_improvement = 0
+        self.history: list[dict[str, Any]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "teacher": self.teacher.state_dict() if self.teacher else None,
+            "aux": self.aux.state_dict() if self.aux else None,
+            "omega": self.omega, "round": self.round, "best_dice": self.best_dice,
+            "best_round": self.best_round, "best_val": self.best_val, "best_model": self.best_model,
+            "best_loss_tot": self.best_loss_tot, "rounds_since_improvement": self.rounds_since_improvement,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.model.load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        self.generator.set_state(s["generator"])
+        torch.set_rng_state(s["torch_rng"])
+        if self.teacher is not None and s["teacher"] is not None:
+            self.teacher.load_state_dict(s["teacher"])
+        if self.aux is not None and s["aux"] is not None:
+            self.aux.load_state_dict(s["aux"])
+        for k in ("omega", "round", "best_dice", "best_round", "best_val", "best_model", "best_loss_tot",
+                  "rounds_since_improvement", "history"):
+            setattr(self, k, s[k])
+
+    def track_best(self, val: dict[str, float]) -> None:
+        dice = val.get("dice_mean", float("nan"))
+        if not math.isnan(dice) and dice >= self.best_dice:
+            self.best_dice, self.best_round, self.best_val = dice, self.round, dict(val)
+            self.best_model = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+
+
+def run_local(cfg: Config, *, resume: bool = False,
+              log: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+    """Train one CSSL run in this process; returns test metrics on the best-validation weights."""
+    validate(cfg)
+    check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
+    start = time.perf_counter()
+    t = cfg.train
+    device = resolve_device(t.device)
+    bundle = load_bundle(cfg.data)
+    out_dir = Path(t.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out_dir / "config.yaml")
+    write_split(bundle.split, out_dir / "split.json")
+    state = _State(cfg, bundle, device)
+    if resume and (last := ckpt.latest_checkpoint(out_dir)) is not None:
+        state.load_state_dict(ckpt.load(last, map_location=device))
+    emit = log or (lambda record: None)
+    total_epochs = t.supervised_epochs + t.max_rounds
+    bar = _progress(total_epochs, t.progress)
+    bar.update((t.supervised_epochs if state.history else 0) + state.round)  # resumed work
+
+    def validate_and_record(record: dict[str, Any]) -> dict[str, float]:
+        val = evaluate(state.model, bundle.val_images, bundle.val_masks, num_classes=cfg.data.num_classes,
+                       class_names=bundle.class_names, ignore_index=cfg.pseudo.ignore_index,
+                       batch_size=cfg.consistency.batch_size)
+        state.scheduler.step(val["loss"])
+        record.update({f"val_{k}": v for k, v in val.items()})
+        record["lr"] = state.optimizer.param_groups[0]["lr"]
+        state.history.append(record)
+        emit(record)
+        bar.set_postfix(stage=record["stage"], dice=f"{val['dice_mean']:.3f}")
+        bar.update(1)
+        return val
+
+    sup = dict(batch_size=t.batch_size, steps=t.sup_steps_per_epoch, augment=t.augment,
+               ignore_index=cfg.pseudo.ignore_index, generator=state.generator)
+    if state.round == 0 and not state.history:  # stage A (skipped when resuming past it)
+        for epoch in range(t.supervised_epochs):
+            stats = supervised_epoch(state.model, state.optimizer, bundle.labelled_images,
+                                     bundle.labelled_masks, **sup)
+            state.track_best(validate_and_record({"stage": "supervised", "round": 0, "epoch": epoch, **stats}))
+        _save_round(state, cfg, out_dir)
+
+    cssl_on = t.use_cl or t.use_cr
+    while state.round < t.max_rounds:
+        state.round += 1
+        record: dict[str, Any] = {"stage": "round", "round": state.round}
+        if cssl_on:
+            patches, classes, pstats = round_patches(
+                state.model, cfg, bundle.labelled_images, bundle.labelled_masks, bundle.unlabelled_images,
+                generator=state.generator, hidden_masks=bundle.unlabelled_masks_hidden)
+            record.update(pstats)
+            omega = 0.0 if state.omega is None else state.omega  # neutral before the first epoch
+            lambda_ = noise_variance(omega, cfg.consistency.eps)
+            if state.teacher is not None and cfg.consistency.teacher == "previous":
+                state.teacher.snapshot(state.model)  # the network as it was at the end of the last epoch
+            cstats = cssl_epoch(state.model, state.teacher, state.optimizer, patches, classes,
+                                bundle.unlabelled_images, cfg, lambda_=lambda_, aux=state.aux,
+                                generator=state.generator)
+            if not math.isnan(cstats["omega"]):
+                state.omega = cstats["omega"]
+            record.update({"lambda": lambda_, **cstats})
+        record.update(supervised_epoch(state.model, state.optimizer, bundle.labelled_images,
+                                       bundle.labelled_masks, **sup))
+        state.track_best(validate_and_record(record))
+        stop = cssl_on and _plateaued(state, record["loss"], t.plateau_delta, t.plateau_rounds)
+        _save_round(state, cfg, out_dir)
+        if stop:
+            break
+    bar.close()
+
+    if state.best_model:  # else no validation ran (no epochs): test the weights as they are
+        state.model.load_state_dict(state.best_model)
+    test = evaluate(state.model, bundle.test_images, bundle.test_masks, num_classes=cfg.data.num_classes,
+                    class_names=bundle.class_names, ignore_index=cfg.pseudo.ignore_index,
+                    batch_size=cfg.consistency.batch_size, auprc=True)
+    ckpt.save_atomic({"model": state.best_model, "config": to_dict(cfg), "round": state.best_round,
+                      "val": state.best_val, "test": test}, out_dir / "best.pt")
+    result = RunResult(test=test, best_val=state.best_val, best_round=state.best_round,
+                       history=state.history, out_dir=out_dir, seconds=time.perf_counter() - start)
+    (out_dir / "result.json").write_text(json.dumps(
+        {"test": test, "best_val": state.best_val, "best_round": state.best_round,
+         "seconds": result.seconds}, indent=2, allow_nan=True))
+    return result
+
+
+def _plateaued(state: _State, loss_tot: float, delta: float, patience: int) -> bool:
+    if loss_tot < state.best_loss_tot - delta:
+        state.best_loss_tot, state.rounds_since_improvement = loss_tot, 0
+    else:
+        state.rounds_since_improvement += 1
+    return state.rounds_since_improvement >= patience
+
+
+def _save_round(state: _State, cfg: Config, out_dir: Path) -> None:
+    ckpt.save_atomic({**state.state_dict(), "config": to_dict(cfg)}, ckpt.round_path(out_dir, state.round))
+    ckpt.prune(out_dir, cfg.train.keep_checkpoints)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, disable=not enabled, desc="cssl", unit="epoch", dynamic_ncols=True)

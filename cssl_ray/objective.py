@@ -1,0 +1,82 @@
+"""One step of CSSL: L_tot = w_cl L_CL + w_cr L_CR, with every part returned for logging.
+
+The model returns logits and embeddings; all loss math lives here and in the loss modules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cssl_ray.config import Config
+from cssl_ray.consistency import Teacher, consistency_step
+from cssl_ray.contrastive import AuxiliaryGaussian, contrastive_loss, sample_alpha
+
+
+@dataclass
+class StepInputs:
+    """What one CSSL step consumes.
+
+    patches (P, C_in, s, s) class-wise patches and their classes (P,); unlabelled (B, C_in, H, W)
+    full unlabelled images for L_CR. Either may be None when its loss is switched off.
+    """
+
+    patches: Tensor | None
+    patch_classes: Tensor | None
+    unlabelled: Tensor | None
+
+
+def patch_embeddings(model: nn.Module, patches: Tensor) -> Tensor:
+    """z = normalize(g(pool(E(w)))): (P, C_in, s, s) -> (P, embed_dim) unit vectors."""
+    net = getattr(model, "module", model)
+    return F.normalize(net.project(net.encode(patches)[-1]), dim=1)
+
+
+def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs, cfg: Config, *,
+                   lambda_: float, aux: AuxiliaryGaussian | None = None,
+                   generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Compute L_tot for one step.
+
+    Returns ``{"loss", "loss_cl", "loss_cr", "z", "anchors", "anchors_without_positive",
+    "aux"}``: ``loss`` carries the gradient; ``z`` (detached patch embeddings) and ``aux``
+    (the auxiliary negatives used, or None) feed the silhouette omega.
+    """
+    t, c = cfg.train, cfg.contrastive
+    device = next(model.parameters()).device
+    zero = torch.zeros((), device=device)
+    out: dict[str, Tensor] = {"loss_cl": zero, "loss_cr": zero}
+    loss = zero
+    if t.use_cl:
+        if inputs.patches is None or inputs.patch_classes is None:
+            raise ValueError("cssl_objective: use_cl needs patches and patch_classes")
+        z = patch_embeddings(model, inputs.patches)  # (P, D)
+        n = z.shape[0]
+        alpha = aux_batch = aux_alpha = None
+        if t.use_hard_negatives:
+            alpha = sample_alpha(n, c.alpha_min, c.alpha_max, c.hard_ratio, generator=generator).to(device)
+        if aux is not None:
+            m = c.aux_samples or n
+            aux_batch = aux.sample(m, generator=generator).to(device=device, dtype=z.dtype)  # (M, D)
+            if t.use_hard_negatives:
+                aux_alpha = sample_alpha(n, c.alpha_min, c.alpha_max, c.hard_ratio, m=m,
+                                         generator=generator).to(device)
+        loss_cl, stats = contrastive_loss(z, inputs.patch_classes, c.tau, alpha, aux=aux_batch,
+                                          aux_alpha=aux_alpha, return_stats=True)
+        out["loss_cl"] = loss_cl
+        out["z"] = z.detach()
+        out["aux"] = aux_batch
+        out["anchors"] = torch.tensor(float(stats["anchors"]))
+        out["anchors_without_positive"] = torch.tensor(float(stats["anchors_without_positive"]))
+        loss = loss + t.w_cl * loss_cl
+    if t.use_cr and inputs.unlabelled is not None:  # None: D_U is empty (100% labelled)
+        if teacher is None:
+            raise ValueError("cssl_objective: use_cr needs a teacher")
+        loss_cr = consistency_step(model, teacher, inputs.unlabelled, lambda_,
+                                   threshold=cfg.pseudo.threshold, ignore_index=cfg.pseudo.ignore_index,
+                                   mode=cfg.consistency.perturb, generator=generator)
+        out["loss_cr"] = loss_cr
+        loss = loss + t.w_cr * loss_cr
+    out["loss"] = loss
+    return out

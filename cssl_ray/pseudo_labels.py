@@ -1,0 +1,143 @@
+"""Pseudo-labels (step B of a CSSL round).
+
+The current model predicts the unlabelled images D_U; a pixel gets its argmax class where the
+softmax confidence is at least ``threshold`` and ``ignore_index`` elsewhere. Labelled images use
+their ground truth. The pseudo-labels are regenerated from the latest model every round.
+
+    threshold      softmax confidence a pixel needs, in (0, 1]; default 0.9. A probability exactly
+                   equal to the threshold passes. 1.0 keeps only saturated pixels.
+    ignore_index   label of the pixels below the threshold (default 255); must not be a class id.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0.0 < threshold <= 1.0:  # also rejects NaN
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+
+
+def pseudo_labels(logits: Tensor, threshold: float, ignore_index: int = 255) -> Tensor:
+    """Confident argmax labels.
+
+    Args:
+        logits: ``(B, C, H, W)`` class scores (any float dtype; softmax is taken in float32).
+        threshold: confidence in (0, 1]; a pixel whose max softmax probability is ``>= threshold``
+            gets its argmax class (ties go to the lowest class index).
+        ignore_index: label for the other pixels; must be negative or >= C.
+
+    Returns:
+        ``(B, H, W)`` int64 on the logits' device. Pixels with NaN logits get ``ignore_index``.
+        ``B = 0`` gives an empty ``(0, H, W)`` tensor.
+    """
+    _check_threshold(threshold)
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be (B, C, H, W), got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a float tensor, got dtype {logits.dtype}")
+    num_classes = logits.shape[1]
+    if num_classes < 1:
+        raise ValueError(f"logits need at least one class channel, got shape {tuple(logits.shape)}")
+    if 0 <= ignore_index < num_classes:
+        raise ValueError(f"ignore_index {ignore_index} is a class id; use a value < 0 or >= C ({num_classes})")
+    probs = torch.softmax(logits.float(), dim=1)  # (B, C, H, W)
+    confidence, labels = probs.max(dim=1)  # (B, H, W) each
+    return torch.where(confidence >= threshold, labels, torch.full_like(labels, ignore_index))
+
+
+def _logits_of(output: Any) -> Tensor:
+    """The logits in a model's output: the tensor itself, the first element of a tuple / list, or
+    the ``"logits"`` entry of a dict (models return logits and embeddings)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    if isinstance(output, dict) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    raise ValueError(
+        f"model output must be a logits tensor, a tuple/list starting with one, or a dict with 'logits'; got {type(output).__name__}"
+    )
+
+
+@torch.no_grad()
+def predict_pseudo_labels(
+    model: nn.Module,
+    images: Tensor,
+    threshold: float,
+    ignore_index: int = 255,
+    batch_size: int = 8,
+) -> Tensor:
+    """Pseudo-label ``images`` with ``model`` in eval mode.
+
+    Args:
+        model: returns ``(b, C, H, W)`` logits for ``(b, C_in, H, W)`` images (or a tuple / dict
+            holding them, see ``_logits_of``).
+        images: ``(N, C_in, H, W)``; batches are moved to the model's device.
+        threshold, ignore_index: as in ``pseudo_labels``.
+        batch_size: images per forward pass, >= 1.
+
+    Returns:
+        ``(N, H, W)`` int64 on the images' device; ``N = 0`` gives ``(0, H, W)``.
+
+    The train/eval flag of every submodule is restored afterwards, so a model that was training
+    (or had, e.g., frozen batch-norm layers in eval) comes back exactly as it was.
+    """
+    _check_threshold(threshold)
+    if images.dim() != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n, _, h, w = images.shape
+    if n == 0:
+        return torch.empty((0, h, w), dtype=torch.int64, device=images.device)
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else images.device
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        out = []
+        for start in range(0, n, batch_size):
+            batch = images[start : start + batch_size].to(device)
+            logits = _logits_of(model(batch))  # (b, C, H, W)
+            if logits.dim() != 4 or logits.shape[0] != batch.shape[0] or logits.shape[2:] != batch.shape[2:]:
+                raise ValueError(
+                    f"model logits must be (b, C, H, W) = ({batch.shape[0]}, C, {h}, {w}), got shape {tuple(logits.shape)}"
+                )
+            out.append(pseudo_labels(logits, threshold, ignore_index).to(images.device))
+    finally:
+        for m, training in modes:
+            m.training = training
+    return torch.cat(out)
+
+
+def merge_with_ground_truth(pseudo: Tensor, gt: Tensor | None) -> Tensor:
+    """The labels an image trains with: its ground truth when it has one, else its pseudo-label.
+
+    Args:
+        pseudo: ``(B, H, W)`` pseudo-labels.
+        gt: ``(B, H, W)`` ground-truth masks of the same images, or None (unlabelled images).
+
+    Returns:
+        ``(B, H, W)`` int64: ``gt`` if given (the paper: labelled images use their ground truth),
+        else ``pseudo``.
+    """
+    if gt is None:
+        return pseudo.long()
+    if gt.shape != pseudo.shape:
+        raise ValueError(f"gt shape {tuple(gt.shape)} does not match pseudo shape {tuple(pseudo.shape)}")
+    return gt.long()
+
+
+def coverage(labels: Tensor, ignore_index: int = 255) -> float:
+    """Share of pixels in ``labels`` (any shape) that are not ``ignore_index``, in [0, 1].
+
+    An empty tensor has coverage 0.0.
+    """
+    total = labels.numel()
+    if total == 0:
+        return 0.0
+    return float((labels != ignore_index).sum().item()) / total

@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cssl_ray.pseudo_labels import coverage, merge_with_ground_truth, predict_pseudo_labels, pseudo_labels
+
+
+def _logits() -> torch.Tensor:
+    """(1, 3, 2, 2) logits with hand-computable softmax maxima:
+    (0,0): [0, 0, 0]      -> p = 1/3 each, argmax 0 (first of a tie)
+    (0,1): [0, 0, -100]   -> p = [0.5, 0.5, ~0]: exactly 0.5 in float32, argmax 0
+    (1,0): [-100, 100, 0] -> p = 1.0 exactly in float32 (the others underflow), class 1
+    (1,1): [0, 0, 0] + 2 on class 2 -> p2 = e^2 / (e^2 + 2) = 0.787..., class 2
+    """
+    x = torch.zeros(1, 3, 2, 2)
+    x[0, 2, 0, 1] = -100.0
+    x[0, :, 1, 0] = torch.tensor([-100.0, 100.0, 0.0])
+    x[0, 2, 1, 1] = 2.0
+    return x
+
+
+def test_hand_computed_labels():
+    logits = _logits()
+    assert torch.equal(pseudo_labels(logits, 0.3), torch.tensor([[[0, 0], [1, 2]]]))
+    assert torch.equal(pseudo_labels(logits, 0.5), torch.tensor([[[255, 0], [1, 2]]]))  # 0.5 >= 0.5
+    assert torch.equal(pseudo_labels(logits, 0.78), torch.tensor([[[255, 255], [1, 2]]]))
+    assert torch.equal(pseudo_labels(logits, 0.79), torch.tensor([[[255, 255], [1, 255]]]))
+
+
+def test_probability_equal_to_threshold_passes():
+    logits = torch.zeros(2, 4, 3, 5)  # softmax exactly 0.25 everywhere
+    assert (pseudo_labels(logits, 0.25) == 0).all()
+    assert (pseudo_labels(logits, 0.2500001) == 255).all()
+
+
+def test_threshold_one_keeps_only_saturated_pixels():
+    labels = pseudo_labels(_logits(), 1.0)
+    assert torch.equal(labels, torch.tensor([[[255, 255], [1, 255]]]))
+
+
+def test_custom_ignore_index_and_dtype():
+    labels = pseudo_labels(_logits().double(), 0.9, ignore_index=-1)
+    assert labels.dtype == torch.int64
+    assert torch.equal(labels, torch.tensor([[[-1, -1], [1, -1]]]))
+
+
+def test_low_precision_logits():
+    logits = _logits().to(torch.bfloat16)
+    assert torch.equal(pseudo_labels(logits, 0.5), torch.tensor([[[255, 0], [1, 2]]]))
+
+
+def test_nan_logits_are_ignored():
+    logits = _logits()
+    logits[0, 0, 1, 1] = float("nan")
+    assert pseudo_labels(logits, 0.3)[0, 1, 1] == 255
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.1, 1.01, float("nan")])
+def test_bad_threshold_raises(threshold):
+    with pytest.raises(ValueError, match="threshold"):
+        pseudo_labels(_logits(), threshold)
+
+
+def test_bad_shapes_and_ignore_index_raise():
+    with pytest.raises(ValueError, match="logits"):
+        pseudo_labels(torch.zeros(3, 2, 2), 0.5)
+    with pytest.raises(ValueError, match="ignore_index"):
+        pseudo_labels(_logits(), 0.5, ignore_index=2)
+    with pytest.raises(ValueError, match="dtype"):
+        pseudo_labels(torch.zeros(1, 2, 2, 2, dtype=torch.int64), 0.5)
+
+
+class _TinyNet(nn.Module):
+    """Conv + batch-norm (mode-dependent) + dropout (mode-dependent) -> 3-class logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.drop(self.bn(self.conv(x)))
+        return logits, logits.mean((2, 3))  # (logits, embedding), like the project's models
+
+
+def test_predict_matches_manual_eval_forward_and_restores_mode():
+    torch.manual_seed(0)
+    net = _TinyNet()
+    net.bn.running_mean.uniform_(-1, 1)
+    net.bn.running_var.uniform_(0.5, 2)
+    images = torch.randn(5, 2, 6, 7) * 3
+    net.train()
+    net.bn.eval()  # a mixed-mode model (frozen batch-norm) must come back exactly as it was
+    before = [m.training for m in net.modules()]
+    running = net.bn.running_mean.clone()
+    labels = predict_pseudo_labels(net, images, threshold=0.6, batch_size=2)
+    assert [m.training for m in net.modules()] == before
+    assert torch.equal(net.bn.running_mean, running)  # eval mode: statistics untouched
+    net.eval()
+    with torch.no_grad():
+        expected = pseudo_labels(net(images)[0], 0.6)
+    assert labels.shape == (5, 6, 7) and labels.dtype == torch.int64
+    assert torch.equal(labels, expected)
+    assert 0.0 < coverage(labels) < 1.0  # the case is not trivial
+
+
+def test_predict_accepts_plain_and_dict_outputs_and_empty_input():
+    conv = nn.Conv2d(1, 2, 1)
+    images = torch.randn(3, 1, 4, 4)
+    expected = pseudo_labels(conv(images).detach(), 0.7)
+    assert torch.equal(predict_pseudo_labels(conv, images, 0.7), expected)
+
+    class DictNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            return {"logits": self.conv(x), "embedding": None}
+
+    assert torch.equal(predict_pseudo_labels(DictNet(), images, 0.7), expected)
+    assert predict_pseudo_labels(conv, images[:0], 0.7).shape == (0, 4, 4)
+
+
+def test_predict_rejects_bad_inputs():
+    conv = nn.Conv2d(1, 2, 1)
+    with pytest.raises(ValueError, match="images"):
+        predict_pseudo_labels(conv, torch.zeros(1, 4, 4), 0.5)
+    with pytest.raises(ValueError, match="threshold"):
+        predict_pseudo_labels(conv, torch.zeros(1, 1, 4, 4), 1.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        predict_pseudo_labels(conv, torch.zeros(1, 1, 4, 4), 0.5, batch_size=0)
+    with pytest.raises(ValueError, match="logits"):
+        predict_pseudo_labels(nn.Flatten(), torch.zeros(1, 1, 4, 4), 0.5)
+    conv.train()
+    with pytest.raises(ValueError):
+        predict_pseudo_labels(nn.Sequential(conv, nn.MaxPool2d(2)), torch.zeros(2, 1, 4, 4), 0.5)
+    assert conv.training  # restored even when the call fails
+
+
+def test_merge_with_ground_truth():
+    pseudo = torch.tensor([[[1, 255], [0, 2]]])
+    gt = torch.tensor([[[1, 1], [0, 0]]], dtype=torch.uint8)
+    assert torch.equal(merge_with_ground_truth(pseudo, None), pseudo)
+    merged = merge_with_ground_truth(pseudo, gt)
+    assert merged.dtype == torch.int64 and torch.equal(merged, gt.long())
+    with pytest.raises(ValueError, match="shape"):
+        merge_with_ground_truth(pseudo, gt[0])
+
+
+def test_coverage():
+    labels = torch.tensor([[[0, 255], [255, 3]]])
+    assert coverage(labels) == 0.5
+    assert coverage(labels, ignore_index=3) == 0.75
+    assert coverage(torch.empty(0, 4, 4, dtype=torch.int64)) == 0.0
+    assert coverage(torch.full((2, 3, 3), 255)) == 0.0

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cssl_ray.data.synthetic import SYNTHETIC_CLASS_NAMES, class_names, make_synthetic
+
+
+def test_shapes_dtypes_and_ranges():
+    images, masks = make_synthetic(6, (40, 56), num_classes=4, seed=1)
+    assert images.shape == (6, 1, 40, 56) and images.dtype == torch.float32
+    assert masks.shape == (6, 40, 56) and masks.dtype == torch.int64
+    assert torch.isfinite(images).all()
+    assert masks.min() >= 0 and masks.max() <= 3
+
+
+def test_empty_dataset():
+    images, masks = make_synthetic(0, (32, 32), in_channels=3)
+    assert images.shape == (0, 3, 32, 32) and masks.shape == (0, 32, 32)
+
+
+def test_image_i_does_not_depend_on_n():
+    small_x, small_m = make_synthetic(3, (48, 48), seed=7)
+    big_x, big_m = make_synthetic(9, (48, 48), seed=7)
+    assert torch.equal(small_x, big_x[:3]) and torch.equal(small_m, big_m[:3])
+
+
+def test_deterministic_and_seed_dependent():
+    a = make_synthetic(4, (48, 48), seed=3)
+    b = make_synthetic(4, (48, 48), seed=3)
+    c = make_synthetic(4, (48, 48), seed=4)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[1], c[1])
+    assert not torch.equal(a[1][0], a[1][1])  # images within a dataset differ too
+
+
+def test_difficulty_changes_pixels_not_masks():
+    clean_x, clean_m = make_synthetic(4, (64, 64), difficulty=0.0)
+    hard_x, hard_m = make_synthetic(4, (64, 64), difficulty=1.0)
+    assert torch.equal(clean_m, hard_m)
+    assert not torch.allclose(clean_x, hard_x)
+
+
+def test_roughly_standardised():
+    images, _ = make_synthetic(24, (128, 128), seed=5)
+    assert abs(images.mean().item()) < 0.4
+    assert 0.6 < images.std().item() < 1.6
+
+
+def test_every_foreground_class_appears_in_most_images():
+    _, masks = make_synthetic(40, (128, 128), num_classes=4, seed=2)
+    present = torch.stack([(masks == k).flatten(1).any(1) for k in range(4)], 1).float().mean(0)  # (4,)
+    assert present[0] == 1.0 and present[1] >= 0.9 and present[2] >= 0.9
+    assert 0.6 <= present[3] < 1.0  # dots: absent from some images, by design
+
+
+def test_one_foreground_class_variant():
+    images, masks = make_synthetic(8, (64, 64), num_classes=2)
+    assert set(masks.unique().tolist()) == {0, 1}
+    assert class_names(2) == ["background", "nucleus"]
+    # several separate nuclei per image: the foreground is a modest share of the pixels
+    share = (masks == 1).float().mean().item()
+    assert 0.02 < share < 0.4
+
+
+def test_more_classes_cycle_through_shapes():
+    _, masks = make_synthetic(12, (96, 96), num_classes=7)
+    assert set(masks.unique().tolist()) == set(range(7))
+    assert class_names(7) == ["background", "blob", "band", "dot", "blob_2", "band_2", "dot_2"]
+    assert SYNTHETIC_CLASS_NAMES == ["background", "blob", "band", "dot"]
+
+
+def test_classes_1_to_3_keep_their_outlines_when_more_classes_are_added():
+    _, m4 = make_synthetic(3, (64, 64), num_classes=4)
+    _, m7 = make_synthetic(3, (64, 64), num_classes=7)
+    uncovered = m7 <= 3  # pixels not painted by classes 4-6
+    assert torch.equal(m4[uncovered], m7[uncovered])
+
+
+@pytest.mark.parametrize("size", [(8, 8), (16, 16), (16, 40), (200, 72)])
+def test_any_size(size):
+    images, masks = make_synthetic(3, size)
+    assert images.shape == (3, 1, *size) and masks.shape == (3, *size)
+    assert torch.isfinite(images).all()
+
+
+def test_channels_share_geometry_but_differ():
+    images, masks = make_synthetic(2, (48, 48), in_channels=3)
+    assert images.shape == (2, 3, 48, 48)
+    assert not torch.allclose(images[:, 0], images[:, 1])
+    _, masks1 = make_synthetic(2, (48, 48), in_channels=1)
+    assert torch.equal(masks, masks1)
+
+
+def _intensity_only_iou(images: torch.Tensor, masks: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Per-class IoU of the best classifier that sees one pixel's grey value only (a histogram
+    Bayes rule fitted on the very pixels it is scored on: an optimistic bound)."""
+    values = images[:, 0].flatten().numpy()
+    labels = masks.flatten().numpy()
+    bins = np.clip(np.digitize(values, np.linspace(-4, 4, 81)), 0, 81)
+    hist = np.zeros((82, num_classes))
+    np.add.at(hist, (bins, labels), 1)
+    pred = hist.argmax(1)[bins]
+    return np.array([((pred == k) & (labels == k)).sum() / max(1, ((pred == k) | (labels == k)).sum()) for k in range(num_classes)])
+
+
+def test_intensity_alone_does_not_segment_at_default_difficulty():
+    clean = _intensity_only_iou(*make_synthetic(16, (96, 96), difficulty=0.0), 4)
+    hard = _intensity_only_iou(*make_synthetic(16, (96, 96), difficulty=1.0), 4)
+    # Clean data is easy from intensity; at difficulty 1 shape and texture are needed.
+    assert clean[1:3].mean() > 0.6
+    assert hard[1:].mean() < 0.3
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"n": -1}, "n"),
+        ({"n": 2, "size": (4, 32)}, "size"),
+        ({"n": 2, "num_classes": 1}, "num_classes"),
+        ({"n": 2, "difficulty": -0.5}, "difficulty"),
+        ({"n": 2, "seed": -1}, "seed"),
+        ({"n": 2, "in_channels": 0}, "in_channels"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        make_synthetic(**kwargs)
