@@ -140,6 +140,7 @@ def main() -> None:
     d, classes, seed = 256, 5, 0
     threads = args.threads or torch.get_num_threads()
     spec = dict(n=args.n, d=d, classes=classes, seed=seed, repeats=args.repeats, device=args.device, threads=threads)
+    load = os.getloadavg()[0]  # other processes' demand, read before ours starts
     with tempfile.TemporaryDirectory() as tmp:
         naive = run_variant({**spec, "variant": "naive", "grad_path": os.path.join(tmp, "naive.pt")})
         closed = run_variant({**spec, "variant": "closed", "grad_path": os.path.join(tmp, "closed.pt")})
@@ -163,11 +164,14 @@ def main() -> None:
     print(f"|loss diff|   {loss_diff:9.2e}  target <= {TARGET_DIFF:.0e}  {ok(loss_diff <= TARGET_DIFF)}"
           f"   (max |grad diff| {grad_diff:.2e}; loss {closed['loss']:.6f})")
     print(f"(the naive hard-negative tensor alone is {hard_bytes / mib:.0f} MiB)")
+    if threads > 1 and load >= 0.5:
+        print(f"note: load average {load:.1f} before the run on {os.cpu_count()} cores; with other processes "
+              f"busy, multi-threaded timings of small ops collapse: rerun with --threads 1")
     print(f"closed form at N={args.n_large}: {large['time_s'] * 1e3:.1f} ms, peak {large['peak_bytes'] / mib:.1f} MiB")
 
     result = {
         "config": {**spec, "tau": 0.1, "alpha": [0.0, 0.4], "hard_ratio": 1.0, "n_large": args.n_large},
-        "machine": {"device": args.device, "torch": torch.__version__, "threads": threads,
+        "machine": {"device": args.device, "torch": torch.__version__, "threads": threads, "load_average": load,
                     "cpu": platform.processor() or platform.machine(),
                     "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
         "memory_method": "cuda max_memory_allocated" if args.device == "cuda" else "ru_maxrss rise, fresh subprocess",

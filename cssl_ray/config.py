@@ -77,7 +77,9 @@ class ContrastiveConfig:
     alpha_max: float = 0.4
     hard_ratio: float = 1.0  # hard : batch negatives; 1.0 = one hard negative per batch negative
     aux_samples: int = 0  # one-foreground-class data: auxiliary Gaussian negatives per batch (0 = batch size)
-    aux_sigma: float = 1.0  # std of the auxiliary Gaussian N(mu, aux_sigma^2 I) before normalising
+    # std per dimension of the auxiliary Gaussian N(mu, aux_sigma^2 I), |mu| = 1, before normalising;
+    # 0.05 keeps it a compact cluster in 256-d (cos to mu ~0.8); 1.0 would be near-uniform on the sphere
+    aux_sigma: float = 0.05
 
 
 @dataclass

@@ -24,11 +24,17 @@ ARMS = {
     "supervised": dict(use_cl=False, use_cr=False, use_hard_negatives=False),
     "cssl": dict(use_cl=True, use_cr=True, use_hard_negatives=True),
 }
+REFERENCE = "supervised, all labels"  # the ceiling: every training image labelled, same schedule
 
 
 def arm_config(cfg: Config, arm: str, seed: int, out_root: Path) -> Config:
-    train = dataclasses.replace(cfg.train, seed=seed, out_dir=str(out_root / f"{arm}_seed{seed}"), **ARMS[arm])
-    return dataclasses.replace(cfg, train=train, data=dataclasses.replace(cfg.data, seed=seed))
+    switches = ARMS["supervised" if arm == REFERENCE else arm]
+    folder = "reference" if arm == REFERENCE else arm
+    train = dataclasses.replace(cfg.train, seed=seed, out_dir=str(out_root / f"{folder}_seed{seed}"), **switches)
+    data = dataclasses.replace(cfg.data, seed=seed)
+    if arm == REFERENCE:
+        data = dataclasses.replace(data, labelled_fraction=1.0, labelled_count=0)
+    return dataclasses.replace(cfg, train=train, data=data)
 
 
 def format_table(results: dict[str, list[dict[str, float]]], class_names: list[str]) -> str:
@@ -55,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the supervised run with every training image labelled (the ceiling)")
     args = p.parse_args(argv)
     try:
         cfg = build_config(args.config, args.overrides + ["train.progress=false"], smoke=args.smoke)
@@ -65,12 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     from cssl_ray.local import run_local
 
     names = class_names(cfg.data.num_classes)
-    results: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
+    arms = list(ARMS) + ([] if args.no_reference else [REFERENCE])
+    results: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
     for seed in args.seeds:
-        for arm in ARMS:
+        for arm in arms:
             r = run_local(arm_config(cfg, arm, seed, Path(args.out)))
             results[arm].append(r.test)
-            print(f"seed {seed} {arm:>10}: test dice_mean {r.test['dice_mean']:.3f} "
+            print(f"seed {seed} {arm:>22}: test dice_mean {r.test['dice_mean']:.3f} "
                   f"(best round {r.best_round}, {r.seconds:.0f} s)", flush=True)
     print(f"\nTest Dice on {cfg.data.name} ({len(args.seeds)} seed(s), {cfg.data.labelled_fraction:.0%} "
           f"labelled, mean ± std over seeds):\n")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,25 @@ def round_patches(model: nn.Module, cfg: Config, labelled_images: Tensor, labell
     return patches, patch_classes, stats
 
 
+@contextmanager
+def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
+    """Normalise with batch statistics but leave BatchNorm running statistics untouched.
+
+    Masked class-wise patches and noise-perturbed bottlenecks do not look like the full images
+    the network is evaluated on; letting them update the running statistics would shift every
+    BatchNorm layer away from the data it is used on. (momentum 0 keeps running stats unchanged.)
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+
+
 def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim.Optimizer,
                patches: Tensor, patch_classes: Tensor, unlabelled_images: Tensor, cfg: Config, *,
                lambda_: float, aux: AuxiliaryGaussian | None = None,
@@ -120,28 +140,29 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
                            generator=generator)
     sums: dict[str, float] = {"loss": 0.0, "loss_cl": 0.0, "loss_cr": 0.0, "anchors_without_positive": 0.0}
     omegas: list[float] = []
-    for step in range(n_steps):
-        u_idx = next(u_iter, None)
-        x_u = unlabelled_images[u_idx].to(device) if (t.use_cr and u_idx is not None) else None
-        w = c = None
-        if patch_batches:
-            idx = patch_batches[step % len(patch_batches)]
-            w, c = patches[idx].to(device), patch_classes[idx].to(device)
-        if not (t.use_cl and w is not None) and x_u is None:
-            continue  # nothing to learn from (no patches and no unlabelled images)
-        inputs = StepInputs(w if t.use_cl else None, c if t.use_cl else None, x_u)
-        out = cssl_objective(model, teacher if t.use_cr else None, inputs, cfg, lambda_=lambda_,
-                             aux=aux, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        optimizer.step()
-        if teacher is not None:
-            teacher.update(model)
-        for k in sums:
-            if k in out:
-                sums[k] += float(out[k].detach())
-        if w is not None:
-            omegas.append(_omega(model, out, w, c, cfg, aux, generator))
+    with frozen_norm_statistics(model):  # patches and noisy features must not move BN statistics
+        for step in range(n_steps):
+            u_idx = next(u_iter, None)
+            x_u = unlabelled_images[u_idx].to(device) if (t.use_cr and u_idx is not None) else None
+            w = c = None
+            if patch_batches:
+                idx = patch_batches[step % len(patch_batches)]
+                w, c = patches[idx].to(device), patch_classes[idx].to(device)
+            if not (t.use_cl and w is not None) and x_u is None:
+                continue  # nothing to learn from (no patches and no unlabelled images)
+            inputs = StepInputs(w if t.use_cl else None, c if t.use_cl else None, x_u)
+            out = cssl_objective(model, teacher if t.use_cr else None, inputs, cfg, lambda_=lambda_,
+                                 aux=aux, generator=generator)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
+            if teacher is not None:
+                teacher.update(model)
+            for k in sums:
+                if k in out:
+                    sums[k] += float(out[k].detach())
+            if w is not None:
+                omegas.append(_omega(model, out, w, c, cfg, aux, generator))
     stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
     stats["steps"] = float(n_steps)
     stats["omega"] = sum(omegas) / len(omegas) if omegas else float("nan")
