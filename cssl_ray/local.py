@@ -167,8 +167,10 @@ def run_local(cfg: Config, *, resume: bool = False,
             record.update(pstats)
             omega = 0.0 if state.omega is None else state.omega  # neutral before the first epoch
             lambda_ = noise_variance(omega, cfg.consistency.eps)
-            if state.teacher is not None and cfg.consistency.teacher == "previous":
-                state.teacher.snapshot(state.model)  # the network as it was at the end of the last epoch
+            if state.teacher is not None and (cfg.consistency.teacher == "previous" or state.round == 1):
+                # previous: the network as it was at the end of the last epoch; ema: start the
+                # average from the supervised model, not from the random initialisation
+                state.teacher.snapshot(state.model)
             cstats = cssl_epoch(state.model, state.teacher, state.optimizer, patches, classes,
                                 bundle.unlabelled_images, cfg, lambda_=lambda_, aux=state.aux,
                                 generator=state.generator)

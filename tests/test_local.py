@@ -88,3 +88,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_cli_smoke_prints_test_metrics(tmp_path, capsys):
     assert main(["--local", "--smoke", "--quiet", "--out", str(tmp_path)]) == 0
     assert '"dice_mean"' in capsys.readouterr().out
+
+
+def test_ema_teacher_starts_from_the_supervised_model(tmp_path):
+    import cssl_ray.local as local
+
+    seen = []
+    orig = local.cssl_epoch
+
+    def spy(model, teacher, *args, **kwargs):
+        teacher_w = next(iter(teacher.model.state_dict().values()))
+        model_w = next(iter(model.state_dict().values()))
+        seen.append(torch.equal(teacher_w, model_w))
+        return orig(model, teacher, *args, **kwargs)
+
+    local.cssl_epoch = spy
+    try:
+        run_local(smoke(tmp_path, "consistency.teacher=ema"))
+    finally:
+        local.cssl_epoch = orig
+    assert seen[0] is True  # round 1: the EMA teacher is a copy of the supervised model
+    assert seen[1] is False  # round 2: it is an average, lagging the student
