@@ -120,6 +120,8 @@ def run_local(cfg: Config, *, resume: bool = False,
     check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
     start = time.perf_counter()
     t = cfg.train
+    if t.num_threads > 0:
+        torch.set_num_threads(t.num_threads)
     device = resolve_device(t.device)
     bundle = load_bundle(cfg.data)
     out_dir = Path(t.out_dir)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cssl_ray.data.splits import Split, labelled_size, make_split, read_split, write_split
+from cssl_ray.data.splits import Split, labelled_size, make_split, read_split, split_dataset, write_split
 
 
 def test_counts_and_disjoint():
@@ -106,3 +106,86 @@ def test_read_errors_name_the_file(tmp_path):
         read_split(bad)
     with pytest.raises(ValueError, match="missing.json"):
         read_split(tmp_path / "missing.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# split_dataset: real datasets (fixed subsets, groups kept whole).
+
+
+def chaos_like(patients: int = 20, slices: int = 5):
+    groups = [f"p{p:02d}" for p in range(patients) for _ in range(slices)]
+    return [None] * len(groups), groups, [True] * len(groups)
+
+
+def test_groups_never_span_parts_and_fractions_carve_whole_patients():
+    subsets, groups, has_mask = chaos_like()
+    s, r = split_dataset(subsets, groups, has_mask, labelled_fraction=0.5, val_fraction=0.15, test_fraction=0.15,
+                         labelled_by="group", seed=3)
+    part_groups = {k: {groups[i] for i in getattr(s, k)} for k in ("labelled", "unlabelled", "val", "test")}
+    assert len(part_groups["test"]) == 3 and len(part_groups["val"]) == 3  # 15% of 20 patients
+    assert len(part_groups["labelled"]) == 7 and len(part_groups["unlabelled"]) == 7  # 50% of the 14 left
+    names = list(part_groups)
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not part_groups[names[a]] & part_groups[names[b]], (names[a], names[b])
+    assert sorted(s.labelled + s.unlabelled + s.val + s.test) == list(range(100))
+    assert sorted(r.carved_test_groups) == sorted(part_groups["test"]) and r.labelled_units == 14
+
+
+def test_fixed_subsets_win_and_held_out_images_without_masks_are_excluded():
+    subsets = ["train", "train", "train", "val", "test", "test", "test", None]
+    groups = ["a", "a", "b", "a", "b", "c", "d", "e"]
+    has_mask = [True, True, True, True, True, True, False, False]
+    s, r = split_dataset(subsets, groups, has_mask, labelled_fraction=1.0, val_fraction=0.3, test_fraction=0.3)
+    assert s.val == [3] and s.test == [4, 5]  # no carving: the distribution has val and test
+    assert s.labelled == [0, 1, 2] and s.unlabelled == [7]  # an unmasked training image is D_U
+    assert r.excluded == [6] and not r.carved_val_groups
+
+
+def test_val_test_do_not_change_with_the_labelled_fraction_and_d_l_grows_as_a_prefix():
+    subsets, groups, has_mask = chaos_like(patients=30, slices=2)
+    kw = dict(val_fraction=0.2, test_fraction=0.2, seed=7)
+    small, _ = split_dataset(subsets, groups, has_mask, labelled_fraction=0.1, **kw)
+    large, _ = split_dataset(subsets, groups, has_mask, labelled_fraction=0.5, **kw)
+    assert small.val == large.val and small.test == large.test
+    assert set(small.labelled) < set(large.labelled)
+    again, _ = split_dataset(subsets, groups, has_mask, labelled_fraction=0.1, **kw)
+    other, _ = split_dataset(subsets, groups, has_mask, labelled_fraction=0.1, **{**kw, "seed": 8})
+    assert again == small and other != small
+
+
+def test_labelled_count_by_image_and_by_group():
+    subsets, groups, has_mask = chaos_like(patients=10, slices=3)
+    s, _ = split_dataset(subsets, groups, has_mask, labelled_fraction=0.5, labelled_count=4)
+    assert len(s.labelled) == 4 and len(s.unlabelled) == 26
+    g, _ = split_dataset(subsets, groups, has_mask, labelled_fraction=0.5, labelled_count=2, labelled_by="group")
+    assert len(g.labelled) == 6 and len({groups[i] for i in g.labelled}) == 2
+
+
+def test_duplicates_of_training_images_leave_val_and_test():
+    subsets = ["train", "train", "test", "test", "val"]
+    digests = ["x", "y", "x", "z", "y"]
+    s, r = split_dataset(subsets, ["a", "b", "c", "d", "e"], [True] * 5, labelled_fraction=1.0, digests=digests)
+    assert s.test == [3] and s.val == [] and r.duplicates_dropped == [2, 4]
+
+
+def test_too_few_groups_are_not_carved():
+    s, r = split_dataset([None] * 4, ["a", "a", "b", "b"], [True] * 4, labelled_fraction=1.0, val_fraction=0.1,
+                         test_fraction=0.1)
+    assert s.val == [] and s.test == [] and not r.carved_val_groups
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    ({"groups": ["a"]}, "one entry per row"),
+    ({"labelled_count": 9}, "labelled_count \\(9\\) exceeds the 4 labelled images"),
+    ({"labelled_fraction": 0.0}, "labelled_fraction"),
+    ({"val_fraction": 0.7, "test_fraction": 0.4}, "val_fraction"),
+    ({"labelled_by": "slice"}, "labelled_by"),
+    ({"subsets": ["train", "holdout", None, None]}, "unknown names"),
+    ({"has_mask": [False] * 4}, "no images with masks"),
+])
+def test_split_dataset_rejects_bad_arguments(kwargs, word):
+    args = dict(subsets=[None] * 4, groups=["a", "b", "c", "d"], has_mask=[True] * 4, labelled_fraction=0.5)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=word):
+        split_dataset(args.pop("subsets"), args.pop("groups"), args.pop("has_mask"), **args)

@@ -6,6 +6,11 @@ blocks that follow: ``n_train .. n_train+n_val-1`` and the next ``n_test``. Beca
 prefix of one seeded order, a smaller labelled set is a subset of a larger one with the same seed
 (20% labelled contains the 10% images), which keeps label-fraction ablations comparable.
 
+``make_split`` cuts the generated ``synthetic`` set as above. ``split_dataset`` cuts a prepared real
+dataset: the distribution's fixed val / test where it has them, otherwise whole groups (patients,
+cases) carved out by a seeded fraction, and D_L drawn the same prefix way over the remaining
+training images (or whole groups).
+
 A split is saved with every run (``write_split`` / ``read_split``, JSON) so the run can be
 reproduced even if the splitting rule changes.
 """
@@ -125,3 +130,131 @@ def read_split(path: str | Path) -> Split:
         return Split.from_dict(data)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Real datasets: fixed subsets where the distribution defines them, groups kept whole.
+
+
+@dataclass
+class SplitReport:
+    """What ``split_dataset`` did besides the four lists, for logs and the run's summary."""
+
+    carved_val_groups: list[str] = field(default_factory=list)  # groups moved from train to val
+    carved_test_groups: list[str] = field(default_factory=list)
+    duplicates_dropped: list[int] = field(default_factory=list)  # val/test rows that repeat a train image
+    excluded: list[int] = field(default_factory=list)  # rows in no part (held-out rows without masks, ...)
+    labelled_units: int = 0  # images or groups D_L was drawn from
+
+
+def split_dataset(
+    subsets: list[str | None],
+    groups: list[str],
+    has_mask: list[bool],
+    *,
+    labelled_fraction: float,
+    labelled_count: int = 0,
+    val_fraction: float = 0.0,
+    test_fraction: float = 0.0,
+    labelled_by: str = "image",
+    seed: int = 0,
+    digests: list[str] | None = None,
+) -> tuple[Split, SplitReport]:
+    """Split the rows of a prepared dataset into D_L, D_U, val and test.
+
+    1. Fixed subsets win: rows the distribution marks ``val`` / ``test`` (with masks) stay there;
+       ``train`` and unmarked rows form the training pool. Held-out rows without masks (e.g. the
+       CHAOS test patients) can be neither evaluated nor trained on: they are excluded.
+    2. If no row is a fixed val (test) row, ``val_fraction`` (``test_fraction``) of the training
+       pool's *groups* (patients, cases) move there whole, drawn with the seed: a group never spans
+       training and evaluation. At least one group moves when the fraction is > 0 and two groups
+       are left for training. Rows of a moved group without masks are excluded.
+    3. With ``digests``, val and test rows whose raw pixels equal a training-pool row are dropped
+       (the same image shipped twice would leak it).
+    4. D_L: ``labelled_size(units, labelled_fraction, labelled_count)`` units of the training rows
+       with masks, units being images or whole groups (``labelled_by``), a prefix of one seeded
+       order (so 20% labelled contains the 10% set); every other training-pool row is D_U.
+
+    Indices refer to the row order given; the draws in 2 and 4 use independent streams of
+    ``seed``, so the val/test carve does not change with the labelled fraction.
+
+    Raises:
+        ValueError naming the argument when lengths differ, a fraction is out of range, or the
+        training pool has fewer labelled units than ``labelled_count``.
+    """
+    n = len(subsets)
+    if len(groups) != n or len(has_mask) != n or (digests is not None and len(digests) != n):
+        raise ValueError(f"subsets, groups, has_mask (and digests) must have one entry per row; got "
+                         f"{n}, {len(groups)}, {len(has_mask)}{'' if digests is None else f', {len(digests)}'}")
+    if not 0.0 < labelled_fraction <= 1.0:
+        raise ValueError(f"labelled_fraction must be in (0, 1], got {labelled_fraction!r}")
+    if labelled_count < 0:
+        raise ValueError(f"labelled_count must be >= 0, got {labelled_count}")
+    if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
+        raise ValueError(f"val_fraction and test_fraction must be in [0, 1) with a sum < 1, got "
+                         f"{val_fraction}, {test_fraction}")
+    if labelled_by not in ("image", "group"):
+        raise ValueError(f"labelled_by must be 'image' or 'group', got {labelled_by!r}")
+    bad = sorted({s for s in subsets if s not in (None, "train", "val", "test")}, key=str)
+    if bad:
+        raise ValueError(f"subsets: unknown names {bad}; allowed train, val, test or None")
+
+    report = SplitReport()
+    part: list[str | None] = [None] * n  # "train" | "val" | "test" | None (excluded)
+    for i, s in enumerate(subsets):
+        if s in ("val", "test"):
+            part[i] = s if has_mask[i] else None
+        else:
+            part[i] = "train"
+    report.excluded = [i for i in range(n) if part[i] is None]
+
+    carve = np.random.default_rng([seed, 0])
+    for name, fraction, moved in (("test", test_fraction, report.carved_test_groups),
+                                  ("val", val_fraction, report.carved_val_groups)):
+        if fraction <= 0 or any(p == name for p in part):
+            continue
+        pool = sorted({groups[i] for i in range(n) if part[i] == "train" and has_mask[i]})
+        k = max(1, int(math.floor(fraction * len(pool) + 0.5)))
+        if len(pool) - k < 2:  # too few groups to hold out any and still train
+            continue
+        chosen = {pool[j] for j in carve.permutation(len(pool))[:k]}
+        moved.extend(sorted(chosen))
+        for i in range(n):
+            if part[i] == "train" and groups[i] in chosen:
+                part[i] = name if has_mask[i] else None
+                if part[i] is None:
+                    report.excluded.append(i)
+
+    if digests is not None:
+        seen = {digests[i] for i in range(n) if part[i] == "train"}
+        for i in range(n):
+            if part[i] in ("val", "test") and digests[i] in seen:
+                part[i] = None
+                report.duplicates_dropped.append(i)
+
+    train = [i for i in range(n) if part[i] == "train"]
+    labelled_rows = [i for i in train if has_mask[i]]
+    if labelled_by == "group":
+        units = sorted({groups[i] for i in labelled_rows})
+    else:
+        units = labelled_rows
+    if not units:
+        raise ValueError("the training pool has no images with masks: nothing can be labelled")
+    if labelled_count > len(units):
+        raise ValueError(f"labelled_count ({labelled_count}) exceeds the {len(units)} labelled "
+                         f"{'groups' if labelled_by == 'group' else 'images'} of the training pool")
+    report.labelled_units = len(units)
+    k = labelled_size(len(units), labelled_fraction, labelled_count)
+    order = np.random.default_rng([seed, 1]).permutation(len(units))
+    chosen_units = {units[j] for j in order[:k]}
+    if labelled_by == "group":
+        labelled = [i for i in labelled_rows if groups[i] in chosen_units]
+    else:
+        labelled = sorted(chosen_units)
+    in_l = set(labelled)
+    split = Split(labelled=sorted(int(i) for i in labelled),
+                  unlabelled=[int(i) for i in train if i not in in_l],
+                  val=[i for i in range(n) if part[i] == "val"],
+                  test=[i for i in range(n) if part[i] == "test"])
+    report.excluded.sort()
+    return split, report

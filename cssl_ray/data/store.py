@@ -1,0 +1,456 @@
+"""The dataset store: every dataset prepared once into one Parquet file, read back lazily.
+
+    prepare("nuclei", size=(256, 256))   reader -> preprocess -> <cache>/nuclei-<key>.parquet
+    Store.open(path).index()            names, groups, subsets, ... without any pixels
+    store.arrays(indices)               images (N, C, H, W) float32, masks (N, H, W) uint8
+
+One row per image, a plain schema that ``ray.data.read_parquet`` reads as is:
+
+    name      string    unique id within the dataset
+    group     string    the unit a split must not cut (patient, case, acquisition set)
+    subset    string    "train" / "val" / "test" where the distribution fixes it, else null
+    height, width, channels   int32   shape of the stored image (C, H, W)
+    image     binary    float32 C-order bytes of the *preprocessed* image (intensities in [0, 1])
+    mask      binary    uint8 (H, W) class ids; null for an unlabelled image
+    digest    string    sha1 of the raw pixels (finds the same image shipped twice)
+    source    string    the file it came from
+
+Images are stored preprocessed (normalised, channels first, resized) as float32, not raw: the
+trainer and Ray Data then decode a row with one ``np.frombuffer``, the per-modality rules run
+once, and at training sizes the file is small (nuclei at 256x256: 8 MB, zstd). A different size or
+normalisation is another cache entry (the preprocessing settings are in the cache key).
+
+The cache key is the dataset name and format, the resolved root with a fingerprint of its file
+listing (names, sizes, mtimes: edited data is prepared again), the reader options, the
+preprocessing settings and ``FORMAT_VERSION``. A file is written to a hidden temp name next to
+the target and renamed into place only when complete, so a crash never leaves half a cache;
+preparing the same key again opens the existing file without calling the reader. The summary
+(images per subset, pixel counts per class of the source masks, what the reader passed over)
+rides in the Parquet footer metadata under ``cssl_ray``.
+
+Cache folder: ``cache_dir`` argument (``data.cache_dir``), else ``$CSSL_RAY_CACHE``, else
+``$XDG_CACHE_HOME/cssl_ray`` (``~/.cache/cssl_ray``); downloads (the nuclei wheel) go to its
+``downloads/`` folder. Datasets a user downloads live under ``data/<name>`` of the working folder
+unless a root is given (``data.root`` / ``--root``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cssl_ray.data.cards import DatasetCard, load_card
+from cssl_ray.data.preprocess import Preprocessing, preprocess
+from cssl_ray.data.sample import DatasetError, Sample
+
+FORMAT_VERSION = 1  # bump when the schema or the preprocessing code changes what is stored
+METADATA_KEY = b"cssl_ray"
+ROWS_PER_GROUP = 16  # Parquet row group: the unit of lazy reads (16 x 256^2 float32 = 4 MB)
+NUCLEI_NOTE = "the nuclei set needs no download (configs/nuclei.yaml, tune_spaces/nuclei.yaml)"
+
+SCHEMA = pa.schema([
+    ("name", pa.string()), ("group", pa.string()), ("subset", pa.string()),
+    ("height", pa.int32()), ("width", pa.int32()), ("channels", pa.int32()),
+    ("image", pa.binary()), ("mask", pa.binary()), ("digest", pa.string()), ("source", pa.string()),
+])
+INDEX_COLUMNS = ["name", "group", "subset", "height", "width", "channels", "digest", "source"]
+
+
+class DatasetMissing(DatasetError):
+    """A dataset's files are not on disk; the message says where to get them and where to put them."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Where things live.
+
+
+def cache_dir(override: str | Path | None = None) -> Path:
+    """The cache folder: ``override``, else ``$CSSL_RAY_CACHE``, else ``~/.cache/cssl_ray``."""
+    if override:
+        return Path(override).expanduser().resolve()
+    if env := os.environ.get("CSSL_RAY_CACHE"):
+        return Path(env).expanduser().resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return (Path(base) / "cssl_ray").resolve()
+
+
+def default_root(name: str) -> Path:
+    """Where a downloaded dataset is expected when no root is given: ``data/<name>`` here."""
+    return (Path("data") / name).resolve()
+
+
+def missing_message(card: DatasetCard, root: Path) -> str:
+    """One line: the dataset is not at ``root``, where to download it, and the no-download default."""
+    return (f"dataset {card.name!r} is not on disk: {root} does not exist; download it from {card.download}, "
+            f"unpack it to {root} as datasets/README.md shows (or set data.root / --root); {NUCLEI_NOTE}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers by format: the paper's formats come from ``cssl_ray.data.formats``; ``nuclei`` and
+# ``synthetic`` are looked up here (they are not on-disk formats a user lays out).
+
+
+@dataclass
+class Reader:
+    """What the store needs from a format: ``read(root, report=..., **options)`` and class names."""
+
+    read: Callable[..., Iterator[Sample]]
+    classes: Callable[[Path | None, dict[str, Any]], list[str]]
+    needs_root: bool = True
+
+
+def resolve_reader(fmt: str) -> Reader:
+    """The reader of format ``fmt``; DatasetError naming the known formats."""
+    if fmt == "nuclei":
+        from cssl_ray.data import nuclei
+        return Reader(nuclei.read, lambda root, options: list(nuclei.CLASSES))
+    if fmt == "synthetic":
+        return Reader(read_synthetic, lambda root, options: _synthetic_classes(options), needs_root=False)
+    try:
+        from cssl_ray.data import formats
+    except ImportError as e:  # a format module missing from this install
+        raise DatasetError(f"format {fmt!r}: the readers in cssl_ray.data.formats cannot be imported ({e})") from None
+    read = formats.get_reader(fmt)
+    return Reader(read, lambda root, options: formats.class_names(fmt, root, **options))
+
+
+def read_synthetic(root: Path | None = None, report: Any = None, *, n_train: int = 40, n_val: int = 8,
+                   n_test: int = 16, size: Sequence[int] = (128, 128), num_classes: int = 4, seed: int = 0,
+                   difficulty: float = 1.0) -> Iterator[Sample]:
+    """The ``synthetic`` set as Samples: n_train train, then n_val val, then n_test test images."""
+    from cssl_ray.data.synthetic import make_synthetic
+    n = n_train + n_val + n_test
+    images, masks = make_synthetic(n, tuple(size), num_classes, seed=seed, difficulty=difficulty)
+    for i in range(n):
+        subset = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+        yield Sample(name=f"{i:05d}", image=images[i, 0].numpy(), mask=masks[i].numpy().astype(np.uint8),
+                     subset=subset, source=f"synthetic[{i}]")
+
+
+def _synthetic_classes(options: dict[str, Any]) -> list[str]:
+    from cssl_ray.data.synthetic import class_names
+    return class_names(int(options.get("num_classes", 4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a prepared file.
+
+
+class Store:
+    """A prepared dataset: one Parquet file, read lazily (row groups, selected columns)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._file = pq.ParquetFile(self.path)
+            raw = (self._file.metadata.metadata or {}).get(METADATA_KEY)
+        except (OSError, pa.ArrowException) as e:
+            raise DatasetError(f"{self.path}: not a readable dataset store ({e})") from None
+        if raw is None:
+            raise DatasetError(f"{self.path}: Parquet file without cssl_ray metadata; prepare it again")
+        self.meta: dict[str, Any] = json.loads(raw)
+        self.fresh = False  # True when this call prepared the file (False: reused from the cache)
+
+    @property
+    def num_rows(self) -> int:
+        return self._file.metadata.num_rows
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.meta["summary"]
+
+    def index(self) -> dict[str, list[Any]]:
+        """Every column but the pixels, plus ``has_mask``, as plain lists (reads no image bytes)."""
+        table = self._file.read(columns=INDEX_COLUMNS)
+        out = {c: table.column(c).to_pylist() for c in INDEX_COLUMNS}
+        out["has_mask"] = self._file.read(columns=["mask"]).column("mask").is_valid().to_pylist()
+        return out
+
+    def iter_rows(self, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Rows one at a time as dicts, decoding ``image`` / ``mask`` to arrays; one row group in memory."""
+        cols = list(columns) if columns is not None else SCHEMA.names
+        need = sorted(set(cols) | ({"height", "width", "channels"} if {"image", "mask"} & set(cols) else set()))
+        for batch in self._file.iter_batches(batch_size=ROWS_PER_GROUP, columns=need):
+            for row in batch.to_pylist():
+                yield {c: decode(row, c) for c in cols}
+
+    def arrays(self, indices: Sequence[int] | None = None) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        """Images (C, H, W) float32 and masks (H, W) uint8 or None of rows ``indices`` (all if None),
+        reading only the row groups that hold them."""
+        rows = range(self.num_rows) if indices is None else [int(i) for i in indices]
+        starts = np.cumsum([0] + [self._file.metadata.row_group(g).num_rows
+                                  for g in range(self._file.num_row_groups)])
+        wanted: dict[int, list[int]] = {}
+        for i in rows:
+            if not 0 <= i < self.num_rows:
+                raise IndexError(f"{self.path}: row {i} out of range 0..{self.num_rows - 1}")
+            wanted.setdefault(int(np.searchsorted(starts, i, side="right") - 1), []).append(i)
+        decoded: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        cols = ["height", "width", "channels", "image", "mask"]
+        for g, members in wanted.items():
+            table = self._file.read_row_group(g, columns=cols).to_pylist()
+            for i in members:
+                row = table[i - int(starts[g])]
+                decoded[i] = (decode(row, "image"), decode(row, "mask"))
+        return [decoded[i][0] for i in rows], [decoded[i][1] for i in rows]
+
+
+def decode(row: dict[str, Any], column: str) -> Any:
+    """A stored value: ``image`` -> (C, H, W) float32, ``mask`` -> (H, W) uint8 or None, else as is."""
+    if column == "image":
+        return np.frombuffer(row["image"], dtype=np.float32).reshape(row["channels"], row["height"], row["width"])
+    if column == "mask":
+        m = row["mask"]
+        return None if m is None else np.frombuffer(m, dtype=np.uint8).reshape(row["height"], row["width"])
+    return row[column]
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing.
+
+
+def cache_key(card: DatasetCard, root: Path | None, pre: Preprocessing, options: dict[str, Any]) -> str:
+    """16 hex digits of sha256 over everything that decides the stored bytes."""
+    payload = {"version": FORMAT_VERSION, "name": card.name, "format": card.format,
+               "root": None if root is None else str(root), "fingerprint": fingerprint(root),
+               "options": options, "preprocessing": pre.to_dict()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint(root: Path | None) -> str:
+    """sha1 of the file listing under ``root`` (relative path, size, mtime): changes when files do."""
+    if root is None:
+        return ""
+    h = hashlib.sha1()
+    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.relative_to(root) if p != root else p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def store_path(cache: Path, name: str, key: str) -> Path:
+    return cache / f"{name}-{key}.parquet"
+
+
+def prepare(
+    name: str | DatasetCard,
+    root: str | Path | None = None,
+    *,
+    size: tuple[int, int] | None = None,
+    channels: int | None = None,
+    normalise: str = "auto",
+    options: dict[str, Any] | None = None,
+    cache: str | Path | None = None,
+    force: bool = False,
+    progress: bool = False,
+    reader: Reader | None = None,
+) -> Store:
+    """Prepare dataset ``name`` once (or reuse the cached file) and return its ``Store``.
+
+    Args:
+        name: a card name (``datasets/<name>.yaml``) or a loaded card.
+        root: the dataset's folder; default ``data/<name>`` (nuclei: the downloaded wheel).
+        size: (H, W) every image is resized to; None keeps native sizes.
+        channels: stored channels; default the card's (1 for cards that leave it open).
+        normalise: ``auto`` (the card's method) or one of ``preprocess.NORMALISERS``.
+        options: reader options (e.g. ``{"sequence": "T1DUAL"}`` for CHAOS); part of the key.
+        cache: cache folder (see the module docstring).
+        force: prepare again even if the file exists.
+        progress: a tqdm bar over the images.
+        reader: replaces the card's reader (tests).
+
+    Raises:
+        DatasetMissing: the root does not exist (one line with where to download it).
+        DatasetError: bad input data; one line naming the file. Nothing stays in the cache.
+    """
+    card = name if isinstance(name, DatasetCard) else load_card(name)
+    options = dict(options or {})
+    folder = cache_dir(cache)
+    reader = reader or resolve_reader(card.format)
+    src = resolve_root(card, root, folder, reader)
+    pre = card.preprocessing(size, channels or card.channels or 1, normalise)
+    key = cache_key(card, src, pre, options)
+    path = store_path(folder, card.name, key)
+    if path.is_file() and not force:
+        return Store(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(folder, path)
+    classes = reader.classes(src, options)
+    meta = {"format_version": FORMAT_VERSION, "dataset": card.name, "format": card.format,
+            "root": None if src is None else str(src), "key": key, "classes": classes,
+            "preprocessing": pre.to_dict(), "options": options}
+    write_store(path, card, reader, src, pre, classes, options, meta, progress=progress)
+    store = Store(path)
+    store.fresh = True
+    return store
+
+
+def resolve_root(card: DatasetCard, root: str | Path | None, cache: Path, reader: Reader) -> Path | None:
+    """The dataset's source on disk (nuclei: the wheel, downloaded if needed; synthetic: None)."""
+    if card.format == "nuclei":
+        from cssl_ray.data import nuclei
+        return nuclei.locate(root, cache / "downloads")
+    if not reader.needs_root:
+        return None
+    path = Path(root).expanduser().resolve() if root else default_root(card.name)
+    if not path.exists():
+        raise DatasetMissing(missing_message(card, path))
+    return path
+
+
+def write_store(path: Path, card: DatasetCard, reader: Reader, root: Path | None, pre: Preprocessing,
+                classes: list[str], options: dict[str, Any], meta: dict[str, Any], *,
+                progress: bool = False) -> None:
+    """Read, preprocess and write every sample to a temp file, then rename it to ``path``.
+
+    Any error (bad data, interrupt) removes the temp file and re-raises."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    report = _new_report()
+    summary = Summary(len(classes))
+    writer: pq.ParquetWriter | None = None
+    rows: list[dict[str, Any]] = []
+    names: set[str] = set()
+    start = time.perf_counter()
+    bar = _progress(card.name, progress)
+    try:
+        writer = pq.ParquetWriter(tmp, SCHEMA, compression="zstd")
+        kwargs = dict(options)
+        if report is not None:
+            kwargs["report"] = report
+        for sample in reader.read(root, **kwargs):
+            where = sample.source or sample.name
+            if sample.name in names:
+                raise DatasetError(f"{where}: duplicate image name {sample.name!r}")
+            names.add(sample.name)
+            if sample.mask is not None and sample.mask.size and int(sample.mask.max()) >= len(classes):
+                raise DatasetError(f"{where}: class id {int(sample.mask.max())} out of range 0..{len(classes) - 1} "
+                                   f"({', '.join(classes)})")
+            try:
+                image, mask = preprocess(sample.image, sample.mask, pre)
+            except ValueError as e:
+                raise DatasetError(f"{where}: {e}") from None
+            summary.add(sample)
+            rows.append(_row(sample, image, mask))
+            if len(rows) >= ROWS_PER_GROUP:
+                writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
+                rows = []
+            bar.update(1)
+        if not names:
+            raise DatasetError(f"{root}: no images found for dataset {card.name!r}")
+        if rows:
+            writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
+        meta = {**meta, "summary": summary.to_dict(report), "seconds": round(time.perf_counter() - start, 2)}
+        writer.add_key_value_metadata({METADATA_KEY: json.dumps(meta).encode()})
+        writer.close()
+        writer = None
+        os.replace(tmp, path)
+    except BaseException:
+        bar.leave = False  # clear the bar: the error is the one line left on the terminal
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - the original error matters, not the cleanup's
+                pass
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+
+
+def _row(sample: Sample, image: np.ndarray, mask: np.ndarray | None) -> dict[str, Any]:
+    raw = np.ascontiguousarray(sample.image)
+    digest = hashlib.sha1(f"{raw.dtype.str}{raw.shape}".encode() + raw.tobytes()).hexdigest()
+    return {"name": sample.name, "group": sample.group, "subset": sample.subset,
+            "height": image.shape[1], "width": image.shape[2], "channels": image.shape[0],
+            "image": np.ascontiguousarray(image, dtype=np.float32).tobytes(),
+            "mask": None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8).tobytes(),
+            "digest": digest, "source": sample.source}
+
+
+class Summary:
+    """Images per subset (and how many have masks) and pixel counts per class of the source masks."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.images: dict[str, int] = {}
+        self.labelled: dict[str, int] = {}
+        self.pixels: dict[str, list[int]] = {}
+        self.sizes: dict[str, int] = {}
+
+    def add(self, s: Sample) -> None:
+        subset = s.subset or "unassigned"
+        self.images[subset] = self.images.get(subset, 0) + 1
+        shape = "x".join(str(d) for d in s.image.shape)
+        self.sizes[f"{shape} {s.image.dtype}"] = self.sizes.get(f"{shape} {s.image.dtype}", 0) + 1
+        if s.mask is not None:
+            self.labelled[subset] = self.labelled.get(subset, 0) + 1
+            counts = np.bincount(s.mask.ravel(), minlength=self.num_classes)
+            total = self.pixels.setdefault(subset, [0] * self.num_classes)
+            for k in range(self.num_classes):
+                total[k] += int(counts[k])
+
+    def to_dict(self, report: Any = None) -> dict[str, Any]:
+        return {"images": self.images, "labelled": self.labelled, "pixels": self.pixels, "sizes": self.sizes,
+                "passed_over": dict(report.counts) if report is not None else {},
+                "notes": list(report.notes) if report is not None else []}
+
+
+def pixel_shares(summary: dict[str, Any], subset: str) -> list[float]:
+    """Percent of the labelled pixels of ``subset`` per class (empty if it has no masks)."""
+    counts = summary.get("pixels", {}).get(subset)
+    if not counts or sum(counts) == 0:
+        return []
+    total = sum(counts)
+    return [100.0 * c / total for c in counts]
+
+
+def list_prepared(cache: str | Path | None = None) -> list[Store]:
+    """Every readable prepared file in the cache, by dataset name then newest first."""
+    folder = cache_dir(cache)
+    stores = []
+    for p in folder.glob("*.parquet") if folder.is_dir() else []:
+        try:
+            stores.append(Store(p))
+        except DatasetError:
+            continue
+    return sorted(stores, key=lambda s: (s.meta["dataset"], -s.path.stat().st_mtime))
+
+
+def _new_report() -> Any:
+    try:
+        from cssl_ray.data.formats import ReadReport
+    except ImportError:  # formats not importable: readers here take report=None
+        return None
+    return ReadReport()
+
+
+def _remove_stale_temps(folder: Path, path: Path) -> None:
+    """Temp files of this key left by processes that no longer run (killed mid-write)."""
+    for tmp in folder.glob(f".{path.stem}.*.tmp"):
+        try:
+            pid = int(tmp.name.split(".")[-3])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, IndexError, PermissionError, OSError):
+            continue
+
+
+def _progress(name: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(desc=f"prepare {name}", unit="img", disable=not enabled, dynamic_ncols=True)
