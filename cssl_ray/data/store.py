@@ -56,7 +56,7 @@ from cssl_ray.data.sample import DatasetError, Sample
 FORMAT_VERSION = 1  # bump when the schema or the preprocessing code changes what is stored
 METADATA_KEY = b"cssl_ray"
 ROWS_PER_GROUP = 16  # Parquet row group: the unit of lazy reads (16 x 256^2 float32 = 4 MB)
-NUCLEI_NOTE = "the nuclei set needs no download (configs/nuclei.yaml, tune_spaces/nuclei.yaml)"
+NUCLEI_NOTE = "the nuclei set needs no download (configs/nuclei.yaml)"
 
 SCHEMA = pa.schema([
     ("name", pa.string()), ("group", pa.string()), ("subset", pa.string()),
