@@ -128,6 +128,10 @@ def run_local(cfg: Config, *, resume: bool = False,
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out_dir / "config.yaml")
     write_split(bundle.split, out_dir / "split.json")
+    if bundle.names:  # real datasets: the image names behind the indices, so the split survives a re-prepare
+        parts = bundle.split.to_dict()
+        (out_dir / "split_names.json").write_text(json.dumps(
+            {k: [bundle.names[i] for i in v] for k, v in parts.items()}, indent=1))
     state = _State(cfg, bundle, device)
     if resume and (last := ckpt.latest_checkpoint(out_dir)) is not None:
         state.load_state_dict(ckpt.load(last, map_location=device))

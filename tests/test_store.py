@@ -2,6 +2,8 @@
 real-format data: nuclei from a fake wheel, and a folder dataset trained end to end."""
 from __future__ import annotations
 
+import json
+
 import os
 from pathlib import Path
 
@@ -290,6 +292,8 @@ def test_folder_dataset_trains_end_to_end(tmp_path):
     result = run_local(cfg)
     assert 0.0 <= result.test["dice_mean"] <= 1.0
     assert (tmp_path / "run" / "split.json").is_file()
+    names = json.loads((tmp_path / "run" / "split_names.json").read_text())
+    assert len(names["unlabelled"]) == 4 and len(names["labelled"]) == 2
     rounds = [h for h in result.history if h["stage"] == "round"]
     assert rounds and "pseudo_accuracy" not in rounds[0]
 
