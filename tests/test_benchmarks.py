@@ -1,0 +1,51 @@
+"""Smoke test of benchmarks/train_step.py: runs at a tiny size and writes the JSON it promises.
+
+No timing assertions: the figures depend on the machine and on what else runs on it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_step_smoke_writes_json(tmp_path, capsys):
+    bench = _load("train_step")
+    out = tmp_path / "train_step.json"
+    result = bench.main(["--smoke", "--device", "cpu", "--json", str(out)])
+    written = json.loads(out.read_text())
+    for key in ("machine", "config", "flops_counted", "step", "flops_cl", "flops_cr", "parts_s", "supervised",
+                "matmul", "ratio", "target", "pass", "conv_reference", "cuda_bf16"):
+        assert key in written, key
+    assert written["config"]["preset"] == "smoke"
+    for key in ("median_s", "p10_s", "p90_s", "flops", "gflops_per_s", "images_per_s", "patches_per_s"):
+        assert key in written["step"], key
+    assert set(written["parts_s"]) == {"cl_forward", "cl_backward", "cr_forward", "cr_backward", "optimizer"}
+    # The whole step's counted FLOPs are its two losses' (disjoint graphs, one shared model).
+    assert written["step"]["flops"] > 0
+    assert written["step"]["flops"] == written["flops_cl"] + written["flops_cr"]
+    assert written["ratio"] == pytest.approx(written["step"]["gflops_per_s"] / written["matmul"]["gflops_per_s"])
+    assert written["pass"] == (written["ratio"] >= written["target"])
+    assert [r["level"] for r in written["conv_reference"]] == [0, 1, 2]  # smoke depth 2
+    assert written["cuda_bf16"] is None
+    assert result["ratio"] == written["ratio"]
+    assert "ratio" in capsys.readouterr().out
+
+
+def test_train_step_bad_geometry_is_one_line(tmp_path):
+    bench = _load("train_step")
+    with pytest.raises(SystemExit, match="train_step: patches.size"):
+        bench.main(["--smoke", "--patch-size", "10", "--json", str(tmp_path / "x.json")])
