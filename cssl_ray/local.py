@@ -124,17 +124,11 @@ def run_local(cfg: Config, *, resume: bool = False,
         torch.set_num_threads(t.num_threads)
     device = resolve_device(t.device)
     bundle = load_bundle(cfg.data)
-    out_dir = Path(t.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out_dir / "config.yaml")
-    write_split(bundle.split, out_dir / "split.json")
-    if bundle.names:  # real datasets: the image names behind the indices, so the split survives a re-prepare
-        parts = bundle.split.to_dict()
-        (out_dir / "split_names.json").write_text(json.dumps(
-            {k: [bundle.names[i] for i in v] for k, v in parts.items()}, indent=1))
+    out_dir = write_run_files(cfg, bundle)
     state = _State(cfg, bundle, device)
     if resume and (last := ckpt.latest_checkpoint(out_dir)) is not None:
-        state.load_state_dict(ckpt.load(last, map_location=device))
+        # CPU: torch.set_rng_state needs a CPU tensor; load_state_dict moves the rest to the device
+        state.load_state_dict(ckpt.load(last, map_location="cpu"))
     emit = log or (lambda record: None)
     total_epochs = t.supervised_epochs + t.max_rounds
     bar = _progress(total_epochs, t.progress)
@@ -192,6 +186,24 @@ def run_local(cfg: Config, *, resume: bool = False,
             break
     bar.close()
 
+    return evaluate_best(state, cfg, bundle, out_dir, start)
+
+
+def write_run_files(cfg: Config, bundle: DataBundle) -> Path:
+    """train.out_dir with the resolved config and the split (the image names too, for real data)."""
+    out_dir = Path(cfg.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out_dir / "config.yaml")
+    write_split(bundle.split, out_dir / "split.json")
+    if bundle.names:  # real datasets: the image names behind the indices, so the split survives a re-prepare
+        parts = bundle.split.to_dict()
+        (out_dir / "split_names.json").write_text(json.dumps(
+            {k: [bundle.names[i] for i in v] for k, v in parts.items()}, indent=1))
+    return out_dir
+
+
+def evaluate_best(state: _State, cfg: Config, bundle: DataBundle, out_dir: Path, start: float) -> RunResult:
+    """Test metrics, once, on the best-validation weights; writes best.pt and result.json."""
     if state.best_model:  # else no validation ran (no epochs): test the weights as they are
         state.model.load_state_dict(state.best_model)
     test = evaluate(state.model, bundle.test_images, bundle.test_masks, num_classes=cfg.data.num_classes,

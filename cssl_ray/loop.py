@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cssl_ray.augment import flip_rotate
+from cssl_ray.collectives import Collectives
 from cssl_ray.config import Config
 from cssl_ray.consistency import Teacher
 from cssl_ray.contrastive import AuxiliaryGaussian
@@ -45,8 +46,13 @@ def index_batches(n: int, batch_size: int, steps: int = 0,
 
 def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, masks: Tensor, *,
                      batch_size: int, steps: int = 0, augment: bool = True, ignore_index: int = 255,
-                     generator: torch.Generator | None = None) -> dict[str, float]:
-    """L_sup = H(D(E(x)), y) over D_L (stage A, and the fine-tune epoch of every round)."""
+                     generator: torch.Generator | None = None,
+                     collectives: Collectives | None = None) -> dict[str, float]:
+    """L_sup = H(D(E(x)), y) over D_L (stage A, and the fine-tune epoch of every round).
+
+    Data parallel (``collectives``): each rank passes its shard and the same ``steps``; gradients
+    are averaged over ranks after every backward and ``loss_sup`` is the mean over ranks."""
+    col = collectives or Collectives()
     model.train()
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -58,10 +64,11 @@ def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
         loss = F.cross_entropy(model(x), y, ignore_index=ignore_index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        col.average_gradients(model)
         optimizer.step()
         total += loss.item()
         count += 1
-    return {"loss_sup": total / max(count, 1)}
+    return col.mean_floats({"loss_sup": total / max(count, 1)})
 
 
 @torch.no_grad()
@@ -117,14 +124,21 @@ def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
 def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim.Optimizer,
                patches: Tensor, patch_classes: Tensor, unlabelled_images: Tensor, cfg: Config, *,
                lambda_: float, aux: AuxiliaryGaussian | None = None,
-               generator: torch.Generator | None = None) -> dict[str, float]:
+               generator: torch.Generator | None = None,
+               collectives: Collectives | None = None) -> dict[str, float]:
     """One epoch of L_tot = w_cl L_CL + w_cr L_CR.
 
     Steps: one per class-balanced patch batch (or per unlabelled image batch when L_CL is off),
     capped by ``train.steps_per_round``. Omega (silhouette of the patch embeddings) is measured at
     every step and averaged over the epoch; the caller turns it into the next epoch's lambda_.
+
+    Data parallel (``collectives``, see ``cssl_ray.collectives``): each rank passes its own shard of
+    patches and unlabelled images; the ranks agree on the step count (the minimum), average
+    gradients after every backward, measure omega on all ranks' embeddings, and return statistics
+    averaged over ranks. None = one process.
     """
     t = cfg.train
+    col = collectives or Collectives()
     device = next(model.parameters()).device
     model.train()
     patch_batches: list[Tensor] = []
@@ -136,6 +150,9 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
         n_steps = math.ceil(unlabelled_images.shape[0] / cfg.consistency.batch_size)
     if t.steps_per_round > 0:
         n_steps = min(n_steps, t.steps_per_round)
+    if col.agree_steps(len(patch_batches)) == 0:
+        patch_batches = []  # some rank has no patch: omega's collectives need every rank
+    n_steps = col.agree_steps(n_steps)
     u_iter = index_batches(unlabelled_images.shape[0], cfg.consistency.batch_size, steps=n_steps,
                            generator=generator)
     sums: dict[str, float] = {"loss": 0.0, "loss_cl": 0.0, "loss_cr": 0.0, "anchors_without_positive": 0.0}
@@ -155,6 +172,7 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
                                  aux=aux, generator=generator)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
+            col.average_gradients(model)
             optimizer.step()
             if teacher is not None:
                 teacher.update(model)
@@ -162,8 +180,9 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
                 if k in out:
                     sums[k] += float(out[k].detach())
             if w is not None:
-                omegas.append(_omega(model, out, w, c, cfg, aux, generator))
+                omegas.append(_omega(model, out, w, c, cfg, aux, generator, col))
     stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
+    stats = col.mean_floats(stats)
     stats["steps"] = float(n_steps)
     stats["omega"] = sum(omegas) / len(omegas) if omegas else float("nan")
     return stats
@@ -171,8 +190,12 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
 
 @torch.no_grad()
 def _omega(model: nn.Module, out: dict, patches: Tensor, classes: Tensor, cfg: Config,
-           aux: AuxiliaryGaussian | None, generator: torch.Generator | None) -> float:
-    """Silhouette of this step's patch embeddings (with the auxiliary class for one-class data)."""
+           aux: AuxiliaryGaussian | None, generator: torch.Generator | None,
+           col: Collectives | None = None) -> float:
+    """Silhouette of this step's patch embeddings (with the auxiliary class for one-class data).
+
+    With ``col``, the embeddings, classes and auxiliary samples of every rank are gathered first
+    and rank 0's value is broadcast, so every rank uses the same omega (hence the same lambda_)."""
     z = out.get("z")
     aux_batch = out.get("aux")
     if z is None:  # L_CL off: embed under no_grad just to measure clustering
@@ -183,14 +206,28 @@ def _omega(model: nn.Module, out: dict, patches: Tensor, classes: Tensor, cfg: C
         if aux is not None:
             aux_batch = aux.sample(cfg.contrastive.aux_samples or z.shape[0], generator=generator).to(z.device)
     s = cfg.silhouette
-    return silhouette(z, classes, metric=s.metric, kind=s.kind, aux=aux_batch,
-                      max_samples=s.max_samples, generator=generator)
+    if col is None or col.world_size == 1:
+        return silhouette(z, classes, metric=s.metric, kind=s.kind, aux=aux_batch,
+                          max_samples=s.max_samples, generator=generator)
+    z, classes = col.gather(z), col.gather(classes)  # (sum_r P_r, D), (sum_r P_r,)
+    if aux_batch is not None:
+        aux_batch = col.gather(aux_batch)
+    omega = float("nan")
+    if col.rank == 0:  # the subsample draws from rank 0's generator only
+        omega = silhouette(z, classes, metric=s.metric, kind=s.kind, aux=aux_batch,
+                           max_samples=s.max_samples, generator=generator)
+    return col.broadcast_float(omega)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: Tensor, masks: Tensor, *, num_classes: int, class_names: list[str],
-             ignore_index: int = 255, batch_size: int = 8, auprc: bool = False) -> dict[str, float]:
-    """Validation / test: cross-entropy and Dice, IoU (and AUPRC) accumulated over all pixels."""
+             ignore_index: int = 255, batch_size: int = 8, auprc: bool = False,
+             collectives: Collectives | None = None) -> dict[str, float]:
+    """Validation / test: cross-entropy and Dice, IoU (and AUPRC) accumulated over all pixels.
+
+    With ``collectives`` each rank passes its shard of the images; the counts are summed over
+    ranks before the metrics are computed, so every rank returns the whole set's metrics. Pass the
+    unwrapped model: a DDP forward is a collective, and shards may hold different batch counts."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -204,6 +241,12 @@ def evaluate(model: nn.Module, images: Tensor, masks: Tensor, *, num_classes: in
         pixels += int((y != ignore_index).sum())
         metrics.update(logits.cpu(), y.cpu())
     model.train(was_training)
+    if collectives is not None:
+        summed = {k: collectives.sum_(v) for k, v in metrics.state().items()}
+        metrics.reset()
+        metrics.merge_state(summed)
+        totals = collectives.sum_(torch.tensor([loss_sum, float(pixels)], dtype=torch.float64))
+        loss_sum, pixels = float(totals[0]), int(totals[1])
     result = {"loss": loss_sum / max(pixels, 1)}
     result.update(metrics.compute())
     return result

@@ -1,11 +1,14 @@
 """Train one CSSL run.
 
-    python -m cssl_ray.train --local --config configs/demo_synthetic.yaml [--set train.seed=1 ...]
-    python -m cssl_ray.train --local --smoke          # seconds on a CPU
+    python -m cssl_ray.train --config configs/demo_synthetic.yaml [--workers N] [--gpus-per-worker G]
+                             [--address auto] [--out DIR] [--resume] [--set train.seed=1 ...]
+    python -m cssl_ray.train --smoke                  # Ray, tiny: ~30 s on a CPU (Ray's start-up)
+    python -m cssl_ray.train --local --smoke          # one process, no Ray: seconds
 
-``--local`` runs the whole schedule in this process (``cssl_ray.local``). The distributed mode
-(Ray Train workers fed by a Ray Data patch stream) is not built yet; without ``--local`` the
-command says so and exits.
+Without ``--local`` the run goes through Ray (``cssl_ray.ray_train``): Ray Train workers (data
+parallel over gloo / NCCL) fed by a Ray Data stream of pseudo-labelled patches; checkpoints under
+``--out`` (or ``--storage-path``, shared or cloud storage on a cluster). ``--local`` runs the whole
+schedule in this process (``cssl_ray.local``).
 """
 from __future__ import annotations
 
@@ -44,6 +47,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny images and model: finishes in seconds")
     p.add_argument("--out", help="output folder (train.out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the newest round checkpoint in --out")
+    ray = p.add_argument_group("Ray (without --local)")
+    ray.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel ranks)")
+    ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; 0 = CPU (gloo)")
+    ray.add_argument("--cpus-per-worker", type=float, default=0.5,
+                     help="CPUs per worker; fractional leaves CPUs to the Ray Data stages")
+    ray.add_argument("--address", help="an existing Ray cluster, e.g. auto; default: start Ray here")
+    ray.add_argument("--storage-path", help="where Ray Train keeps the run (absolute, s3://, gs://); default --out")
+    ray.add_argument("--max-failures", type=int, default=2, help="worker failures survived (restart from checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -57,10 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("train.progress=false")
     try:
         cfg = build_config(args.config, overrides, smoke=args.smoke)
-        if not args.local:
-            raise ConfigError("distributed training on Ray is not built yet; run with --local")
-        from cssl_ray.local import run_local  # torch and the models load only once args are valid
-        result = run_local(cfg, resume=args.resume)
+        if args.local:
+            from cssl_ray.local import run_local  # torch and the models load only once args are valid
+            result = run_local(cfg, resume=args.resume)
+        else:
+            from cssl_ray.ray_train import run_ray  # ray loads only once args are valid
+            result = run_ray(cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                             cpus_per_worker=args.cpus_per_worker, address=args.address,
+                             storage_path=args.storage_path, resume=args.resume, max_failures=args.max_failures)
     except (ConfigError, FileNotFoundError) as e:
         print(f"cssl_ray.train: error: {e}", file=sys.stderr)
         return 2

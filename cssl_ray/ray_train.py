@@ -1,0 +1,359 @@
+"""Ray Train: the schedule of ``cssl_ray.local`` on TorchTrainer workers fed by the Ray Data patch stream.
+
+    driver  run_ray: config and data checks (one-line errors, before Ray starts) -> ray.init ->
+            WeightStore -> the patch-stream Dataset, built ONCE -> TorchTrainer.fit (one fit runs
+            every round: a fit start costs ~10 s here) -> test metrics on the best-validation weights
+    worker  train_loop_per_worker: stage A (supervised epochs), then per round r
+              rank 0 publishes the student as version r -> barrier
+              -> each rank reads its shard of the round's patches (get_dataset_shard("patches"); the
+                 Dataset re-executes on every iteration, labelling with version r)
+              -> L_tot epoch -> fine-tune epoch -> validation (counts all-reduced)
+              -> ray.train.report(metrics, checkpoint) on EVERY rank (rank 0 attaches the checkpoint)
+
+Design choices:
+- D_L, D_U and val come from the in-memory bundle on each worker, sharded by rank
+  (``images[rank::world]``), not from Ray Data shards: ``load_bundle`` is deterministic (a seeded
+  split of seeded synthetic data or of the prepared Parquet store), these sets are small next to
+  the round's patches, and the loop needs random access by index (``index_batches``) and, under
+  DDP, the same number of steps on every rank, which a streamed shard of unknown length does not
+  give. Only the patches, which change every round and cost a labelling pass, stream.
+- A rank collects its patch shard for the round, then sorts it by (labelled, image, class, top,
+  left): the multiset of patches is fixed by the weights (``pipeline.patch_seed``) but their arrival
+  order is not, and ``class_balanced_batches`` (the seeded, class-balanced shuffle the paper's
+  batches need) must see a reproducible order for the one-worker run to be repeatable and for a
+  resumed run to equal a straight one. So no ``local_shuffle_buffer_size``: the shuffle that matters
+  happens after collection, and it is class-balanced.
+- Gradients: data parallel over the process group Ray Train sets up (gloo on CPU, NCCL on GPU),
+  but with one explicit all-reduce of the gradients after every backward instead of a DDP
+  wrapper, because the L_tot step reaches encode/decode/project, not forward (see
+  ``cssl_ray.collectives``). ``prepare_model`` only places the student on the device. The teacher
+  is a plain module, never wrapped, never given gradients.
+- Checkpoints hold ``local._State.state_dict()`` plus every rank's generator state; rank 0 writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from cssl_ray.collectives import Collectives, TorchCollectives
+from cssl_ray.config import Config, ConfigError, from_dict, to_dict, validate
+from cssl_ray.consistency import noise_variance
+from cssl_ray.data.bundle import DataBundle, load_bundle
+from cssl_ray.local import RunResult, _plateaued, _State, evaluate_best, resolve_device, write_run_files
+from cssl_ray.loop import cssl_epoch, evaluate, supervised_epoch
+from cssl_ray.models import check_geometry
+
+if TYPE_CHECKING:  # pipeline imports ray at module level; the CLI loads this module before Ray
+    from cssl_ray.pipeline import StreamResources
+
+STATE_FILE = "state.pt"  # inside every Train checkpoint directory
+RUN_NAME = "ray_train"  # the Train run's folder under train.out_dir
+
+
+@dataclass
+class RayRunResult(RunResult):
+    """``RunResult`` plus the metrics of every kept Train checkpoint (one per report), oldest first."""
+
+    reports: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Train worker (rank) of a CSSL run; ``config`` = {"config": to_dict(cfg), "weight_store": name}."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(config["config"])
+    store_name: str = config["weight_store"]
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if t.num_threads > 0:
+        torch.set_num_threads(t.num_threads)
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives (all_gather_object too) use the current device
+    col = TorchCollectives(device) if world > 1 else Collectives()
+
+    bundle = load_bundle(cfg.data)
+    shard = _RankShard(bundle, rank, world)
+    state = _State(cfg, bundle, device)
+    state.generator.manual_seed(t.seed + rank)  # ranks draw different batches of their shards
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a resumed run, or a restart after a worker failure
+        with checkpoint.as_directory() as d:
+            # CPU: the RNG states must stay CPU tensors; load_state_dict moves the rest to the device
+            saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        state.load_state_dict(saved)
+        generators = saved.get("rank_generators") or []
+        if len(generators) == world:
+            state.generator.set_state(generators[rank])
+    # The student only, on this worker's device. No DDP wrapper: gradients are averaged explicitly
+    # after every backward over the gloo / NCCL group Ray Train set up (cssl_ray.collectives says
+    # why); broadcast_state starts every rank from rank 0's weights, as DDP's constructor would.
+    # The teacher is never wrapped and never gets gradients.
+    ray.train.torch.prepare_model(state.model, parallel_strategy=None)
+    col.broadcast_state(state.model)
+
+    sup = dict(batch_size=t.batch_size, steps=_sup_steps(cfg, bundle.labelled_images.shape[0], world),
+               augment=t.augment, ignore_index=cfg.pseudo.ignore_index, generator=state.generator)
+
+    def fine_tune() -> dict[str, float]:
+        stats = supervised_epoch(state.model, state.optimizer, shard.labelled_images, shard.labelled_masks,
+                                 collectives=col, **sup)
+        col.broadcast_buffers(state.model)  # BN statistics moved on each rank's own batches
+        return stats
+
+    def validate_and_record(record: dict[str, Any]) -> None:
+        val = evaluate(state.model, shard.val_images, shard.val_masks, num_classes=cfg.data.num_classes,
+                       class_names=bundle.class_names, ignore_index=cfg.pseudo.ignore_index,
+                       batch_size=cfg.consistency.batch_size, collectives=col)
+        state.scheduler.step(val["loss"])  # the same all-reduced value on every rank
+        record.update({f"val_{k}": v for k, v in val.items()})
+        record["lr"] = state.optimizer.param_groups[0]["lr"]
+        state.history.append(record)
+        state.track_best(val)
+        if rank == 0:
+            where = f"supervised epoch {record['epoch']}" if "epoch" in record else f"round {record['round']}"
+            print(f"[cssl_ray] {where}: val dice {val['dice_mean']:.4f}, val loss {val['loss']:.4f}", flush=True)
+
+    if state.round == 0 and not state.history:  # stage A (skipped when resuming past it)
+        for epoch in range(t.supervised_epochs):
+            validate_and_record({"stage": "supervised", "round": 0, "epoch": epoch, **fine_tune()})
+        _report(state, cfg, state.history[-1] if state.history else {"stage": "supervised", "round": 0}, col)
+
+    cssl_on = t.use_cl or t.use_cr
+    while state.round < t.max_rounds:
+        state.round += 1
+        record: dict[str, Any] = {"stage": "round", "round": state.round}
+        if cssl_on:
+            started = time.perf_counter()
+            patches, classes = _round_patch_shard(state.model, state.round, store_name, col)
+            record["patches"] = float(col.sum_(torch.tensor(float(classes.shape[0]))))
+            record["patch_wait_s"] = time.perf_counter() - started  # labelling + transfer, as the trainer saw it
+            omega = 0.0 if state.omega is None else state.omega  # neutral before the first epoch
+            lambda_ = noise_variance(omega, cfg.consistency.eps)
+            if state.teacher is not None and (cfg.consistency.teacher == "previous" or state.round == 1):
+                state.teacher.snapshot(state.model)
+            cstats = cssl_epoch(state.model, state.teacher, state.optimizer, patches, classes,
+                                shard.unlabelled_images, cfg, lambda_=lambda_, aux=state.aux,
+                                generator=state.generator, collectives=col)
+            if not math.isnan(cstats["omega"]):
+                state.omega = cstats["omega"]
+            record.update({"lambda": lambda_, **cstats})
+        record.update(fine_tune())
+        validate_and_record(record)
+        stop = cssl_on and _plateaued(state, record["loss"], t.plateau_delta, t.plateau_rounds)
+        _report(state, cfg, record, col)
+        if stop:
+            break
+
+
+class _RankShard:
+    """This rank's slice ``[rank::world]`` of D_L, D_U and val (test stays with the driver)."""
+
+    def __init__(self, bundle: DataBundle, rank: int, world: int) -> None:
+        s = slice(rank, None, world)
+        self.labelled_images, self.labelled_masks = bundle.labelled_images[s], bundle.labelled_masks[s]
+        self.unlabelled_images = bundle.unlabelled_images[s]
+        self.val_images, self.val_masks = bundle.val_images[s], bundle.val_masks[s]
+
+
+def _sup_steps(cfg: Config, n_labelled: int, world: int) -> int:
+    """Supervised steps per epoch, equal on every rank (DDP): train.sup_steps_per_epoch, else one
+    pass over the largest shard (with one rank: exactly ``--local``'s one pass over D_L)."""
+    if cfg.train.sup_steps_per_epoch > 0:
+        return cfg.train.sup_steps_per_epoch
+    largest = math.ceil(n_labelled / world)
+    return math.ceil(largest / min(cfg.train.batch_size, largest)) if largest else 0
+
+
+def _round_patch_shard(model: torch.nn.Module, round_: int, store_name: str,
+                       col: Collectives) -> tuple[torch.Tensor, torch.Tensor]:
+    """Publish round ``round_``'s weights (rank 0), then read this rank's patches of the round.
+
+    Returns patches (P, C_in, s, s) float32 and classes (P,) int64, sorted into a canonical order
+    (see the module docstring). Raises if a patch was labelled with another round's weights.
+    """
+    import ray.train
+
+    from cssl_ray.weights import publish_weights
+
+    if col.rank == 0:
+        publish_weights(store_name, model, version=round_)  # the model of round r - 1, as version r
+    col.barrier()  # no rank starts the stream before the new weights are in the store
+    batches = list(ray.train.get_dataset_shard("patches").iter_torch_batches(batch_size=256))
+    if not batches:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.int64)
+    cols = {k: torch.cat([b[k] for b in batches]) for k in ("patch", "patch_class", "index", "labelled",
+                                                              "top", "left", "weights_version")}
+    stale = cols["weights_version"][cols["weights_version"] != round_]
+    if stale.numel():
+        raise RuntimeError(f"round {round_}: got patches labelled with weights version {int(stale[0])}")
+    keys = [cols[k].numpy() for k in ("left", "top", "patch_class", "index", "labelled")]  # lexsort: last key first
+    order = torch.from_numpy(np.lexsort(keys))
+    return cols["patch"][order].float(), cols["patch_class"][order].long()
+
+
+def _report(state: _State, cfg: Config, record: dict[str, Any], col: Collectives) -> None:
+    """ray.train.report on every rank (Train V2 requires it); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    generators = col.gather_objects(state.generator.get_state())  # a collective: every rank
+    digests = col.gather_objects(_parameter_digest(state.model))
+    metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str))}
+    metrics["ranks_identical"] = float(len(set(digests)) == 1)  # data-parallel invariant, checked every report
+    if col.rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({**state.state_dict(), "config": to_dict(cfg), "rank_generators": generators},
+                   Path(d) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _parameter_digest(model: torch.nn.Module) -> str:
+    """A hash of every parameter's bytes: equal on two ranks iff their weights are bitwise equal."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+
+
+def check_ray_run(cfg: Config, bundle: DataBundle, workers: int, gpus_per_worker: float,
+                  cpus_per_worker: float = 0.5) -> None:
+    """One-line ConfigErrors for settings a Train run cannot honour (before Ray starts)."""
+    if workers < 1:
+        raise ConfigError(f"--workers: {workers} is out of range; allowed: >= 1")
+    if cpus_per_worker <= 0:
+        raise ConfigError(f"--cpus-per-worker: {cpus_per_worker} is out of range; allowed: > 0")
+    if gpus_per_worker < 0:
+        raise ConfigError(f"--gpus-per-worker: {gpus_per_worker} is out of range; allowed: >= 0")
+    n_l, n_u = bundle.labelled_images.shape[0], bundle.unlabelled_images.shape[0]
+    # Every rank needs >= 1 labelled image (its supervised steps) and, with L_CR, >= 1 unlabelled one:
+    # a rank with nothing to step on would leave the others waiting in the gradient all-reduce.
+    if workers > n_l:
+        raise ConfigError(f"--workers: {workers} ranks but only {n_l} labelled images; each rank needs one "
+                          f"(use fewer workers or raise data.labelled_fraction / data.labelled_count)")
+    if cfg.train.use_cr and n_u and workers > n_u:
+        raise ConfigError(f"--workers: {workers} ranks but only {n_u} unlabelled images; each rank needs one "
+                          "with train.use_cr (use fewer workers)")
+
+
+def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
+            storage_path: str | None = None, resume: bool = False, cpus_per_worker: float = 0.5,
+            max_failures: int = 2, resources: StreamResources | None = None) -> RayRunResult:
+    """Train one CSSL run on Ray Train; returns test metrics on the best-validation weights.
+
+    Args:
+        cfg: the run's config (validated here; data errors are one-line ``ConfigError``s).
+        workers, gpus_per_worker: Train ranks and the GPUs each holds (0 = CPU, gloo).
+        address: an existing cluster ("auto", "ray://...", "host:port"); None = start Ray locally
+            (or use the instance this process already started).
+        storage_path: absolute folder (or s3://, gs://) for the Train run; default train.out_dir.
+            On a multi-node cluster give shared or cloud storage.
+        resume: continue the run named ``RUN_NAME`` under ``storage_path`` from its latest
+            checkpoint; otherwise an existing local run folder is replaced (as ``--local`` does).
+        cpus_per_worker: fractional by default, so Ray Data stages keep CPUs on small machines.
+        max_failures: worker failures the run survives (each restarts from the latest checkpoint).
+        resources: ``pipeline.StreamResources`` of the patch stream (default: its defaults).
+    """
+    start = time.perf_counter()
+    validate(cfg)
+    check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
+    bundle = load_bundle(cfg.data)  # data errors: one-line ConfigErrors, before Ray starts
+    check_ray_run(cfg, bundle, workers, gpus_per_worker, cpus_per_worker)
+    out_dir = write_run_files(cfg, bundle)
+    storage = storage_path or str(out_dir.resolve())
+    local_storage = "://" not in storage
+    if local_storage:
+        storage = str(Path(storage).resolve())
+        if not resume and (Path(storage) / RUN_NAME).exists():
+            shutil.rmtree(Path(storage) / RUN_NAME)  # Train V2 would resume from it otherwise
+
+    # --- Ray from here on ---------------------------------------------------------------------
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from cssl_ray.pipeline import StreamResources, build_patch_stream, image_rows
+    from cssl_ray.weights import get_or_create_weight_store
+
+    started_ray = _init_ray(address, workers, cpus_per_worker, resources or StreamResources())
+    store_name = f"cssl_weights_{uuid.uuid4().hex[:8]}"
+    store = get_or_create_weight_store(store_name)  # lives in the driver: outlives restarted workers
+    try:
+        datasets = {}
+        if cfg.train.use_cl or cfg.train.use_cr:
+            r = resources or StreamResources()
+            if r.labeller_gpus is None and gpus_per_worker > 0:  # GPUs the Train workers leave free
+                free = ray.cluster_resources().get("GPU", 0) - workers * gpus_per_worker
+                r = dataclasses.replace(r, labeller_gpus=max(0.0, min(1.0, free / r.labellers)))
+            u = bundle.unlabelled_images
+            datasets["patches"] = build_patch_stream(
+                cfg, image_rows(u) if u.shape[0] else None,
+                image_rows(bundle.labelled_images, bundle.labelled_masks), store_name=store_name, resources=r)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": to_dict(cfg), "weight_store": store_name},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers, use_gpu=gpus_per_worker > 0,
+                resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}),
+            datasets=datasets,
+            run_config=ray.train.RunConfig(
+                name=RUN_NAME, storage_path=storage,
+                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+        )
+        result = trainer.fit()
+    finally:
+        ray.kill(store)
+        if started_ray:
+            ray.shutdown()
+
+    # Test once, here, on the best-validation weights the last checkpoint carries.
+    with result.checkpoint.as_directory() as d:
+        saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    state = _State(cfg, bundle, resolve_device(cfg.train.device))
+    state.load_state_dict(saved)
+    done = evaluate_best(state, cfg, bundle, out_dir, start)
+    return RayRunResult(**vars(done), reports=[m for _, m in (result.best_checkpoints or [])])
+
+
+def _init_ray(address: str | None, workers: int, cpus_per_worker: float, r: StreamResources) -> bool:
+    """Connect to ``address``, reuse this process's instance, or start a local one; True if started.
+
+    Locally, logical CPUs are over-subscribed to cover every stage's fractional request: on a
+    2-core machine Ray Data stages with no CPU left wait forever (shared/ENVIRONMENT.md).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address)
+        return True
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else a local ray.init writes ~/.ray/auth_token
+    need = workers * cpus_per_worker + r.labellers * r.labeller_cpus + 2 * r.samplers * r.sampler_cpus
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1))
+    return True
