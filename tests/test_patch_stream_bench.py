@@ -1,0 +1,63 @@
+"""Smoke test of benchmarks/patch_stream.py: runs at a tiny size and writes the JSON it promises.
+
+No timing assertions: the figures depend on the machine and on what else runs on it. It starts
+(and stops) its own Ray instance, so it must not share a process with a running one.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [
+    pytest.mark.slow,  # Ray's start and two labeller-pool starts: ~20 s
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # Ray 2.60's own deprecated fields
+    # the smoke run's D_L is one image, so its sampling stage gets one block for 2 task slots
+    pytest.mark.filterwarnings("ignore:The maximum number of concurrent tasks:UserWarning"),
+]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_patch_stream_smoke_writes_json(tmp_path, capsys):
+    import ray
+
+    bench = _load("patch_stream")
+    out = tmp_path / "patch_stream.json"
+    result = bench.main(["--smoke", "--json", str(out)])
+    assert not ray.is_initialized()  # the benchmark stopped the Ray it started
+    written = json.loads(out.read_text())
+    for key in ("machine", "config", "reference_round_patches", "consumption", "stream_warmup", "stream", "ratio",
+                "streamed_training", "collect_first_wait_share", "targets", "pass"):
+        assert key in written, key
+    assert written["config"]["smoke"] is True
+    # The stream and the single-process reference sample the same images with the same weights.
+    assert written["stream"]["patches"] == written["stream_warmup"]["patches"] > 0
+    assert written["reference_round_patches"]["patches"] > 0
+    assert written["ratio"] == pytest.approx(written["stream"]["patches_per_s"] / written["consumption"]["patches_per_s"])
+    st = written["streamed_training"]
+    assert st["steps"] == math.ceil(written["stream"]["patches"] / written["config"]["batch_patches"])
+    assert 0.0 < st["wait_share"] <= 1.0 and math.isclose(st["wait_share"], st["wait_s"] / st["total_s"])
+    assert written["pass"] == {"ratio": written["ratio"] >= 2.0, "wait_share": st["wait_share"] < 0.05}
+    assert result["ratio"] == written["ratio"]
+    assert "stream / consumption" in capsys.readouterr().out
+
+
+def test_patch_stream_bad_arguments_are_one_line(tmp_path):
+    bench = _load("patch_stream")
+    with pytest.raises(SystemExit, match="patch_stream: --labellers 0"):
+        bench.main(["--smoke", "--labellers", "0", "--json", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="patch_stream: "):
+        bench.main(["--smoke", "--config", str(tmp_path / "missing.yaml"), "--json", str(tmp_path / "x.json")])
