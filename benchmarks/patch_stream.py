@@ -34,7 +34,7 @@ On a 2-core machine the stream's actors and tasks and the trainer share the same
 stream-alone and step-alone rates are each measured with the machine to themselves, the data-wait
 run has both competing. ``--threads`` (default 1) is the trainer's torch threads: with the stream's
 processes on the other core, a second thread only waits for a descheduled one (measured in
-benchmarks/contrastive_loss.py). Ray starts as ``ray_train._init_ray`` does (RAY_TMPDIR under
+benchmarks/contrastive_loss.py). Ray starts as ``cssl_ray.ray_init.init_ray`` does (RAY_TMPDIR under
 /tmp, usage stats off, token auth off, logical CPUs over-subscribed to cover every stage).
 """
 from __future__ import annotations
@@ -204,7 +204,7 @@ def streamed_training(ds: Any, trainer: Trainer, buffer: int) -> dict[str, Any]:
 
 
 def start_ray(need_cpus: float) -> str:
-    """A local Ray instance as ``ray_train._init_ray`` starts it; returns its temp folder."""
+    """A local Ray instance as ``cssl_ray.ray_init.init_ray`` starts it; returns its temp folder."""
     import ray
     import ray.data
 

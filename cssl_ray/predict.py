@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from cssl_ray.ray_init import init_ray
 from cssl_ray.config import Config, ConfigError, to_dict
 
 Batch = dict[str, np.ndarray]
@@ -217,7 +217,7 @@ def segment_ray(items: list[Prepared], cfg: Config, state: dict[str, Any], batch
     import ray
     import ray.data
 
-    started = _init_ray(address, workers, cpus_per_worker)
+    started = init_ray(address, workers * cpus_per_worker)
     try:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         ds = ray.data.from_items([{"name": p.name, "image": p.image} for p in items])
@@ -239,25 +239,6 @@ def segment_ray(items: list[Prepared], cfg: Config, state: dict[str, Any], batch
     finally:
         if started:
             ray.shutdown()
-
-
-def _init_ray(address: str | None, workers: int, cpus_per_worker: float) -> bool:
-    """Connect to ``address``, reuse this process's instance, or start a local one; True if started.
-
-    Locally, logical CPUs cover every actor plus one for Ray Data's own tasks (shared/ENVIRONMENT.md:
-    a stage with no CPU left waits forever on a 2-core machine).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address)
-        return True
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else a local ray.init writes ~/.ray/auth_token
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(workers * cpus_per_worker) + 1))
-    return True
 
 
 # ---------------------------------------------------------------------------------------------

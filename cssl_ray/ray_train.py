@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -48,6 +47,7 @@ import numpy as np
 import torch
 
 from cssl_ray.collectives import Collectives, TorchCollectives
+from cssl_ray.ray_init import init_ray
 from cssl_ray.config import Config, ConfigError, from_dict, to_dict, validate
 from cssl_ray.consistency import noise_variance
 from cssl_ray.data.bundle import DataBundle, load_bundle
@@ -298,7 +298,9 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
     from cssl_ray.pipeline import StreamResources, build_patch_stream, image_rows
     from cssl_ray.weights import get_or_create_weight_store
 
-    started_ray = _init_ray(address, workers, cpus_per_worker, resources or StreamResources())
+    r = resources or StreamResources()
+    started_ray = init_ray(address, workers * cpus_per_worker + r.labellers * r.labeller_cpus
+                           + 2 * r.samplers * r.sampler_cpus)
     store_name = f"cssl_weights_{uuid.uuid4().hex[:8]}"
     store = get_or_create_weight_store(store_name)  # lives in the driver: outlives restarted workers
     try:
@@ -337,23 +339,3 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
     state.load_state_dict(saved)
     done = evaluate_best(state, cfg, bundle, out_dir, start)
     return RayRunResult(**vars(done), reports=[m for _, m in (result.best_checkpoints or [])])
-
-
-def _init_ray(address: str | None, workers: int, cpus_per_worker: float, r: StreamResources) -> bool:
-    """Connect to ``address``, reuse this process's instance, or start a local one; True if started.
-
-    Locally, logical CPUs are over-subscribed to cover every stage's fractional request: on a
-    2-core machine Ray Data stages with no CPU left wait forever (shared/ENVIRONMENT.md).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address)
-        return True
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else a local ray.init writes ~/.ray/auth_token
-    need = workers * cpus_per_worker + r.labellers * r.labeller_cpus + 2 * r.samplers * r.sampler_cpus
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1))
-    return True

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cssl_ray.data.formats import ReadReport, dataset_error, natural_key, read_pil, require_dir, visible_files
+from cssl_ray.data.formats import ReadReport, dataset_error, read_pil, require_dir, visible_files
 from cssl_ray.data.sample import DatasetError, Sample
 
 CLASSES = ["background", "microaneurysm", "haemorrhage", "hard exudate", "soft exudate"]
