@@ -106,6 +106,21 @@ class _State:
                   "rounds_since_improvement", "history"):
             setattr(self, k, s[k])
 
+    def l_tot_epoch(self, cfg: Config, patches: torch.Tensor, classes: torch.Tensor, unlabelled: torch.Tensor,
+                    collectives: Any = None) -> dict[str, float]:
+        """The round's L_tot epoch: lambda_ from the last epoch's omega, the teacher, the epoch, the new omega."""
+        omega = 0.0 if self.omega is None else self.omega  # neutral before the first epoch
+        lambda_ = noise_variance(omega, cfg.consistency.eps)
+        if self.teacher is not None and (cfg.consistency.teacher == "previous" or self.round == 1):
+            # previous: the network as it was at the end of the last epoch; ema: start the
+            # average from the supervised model, not from the random initialisation
+            self.teacher.snapshot(self.model)
+        stats = cssl_epoch(self.model, self.teacher, self.optimizer, patches, classes, unlabelled, cfg,
+                           lambda_=lambda_, aux=self.aux, generator=self.generator, collectives=collectives)
+        if not math.isnan(stats["omega"]):
+            self.omega = stats["omega"]
+        return {"lambda": lambda_, **stats}
+
     def track_best(self, val: dict[str, float]) -> None:
         dice = val.get("dice_mean", float("nan"))
         if not math.isnan(dice) and dice >= self.best_dice:
@@ -165,18 +180,7 @@ def run_local(cfg: Config, *, resume: bool = False,
                 state.model, cfg, bundle.labelled_images, bundle.labelled_masks, bundle.unlabelled_images,
                 generator=state.generator, hidden_masks=bundle.unlabelled_masks_hidden)
             record.update(pstats)
-            omega = 0.0 if state.omega is None else state.omega  # neutral before the first epoch
-            lambda_ = noise_variance(omega, cfg.consistency.eps)
-            if state.teacher is not None and (cfg.consistency.teacher == "previous" or state.round == 1):
-                # previous: the network as it was at the end of the last epoch; ema: start the
-                # average from the supervised model, not from the random initialisation
-                state.teacher.snapshot(state.model)
-            cstats = cssl_epoch(state.model, state.teacher, state.optimizer, patches, classes,
-                                bundle.unlabelled_images, cfg, lambda_=lambda_, aux=state.aux,
-                                generator=state.generator)
-            if not math.isnan(cstats["omega"]):
-                state.omega = cstats["omega"]
-            record.update({"lambda": lambda_, **cstats})
+            record.update(state.l_tot_epoch(cfg, patches, classes, bundle.unlabelled_images))
         record.update(supervised_epoch(state.model, state.optimizer, bundle.labelled_images,
                                        bundle.labelled_masks, **sup))
         state.track_best(validate_and_record(record))

@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from cssl_ray.ray_init import init_ray
 from cssl_ray.config import Config, ConfigError, to_dict
+from cssl_ray.ray_init import init_ray
 
 Batch = dict[str, np.ndarray]
 

@@ -47,13 +47,12 @@ import numpy as np
 import torch
 
 from cssl_ray.collectives import Collectives, TorchCollectives
-from cssl_ray.ray_init import init_ray
 from cssl_ray.config import Config, ConfigError, from_dict, to_dict, validate
-from cssl_ray.consistency import noise_variance
 from cssl_ray.data.bundle import DataBundle, load_bundle
 from cssl_ray.local import RunResult, _plateaued, _State, evaluate_best, resolve_device, write_run_files
-from cssl_ray.loop import cssl_epoch, evaluate, supervised_epoch
+from cssl_ray.loop import evaluate, supervised_epoch
 from cssl_ray.models import check_geometry
+from cssl_ray.ray_init import init_ray
 
 if TYPE_CHECKING:  # pipeline imports ray at module level; the CLI loads this module before Ray
     from cssl_ray.pipeline import StreamResources
@@ -146,16 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             patches, classes = _round_patch_shard(state.model, state.round, store_name, col)
             record["patches"] = float(col.sum_(torch.tensor(float(classes.shape[0]))))
             record["patch_wait_s"] = time.perf_counter() - started  # labelling + transfer, as the trainer saw it
-            omega = 0.0 if state.omega is None else state.omega  # neutral before the first epoch
-            lambda_ = noise_variance(omega, cfg.consistency.eps)
-            if state.teacher is not None and (cfg.consistency.teacher == "previous" or state.round == 1):
-                state.teacher.snapshot(state.model)
-            cstats = cssl_epoch(state.model, state.teacher, state.optimizer, patches, classes,
-                                shard.unlabelled_images, cfg, lambda_=lambda_, aux=state.aux,
-                                generator=state.generator, collectives=col)
-            if not math.isnan(cstats["omega"]):
-                state.omega = cstats["omega"]
-            record.update({"lambda": lambda_, **cstats})
+            record.update(state.l_tot_epoch(cfg, patches, classes, shard.unlabelled_images, col))
         record.update(fine_tune())
         validate_and_record(record)
         stop = cssl_on and _plateaued(state, record["loss"], t.plateau_delta, t.plateau_rounds)

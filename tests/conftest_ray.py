@@ -12,9 +12,29 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import ray
 import ray.data
+
+
+@contextmanager
+def ray_test_env(prefix: str = "cssl_ray_test") -> Iterator[Path]:
+    """A private RAY_TMPDIR (yielded), usage stats and token auth off; all restored and removed after."""
+    # /tmp, not pytest's tmp_path: Ray's unix socket paths must stay under ~107 characters.
+    tmp = tempfile.mkdtemp(prefix=f"{prefix}_{os.getpid()}_", dir="/tmp")
+    env = {"RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield Path(tmp)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
@@ -23,20 +43,34 @@ def local_ray(num_cpus: int = 4) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    # /tmp, not pytest's tmp_path: Ray's unix socket paths must stay under ~107 characters.
-    tmp = tempfile.mkdtemp(prefix=f"cssl_ray_test_{os.getpid()}_", dir="/tmp")
-    env = {"RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        yield
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(tmp, ignore_errors=True)
+    with ray_test_env():
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False)
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            yield
+        finally:
+            ray.shutdown()
+
+
+def descendant_processes() -> dict[int, str]:
+    """pid -> command line of this process's live (non-zombie) descendants (Ray's process titles)."""
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                fields = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+                if fields[0] != "Z":  # zombies are dead; their parent reaps them
+                    parent[int(d)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    me, found = os.getpid(), {}
+    for pid in parent:
+        p = pid
+        while p > 1 and p != me:
+            p = parent.get(p, 0)
+        if p == me:
+            try:
+                found[pid] = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+            except OSError:
+                continue
+    return found

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest_ray import local_ray
+from conftest_ray import descendant_processes, local_ray
 from cssl_ray.config import ConfigError
 from cssl_ray.local import run_local
 from cssl_ray.pipeline import StreamResources
@@ -110,30 +110,6 @@ def test_bad_settings_fail_before_ray_starts(tmp_path, capsys):
     assert main(["--smoke", "--set", "patches.size=13", "--out", str(tmp_path)]) == 2
 
 
-def _descendants_named(word: str) -> list[int]:
-    """PIDs of this process's descendants whose command line holds ``word`` (Ray's process titles)."""
-    parent: dict[int, int] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = open(f"/proc/{d}/stat").read()
-                parent[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    me, found = os.getpid(), []
-    for pid in parent:
-        p = pid
-        while p > 1 and p != me:
-            p = parent.get(p, 0)
-        if p == me:
-            try:
-                if word in open(f"/proc/{pid}/cmdline").read():
-                    found.append(pid)
-            except OSError:
-                continue
-    return found
-
-
 def test_killed_worker_restarts_from_its_checkpoint(straight, tmp_path):
     """SIGKILL the Train worker once round 1's checkpoint exists: FailureConfig restarts it, it
     resumes from that checkpoint and the run ends as the straight run does, each round reported once."""
@@ -150,7 +126,7 @@ def test_killed_worker_restarts_from_its_checkpoint(straight, tmp_path):
     deadline, killed = time.time() + 120, []
     while time.time() < deadline and thread.is_alive() and not killed:
         if len(list((tmp_path / "ray_train").glob("checkpoint_*"))) >= 2:  # rounds 0 and 1 reported
-            for pid in _descendants_named("RayTrainWorker"):
+            for pid in [p for p, cmd in descendant_processes().items() if "RayTrainWorker" in cmd]:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
         time.sleep(0.2)

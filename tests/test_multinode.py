@@ -17,16 +17,14 @@ Ray 2.60 on this machine (shared/ENVIRONMENT.md): ``Cluster`` needs ``RAY_TMPDIR
 """
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest_ray import descendant_processes, ray_test_env
 from cssl_ray import ray_train
 from cssl_ray.config import from_dict
 from cssl_ray.pipeline import StreamResources
@@ -57,29 +55,8 @@ def _recording_loop(config: dict[str, Any]) -> None:
 
 def _ray_descendants() -> list[str]:
     """Command lines of this process's live descendants that look like Ray processes."""
-    parent: dict[int, int] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = open(f"/proc/{d}/stat").read()
-                fields = stat.rsplit(")", 1)[1].split()
-                if fields[0] != "Z":  # zombies are dead; their parent reaps them
-                    parent[int(d)] = int(fields[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    me, found = os.getpid(), []
-    for pid in parent:
-        p = pid
-        while p > 1 and p != me:
-            p = parent.get(p, 0)
-        if p == me:
-            try:
-                cmd = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
-            except OSError:
-                continue
-            if any(w in cmd for w in RAY_PROCESS_WORDS):
-                found.append(f"{pid}: {cmd[:120]}")
-    return found
+    return [f"{pid}: {cmd[:120]}" for pid, cmd in descendant_processes().items()
+            if any(w in cmd for w in RAY_PROCESS_WORDS)]
 
 
 @pytest.fixture
@@ -87,26 +64,18 @@ def two_node_cluster():
     """Head + one worker node on 127.0.0.1, each NODE_CPUS logical CPUs; stopped afterwards."""
     from ray.cluster_utils import Cluster
 
-    tmp = tempfile.mkdtemp(prefix=f"cssl_mn_{os.getpid()}_", dir="/tmp")  # short: unix socket paths
-    (Path(tmp) / "ray").mkdir()  # Cluster fails without it (shared/ENVIRONMENT.md)
-    env = {"RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    cluster = None
-    try:
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": NODE_CPUS, "include_dashboard": False})
-        cluster.add_node(num_cpus=NODE_CPUS)
-        cluster.wait_for_nodes()
-        yield cluster
-    finally:
-        if cluster is not None:
-            cluster.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(tmp, ignore_errors=True)
+    with ray_test_env("cssl_mn") as tmp:  # short: unix socket paths
+        (tmp / "ray").mkdir()  # Cluster fails without it (shared/ENVIRONMENT.md)
+        cluster = None
+        try:
+            cluster = Cluster(initialize_head=True,
+                              head_node_args={"num_cpus": NODE_CPUS, "include_dashboard": False})
+            cluster.add_node(num_cpus=NODE_CPUS)
+            cluster.wait_for_nodes()
+            yield cluster
+        finally:
+            if cluster is not None:
+                cluster.shutdown()
 
 
 def test_two_node_cluster_runs_one_worker_per_node(two_node_cluster, tmp_path, monkeypatch):

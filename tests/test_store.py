@@ -18,16 +18,15 @@ from cssl_ray.config import ConfigError, from_dict
 from cssl_ray.data import nuclei
 from cssl_ray.data.bundle import load_bundle
 from cssl_ray.data.cards import load_card
+from cssl_ray.data.readers import Reader, read_synthetic
 from cssl_ray.data.sample import DatasetError, Sample
 from cssl_ray.data.store import (
     SCHEMA,
     DatasetMissing,
-    Reader,
     Store,
     cache_dir,
     list_prepared,
     prepare,
-    read_synthetic,
 )
 
 
