@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +31,7 @@ from cssl_ray.consistency import Teacher, noise_variance
 from cssl_ray.contrastive import AuxiliaryGaussian
 from cssl_ray.data.bundle import DataBundle, load_bundle
 from cssl_ray.data.splits import write_split
+from cssl_ray.figures import SNAPSHOT_IMAGES, pseudo_snapshot, write_run_figures
 from cssl_ray.loop import cssl_epoch, evaluate, round_patches, supervised_epoch
 from cssl_ray.models import check_geometry, create_model
 
@@ -78,6 +80,8 @@ class _State:
         self.best_loss_tot = math.inf
         self.rounds_since_improvement = 0
         self.history: list[dict[str, Any]] = []
+        # (round, (k, H, W) uint8 pseudo-labels of the first k images of D_U): Fig. 2 (cssl_ray.figures)
+        self.snapshots: list[tuple[int, np.ndarray]] = []
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +94,7 @@ class _State:
             "best_round": self.best_round, "best_val": self.best_val, "best_model": self.best_model,
             "best_loss_tot": self.best_loss_tot, "rounds_since_improvement": self.rounds_since_improvement,
             "history": self.history,
+            "snapshots": [(r, torch.from_numpy(a)) for r, a in self.snapshots],  # tensors: weights_only-loadable
         }
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
@@ -105,6 +110,16 @@ class _State:
         for k in ("omega", "round", "best_dice", "best_round", "best_val", "best_model", "best_loss_tot",
                   "rounds_since_improvement", "history"):
             setattr(self, k, s[k])
+        # checkpoints from before the figures have no snapshots
+        self.snapshots = [(int(r), np.asarray(a, dtype=np.uint8)) for r, a in s.get("snapshots", [])]
+
+    def take_snapshot(self, cfg: Config, unlabelled_images: torch.Tensor) -> None:
+        """Keep this round's pseudo-labels of the first images of D_U (Fig. 2), if figures are on.
+        Call with the model that labels the round; it draws no random numbers."""
+        if not cfg.train.figures or unlabelled_images.shape[0] == 0:
+            return
+        snap = pseudo_snapshot(self.model, unlabelled_images[:SNAPSHOT_IMAGES], cfg)
+        self.snapshots = [(r, a) for r, a in self.snapshots if r != self.round] + [(self.round, snap)]
 
     def l_tot_epoch(self, cfg: Config, patches: torch.Tensor, classes: torch.Tensor, unlabelled: torch.Tensor,
                     collectives: Any = None) -> dict[str, float]:
@@ -157,6 +172,7 @@ def run_local(cfg: Config, *, resume: bool = False,
         record.update({f"val_{k}": v for k, v in val.items()})
         record["lr"] = state.optimizer.param_groups[0]["lr"]
         state.history.append(record)
+        record["step"] = len(state.history)  # validation index: MLflow's step, equal in local and Ray runs
         emit(record)
         bar.set_postfix(stage=record["stage"], dice=f"{val['dice_mean']:.3f}")
         bar.update(1)
@@ -176,6 +192,7 @@ def run_local(cfg: Config, *, resume: bool = False,
         state.round += 1
         record: dict[str, Any] = {"stage": "round", "round": state.round}
         if cssl_on:
+            state.take_snapshot(cfg, bundle.unlabelled_images)  # the model round_patches labels with
             patches, classes, pstats = round_patches(
                 state.model, cfg, bundle.labelled_images, bundle.labelled_masks, bundle.unlabelled_images,
                 generator=state.generator, hidden_masks=bundle.unlabelled_masks_hidden)
@@ -207,12 +224,15 @@ def write_run_files(cfg: Config, bundle: DataBundle) -> Path:
 
 
 def evaluate_best(state: _State, cfg: Config, bundle: DataBundle, out_dir: Path, start: float) -> RunResult:
-    """Test metrics, once, on the best-validation weights; writes best.pt and result.json."""
+    """Test metrics, once, on the best-validation weights; writes best.pt, result.json and
+    (train.figures) the figures under out_dir/figures/."""
     if state.best_model:  # else no validation ran (no epochs): test the weights as they are
         state.model.load_state_dict(state.best_model)
     test = evaluate(state.model, bundle.test_images, bundle.test_masks, num_classes=cfg.data.num_classes,
                     class_names=bundle.class_names, ignore_index=cfg.pseudo.ignore_index,
                     batch_size=cfg.consistency.batch_size, auprc=True)
+    if cfg.train.figures:  # on the best weights, like the test; never fails the run
+        write_run_figures(state, cfg, bundle, out_dir)
     ckpt.save_atomic({"model": state.best_model, "config": to_dict(cfg), "round": state.best_round,
                       "val": state.best_val, "test": test}, out_dir / "best.pt")
     result = RunResult(test=test, best_val=state.best_val, best_round=state.best_round,

@@ -126,6 +126,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         record.update({f"val_{k}": v for k, v in val.items()})
         record["lr"] = state.optimizer.param_groups[0]["lr"]
         state.history.append(record)
+        record["step"] = len(state.history)  # validation index: MLflow's step, equal in local and Ray runs
         state.track_best(val)
         if rank == 0:
             where = f"supervised epoch {record['epoch']}" if "epoch" in record else f"round {record['round']}"
@@ -145,6 +146,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             patches, classes = _round_patch_shard(state.model, state.round, store_name, col)
             record["patches"] = float(col.sum_(torch.tensor(float(classes.shape[0]))))
             record["patch_wait_s"] = time.perf_counter() - started  # labelling + transfer, as the trainer saw it
+            record["patches_per_s"] = record["patches"] / max(record["patch_wait_s"], 1e-9)
+            if rank == 0:  # Fig. 2: pseudo-labels of the model published this round (no collective)
+                state.take_snapshot(cfg, bundle.unlabelled_images)
             record.update(state.l_tot_epoch(cfg, patches, classes, shard.unlabelled_images, col))
         record.update(fine_tune())
         validate_and_record(record)
@@ -251,7 +255,8 @@ def check_ray_run(cfg: Config, bundle: DataBundle, workers: int, gpus_per_worker
 
 def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
             storage_path: str | None = None, resume: bool = False, cpus_per_worker: float = 0.5,
-            max_failures: int = 2, resources: StreamResources | None = None) -> RayRunResult:
+            max_failures: int = 2, resources: StreamResources | None = None,
+            callbacks: list[Any] | None = None) -> RayRunResult:
     """Train one CSSL run on Ray Train; returns test metrics on the best-validation weights.
 
     Args:
@@ -266,6 +271,7 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
         cpus_per_worker: fractional by default, so Ray Data stages keep CPUs on small machines.
         max_failures: worker failures the run survives (each restarts from the latest checkpoint).
         resources: ``pipeline.StreamResources`` of the patch stream (default: its defaults).
+        callbacks: Ray Train callbacks, e.g. ``TuneReportCallback()`` when this run is a Tune trial.
     """
     start = time.perf_counter()
     validate(cfg)
@@ -313,7 +319,7 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
             datasets=datasets,
             run_config=ray.train.RunConfig(
                 name=RUN_NAME, storage_path=storage,
-                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                failure_config=ray.train.FailureConfig(max_failures=max_failures), callbacks=callbacks,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         )
         result = trainer.fit()

@@ -1,0 +1,113 @@
+"""Rerun the paper's ablations over seeds at fixed hyperparameters; every cell recorded in MLflow.
+
+    python -m cssl_ray.ablate --space tune_spaces/monuseg.yaml [--seeds 3] [--config best.yaml]
+                              [--cells supervised cssl ...] [--fractions 0.05 0.1 0.25]
+    python -m cssl_ray.ablate --space tune_spaces/smoke.yaml --seeds 2    # a minute on a CPU
+
+Table 5 grid (default): the cells of ``search_space.ABLATION_CELLS`` — use_cl x use_cr x
+use_hard_negatives, where hard negatives only exist with L_CL, so six cells: supervised (all off,
+the fully supervised baseline with exactly the same supervised steps), CL, CL + hard negatives,
+CR, CL + CR, and CSSL (all on) — each over ``--seeds`` seeds (train.seed: the model's
+initialisation and every sampled batch; the labelled/unlabelled split stays the space's, so the
+t-test of the report is paired by seed). With ``--fractions`` (or the space's
+``ablation.label_fractions``) it is the Table 2 style sweep instead: supervised vs CSSL at each
+labelled fraction.
+
+Fixed hyperparameters: ``--config`` if given, else the best config a finished
+``python -m cssl_ray.tune`` run of this space wrote, else the space's base config. Cells run as
+one Ray Tune experiment (no early stopping), as concurrent as the space's resources allow; at the
+end the report table (``cssl_ray.report``) is read back from MLflow and printed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from cssl_ray.config import Config, ConfigError, load_config
+from cssl_ray.experiment import CELL_KEY, fail, run_experiment
+from cssl_ray.search_space import ABLATION_CELLS, Space, load_space
+from cssl_ray.tune import DEFAULT_STORAGE, best_config_path
+
+SWEEP_CELLS = ["supervised", "cssl"]
+
+
+def ablation_grid(space: Space, seeds: int, cells: list[str] | None, fractions: list[float] | None) -> dict[str, Any]:
+    """Tune param_space: grid over cells x seeds (x labelled fractions)."""
+    from ray import tune
+
+    fractions = fractions if fractions is not None else space.ablation.label_fractions
+    cells = cells or (SWEEP_CELLS if fractions else space.ablation.cells)
+    for c in cells:
+        if c not in ABLATION_CELLS:
+            raise ConfigError(f"--cells: {c!r} is not a cell; choose from {', '.join(ABLATION_CELLS)}")
+    if seeds < 1:
+        raise ConfigError(f"--seeds: {seeds} is out of range; allowed: >= 1")
+    grid: dict[str, Any] = {CELL_KEY: tune.grid_search(list(cells)), "train.seed": tune.grid_search(list(range(seeds)))}
+    if fractions:
+        for f in fractions:
+            if not 0.0 < f <= 1.0:
+                raise ConfigError(f"--fractions: {f} is out of range; allowed: 0 < fraction <= 1")
+        grid["data.labelled_fraction"] = tune.grid_search(list(fractions))
+        grid["data.labelled_count"] = 0  # a count would override the fraction
+    return grid
+
+
+def fixed_config(space: Space, config: str | None, storage: str, log=print) -> Config:
+    """--config, else the tuned best config of this space, else the space's base."""
+    if config:
+        log(f"fixed hyperparameters: {config}")
+        return load_config(config)
+    best = best_config_path(space, storage)
+    if best.exists():
+        log(f"fixed hyperparameters: the tuned best config {best}")
+        return load_config(best)
+    log(f"fixed hyperparameters: the base config of {space.path}")
+    return space.base_config()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cssl_ray.ablate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--space", required=True, help="a search space YAML (tune_spaces/*.yaml)")
+    p.add_argument("--seeds", type=int, help="seeds per cell (default: the space's ablation.seeds)")
+    p.add_argument("--cells", nargs="+", help=f"cells to run (default all: {' '.join(ABLATION_CELLS)})")
+    p.add_argument("--fractions", type=float, nargs="+", help="labelled fractions: a Table 2 style sweep")
+    p.add_argument("--config", help="a config YAML with the fixed hyperparameters")
+    p.add_argument("--address", help="an existing Ray cluster, e.g. auto; default: start Ray here")
+    p.add_argument("--storage-path", default=DEFAULT_STORAGE, help=f"experiment folder root (default {DEFAULT_STORAGE})")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--name", help="experiment folder name (default <space>-ablate[-fractions])")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted ablation")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per in-process trial (0 = the config's)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    prog = "cssl_ray.ablate"
+    try:
+        space = load_space(args.space)
+        seeds = args.seeds if args.seeds is not None else space.ablation.seeds
+        grid = ablation_grid(space, seeds, args.cells, args.fractions)
+        base = fixed_config(space, args.config, args.storage_path)
+        from cssl_ray.data.bundle import load_bundle
+        load_bundle(base.data)  # a missing dataset is one line here, before Ray starts
+        from cssl_ray.tracking import tracking_uri
+        uri = tracking_uri(args.tracking_uri)
+        sweep = "data.labelled_fraction" in grid
+        name = args.name or f"{space.name}-ablate" + ("-fractions" if sweep else "")
+        outcomes, parent = run_experiment(
+            space, param_space=grid, kind="ablate", tune_name=name, base=base, uri=uri,
+            storage=Path(args.storage_path), scheduler=None, num_samples=1, address=args.address,
+            resume=args.resume, threads=args.threads, parent_tags={"cssl.grid": "fractions" if sweep else "table5"})
+    except (ConfigError, FileNotFoundError) as e:
+        return fail(prog, str(e))
+    failed = [o for o in outcomes if o.status == "ERROR"]
+    print(f"\n{len(outcomes)} runs, {len(failed)} failed")
+    from cssl_ray import report
+    return report.main(["--experiment", space.name, "--parent", parent, "--tracking-uri", uri])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

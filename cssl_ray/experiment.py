@@ -1,0 +1,337 @@
+"""One Ray Tune experiment of CSSL runs, recorded in MLflow: what ``tune`` and ``ablate`` share.
+
+    driver   run_experiment: Tuner(trial, param_space) -> trials run concurrently as resources
+             allow -> the MLflow callback (driver side, the only writer) records every trial
+    trial    run_trial: one CSSL run from the space's base config + the trial's parameters;
+             workers == 0 trains in the trial's own process (cssl_ray.local), workers >= 1 builds
+             and fits a TorchTrainer inside the trial (Ray Train V2's Train-inside-Tune pattern)
+             whose rank-0 reports reach Tune through TuneReportCallback. Either way Tune sees one
+             result per validation, with ``round`` (ASHA's time attribute) and ``step``.
+
+A trial writes its run folder (config.yaml, split.json, round checkpoints, best.pt, result.json,
+figures/) under ``<storage>/<experiment>/runs/<trial id>``; test metrics are computed once, on
+the best-validation weights, and read from result.json by the driver, which logs them and the
+files as MLflow artifacts. On a multi-node cluster ``--storage-path`` must therefore be a folder
+every node shares (NFS, a mounted bucket).
+
+Resuming: Tune keeps the experiment's state under its folder; ``resume=True`` restores it, so
+finished trials are not rerun and unfinished ones restart from their own newest round checkpoint
+(local trials) or Train checkpoint (Train trials). MLflow runs are keyed by trial id and reopened.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cssl_ray.config import Config, ConfigError, from_dict, merge, to_dict
+from cssl_ray.search_space import ABLATION_CELLS, Resources, Space, cell_of, unflatten
+
+CELL_KEY = "cell"  # a trial parameter naming an ablation cell (sets the three switches)
+SESSION_FILE = "cssl_session.json"
+# Tune writes its experiment state at most this often; a killed driver loses at most that much.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+
+
+@dataclass
+class TrialSpec:
+    """What every trial of an experiment shares (sent once through the object store)."""
+
+    base: dict[str, Any]  # to_dict(the base Config)
+    runs_root: str  # absolute; trial folders go below it
+    resources: Resources
+    threads: int = 0  # torch threads per in-process trial (0 = the config's train.num_threads)
+
+
+@dataclass
+class TrialOutcome:
+    trial_id: str
+    params: dict[str, Any]
+    status: str
+    out_dir: Path
+    test: dict[str, float] = field(default_factory=dict)
+    best_val: dict[str, float] = field(default_factory=dict)
+    metric_analysis: dict[str, dict[str, float]] = field(default_factory=dict)  # Tune's max/min/last per metric
+    early_stopped: bool = False
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
+    """The base config with a trial's parameters applied (dotted keys; ``cell`` = ablation switches)."""
+    extra = {k: v for k, v in params.items() if k != CELL_KEY}
+    cfg_dict = merge(base, unflatten(extra))
+    if CELL_KEY in params:
+        cfg_dict = merge(cfg_dict, {"train": dict(ABLATION_CELLS[params[CELL_KEY]])})
+    return from_dict(cfg_dict)
+
+
+def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
+    """A Tune function trainable: one CSSL run, one Tune result per validation."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    out_dir = Path(spec.runs_root) / trial_id
+    cfg = trial_config(spec.base, params)
+    train = dataclasses.replace(cfg.train, out_dir=str(out_dir), progress=False,
+                                num_threads=spec.threads or cfg.train.num_threads)
+    cfg = dataclasses.replace(cfg, train=train)
+    step = 0
+
+    def report(record: dict[str, Any]) -> None:
+        nonlocal step
+        step += 1
+        tune.report(tune_metrics(record, step))
+
+    if spec.resources.workers == 0:
+        from cssl_ray.local import run_local
+        run_local(cfg, resume=True, log=report)  # resume: a restarted trial continues its rounds
+    else:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from cssl_ray.ray_train import run_ray
+        r = spec.resources
+        run_ray(cfg, workers=r.workers, gpus_per_worker=r.gpus_per_worker, cpus_per_worker=r.cpus_per_worker,
+                resume=True, max_failures=1, callbacks=[TuneReportCallback()])
+
+
+def tune_metrics(record: dict[str, Any], step: int) -> dict[str, float]:
+    """Numeric entries of a run record, plus ``step`` (validation index); ``round`` is always there."""
+    out = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out.setdefault("round", 0.0)
+    out["step"] = float(record.get("step", step))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+
+
+def session_id(folder: Path, resume: bool) -> str:
+    """The id that ties an experiment folder to its MLflow parent run (kept across resumes)."""
+    path = folder / SESSION_FILE
+    if resume and path.exists():
+        return json.loads(path.read_text())["session"]
+    folder.mkdir(parents=True, exist_ok=True)
+    session = uuid.uuid4().hex
+    path.write_text(json.dumps({"session": session}))
+    return session
+
+
+def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any], runs_root: Path,
+                  base_tags: dict[str, str]):
+    """The driver-side Tune callback that records trials in MLflow (built here: ray.tune is lazy)."""
+    from ray import tune
+
+    class MLflowRecorder(tune.Callback):
+        """Every trial -> one child run: params, metrics per result, test metrics, files, status.
+
+        Runs in the driver (Tune's controller), so only the driver writes to MLflow. A trial that
+        errors ends FAILED; one ASHA stopped ends FINISHED with tag cssl.early_stopped=true.
+        """
+
+        def __init__(self) -> None:
+            self.runs: dict[str, str] = {}
+            self._tracker = None
+
+        @property
+        def tracker(self):
+            if self._tracker is None:
+                from cssl_ray.tracking import Tracker
+                self._tracker = Tracker(uri, experiment)
+            return self._tracker
+
+        def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with its state
+            return {"runs": self.runs, "_tracker": None}
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            self._open(trial)
+
+        def _open(self, trial) -> str:
+            if trial.trial_id in self.runs:
+                return self.runs[trial.trial_id]
+            from cssl_ray.tracking import flatten_config
+            params = {k: v for k, v in trial.config.items()}
+            cfg = trial_config(base, params)
+            tags = {**base_tags, **run_tags(cfg), "cssl.trial_id": trial.trial_id,
+                    **{f"param.{k}": str(v) for k, v in params.items()}}
+            name = trial_name(trial.trial_id, params)
+            run_id = self.tracker.start_child(parent_id, trial.trial_id, name, flatten_config(to_dict(cfg)), tags)
+            self.runs[trial.trial_id] = run_id
+            return run_id
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            run_id = self._open(trial)
+            metrics = {k: v for k, v in result.items() if k not in _TUNE_KEYS and k != "step"}
+            self.tracker.log_metrics(run_id, metrics, step=int(result.get("step", 0)))
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self._close(trial, "FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._close(trial, "FAILED")
+
+        def _close(self, trial, status: str) -> None:
+            run_id = self._open(trial)
+            out_dir = runs_root / trial.trial_id
+            result = read_result(out_dir)
+            step = int((trial.last_result or {}).get("step", 0))
+            if result:
+                self.tracker.log_metrics(run_id, {f"test_{k}": v for k, v in result["test"].items()}, step=step)
+            early = status == "FINISHED" and not result
+            self.tracker.set_tags(run_id, {"cssl.early_stopped": str(early).lower(), "cssl.out_dir": str(out_dir)})
+            if status == "FAILED" and trial.error_file:
+                self.tracker.set_tags(run_id, {"cssl.error": _first_error_line(trial)})
+            for name in ("config.yaml", "split.json", "split_names.json", "result.json", "best.pt"):
+                if (out_dir / name).exists():
+                    self.tracker.log_artifact(run_id, out_dir / name)
+            if (out_dir / "figures").is_dir():
+                self.tracker.log_artifacts(run_id, out_dir / "figures", "figures")
+            self.tracker.end(run_id, status)
+
+    return MLflowRecorder()
+
+
+_TUNE_KEYS = {"training_iteration", "time_total_s", "episodes_total", "timesteps_total", "node_ip", "hostname",
+              "pid", "time_this_iter_s", "timestamp", "date", "time_since_restore", "timesteps_since_restore",
+              "iterations_since_restore", "config", "checkpoint_dir_name", "done", "trial_id", "experiment_tag",
+              "should_checkpoint", "checkpoint_path"}
+
+
+def _first_error_line(trial) -> str:
+    try:
+        text = Path(trial.error_file).read_text().strip().splitlines()
+        return (text[-1] if text else "unknown error")[:500]
+    except OSError:
+        return "unknown error"
+
+
+def read_result(out_dir: Path) -> dict[str, Any]:
+    """A finished run's result.json ({} if the run did not finish)."""
+    path = out_dir / "result.json"
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+def run_tags(cfg: Config) -> dict[str, str]:
+    d = cfg.data
+    return {"cssl.dataset": d.name, "cssl.labelled_fraction": str(d.labelled_fraction),
+            "cssl.labelled_count": str(d.labelled_count), "cssl.cell": cell_of(cfg), "cssl.seed": str(cfg.train.seed)}
+
+
+def trial_name(trial_id: str, params: dict[str, Any]) -> str:
+    shown = []
+    for k, v in params.items():
+        short = k.rsplit(".", 1)[-1]
+        shown.append(f"{short}={v:.3g}" if isinstance(v, float) else f"{short}={v}")
+    return f"{trial_id} " + " ".join(shown)
+
+
+def cpus_per_trial(resources: Resources, cfg: Config) -> float:
+    """Logical CPUs one trial may hold at once (Train workers + its patch stream, or itself)."""
+    if resources.workers == 0:
+        return resources.cpus_per_worker
+    from cssl_ray.pipeline import StreamResources
+    s = StreamResources()
+    stream = s.labellers * s.labeller_cpus + 2 * s.samplers * s.sampler_cpus if (cfg.train.use_cl or cfg.train.use_cr) else 0
+    return 0.01 + resources.workers * resources.cpus_per_worker + stream
+
+
+def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune_name: str, base: Config,
+                   uri: str, storage: Path, scheduler: Any = None, num_samples: int = 1,
+                   address: str | None = None, resume: bool = False, parent_tags: dict[str, str] | None = None,
+                   threads: int = 0, log: Callable[[str], None] = print) -> tuple[list[TrialOutcome], str]:
+    """Run (or resume) one Tune experiment of CSSL trials; returns every trial's outcome and the parent run id.
+
+    Args:
+        space: the loaded search space (resources, metric/mode, max concurrent trials, name).
+        param_space: Tune's param_space (dotted config keys and/or ``cell``); constants allowed.
+        kind: "tune" or "ablate" (the parent run's cssl.kind; children get "trial" / "ablation").
+        tune_name: the Tune experiment folder under ``storage``.
+        base: the config every trial starts from.
+        uri: MLflow tracking URI (absolute).
+    """
+    from cssl_ray.tracking import Tracker, git_commit, ui_command
+
+    storage = storage.resolve()
+    folder = storage / tune_name
+    runs_root = folder / "runs"
+    if not resume and folder.exists():
+        raise ConfigError(f"{folder} already holds an experiment; pass --resume to continue it, "
+                          "or --storage-path / --name to start another")
+    session = session_id(folder, resume)
+    tracker = Tracker(uri, space.name)
+    tags = {"cssl.kind": kind, "cssl.space": str(space.path), "cssl.dataset": space.dataset,
+            "cssl.git_commit": git_commit(), **(parent_tags or {})}
+    parent_id = tracker.start_parent(f"{kind}:{tune_name}", tags, session=session)
+    if resume:  # runs a killed driver left RUNNING: interrupted; restarted trials reopen theirs
+        tracker.close_open_runs("KILLED", parent_id=parent_id)
+        tracker.start_parent(f"{kind}:{tune_name}", tags, session=session)
+
+    import ray
+    from ray import tune
+
+    from cssl_ray.ray_init import init_ray
+
+    per_trial = cpus_per_trial(space.resources, base)
+    started = init_ray(address, space.max_concurrent_trials * per_trial)
+    child_kind = "trial" if kind == "tune" else "ablation"
+    callback = make_callback(uri, space.name, parent_id, to_dict(base), runs_root,
+                             {"cssl.kind": child_kind, "cssl.space": space.name, "cssl.git_commit": tags["cssl.git_commit"]})
+    spec = TrialSpec(base=to_dict(base), runs_root=str(runs_root), resources=space.resources, threads=threads)
+    r = space.resources
+    trial_resources = ({"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker} if r.workers == 0 else {"cpu": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), trial_resources)
+    interrupted = True
+    try:
+        if resume and tune.Tuner.can_restore(str(folder)):
+            tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False, param_space=param_space)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=num_samples,
+                                            scheduler=scheduler, max_concurrent_trials=space.max_concurrent_trials),
+                run_config=tune.RunConfig(name=tune_name, storage_path=str(storage), callbacks=[callback],
+                                          verbose=1, failure_config=tune.FailureConfig(max_failures=0)))
+        grid = tuner.fit()
+        interrupted = False
+    finally:
+        if not interrupted:
+            tracker.end(parent_id, "FINISHED")
+            tracker.close_open_runs("FAILED", parent_id=parent_id)  # a child the callback missed
+        else:  # Ctrl-C or an error in the driver: nothing stays RUNNING; --resume continues
+            tracker.close_open_runs("KILLED", parent_id=parent_id)
+        if started:
+            ray.shutdown()
+    outcomes = []
+    for trial in grid._experiment_analysis.trials:  # Trial objects: status, config, metric_analysis
+        out_dir = runs_root / trial.trial_id
+        result = read_result(out_dir)
+        outcomes.append(TrialOutcome(
+            trial_id=trial.trial_id, params=dict(trial.config), status=trial.status, out_dir=out_dir,
+            test=result.get("test", {}), best_val=result.get("best_val", {}),
+            metric_analysis=dict(trial.metric_analysis or {}),
+            early_stopped=trial.status == "TERMINATED" and not result))
+    log(f"MLflow: experiment {space.name!r}, parent run {parent_id}; open it with:\n  {ui_command(uri)}")
+    return outcomes, parent_id
+
+
+def best_outcome(outcomes: list[TrialOutcome], metric: str, mode: str) -> TrialOutcome | None:
+    """The finished trial (test metrics present) with the best value of ``metric`` over its results."""
+    def score(o: TrialOutcome) -> float:
+        v = float(o.metric_analysis.get(metric, {}).get(mode, math.nan))
+        return -math.inf if math.isnan(v) else (v if mode == "max" else -v)
+    finished = [o for o in outcomes if o.test]
+    return max(finished, key=score) if finished else None
+
+
+def fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2

@@ -1,0 +1,364 @@
+"""The paper's results table (and its Fig. 3 silhouette plot) read back from MLflow.
+
+    python -m cssl_ray.report --experiment NAME [--tracking-uri URI] [--parent RUN_ID]
+                              [--metric test_dice_mean] [--out DIR]
+
+Takes the FINISHED child runs of one parent run (default: the newest ``cssl.kind=ablate`` parent,
+else the newest parent of any kind), groups them by labelled share and ablation cell, and writes
+into ``--out`` (default ``runs/report/<experiment>``):
+
+    report.md    the Markdown table: mean +- sample std (ddof=1) over seeds per group, and the
+                 p-value of the main metric against the Supervised cell of the same labelled share
+                 (paired t-test over common seeds when >= 2, else Welch when both have >= 2 runs)
+    report.png   the same table drawn with matplotlib
+    omega.png    omega (the silhouette score) per validation step, mean +- std over seeds, of the
+                 runs without CR (cl, cl_hn) and with CR (cl_cr, cssl), when any logged omega
+
+MLflow is read only through ``cssl_ray.tracking``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from scipy import stats
+
+from cssl_ray import tracking
+
+CELL_ORDER = ("supervised", "cl", "cl_hn", "cr", "cl_cr", "cssl")
+METHOD_NAMES = {
+    "supervised": "Supervised",
+    "cl": "CL",
+    "cl_hn": "CL + hard neg.",
+    "cr": "CR",
+    "cl_cr": "CL + CR",
+    "cssl": "CSSL (CL + hard neg. + CR)",
+}
+WITHOUT_CR = ("cl", "cl_hn")
+WITH_CR = ("cl_cr", "cssl")
+NO_CELL = "(no cell)"
+DASH = "—"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure table building
+
+
+def class_prefix(metric: str) -> str:
+    """Per-class keys that go with ``metric``: test_iou_mean -> "test_iou/"; else "test_dice/"."""
+    return metric[: -len("_mean")] + "/" if metric.endswith("_mean") else "test_dice/"
+
+
+def classes_of(runs: list[dict], metric: str = "test_dice_mean") -> list[str]:
+    """Class names of the per-class metric keys (``test_dice/<class>``) present in ``runs``."""
+    prefix = class_prefix(metric)
+    names = {k[len(prefix):] for r in runs for k in r["metrics"] if k.startswith(prefix)}
+    return sorted(names)
+
+
+def labelled_of(run: dict) -> str:
+    """The labelled share of a run: ``cssl.labelled_count`` when positive, else the fraction."""
+    tags = run["tags"]
+    count = tags.get("cssl.labelled_count", "")
+    try:
+        if int(count) > 0:
+            return f"{int(count)} images"
+    except ValueError:
+        pass
+    return tags.get("cssl.labelled_fraction", "?")
+
+
+def _num(label: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(label.split()[0]), label)
+    except (ValueError, IndexError):
+        return (1, 0.0, label)
+
+
+def _cell_rank(cell: str) -> tuple[int, str]:
+    return (CELL_ORDER.index(cell), "") if cell in CELL_ORDER else (len(CELL_ORDER), cell)
+
+
+def _finite_values(runs: list[dict], key: str) -> list[float]:
+    vals = [r["metrics"].get(key) for r in runs]
+    return [float(v) for v in vals if v is not None and math.isfinite(v)]
+
+
+def _summary(values: list[float]) -> tuple[float | None, float | None]:
+    """(mean, sample std); std is None for fewer than two values, both None for none."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var)
+
+
+def _by_seed(runs: list[dict], metric: str) -> dict[str, float]:
+    """Main-metric value per seed (the mean if a seed ran twice); runs without a seed are left out."""
+    per: dict[str, list[float]] = defaultdict(list)
+    for r in runs:
+        seed = r["tags"].get("cssl.seed")
+        v = r["metrics"].get(metric)
+        if seed is not None and v is not None and math.isfinite(v):
+            per[seed].append(float(v))
+    return {s: sum(v) / len(v) for s, v in per.items()}
+
+
+def p_value(runs: list[dict], sup_runs: list[dict], metric: str) -> tuple[float | None, str]:
+    """p of ``metric`` in ``runs`` vs ``sup_runs`` and the test used ("paired", "welch", "n/a")."""
+    a, b = _by_seed(runs, metric), _by_seed(sup_runs, metric)
+    common = sorted(set(a) & set(b))
+    if len(common) >= 2:
+        p = stats.ttest_rel([a[s] for s in common], [b[s] for s in common]).pvalue
+        test = "paired"
+    else:
+        xa, xb = _finite_values(runs, metric), _finite_values(sup_runs, metric)
+        if len(xa) < 2 or len(xb) < 2:
+            return None, "n/a"
+        p = stats.ttest_ind(xa, xb, equal_var=False).pvalue
+        test = "welch"
+    p = float(p)
+    return (p, test) if math.isfinite(p) else (None, "n/a")  # zero variance gives NaN
+
+
+def build_rows(runs: list[dict], metric: str = "test_dice_mean") -> list[dict[str, Any]]:
+    """One row per (labelled share, cell) of ``runs`` (dicts as from ``tracking.find_runs``).
+
+    Each row: labelled, cell, method, n (runs), metric, runs, ``stats`` {key: (mean, std)} for
+    the main metric and every per-class key, and ``p`` (float, None = n/a) with ``test``
+    ("paired" | "welch" | "n/a" | "reference" for the supervised row).
+    """
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[(labelled_of(r), r["tags"].get("cssl.cell") or NO_CELL)].append(r)
+    prefix = class_prefix(metric)
+    keys = [metric] + [prefix + c for c in classes_of(runs, metric)]
+    rows = []
+    for (labelled, cell), group in sorted(groups.items(), key=lambda kv: (_num(kv[0][0]), _cell_rank(kv[0][1]))):
+        row = {
+            "labelled": labelled,
+            "cell": cell,
+            "method": METHOD_NAMES.get(cell, cell),
+            "n": len(group),
+            "metric": metric,
+            "runs": group,
+            "stats": {k: _summary(_finite_values(group, k)) for k in keys},
+        }
+        if cell == "supervised":
+            row["p"], row["test"] = None, "reference"
+        else:
+            sup = groups.get((labelled, "supervised"))
+            row["p"], row["test"] = p_value(group, sup, metric) if sup else (None, "n/a")
+        rows.append(row)
+    return rows
+
+
+def _fmt_stat(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def _fmt_p(row: dict) -> str:
+    if row["test"] == "reference":
+        return DASH
+    if row["p"] is None:
+        return "n/a"
+    return f"{row['p']:.3g}" + (" (Welch)" if row["test"] == "welch" else "")
+
+
+def _header_name(key: str) -> str:
+    return key[len("test_"):] if key.startswith("test_") else key
+
+
+def table_cells(rows: list[dict], classes: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Header and body strings of the table (shared by Markdown and PNG)."""
+    if not rows:
+        return [], []
+    metric = rows[0]["metric"]
+    keys = [metric] + [class_prefix(metric) + c for c in classes]
+    header = ["labelled", "method", "n"] + [_header_name(k) for k in keys] + ["p vs supervised"]
+    body = [
+        [row["labelled"], row["method"], str(row["n"])]
+        + [_fmt_stat(*row["stats"].get(k, (None, None))) for k in keys]
+        + [_fmt_p(row)]
+        for row in rows
+    ]
+    return header, body
+
+
+def format_markdown(rows: list[dict], classes: list[str]) -> str:
+    """The rows as a Markdown table (Welch p-values are marked; supervised shows a dash)."""
+    header, body = table_cells(rows, classes)
+    if not header:
+        return ""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_table(rows: list[dict], classes: list[str], path: Path, title: str = "") -> None:
+    plt = _plt()
+    header, body = table_cells(rows, classes)
+    # Size the figure from the text: ~0.085 in per character at 9 pt, plus cell padding.
+    chars = [max(len(c) for c in col) for col in zip(header, *body)]
+    widths = [0.085 * n + 0.35 for n in chars]
+    fig, ax = plt.subplots(figsize=(sum(widths), 0.3 * (len(body) + 1) + (0.4 if title else 0.1)))
+    ax.axis("off")
+    table = ax.table(cellText=body, colLabels=header, cellLoc="center", bbox=[0, 0, 1, 1],
+                     colWidths=[w / sum(widths) for w in widths])
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def omega_curves(uri: str, rows: list[dict]) -> dict[tuple[str, str], list[tuple[int, float, float | None]]]:
+    """(labelled, cell) -> [(step, mean omega, std or None)] for the CL cells with / without CR."""
+    curves = {}
+    for row in rows:
+        if row["cell"] not in WITHOUT_CR + WITH_CR:
+            continue
+        per_step: dict[int, list[float]] = defaultdict(list)
+        for run in row["runs"]:
+            for step, value in tracking.metric_history(uri, run["run_id"], "omega"):
+                if math.isfinite(value):
+                    per_step[step].append(value)
+        if per_step:
+            curves[(row["labelled"], row["cell"])] = [
+                (step, *_summary(per_step[step])) for step in sorted(per_step)
+            ]
+    return curves
+
+
+def draw_omega(curves: dict, path: Path, title: str = "", runs_of: dict | None = None) -> None:
+    """Fig. 3 style: one panel per labelled share, solid = with CR, dashed = without CR.
+
+    ``runs_of`` maps (labelled, cell) to its runs, for the legend's n.
+    """
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    runs_of = runs_of or {}
+    labels = sorted({lab for lab, _ in curves}, key=_num)
+    fig, axes = plt.subplots(1, len(labels), figsize=(5.5 * len(labels), 4), squeeze=False)
+    for ax, lab in zip(axes[0], labels):
+        for (l, cell), points in sorted(curves.items(), key=lambda kv: _cell_rank(kv[0][1])):
+            if l != lab:
+                continue
+            steps = [p[0] for p in points]
+            mean = [p[1] for p in points]
+            std = [p[2] or 0.0 for p in points]
+            style, cr = ("-", "with CR") if cell in WITH_CR else ("--", "without CR")
+            label = f"{METHOD_NAMES.get(cell, cell)} ({cr})"
+            if (l, cell) in runs_of:
+                label += f", n={len(runs_of[(l, cell)])}"
+            (line,) = ax.plot(steps, mean, style, marker=".", label=label)
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("validation step")
+        ax.set_ylabel("omega (silhouette)")
+        ax.set_title(f"labelled {lab}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cssl_ray.report", description=__doc__.splitlines()[0])
+    p.add_argument("--experiment", required=True, help="MLflow experiment name")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else ./mlflow.db")
+    p.add_argument("--parent", default=None, help="parent run id (default: newest ablate parent)")
+    p.add_argument("--metric", default="test_dice_mean", help="main metric (default test_dice_mean)")
+    p.add_argument("--out", default=None, help="output folder (default runs/report/<experiment>)")
+    return p
+
+
+def _select_runs(uri: str, args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    tracking.require_experiment(uri, args.experiment)
+    if args.parent:
+        parent = tracking.get_run(uri, args.parent)
+    else:
+        parent = tracking.latest_parent(uri, args.experiment, kind="ablate") \
+            or tracking.latest_parent(uri, args.experiment)
+        if parent is None:
+            raise ValueError(f"experiment '{args.experiment}' in {uri} has no parent run")
+    children = tracking.find_runs(uri, args.experiment, parent_id=parent["run_id"])
+    finished = [r for r in children if r["status"] == "FINISHED"]
+    if not finished:
+        raise ValueError(
+            f"parent run {parent['run_id']} ({parent['name']}) has no FINISHED child runs "
+            f"({len(children)} children in other states)"
+        )
+    return parent, finished
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    uri = tracking.tracking_uri(args.tracking_uri)
+    try:
+        parent, runs = _select_runs(uri, args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path("runs") / "report" / args.experiment)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows = build_rows(runs, args.metric)
+    classes = classes_of(runs, args.metric)
+    table = format_markdown(rows, classes)
+    title = f"{args.experiment} / {parent['name']} ({parent['run_id']})"
+    note = (
+        f"# {title}\n\n{len(runs)} finished runs; mean ± sample std over seeds; p: paired t-test "
+        f"of {args.metric} vs Supervised over common seeds (Welch where marked).\n\n"
+    )
+    (out / "report.md").write_text(note + table)
+    draw_table(rows, classes, out / "report.png", title)
+    paths = [out / "report.md", out / "report.png"]
+    curves = omega_curves(uri, rows)
+    if curves:
+        runs_of = {(r["labelled"], r["cell"]): r["runs"] for r in rows}
+        draw_omega(curves, out / "omega.png", title, runs_of)
+        paths.append(out / "omega.png")
+
+    print(table, end="")
+    if not curves:
+        print("no omega history in cells cl, cl_hn, cl_cr, cssl: omega.png not written")
+    for p in paths:
+        print(f"wrote {p}")
+    print(f"browse: {tracking.ui_command(uri)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""The MLflow side of experiments: one driver-side writer (``Tracker``) and plain-dict readers.
+
+This is the only module that imports ``mlflow``. Everything goes through ``MlflowClient`` with
+explicit run ids, never the fluent global active run: a Tune driver holds a parent run and many
+child runs open at once.
+
+Run layout and tags (other modules set the ``cssl.*`` tags; ``report.py`` relies on them):
+
+    parent run   cssl.kind = tune | ablate, cssl.session = <id of one launch, reused on resume>
+    child run    mlflow.parentRunId, cssl.trial_key (unique under its parent), cssl.kind = trial |
+                 ablation, cssl.cell, cssl.seed, cssl.dataset, cssl.labelled_fraction, ...
+
+What MLflow 3.17 accepts (checked against its sqlite store and ``mlflow server``):
+
+    NaN          logged and read back as NaN
+    +-inf        the sqlite store silently stores +-1.797e308; we clip to that explicitly so every
+                 store (sqlite, REST) keeps the same value
+    names        alphanumerics, ``_ - . space / :``; no leading ``/``, ``//``, ``.`` or ``..`` parts;
+                 <= 250 characters. ``sanitize_key`` maps everything else (and ``:``, which Windows
+                 rejects) to ``_``
+    status       any of RUNNING, FINISHED, FAILED, KILLED can follow any other (a resumed run goes
+                 back to RUNNING; its end_time is kept until it ends again)
+    params       immutable once logged (a changed value raises), <= 100 per log_batch
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import numbers
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+ENDED = ("FINISHED", "FAILED", "KILLED")
+PARENT_TAG = "mlflow.parentRunId"
+SESSION_TAG = "cssl.session"
+KEY_TAG = "cssl.trial_key"
+KIND_TAG = "cssl.kind"
+
+_MAX_KEY = 250  # MLflow's MAX_ENTITY_KEY_LENGTH
+_MAX_PARAMS_PER_BATCH = 100  # MAX_PARAMS_TAGS_PER_BATCH
+_MAX_METRICS_PER_BATCH = 1000
+_BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+_FLOAT_MAX = sys.float_info.max
+
+
+# ---------------------------------------------------------------------------------------------
+# URIs and run metadata
+
+
+def tracking_uri(cli: str | None = None) -> str:
+    """The tracking URI: ``cli``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<abs>/mlflow.db``.
+
+    Relative local stores (``sqlite:///runs/x.db``, ``file:mlruns``, ``mlruns``) are made absolute
+    against the current directory: trial processes run in Ray's temp folders.
+    """
+    uri = cli or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not uri:
+        return f"sqlite:///{Path('mlflow.db').resolve()}"
+    return _absolute(uri)
+
+
+def _absolute(uri: str) -> str:
+    if uri.startswith("sqlite:///"):
+        rest = uri[len("sqlite:///"):]
+        path, sep, query = rest.partition("?")
+        if path in ("", ":memory:") or path.startswith("/"):
+            return uri
+        return f"sqlite:///{Path(path).resolve()}{sep}{query}"
+    scheme = urlparse(uri).scheme
+    if scheme == "file":
+        path = uri[len("file:"):]
+        if path.startswith("//"):  # file:///abs or file://host/...
+            return uri
+        return Path(path).resolve().as_uri()
+    if scheme == "":
+        return str(Path(uri).resolve())
+    return uri
+
+
+def _local_store_path(uri: str) -> Path | None:
+    """The sqlite db file or file-store folder behind ``uri``; None for remote stores."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].partition("?")[0]
+        return None if path in ("", ":memory:") else Path(path)
+    scheme = urlparse(uri).scheme
+    if scheme == "file":
+        return Path(urlparse(uri).path)
+    if scheme == "":
+        return Path(uri)
+    return None
+
+
+def ui_command(uri: str) -> str:
+    """The command a user runs to browse ``uri``."""
+    if urlparse(uri).scheme in ("http", "https"):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def flatten_config(d: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, str]:
+    """A nested resolved config as MLflow params: ``{"contrastive.tau": "0.1", ...}``.
+
+    Sequences are written as JSON (``"[96, 96]"``), everything else with ``str``. Dataclass
+    instances are accepted and read with ``dataclasses.asdict``.
+    """
+    if dataclasses.is_dataclass(d) and not isinstance(d, type):
+        d = dataclasses.asdict(d)
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = dataclasses.asdict(v)
+        if isinstance(v, Mapping) and v:
+            out.update(flatten_config(v, prefix=f"{key}."))
+        elif isinstance(v, Mapping):
+            out[key] = "{}"
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(_plain(v), default=str)
+        else:
+            out[key] = str(v)
+    return out
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def git_commit() -> str:
+    """HEAD of the git checkout holding this package, or ``"unknown"``."""
+    try:
+        res = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    head = res.stdout.strip()
+    return head if res.returncode == 0 and head else "unknown"
+
+
+def sanitize_key(key: str) -> str:
+    """A metric / param / tag name MLflow accepts on every OS (see the module docstring)."""
+    key = _BAD_CHARS.sub("_", str(key))
+    parts = [p for p in key.split("/") if p != ""]  # no leading, trailing or doubled slashes
+    parts = ["_" if p in (".", "..") else p for p in parts]
+    key = "/".join(parts) or "_"
+    return key[:_MAX_KEY]
+
+
+def _finite(value: float) -> float:
+    """NaN passes; +-inf is clipped to +-float max (what the sqlite store would store anyway)."""
+    if math.isinf(value):
+        return _FLOAT_MAX if value > 0 else -_FLOAT_MAX
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    # numpy floats / ints are numbers.Real; bool (and numpy.bool_, which is not Real) are not.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _chunks(items: list, n: int) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+@functools.lru_cache(maxsize=16)
+def _client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
+
+
+def _quote(value: str) -> str:
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _search(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list:
+    """Every active run matching ``filter_string``, newest first (follows page tokens)."""
+    runs: list = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1000, order_by=["attributes.start_time DESC"], page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver-side writer
+
+
+class Tracker:
+    """Writes parent and child runs of one experiment; every call names its run id.
+
+    For local stores (sqlite, file) a new experiment's artifact location is the absolute folder
+    ``<db dir>/mlartifacts/<experiment>``, so ``mlflow ui`` started from any folder finds the
+    artifacts. Remote servers choose their own artifact location.
+    """
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        if not experiment:
+            raise ValueError("experiment name must be a non-empty string")
+        self.uri = uri
+        self.experiment = experiment
+        self.client = _client(uri)
+        self.experiment_id = self._ensure_experiment()
+
+    def _ensure_experiment(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            store = _local_store_path(self.uri)
+            location = None
+            if store is not None:
+                folder = re.sub(r"[^A-Za-z0-9_.\-]", "_", self.experiment)
+                location = (store.resolve().parent / "mlartifacts" / folder).as_uri()
+            try:
+                return self.client.create_experiment(self.experiment, artifact_location=location)
+            except MlflowException:  # created meanwhile by another process
+                exp = self.client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage == "deleted":
+            raise ValueError(
+                f"experiment '{self.experiment}' is deleted in {self.uri}; restore it "
+                f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or use another name"
+            )
+        return exp.experiment_id
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def start_parent(self, name: str, tags: dict[str, str], session: str) -> str:
+        """A parent run tagged ``cssl.session=session``; an existing one with that session is reopened."""
+        found = [
+            r for r in _search(self.client, self.experiment_id, f"tags.`{SESSION_TAG}` = {_quote(session)}")
+            if PARENT_TAG not in r.data.tags
+        ]
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            self.set_tags(run_id, tags)
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=name)
+        self.set_tags(run.info.run_id, {**tags, SESSION_TAG: session})
+        return run.info.run_id
+
+    def start_child(
+        self, parent_id: str, key: str, name: str, params: dict[str, str], tags: dict[str, str],
+    ) -> str:
+        """A child run of ``parent_id`` tagged ``cssl.trial_key=key``.
+
+        A child with that key already under the parent is reopened (status RUNNING) and its
+        params are left alone: MLflow refuses to change a logged param.
+        """
+        found = _search(
+            self.client, self.experiment_id,
+            f"tags.`{PARENT_TAG}` = {_quote(parent_id)} AND tags.`{KEY_TAG}` = {_quote(key)}",
+        )
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            self.set_tags(run_id, tags)
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=name)
+        run_id = run.info.run_id
+        self.set_tags(run_id, {**tags, PARENT_TAG: parent_id, KEY_TAG: key})
+        plist = [Param(sanitize_key(k), str(v)) for k, v in params.items()]
+        for chunk in _chunks(plist, _MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=chunk)
+        return run_id
+
+    def log_metrics(
+        self, run_id: str, metrics: dict[str, Any], step: int, timestamp_ms: int | None = None,
+    ) -> None:
+        """Log the numeric entries of ``metrics`` at ``step``; bools, strings and None are skipped."""
+        ts = _now_ms() if timestamp_ms is None else int(timestamp_ms)
+        batch = {
+            sanitize_key(k): Metric(sanitize_key(k), _finite(float(v)), ts, int(step))
+            for k, v in metrics.items() if _is_number(v)
+        }
+        for chunk in _chunks(list(batch.values()), _MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=chunk)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        tlist = [RunTag(sanitize_key(k), str(v)) for k, v in tags.items()]
+        for chunk in _chunks(tlist, _MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, tags=chunk)
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> bool:
+        """Upload one file; False (nothing logged) when ``path`` is not a file."""
+        if not Path(path).is_file():
+            return False
+        self.client.log_artifact(run_id, str(path), artifact_path)
+        return True
+
+    def log_artifacts(self, run_id: str, folder: str | Path, artifact_path: str | None = None) -> bool:
+        """Upload a folder's contents; False (nothing logged) when ``folder`` is not a folder."""
+        if not Path(folder).is_dir():
+            return False
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
+        return True
+
+    def end(self, run_id: str, status: str) -> None:
+        if status not in ENDED:
+            raise ValueError(f"run status '{status}' is not one of {', '.join(ENDED)}")
+        self.client.set_terminated(run_id, status)
+
+    def close_open_runs(self, status: str = "KILLED", parent_id: str | None = None) -> int:
+        """Set every RUNNING run of the experiment (or ``parent_id`` and its children) to ``status``."""
+        if status not in ENDED:
+            raise ValueError(f"run status '{status}' is not one of {', '.join(ENDED)}")
+        running = _search(self.client, self.experiment_id, "attributes.status = 'RUNNING'")
+        if parent_id is not None:
+            running = [
+                r for r in running
+                if r.info.run_id == parent_id or r.data.tags.get(PARENT_TAG) == parent_id
+            ]
+        for r in running:
+            self.client.set_terminated(r.info.run_id, status)
+        return len(running)
+
+
+# ---------------------------------------------------------------------------------------------
+# The read side: plain dicts only
+
+
+def _store_missing(uri: str) -> bool:
+    """True for a sqlite URI whose db file does not exist (reading must not create it)."""
+    path = _local_store_path(uri)
+    return uri.startswith("sqlite:///") and path is not None and not path.exists()
+
+
+def _experiment(uri: str, name: str):
+    if _store_missing(uri):
+        return None
+    exp = _client(uri).get_experiment_by_name(name)
+    return None if exp is None or exp.lifecycle_stage == "deleted" else exp
+
+
+def require_experiment(uri: str, name: str) -> str:
+    """The id of experiment ``name``; ``ValueError`` listing the experiments there if missing."""
+    exp = _experiment(uri, name)
+    if exp is not None:
+        return exp.experiment_id
+    names = [] if _store_missing(uri) else sorted(e.name for e in _client(uri).search_experiments())
+    raise ValueError(
+        f"experiment '{name}' not found in {uri}; experiments: {', '.join(names) or '(none)'}"
+    )
+
+
+def _as_dict(run) -> dict[str, Any]:
+    return {
+        "run_id": run.info.run_id,
+        "name": run.info.run_name,
+        "status": run.info.status,
+        "tags": dict(run.data.tags),
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "start_time": run.info.start_time,
+        "end_time": run.info.end_time,
+    }
+
+
+def find_runs(
+    uri: str, experiment: str, *, parent_id: str | None = None, tags: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Active runs of ``experiment`` (newest first), optionally children of ``parent_id`` and
+    carrying all of ``tags``. Each run: run_id, name, status, tags, params, metrics (latest value
+    per key), start_time, end_time. [] when the experiment does not exist."""
+    exp = _experiment(uri, experiment)
+    if exp is None:
+        return []
+    wanted = dict(tags or {})
+    if parent_id is not None:
+        wanted[PARENT_TAG] = parent_id
+    where = " AND ".join(f"tags.`{k}` = {_quote(v)}" for k, v in wanted.items())
+    return [_as_dict(r) for r in _search(_client(uri), exp.experiment_id, where)]
+
+
+def get_run(uri: str, run_id: str) -> dict[str, Any]:
+    """One run as a plain dict; ``ValueError`` when ``run_id`` is not in ``uri``."""
+    if _store_missing(uri):
+        raise ValueError(f"run '{run_id}' not found in {uri} (no database there)")
+    try:
+        return _as_dict(_client(uri).get_run(run_id))
+    except MlflowException as e:
+        raise ValueError(f"run '{run_id}' not found in {uri}") from e
+
+
+def latest_parent(uri: str, experiment: str, kind: str | None = None) -> dict[str, Any] | None:
+    """The newest run without a parent, optionally with tag ``cssl.kind == kind``."""
+    runs = find_runs(uri, experiment, tags={KIND_TAG: kind} if kind else None)
+    parents = [r for r in runs if PARENT_TAG not in r["tags"]]
+    return max(parents, key=lambda r: r["start_time"] or 0) if parents else None
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """``[(step, value), ...]`` sorted by step; a step logged twice (a resumed trial) keeps its
+    last value."""
+    history = _client(uri).get_metric_history(run_id, key)
+    last: dict[int, tuple[int, float]] = {}
+    for m in history:
+        if m.step not in last or m.timestamp >= last[m.step][0]:
+            last[m.step] = (m.timestamp, m.value)
+    return [(step, last[step][1]) for step in sorted(last)]

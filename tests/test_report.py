@@ -1,0 +1,144 @@
+"""cssl_ray.report: table building on hand-computed runs, and the CLI end to end on a temp store."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from cssl_ray import report, tracking
+from cssl_ray.tracking import Tracker
+
+
+def _run(cell: str, seed: int | None, dice: float | None, frac: str = "0.1", **per_class: float) -> dict:
+    tags = {"cssl.cell": cell, "cssl.labelled_fraction": frac, "cssl.labelled_count": "0"}
+    if seed is not None:
+        tags["cssl.seed"] = str(seed)
+    metrics = {f"test_dice/{k}": v for k, v in per_class.items()}
+    if dice is not None:
+        metrics["test_dice_mean"] = dice
+    return {"run_id": f"{cell}-{seed}-{frac}", "name": cell, "status": "FINISHED", "tags": tags,
+            "params": {}, "metrics": metrics, "start_time": 0}
+
+
+SUP = [_run("supervised", 0, 0.70, liver=0.9), _run("supervised", 1, 0.72, liver=0.8),
+       _run("supervised", 2, 0.74, liver=0.7)]
+CSSL = [_run("cssl", 0, 0.75, liver=0.9), _run("cssl", 1, 0.80, liver=0.9), _run("cssl", 2, 0.79)]
+CL = [_run("cl", 5, 0.73), _run("cl", 6, 0.77)]  # no seed in common with supervised: Welch
+CR = [_run("cr", 9, 0.71)]  # one run: no test
+CL_HN = [_run("cl_hn", 0, None)]  # metric missing
+
+
+def _row(rows: list[dict], cell: str, frac: str = "0.1") -> dict:
+    return next(r for r in rows if r["cell"] == cell and r["labelled"] == frac)
+
+
+def test_means_std_and_paired_p() -> None:
+    rows = report.build_rows(SUP + CSSL, "test_dice_mean")
+    sup, cssl = _row(rows, "supervised"), _row(rows, "cssl")
+    assert sup["stats"]["test_dice_mean"] == pytest.approx((0.72, 0.02))
+    assert cssl["stats"]["test_dice_mean"] == pytest.approx((0.78, math.sqrt(0.0014 / 2)))
+    assert cssl["stats"]["test_dice/liver"] == pytest.approx((0.9, 0.0))  # seed 2 lacks it
+    assert sup["p"] is None and sup["test"] == "reference"
+    # Oracle: d = (0.05, 0.08, 0.05), mean 0.06, sd sqrt(0.0003) -> t = 0.06 / (sd / sqrt(3)) = 6.
+    d = [0.05, 0.08, 0.05]
+    mean_d = sum(d) / 3
+    sd_d = math.sqrt(sum((x - mean_d) ** 2 for x in d) / 2)
+    t = mean_d / (sd_d / math.sqrt(3))
+    assert t == pytest.approx(6.0)
+    assert cssl["test"] == "paired"
+    assert cssl["p"] == pytest.approx(2 * stats.t.sf(t, df=2))
+
+
+def test_welch_fallback_and_na() -> None:
+    rows = report.build_rows(SUP + CL + CR + CL_HN, "test_dice_mean")
+    cl = _row(rows, "cl")
+    a, b = [0.73, 0.77], [0.70, 0.72, 0.74]
+    va, vb = 0.02 ** 2 * 2 / 1, 0.02 ** 2  # sample variances: 0.0008, 0.0004
+    se2 = va / len(a) + vb / len(b)
+    t = (sum(a) / 2 - sum(b) / 3) / math.sqrt(se2)
+    df = se2 ** 2 / ((va / 2) ** 2 / 1 + (vb / 3) ** 2 / 2)
+    assert cl["test"] == "welch" and cl["p"] == pytest.approx(2 * stats.t.sf(abs(t), df))
+    assert _row(rows, "cr")["p"] is None and _row(rows, "cr")["test"] == "n/a"
+    cl_hn = _row(rows, "cl_hn")
+    assert cl_hn["p"] is None and cl_hn["stats"]["test_dice_mean"] == (None, None)
+
+    md = report.format_markdown(rows, report.classes_of(SUP + CL, "test_dice_mean"))
+    lines = md.splitlines()
+    assert lines[0] == "| labelled | method | n | dice_mean | dice/liver | p vs supervised |"
+    assert "| 0.1 | Supervised | 3 | 0.720 ± 0.020 | 0.800 ± 0.100 | — |" in lines
+    assert "| 0.1 | CR | 1 | 0.710 | n/a | n/a |" in lines
+    assert "| 0.1 | CL + hard neg. | 1 | n/a | n/a | n/a |" in lines
+    assert "(Welch)" in next(l for l in lines if "| CL |" in l)
+
+
+def test_no_supervised_and_ordering() -> None:
+    runs = (CSSL + [_run("zzz", 0, 0.5), _run("abc", 0, 0.5), _run("cr", 0, 0.6, frac="0.05")]
+            + CL + SUP + [_run("supervised", 0, 0.6, frac="0.05")])
+    rows = report.build_rows(runs, "test_dice_mean")
+    assert [(r["labelled"], r["cell"]) for r in rows] == [
+        ("0.05", "supervised"), ("0.05", "cr"),
+        ("0.1", "supervised"), ("0.1", "cl"), ("0.1", "cssl"), ("0.1", "abc"), ("0.1", "zzz"),
+    ]
+    assert _row(rows, "cr", "0.05")["p"] is None  # one run each side
+    only = report.build_rows(CSSL, "test_dice_mean")
+    assert only[0]["p"] is None and only[0]["test"] == "n/a"  # no supervised cell at all
+    assert report.format_markdown([], []) == ""
+
+
+def _write_store(uri: str) -> str:
+    tracker = Tracker(uri, "abl")
+    parent = tracker.start_parent("ablate", {"cssl.kind": "ablate"}, session="s")
+    values = {"supervised": [0.70, 0.72, 0.74], "cl": [0.74, 0.75, 0.77], "cssl": [0.75, 0.80, 0.79]}
+    for cell, dice in values.items():
+        for seed, v in enumerate(dice):
+            tags = {"cssl.kind": "ablation", "cssl.cell": cell, "cssl.seed": str(seed),
+                    "cssl.labelled_fraction": "0.1", "cssl.labelled_count": "0"}
+            run = tracker.start_child(parent, f"{cell}-{seed}", f"{cell} {seed}", {}, tags)
+            if cell != "supervised":
+                for step in range(4):
+                    omega = 0.1 * step + (0.1 if cell == "cssl" else 0.0) + 0.01 * seed
+                    tracker.log_metrics(run, {"omega": omega}, step=step)
+            tracker.log_metrics(run, {"test_dice_mean": v, "test_dice/liver": v + 0.1}, step=4)
+            tracker.end(run, "FINISHED")
+    crashed = tracker.start_child(parent, "cr-0", "cr 0", {}, {"cssl.cell": "cr"})
+    tracker.log_metrics(crashed, {"test_dice_mean": 0.1}, step=0)
+    tracker.end(crashed, "FAILED")  # not FINISHED: left out of the table
+    tracker.end(parent, "FINISHED")
+    tracker.start_parent("tune", {"cssl.kind": "tune"}, session="later")  # newer, but not ablate
+    return parent
+
+
+def test_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _write_store(uri)
+    out = tmp_path / "out"
+    assert report.main(["--experiment", "abl", "--tracking-uri", uri, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for name in ("report.md", "report.png", "omega.png"):
+        assert (out / name).stat().st_size > 0
+    md = (out / "report.md").read_text()
+    assert "| 0.1 | Supervised | 3 | 0.720 ± 0.020 | 0.820 ± 0.020 | — |" in md
+    assert "| 0.1 | CSSL (CL + hard neg. + CR) | 3 | 0.780 ± 0.026 |" in md
+    assert "CR |" not in md.replace("+ CR", "")  # the FAILED cr run is not reported
+    assert "0.720 ± 0.020" in printed and str(out / "omega.png") in printed
+
+
+def test_main_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = _write_store(uri)
+    capsys.readouterr()
+    assert report.main(["--experiment", "nope", "--tracking-uri", uri, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "experiment 'nope' not found" in err and "abl" in err
+
+    tracker = Tracker(uri, "empty")
+    assert report.main(["--experiment", "empty", "--tracking-uri", uri]) == 2
+    assert "no parent run" in capsys.readouterr().err
+    tracker.start_parent("p", {"cssl.kind": "ablate"}, session="x")
+    assert report.main(["--experiment", "empty", "--tracking-uri", uri]) == 2
+    assert "no FINISHED child runs" in capsys.readouterr().err
+    assert report.main(["--experiment", "abl", "--tracking-uri", uri, "--parent", "f" * 32]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert tracking.get_run(uri, parent)["status"] == "FINISHED"

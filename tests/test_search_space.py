@@ -1,0 +1,302 @@
+"""Search spaces: every shipped space loads, every bad space is one line naming the key, and every
+value a domain can draw gives a valid config."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cssl_ray.config import Config, ConfigError
+from cssl_ray.search_space import (
+    ABLATION_CELLS, Domain, SpaceError, cell_of, load_space, unflatten,
+)
+
+SPACES = sorted((Path(__file__).resolve().parents[1] / "tune_spaces").glob("*.yaml"))
+SMOKE_BASE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+
+
+def write(tmp_path: Path, body: dict | str, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(body if isinstance(body, str) else yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def smoke(**extra) -> dict:
+    """A valid synthetic space on the smoke config (stride 4, 32 px images); ``extra`` replaces keys."""
+    body = {"dataset": "synthetic", "base": SMOKE_BASE,
+            "search": {"contrastive.tau": {"loguniform": [0.05, 0.5]}}}
+    body.update(extra)
+    return body
+
+
+def test_spaces_folder_is_not_empty():
+    assert {p.stem for p in SPACES} >= {"monuseg", "chaos", "jsrt", "idrid", "folder", "nuclei", "smoke"}
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
+def test_shipped_space_loads(path: Path):
+    space = load_space(path)  # real datasets are not on disk: loading must not need them
+    cfg = space.base_config()
+    assert space.name == path.stem and cfg.data.name == space.dataset
+    assert set(space.param_space()) == set(space.search)
+    if path.stem != "smoke":
+        assert {"contrastive.tau", "consistency.eps", "contrastive.alpha_min", "contrastive.alpha_max",
+                "patches.size"} <= set(space.search)
+        assert space.search["patches.size"].kind in ("choice", "grid")
+    assert path.read_text().startswith("#")  # the header says what it searches and its budget
+
+
+def test_smoke_space_settings():
+    space = load_space(next(p for p in SPACES if p.stem == "smoke"))
+    assert space.dataset == "synthetic" and space.num_samples == 2 and space.max_concurrent_trials == 2
+    assert space.resources == type(space.resources)(workers=1, cpus_per_worker=0.5, gpus_per_worker=0.0)
+    assert space.ablation.seeds == 2 and space.ablation.cells == list(ABLATION_CELLS)
+    assert space.base_config().train.max_rounds == 2  # from ../configs/smoke.yaml
+
+
+def test_defaults_and_layering(tmp_path: Path):
+    path = write(tmp_path, smoke(labelled_fraction=0.5, config={"train": {"max_rounds": 3}}), "mine.yaml")
+    space = load_space(path)
+    assert (space.name, space.metric, space.mode, space.num_samples) == ("mine", "val_dice_mean", "max", 1)
+    assert (space.scheduler.name, space.scheduler.grace_period, space.scheduler.reduction_factor) == ("asha", 1, 2.0)
+    assert space.max_concurrent_trials == 2 and space.ablation.seeds == 3 and space.ablation.label_fractions == []
+    cfg = space.base_config()
+    assert cfg.train.max_rounds == 3 and cfg.model.depth == 2  # config: over base
+    assert cfg.data.labelled_fraction == 0.5 and cfg.data.labelled_count == 0
+    assert space.overrides["data"]["name"] == "synthetic"
+    assert load_space(write(tmp_path, smoke(metric="val_loss"))).mode == "min"
+    assert load_space(write(tmp_path, smoke(metric="loss_cl"))).mode == "min"
+    assert load_space(write(tmp_path, smoke(metric="val_dice/blob"))).metric == "val_dice/blob"
+
+
+BAD = [
+    ("unknown top-level", smoke(budget=3), "unknown key 'budget'; allowed: name, dataset"),
+    ("missing dataset", {"search": {}}, "dataset: missing"),
+    ("unknown dataset", smoke(dataset="mnist"), "dataset: 'mnist' is not a card"),
+    ("fraction and count", smoke(labelled_fraction=0.1, labelled_count=3), "labelled_fraction, labelled_count"),
+    ("fraction range", smoke(labelled_fraction=1.5), "labelled_fraction: 1.5 is out of range"),
+    ("missing base", smoke(base="nope.yaml"), "base: "),
+    ("bad config key", smoke(config={"train": {"roundz": 1}}), "config: unknown config key 'train.roundz'"),
+    ("bad config value", smoke(config={"contrastive": {"tau": -1.0}}), "config: contrastive.tau"),
+    ("conflicting data.name", smoke(config={"data": {"name": "nuclei"}}), "config.data.name: 'nuclei' conflicts"),
+    ("card classes", {"dataset": "monuseg"}, "space.yaml: data.num_classes: 4 does not match dataset 'monuseg'"),
+    ("section as key", smoke(search={"contrastive": {"uniform": [0.1, 0.2]}}), "search.contrastive: not a leaf"),
+    ("typo key", smoke(search={"contrastive.taux": {"uniform": [0.1, 0.2]}}),
+     "allowed in contrastive: contrastive.tau"),
+    ("unknown section", smoke(search={"foo.bar": {"uniform": [0.1, 0.2]}}), "search.foo.bar: unknown config section"),
+    ("unsearchable", smoke(search={"train.out_dir": {"choice": ["a", "b"]}}), "search.train.out_dir: not searchable"),
+    ("unsearchable name", smoke(search={"data.name": {"choice": ["synthetic"]}}), "search.data.name: not searchable"),
+    ("two kinds", smoke(search={"contrastive.tau": {"uniform": [0.1, 0.2], "choice": [0.1]}}),
+     "search.contrastive.tau: expected one domain"),
+    ("unknown kind", smoke(search={"contrastive.tau": {"normal": [0.1, 0.2]}}), "search.contrastive.tau: expected one"),
+    ("bare value", smoke(search={"contrastive.tau": 0.1}), "search.contrastive.tau: expected one domain"),
+    ("arity", smoke(search={"contrastive.tau": {"uniform": [0.1]}}),
+     "search.contrastive.tau: uniform needs [low, high]"),
+    ("low >= high", smoke(search={"contrastive.tau": {"uniform": [0.2, 0.1]}}),
+     "search.contrastive.tau: uniform needs low < high"),
+    ("loguniform zero", smoke(search={"contrastive.tau": {"loguniform": [0, 0.5]}}),
+     "search.contrastive.tau: loguniform needs 0 < low < high, got [0, 0.5]"),
+    ("string number", smoke(search={"optim.lr": {"loguniform": ["1e-4", 0.01]}}), "search.optim.lr: expected a number"),
+    ("randint floats", smoke(search={"model.depth": {"randint": [1.5, 3]}}), "search.model.depth: expected an integer"),
+    ("randint empty", smoke(search={"model.depth": {"randint": [2, 2]}}),
+     "search.model.depth: randint needs low < high"),
+    ("uniform on int", smoke(search={"model.depth": {"uniform": [1, 3]}}),
+     "search.model.depth: uniform draws floats but model.depth takes an integer; use randint"),
+    ("randint on literal", smoke(search={"consistency.teacher": {"randint": [0, 2]}}),
+     "search.consistency.teacher: randint draws integers but consistency.teacher takes one of previous, ema; "
+     "use choice"),
+    ("empty choice", smoke(search={"contrastive.tau": {"choice": []}}),
+     "search.contrastive.tau: choice needs a non-empty"),
+    ("grid not list", smoke(search={"train.seed": {"grid": 3}}), "search.train.seed: grid needs a non-empty list"),
+    ("choice bad type", smoke(search={"train.seed": {"choice": [0, "one"]}}), "search.train.seed: 'one'"),
+    ("corner out of range", smoke(search={"contrastive.tau": {"uniform": [0.0, 0.5]}}),
+     "search.contrastive.tau: 0.0 (a uniform corner) gives an invalid config: contrastive.tau"),
+    ("alpha overlap", smoke(search={"contrastive.alpha_min": {"uniform": [0.0, 0.3]},
+                                    "contrastive.alpha_max": {"uniform": [0.2, 0.5]}}),
+     "search.contrastive.alpha_max: sampled values can break 0 <= alpha_min < alpha_max <= 0.5 "
+     "(alpha_min up to 0.3, alpha_max from 0.2); keep the ranges apart"),
+    ("alpha touching", smoke(search={"contrastive.alpha_min": {"uniform": [0.0, 0.2]},
+                                     "contrastive.alpha_max": {"uniform": [0.2, 0.4]}}), "keep the ranges apart"),
+    ("alpha vs base", smoke(search={"contrastive.alpha_min": {"uniform": [0.0, 0.45]}}),
+     "search.contrastive.alpha_min: sampled values can break"),
+    ("alpha_max > 0.5", smoke(search={"contrastive.alpha_max": {"uniform": [0.3, 0.6]}}),
+     "search.contrastive.alpha_max: 0.6"),
+    ("patch stride", smoke(search={"patches.size": {"choice": [16, 18]}}),
+     "search.patches.size: 18 is not valid for the model's stride 4 (model.name=attention_unet, model.depth=2); "
+     "allowed: 4, 8, 12, 16, ... (nearest: 16 or 20)"),
+    ("patch with depth", smoke(search={"patches.size": {"choice": [8, 16]}, "model.depth": {"randint": [2, 5]}}),
+     "search.patches.size: 8 is not valid for the model's stride 16"),
+    ("patch uniform", smoke(search={"patches.size": {"uniform": [16, 32]}}),
+     "search.patches.size: uniform draws sizes that need not be multiples of the network stride 4; search it with "
+     "choice or grid of sizes valid for the stride"),
+    ("patch randint", smoke(search={"patches.size": {"randint": [16, 33]}}), "search it with choice or grid"),
+    ("patch too big", smoke(search={"patches.size": {"choice": [16, 64]}}), "search.patches.size: 64"),
+    ("fraction search ignored", {"dataset": "nuclei", "base": str(Path(SMOKE_BASE).with_name("nuclei.yaml")),
+                                 "search": {"data.labelled_fraction": {"uniform": [0.1, 0.5]}}},
+     "search.data.labelled_fraction: has no effect while data.labelled_count is 3"),
+    ("metric", smoke(metric="dice"), "metric: 'dice' is not a key the trials report"),
+    ("metric class", smoke(metric="val_dice/liver"), "metric: 'val_dice/liver'"),
+    ("mode", smoke(mode="maximise"), "mode: 'maximise' is not allowed"),
+    ("num_samples", smoke(num_samples=0), "num_samples: 0 is out of range; allowed: >= 1"),
+    ("scheduler name", smoke(scheduler={"name": "pbt"}), "scheduler.name: 'pbt' is not allowed"),
+    ("scheduler key", smoke(scheduler={"name": "asha", "max_t": 3}), "unknown key 'scheduler.max_t'"),
+    ("grace", smoke(scheduler={"grace_period": 0}), "scheduler.grace_period: 0 is out of range"),
+    ("reduction", smoke(scheduler={"reduction_factor": 1}), "scheduler.reduction_factor: 1 is out of range"),
+    ("workers", smoke(resources={"workers": -1}), "resources.workers: -1 is out of range"),
+    ("cpus", smoke(resources={"cpus_per_worker": 0}), "resources.cpus_per_worker: 0 is out of range"),
+    ("gpus", smoke(resources={"gpus_per_worker": -1}), "resources.gpus_per_worker: -1 is out of range"),
+    ("concurrency", smoke(max_concurrent_trials=0), "max_concurrent_trials: 0 is out of range"),
+    ("seeds", smoke(ablation={"seeds": 0}), "ablation.seeds: 0 is out of range"),
+    ("cells", smoke(ablation={"cells": ["cssl", "mixup"]}), "ablation.cells: ['cssl', 'mixup'] is not allowed"),
+    ("fractions", smoke(ablation={"label_fractions": [0.1, 0.0]}), "ablation.label_fractions: 0.0 is out of range"),
+    ("not a mapping", "- 1\n- 2\n", "expected a mapping of keys"),
+    ("invalid yaml", "dataset: [synthetic\n", "not valid YAML (line 2: "),
+]
+
+
+@pytest.mark.parametrize("body, expected", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_space_is_one_line_naming_the_key(tmp_path: Path, body, expected: str):
+    path = write(tmp_path, body)
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: "), msg
+    assert expected in msg, msg
+    assert isinstance(info.value, ConfigError)
+
+
+def test_unreadable_file(tmp_path: Path):
+    with pytest.raises(SpaceError, match=r"^.*missing\.yaml: cannot read search space"):
+        load_space(tmp_path / "missing.yaml")
+
+
+def test_base_is_relative_to_the_space_file(tmp_path: Path):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "tiny.yaml").write_text(Path(SMOKE_BASE).read_text())
+    space = load_space(write(tmp_path, smoke(base="cfg/tiny.yaml")))
+    assert space.base_config().model.depth == 2
+    (tmp_path / "cfg" / "bad.yaml").write_text("train: {roundz: 1}\n")
+    with pytest.raises(SpaceError, match=r"space\.yaml: base: .*bad\.yaml: unknown config key 'train\.roundz'"):
+        load_space(write(tmp_path, smoke(base="cfg/bad.yaml")))
+
+
+def _sample(domain: Domain, n: int, rng) -> list:
+    """n draws from ``domain`` through Tune's own sampler (grid: every value in turn)."""
+    tuned = domain.to_tune()
+    if isinstance(tuned, dict):
+        return [tuned["grid_search"][i % len(tuned["grid_search"])] for i in range(n)]
+    return list(tuned.sample(size=n, random_state=rng))
+
+
+def test_apart_alpha_ranges_pass_and_every_sample_is_valid(tmp_path: Path):
+    np = pytest.importorskip("numpy")
+    space = load_space(write(tmp_path, smoke(search={
+        "contrastive.tau": {"loguniform": [0.05, 0.5]},
+        "consistency.eps": {"uniform": [0.0, 0.1]},
+        "contrastive.alpha_min": {"uniform": [0.0, 0.2]},
+        "contrastive.alpha_max": {"uniform": [0.25, 0.5]},
+        "patches.size": {"choice": [8, 16, 32]},
+        "model.depth": {"randint": [1, 4]},
+        "train.seed": {"grid": [0, 1]},
+    })))
+    rng = np.random.default_rng(0)
+    draws = {key: _sample(domain, 2000, rng) for key, domain in space.search.items()}
+    seen_depths = set()
+    for i in range(2000):
+        cfg = space.trial_config({key: values[i] for key, values in draws.items()})  # NumPy scalars too
+        assert cfg.contrastive.alpha_min < cfg.contrastive.alpha_max <= 0.5
+        assert cfg.patches.size % 2**cfg.model.depth == 0
+        seen_depths.add(cfg.model.depth)
+    assert seen_depths == {1, 2, 3}  # randint's upper bound is exclusive
+
+
+def test_to_tune_types_and_bounds():
+    from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Uniform
+
+    u = Domain("uniform", [0.0, 0.1]).to_tune()
+    assert isinstance(u, Float) and isinstance(u.get_sampler(), Uniform) and (u.lower, u.upper) == (0.0, 0.1)
+    lu = Domain("loguniform", [0.05, 0.5]).to_tune()
+    assert isinstance(lu, Float) and isinstance(lu.get_sampler(), LogUniform) and (lu.lower, lu.upper) == (0.05, 0.5)
+    r = Domain("randint", [2, 4]).to_tune()
+    assert isinstance(r, Integer) and (r.lower, r.upper) == (2, 4)
+    c = Domain("choice", [16, 24]).to_tune()
+    assert isinstance(c, Categorical) and c.categories == [16, 24]
+    assert Domain("grid", [0, 1]).to_tune() == {"grid_search": [0, 1]}
+
+
+def test_corners():
+    assert Domain("uniform", [0, 1]).corners() == [0.0, 1.0]
+    assert Domain("loguniform", [0.05, 0.5]).corners() == [0.05, 0.5]
+    assert Domain("randint", [2, 4]).corners() == [2, 3]
+    assert Domain("choice", [16, 24, 32]).corners() == [16, 24, 32]
+    assert Domain("grid", [0, 1]).corners() == [0, 1]
+
+
+def test_param_space_and_trial_config(tmp_path: Path):
+    space = load_space(write(tmp_path, smoke(search={
+        "contrastive.tau": {"loguniform": [0.05, 0.5]}, "train.seed": {"grid": [0, 1]}})))
+    ps = space.param_space()
+    assert set(ps) == {"contrastive.tau", "train.seed"} and ps["train.seed"] == {"grid_search": [0, 1]}
+    cfg = space.trial_config({"contrastive.tau": 0.2, "train.seed": 1, "train.out_dir": "/tmp/x",
+                              **{f"train.{k}": v for k, v in ABLATION_CELLS["cl_hn"].items()}})
+    assert isinstance(cfg, Config)
+    assert (cfg.contrastive.tau, cfg.train.seed, cfg.train.out_dir) == (0.2, 1, "/tmp/x")
+    assert cfg.model.depth == 2 and cell_of(cfg) == "cl_hn"  # the base is kept
+    assert space.base_config().contrastive.tau == 0.1
+    with pytest.raises(ConfigError, match=r"space\.yaml: contrastive\.tau: -1\.0 is out of range") as info:
+        space.trial_config({"contrastive.tau": -1.0})
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"unknown config key 'contrastive\.taux'"):
+        space.trial_config({"contrastive.taux": 0.2})
+
+
+def test_unflatten():
+    assert unflatten({"a.b": 1, "a.c.d": 2, "e": 3}) == {"a": {"b": 1, "c": {"d": 2}}, "e": 3}
+    assert unflatten({}) == {}
+    with pytest.raises(ConfigError, match="a.b"):
+        unflatten({"a": 1, "a.b": 2})
+
+
+@pytest.mark.parametrize("name", list(ABLATION_CELLS))
+def test_cell_of_round_trips(name: str):
+    train = dataclasses.replace(Config().train, **ABLATION_CELLS[name])
+    assert cell_of(dataclasses.replace(Config(), train=train)) == name
+
+
+def test_cells_match_the_paper():
+    assert list(ABLATION_CELLS) == ["supervised", "cl", "cl_hn", "cr", "cl_cr", "cssl"]
+    assert ABLATION_CELLS["cssl"] == {"use_cl": True, "use_cr": True, "use_hard_negatives": True}
+    assert ABLATION_CELLS["supervised"] == {"use_cl": False, "use_cr": False, "use_hard_negatives": False}
+    hn_without_cl = dataclasses.replace(Config().train, use_cl=False, use_cr=True, use_hard_negatives=True)
+    assert cell_of(dataclasses.replace(Config(), train=hn_without_cl)) == "cr"  # hn is irrelevant without CL
+
+
+BENIGN = {  # 13 keys x 2 corners = 8192 > MAX_CORNERS: the pairwise + coupled-group fallback
+    "contrastive.tau": {"loguniform": [0.05, 0.5]}, "consistency.eps": {"uniform": [0.0, 0.1]},
+    "optim.lr": {"loguniform": [0.0001, 0.01]}, "optim.weight_decay": {"uniform": [0.0, 0.001]},
+    "contrastive.hard_ratio": {"uniform": [0.5, 2.0]}, "contrastive.aux_sigma": {"uniform": [0.01, 0.1]},
+    "pseudo.threshold": {"uniform": [0.7, 0.95]}, "train.w_cl": {"uniform": [0.5, 1.0]},
+    "train.w_cr": {"uniform": [0.5, 1.0]}, "consistency.ema_decay": {"uniform": [0.9, 0.999]},
+    "optim.plateau_factor": {"uniform": [0.1, 0.5]}, "train.plateau_delta": {"uniform": [0.0, 0.01]},
+    "data.difficulty": {"uniform": [0.5, 1.5]},
+}
+
+
+def test_many_keys_fall_back_to_pairs_and_coupled_groups(tmp_path: Path):
+    assert len(load_space(write(tmp_path, smoke(search=BENIGN))).search) == 13
+    overlap = {**BENIGN, "contrastive.alpha_min": {"uniform": [0.0, 0.3]},
+               "contrastive.alpha_max": {"uniform": [0.2, 0.5]}}
+    with pytest.raises(SpaceError, match="search.contrastive.alpha_max: sampled values can break"):
+        load_space(write(tmp_path, smoke(search=overlap)))
+    fractions = {**BENIGN, "data.val_fraction": {"uniform": [0.1, 0.5]}, "data.test_fraction": {"uniform": [0.1, 0.6]}}
+    with pytest.raises(SpaceError, match=r"search\.data\.(val|test)_fraction: .*val_fraction \+ data\.test_fraction"):
+        load_space(write(tmp_path, smoke(search=fractions)))
+
+
+def test_loading_never_touches_the_dataset_files(tmp_path: Path):
+    body = yaml.safe_load(next(p for p in SPACES if p.stem == "monuseg").read_text())
+    body["config"]["data"]["root"] = str(tmp_path / "not-there")
+    space = load_space(write(tmp_path, body))
+    assert space.base_config().data.root.endswith("not-there")
