@@ -28,7 +28,7 @@ from typing import Any
 from cssl_ray.config import Config, ConfigError, load_config
 from cssl_ray.experiment import CELL_KEY, fail, run_experiment
 from cssl_ray.search_space import ABLATION_CELLS, Space, load_space
-from cssl_ray.tune import DEFAULT_STORAGE, best_config_path
+from cssl_ray.tune import DEFAULT_STORAGE, best_config_path, with_workers
 
 SWEEP_CELLS = ["supervised", "cssl"]
 
@@ -80,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="experiment folder name (default <space>-ablate[-fractions])")
     p.add_argument("--resume", action="store_true", help="continue an interrupted ablation")
     p.add_argument("--threads", type=int, default=0, help="torch threads per in-process trial (0 = the config's)")
+    p.add_argument("--workers", type=int, help="override resources.workers (0 = each run trains in-process)")
     return p
 
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     prog = "cssl_ray.ablate"
     try:
-        space = load_space(args.space)
+        space = with_workers(load_space(args.space), args.workers)
         seeds = args.seeds if args.seeds is not None else space.ablation.seeds
         grid = ablation_grid(space, seeds, args.cells, args.fractions)
         base = fixed_config(space, args.config, args.storage_path)
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [o for o in outcomes if o.status == "ERROR"]
     print(f"\n{len(outcomes)} runs, {len(failed)} failed")
     from cssl_ray import report
-    return report.main(["--experiment", space.name, "--parent", parent, "--tracking-uri", uri])
+    return report.main(["--experiment", space.name, "--parent", parent, "--tracking-uri", uri,
+                        "--out", str(Path(args.storage_path) / name / "report")])
 
 
 if __name__ == "__main__":

@@ -124,15 +124,18 @@ def session_id(folder: Path, resume: bool) -> str:
 
 
 def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any], runs_root: Path,
-                  base_tags: dict[str, str]):
+                  base_tags: dict[str, str], metric: str, mode: str, log: Callable[[str], None] | None = None):
     """The driver-side Tune callback that records trials in MLflow (built here: ray.tune is lazy)."""
     from ray import tune
+
+    log = log or say  # a module-level function: Tune pickles the callback (by value, with its closure)
 
     class MLflowRecorder(tune.Callback):
         """Every trial -> one child run: params, metrics per result, test metrics, files, status.
 
         Runs in the driver (Tune's controller), so only the driver writes to MLflow. A trial that
         errors ends FAILED; one ASHA stopped ends FINISHED with tag cssl.early_stopped=true.
+        Also prints one line per trial start and end (Tune's own tables are off: verbose=0).
         """
 
         def __init__(self) -> None:
@@ -151,6 +154,7 @@ def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any
 
         def on_trial_start(self, iteration, trials, trial, **info) -> None:
             self._open(trial)
+            log(f"[{_done(trials)}/{len(trials)}] started  {trial_name(trial.trial_id, trial.config)}")
 
         def _open(self, trial) -> str:
             if trial.trial_id in self.runs:
@@ -171,12 +175,12 @@ def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any
             self.tracker.log_metrics(run_id, metrics, step=int(result.get("step", 0)))
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            self._close(trial, "FINISHED")
+            self._close(trials, trial, "FINISHED")
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            self._close(trial, "FAILED")
+            self._close(trials, trial, "FAILED")
 
-        def _close(self, trial, status: str) -> None:
+        def _close(self, trials, trial, status: str) -> None:
             run_id = self._open(trial)
             out_dir = runs_root / trial.trial_id
             result = read_result(out_dir)
@@ -193,6 +197,17 @@ def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any
             if (out_dir / "figures").is_dir():
                 self.tracker.log_artifacts(run_id, out_dir / "figures", "figures")
             self.tracker.end(run_id, status)
+            last = trial.last_result or {}
+            if status == "FAILED":
+                what = f"FAILED: {_first_error_line(trial)}"
+            elif early:
+                what = f"stopped early by the scheduler after round {int(last.get('round', 0))}"
+            else:
+                what = f"finished round {int(last.get('round', 0))}"
+            best = (trial.metric_analysis or {}).get(metric, {}).get(mode)
+            shown = f", best {metric} {best:.4f}" if best is not None else ""
+            test = f", test dice_mean {result['test']['dice_mean']:.4f}" if result and "dice_mean" in result["test"] else ""
+            log(f"[{_done(trials)}/{len(trials)}] {trial.trial_id} {what}{shown}{test}")
 
     return MLflowRecorder()
 
@@ -201,6 +216,14 @@ _TUNE_KEYS = {"training_iteration", "time_total_s", "episodes_total", "timesteps
               "pid", "time_this_iter_s", "timestamp", "date", "time_since_restore", "timesteps_since_restore",
               "iterations_since_restore", "config", "checkpoint_dir_name", "done", "trial_id", "experiment_tag",
               "should_checkpoint", "checkpoint_path"}
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _done(trials) -> int:
+    return sum(t.status in ("TERMINATED", "ERROR") for t in trials)
 
 
 def _first_error_line(trial) -> str:
@@ -246,7 +269,7 @@ def cpus_per_trial(resources: Resources, cfg: Config) -> float:
 def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune_name: str, base: Config,
                    uri: str, storage: Path, scheduler: Any = None, num_samples: int = 1,
                    address: str | None = None, resume: bool = False, parent_tags: dict[str, str] | None = None,
-                   threads: int = 0, log: Callable[[str], None] = print) -> tuple[list[TrialOutcome], str]:
+                   threads: int = 0, log: Callable[[str], None] | None = None) -> tuple[list[TrialOutcome], str]:
     """Run (or resume) one Tune experiment of CSSL trials; returns every trial's outcome and the parent run id.
 
     Args:
@@ -283,7 +306,8 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
     started = init_ray(address, space.max_concurrent_trials * per_trial)
     child_kind = "trial" if kind == "tune" else "ablation"
     callback = make_callback(uri, space.name, parent_id, to_dict(base), runs_root,
-                             {"cssl.kind": child_kind, "cssl.space": space.name, "cssl.git_commit": tags["cssl.git_commit"]})
+                             {"cssl.kind": child_kind, "cssl.space": space.name, "cssl.git_commit": tags["cssl.git_commit"]},
+                             space.metric, space.mode, log)
     spec = TrialSpec(base=to_dict(base), runs_root=str(runs_root), resources=space.resources, threads=threads)
     r = space.resources
     trial_resources = ({"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker} if r.workers == 0 else {"cpu": 0.01})
@@ -299,7 +323,7 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=num_samples,
                                             scheduler=scheduler, max_concurrent_trials=space.max_concurrent_trials),
                 run_config=tune.RunConfig(name=tune_name, storage_path=str(storage), callbacks=[callback],
-                                          verbose=1, failure_config=tune.FailureConfig(max_failures=0)))
+                                          verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
         grid = tuner.fit()
         interrupted = False
     finally:
@@ -319,7 +343,7 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
             test=result.get("test", {}), best_val=result.get("best_val", {}),
             metric_analysis=dict(trial.metric_analysis or {}),
             early_stopped=trial.status == "TERMINATED" and not result))
-    log(f"MLflow: experiment {space.name!r}, parent run {parent_id}; open it with:\n  {ui_command(uri)}")
+    (log or say)(f"MLflow: experiment {space.name!r}, parent run {parent_id}; open it with:\n  {ui_command(uri)}")
     return outcomes, parent_id
 
 

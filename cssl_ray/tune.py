@@ -60,14 +60,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment (finished trials are kept)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per in-process trial (0 = the config's)")
+    p.add_argument("--workers", type=int, help="override resources.workers (0 = each trial trains in-process)")
     return p
+
+
+def with_workers(space: Space, workers: int | None) -> Space:
+    """The space with ``--workers`` applied (None = as the space says)."""
+    if workers is None:
+        return space
+    if workers < 0:
+        raise ConfigError(f"--workers: {workers} is out of range; allowed: >= 0 (0 = in-process trials)")
+    return dataclasses.replace(space, resources=dataclasses.replace(space.resources, workers=workers))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     prog = "cssl_ray.tune"
     try:
-        space = load_space(args.space)
+        space = with_workers(load_space(args.space), args.workers)
         if args.num_samples is not None:
             if args.num_samples < 1:
                 raise ConfigError(f"--num-samples: {args.num_samples} is out of range; allowed: >= 1")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from cssl_ray.demo import ARMS, format_table, main
 
 
@@ -16,7 +18,7 @@ def test_supervised_arm_switches_everything_off():
 
 
 def test_demo_smoke_prints_both_arms(tmp_path, capsys):
-    assert main(["--smoke", "--seeds", "0", "--out", str(tmp_path)]) == 0
+    assert main(["--synthetic", "--smoke", "--seeds", "0", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| supervised |" in out and "| cssl |" in out and "| supervised, all labels |" in out
     import json
@@ -24,3 +26,18 @@ def test_demo_smoke_prints_both_arms(tmp_path, capsys):
     assert ref["unlabelled"] == []  # the ceiling sees every training mask
     assert (tmp_path / "supervised_seed0" / "best.pt").is_file()
     assert (tmp_path / "cssl_seed0" / "best.pt").is_file()
+
+
+@pytest.mark.slow
+def test_space_demo_smoke_tunes_ablates_and_reports(tmp_path, capsys):
+    """The default demo's pipeline (tune -> ablate -> report) on the smoke space, in-process trials."""
+    from conftest_ray import ray_test_env
+    from cssl_ray.tracking import find_runs
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with ray_test_env("cssl_demo_test"):
+        assert main(["--smoke", "--seeds", "1", "--out", str(tmp_path / "demo"), "--tracking-uri", store]) == 0
+    out = capsys.readouterr().out
+    assert "best trial" in out and "| Supervised |" in out and "demo wall time" in out
+    kinds = sorted(r["tags"].get("cssl.kind", "") for r in find_runs(store, "smoke"))
+    assert kinds.count("trial") == 2 and kinds.count("ablation") == 2  # 2 tune trials, 2 cells x 1 seed

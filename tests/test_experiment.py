@@ -1,0 +1,104 @@
+"""cssl_ray.experiment without a Ray cluster: trial configs, Tune metrics, the MLflow recorder's statuses."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cssl_ray.config import ConfigError, from_dict, to_dict
+from cssl_ray.experiment import TrialOutcome, best_outcome, make_callback, trial_config, tune_metrics
+from cssl_ray.search_space import ABLATION_CELLS, cell_of
+from cssl_ray.tracking import find_runs, metric_history
+
+
+@dataclass
+class FakeTrial:
+    """The attributes of ray.tune.experiment.Trial the recorder reads."""
+
+    trial_id: str
+    config: dict[str, Any]
+    status: str = "RUNNING"
+    last_result: dict[str, Any] = field(default_factory=dict)
+    metric_analysis: dict[str, dict[str, float]] = field(default_factory=dict)
+    error_file: str | None = None
+
+
+def test_trial_config_applies_dotted_params_and_cells():
+    base = to_dict(from_dict({"train": {"max_rounds": 3}}))
+    cfg = trial_config(base, {"contrastive.tau": 0.25, "train.seed": 4})
+    assert cfg.contrastive.tau == 0.25 and cfg.train.seed == 4 and cfg.train.max_rounds == 3
+    for cell in ABLATION_CELLS:
+        assert cell_of(trial_config(base, {"cell": cell})) == cell
+    with pytest.raises(ConfigError, match="contrastive.tau"):
+        trial_config(base, {"contrastive.tau": -1.0})
+
+
+def test_tune_metrics_keeps_numbers_and_adds_round_and_step():
+    m = tune_metrics({"stage": "supervised", "epoch": 2, "val_dice_mean": 0.5, "ok": True, "step": 3}, step=9)
+    assert m == {"epoch": 2.0, "val_dice_mean": 0.5, "round": 0.0, "step": 3.0}
+    assert tune_metrics({"round": 2, "loss": 1.0}, step=7)["step"] == 7.0
+
+
+def test_best_outcome_uses_the_metric_over_rounds_and_needs_test_metrics():
+    def o(tid, best, test=True, mode="max"):
+        return TrialOutcome(tid, {}, "TERMINATED", Path("."), test={"dice_mean": 0.1} if test else {},
+                            metric_analysis={"val_dice_mean": {mode: best}})
+    outs = [o("a", 0.4), o("b", 0.6), o("c", 0.9, test=False)]  # c was stopped early: no test metrics
+    assert best_outcome(outs, "val_dice_mean", "max").trial_id == "b"
+    outs = [o("a", 0.4, mode="min"), o("b", 0.2, mode="min")]
+    assert best_outcome(outs, "val_dice_mean", "min").trial_id == "b"
+    assert best_outcome([o("c", 0.9, test=False)], "val_dice_mean", "max") is None
+
+
+def test_recorder_statuses_metrics_and_artifacts(tmp_path):
+    """finished -> FINISHED with test metrics; stopped early -> FINISHED + tag; error -> FAILED + reason."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from cssl_ray.tracking import Tracker
+    tracker = Tracker(uri, "exp")
+    parent = tracker.start_parent("tune:x", {"cssl.kind": "tune"}, session="s1")
+    runs_root = tmp_path / "runs"
+    lines: list[str] = []
+    cb = make_callback(uri, "exp", parent, to_dict(from_dict({})), runs_root, {"cssl.kind": "trial"},
+                       "val_dice_mean", "max", log=lines.append)
+    done = FakeTrial("t_done", {"contrastive.tau": 0.2})
+    stopped = FakeTrial("t_stop", {"contrastive.tau": 0.3})
+    failed = FakeTrial("t_fail", {"contrastive.tau": 0.4})
+    trials = [done, stopped, failed]
+    for t in trials:
+        cb.on_trial_start(0, trials, t)
+    for step, r in enumerate([{"round": 0, "val_dice_mean": 0.3, "step": 1}, {"round": 1, "val_dice_mean": 0.5,
+                                                                               "step": 2, "training_iteration": 2}]):
+        cb.on_trial_result(0, trials, done, r)
+        cb.on_trial_result(0, trials, stopped, r)
+    (runs_root / "t_done" / "figures").mkdir(parents=True)
+    (runs_root / "t_done" / "figures" / "omega.png").write_bytes(b"\x89PNG")
+    (runs_root / "t_done" / "config.yaml").write_text("train: {}\n")
+    (runs_root / "t_done" / "result.json").write_text(json.dumps({"test": {"dice_mean": 0.42}, "best_val": {}}))
+    error = tmp_path / "error.txt"
+    error.write_text("Traceback (most recent call last):\n  ...\nRuntimeError: out of memory\n")
+    failed.error_file = str(error)
+    for t, status in ((done, "TERMINATED"), (stopped, "TERMINATED"), (failed, "ERROR")):
+        t.status = status
+        t.last_result = {"round": 1, "step": 2}
+    cb.on_trial_complete(0, trials, done)
+    cb.on_trial_complete(0, trials, stopped)
+    cb.on_trial_error(0, trials, failed)
+
+    runs = {r["tags"]["cssl.trial_key"]: r for r in find_runs(uri, "exp", parent_id=parent)}
+    assert runs["t_done"]["status"] == "FINISHED" and runs["t_done"]["tags"]["cssl.early_stopped"] == "false"
+    assert runs["t_done"]["metrics"]["test_dice_mean"] == pytest.approx(0.42)
+    assert runs["t_done"]["params"]["contrastive.tau"] == "0.2"  # the resolved config, flattened
+    assert metric_history(uri, runs["t_done"]["run_id"], "val_dice_mean") == [(1, 0.3), (2, 0.5)]
+    assert "training_iteration" not in runs["t_done"]["metrics"]  # Tune's bookkeeping is not a metric
+    assert runs["t_stop"]["status"] == "FINISHED" and runs["t_stop"]["tags"]["cssl.early_stopped"] == "true"
+    assert runs["t_fail"]["status"] == "FAILED" and runs["t_fail"]["tags"]["cssl.error"] == "RuntimeError: out of memory"
+    assert not any(r["status"] == "RUNNING" for r in runs.values())
+    artifacts = tracker.client.list_artifacts(runs["t_done"]["run_id"])
+    assert {a.path for a in artifacts} >= {"config.yaml", "result.json", "figures"}
+    assert any("FAILED: RuntimeError: out of memory" in line for line in lines)
+    assert any("stopped early" in line for line in lines)
+    assert not math.isnan(runs["t_done"]["metrics"]["val_dice_mean"])
