@@ -193,10 +193,13 @@ def run_local(cfg: Config, *, resume: bool = False,
         record: dict[str, Any] = {"stage": "round", "round": state.round}
         if cssl_on:
             state.take_snapshot(cfg, bundle.unlabelled_images)  # the model round_patches labels with
+            started = time.perf_counter()
             patches, classes, pstats = round_patches(
                 state.model, cfg, bundle.labelled_images, bundle.labelled_masks, bundle.unlabelled_images,
                 generator=state.generator, hidden_masks=bundle.unlabelled_masks_hidden)
             record.update(pstats)
+            record["patch_wait_s"] = time.perf_counter() - started  # labelling + sampling, in this process
+            record["patches_per_s"] = pstats["patches"] / max(record["patch_wait_s"], 1e-9)
             record.update(state.l_tot_epoch(cfg, patches, classes, bundle.unlabelled_images))
         record.update(supervised_epoch(state.model, state.optimizer, bundle.labelled_images,
                                        bundle.labelled_masks, **sup))
