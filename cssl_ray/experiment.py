@@ -72,7 +72,12 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
 
 
 def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
-    """A Tune function trainable: one CSSL run, one Tune result per validation."""
+    """A Tune function trainable: one CSSL run, one Tune result per validation.
+
+    The last round's result is held back until the run has written its test metrics (result.json):
+    ASHA stops any trial whose report reaches max_t, and a stop there would otherwise cut the
+    test evaluation off a trial that finished every round.
+    """
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
@@ -81,23 +86,45 @@ def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
     train = dataclasses.replace(cfg.train, out_dir=str(out_dir), progress=False,
                                 num_threads=spec.threads or cfg.train.num_threads)
     cfg = dataclasses.replace(cfg, train=train)
-    step = 0
+    last_round = cfg.train.max_rounds
+    held: list[dict[str, Any]] = []
 
     def report(record: dict[str, Any]) -> None:
-        nonlocal step
-        step += 1
-        tune.report(tune_metrics(record, step))
+        if is_last_round(record, last_round):
+            held.append(record)
+        else:
+            tune.report(tune_metrics(record, 0))
 
     if spec.resources.workers == 0:
         from cssl_ray.local import run_local
         run_local(cfg, resume=True, log=report)  # resume: a restarted trial continues its rounds
     else:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
         from cssl_ray.ray_train import run_ray
         r = spec.resources
-        run_ray(cfg, workers=r.workers, gpus_per_worker=r.gpus_per_worker, cpus_per_worker=r.cpus_per_worker,
-                resume=True, max_failures=1, callbacks=[TuneReportCallback()])
+        result = run_ray(cfg, workers=r.workers, gpus_per_worker=r.gpus_per_worker,
+                         cpus_per_worker=r.cpus_per_worker, resume=True, max_failures=1,
+                         callbacks=[_tune_forwarder(last_round)])
+        if result.history and is_last_round(result.history[-1], last_round):
+            held.append(result.history[-1])
+    for record in held:
+        tune.report(tune_metrics(record, 0))
+
+
+def is_last_round(record: dict[str, Any], last_round: int) -> bool:
+    return record.get("stage") == "round" and record.get("round") == last_round
+
+
+def _tune_forwarder(last_round: int) -> Any:
+    """Ray Train's TuneReportCallback (rank 0's reports -> this Tune trial), minus the last round's."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ForwardAllButLastRound(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if metrics and is_last_round(metrics[0], last_round):
+                return  # reported by the trial itself after the test metrics exist
+            super().after_report(run_context, metrics, checkpoint)
+
+    return ForwardAllButLastRound()
 
 
 def tune_metrics(record: dict[str, Any], step: int) -> dict[str, float]:

@@ -38,15 +38,19 @@ def best_config_path(space: Space, storage: str | Path) -> Path:
 
 
 def make_scheduler(space: Space, max_rounds: int) -> Any:
-    """ASHA over rounds (time attribute ``round``), or None for FIFO.
+    """ASHA over rounds (time attribute ``round``; stage A reports round 0), or None for FIFO.
 
-    max_t is one more than the last round: ASHA stops a trial that reaches max_t, and a trial must
-    be allowed to finish its last round and compute its test metrics.
+    ASHA stops a trial whose report reaches max_t = the last round; the trial reports its last
+    round only after it has written its test metrics (``experiment.run_trial``), so that stop is
+    harmless.
     """
     if space.scheduler.name == "fifo":
         return None
+    if space.scheduler.grace_period > max_rounds:
+        raise ConfigError(f"{space.path}: scheduler.grace_period: {space.scheduler.grace_period} rounds is more than "
+                          f"train.max_rounds ({max_rounds}); allowed: 1..{max(max_rounds, 1)} (or scheduler name fifo)")
     from ray.tune.schedulers import ASHAScheduler
-    return ASHAScheduler(time_attr="round", max_t=max_rounds + 1, grace_period=space.scheduler.grace_period,
+    return ASHAScheduler(time_attr="round", max_t=max(max_rounds, 1), grace_period=space.scheduler.grace_period,
                          reduction_factor=space.scheduler.reduction_factor)
 
 
