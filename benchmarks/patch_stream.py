@@ -2,6 +2,7 @@
 
     python benchmarks/patch_stream.py [--images 512] [--size 96] [--labellers 1] [--threads 1]
                                       [--repeats 10] [--json benchmarks/results/patch_stream.json] [--smoke]
+                                      [--per-execution-baseline]
 
 Workload: the demo's geometry (configs/demo_synthetic.yaml: attention U-Net base 8 depth 3, 32 px
 patches, 2 windows per class per image, L_CL batches of 96 patches, L_CR batches of 8 images) over
@@ -11,11 +12,15 @@ rest unlabelled (D_U, pseudo-labelled by the stream). A random model pseudo-labe
 masks; the coverage it reaches is reported (it sets how many D_U patches there are).
 
 Figures, all from one run in one process (one Ray instance, one model):
-  stream       ``pipeline.build_patch_stream`` (PseudoLabeller actor pool -> patch-sampling tasks,
-               the labelled branch unioned in), one untimed warm-up execution, then one full pass
-               (``iter_batches``, nothing else running): patches / wall time of the pass. The pass
-               includes the labeller pool's start, since Ray Data starts a fresh pool on every
-               execution (= every round in ``ray_train``); time to the first batch is shown apart.
+  stream       ``pipeline.build_patch_stream`` with a ``LabellerPool`` (long-lived PseudoLabeller
+               actors, as ``ray_train`` runs it -> patch-sampling tasks, the labelled branch unioned
+               in), one warm-up execution (it waits for the actors' start), then one full pass
+               (``iter_batches``, nothing else running) = one later round in ``ray_train``:
+               patches / wall time of the pass; time to the first batch is shown apart. Also the
+               stream's pseudo-label coverage / accuracy (its stats rows) next to the reference's.
+  per-execution  with ``--per-execution-baseline``: the same stream without a pool (a Ray Data
+               actor pool, started afresh on every execution: the design before the LabellerPool),
+               its own warm-up and full pass, in the same run for a like-for-like comparison.
   consumption  the trainer's L_tot step (``cssl_objective`` forward + backward + Adam, BatchNorm
                statistics frozen as in ``loop.cssl_epoch``) on class-balanced batches of
                ``patches.batch_size`` patches plus a ``consistency.batch_size`` L_CR batch, same
@@ -88,6 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pretrain-steps", type=int, default=150, help="supervised steps before labelling")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "patch_stream.json"))
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds of compute (plus Ray's start)")
+    ap.add_argument("--per-execution-baseline", action="store_true",
+                    help="also time the stream with a fresh Ray Data labeller pool per execution (the old design)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.images, args.size, args.repeats, args.pretrain_steps = 12, 32, 2, 20
@@ -162,25 +169,36 @@ def consumption(trainer: Trainer, patches: torch.Tensor, classes: torch.Tensor, 
 
 
 def stream_pass(ds: Any) -> dict[str, Any]:
-    """One full execution of the stream, nothing else running: patches, wall time, first batch."""
+    """One full execution of the stream, nothing else running: patches (stats rows apart), wall time,
+    first batch, and the pseudo-label coverage / accuracy summed from the stats rows."""
+    from cssl_ray.pipeline import COUNT_COLUMNS, pseudo_stats, split_stats_rows
+
     t0 = time.perf_counter()
-    first, n, n_first = None, 0, 0
+    first, n, n_first, rows = None, 0, 0, 0
+    counts = dict.fromkeys(COUNT_COLUMNS, 0)
     for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
-        n += len(batch["patch_class"])
+        rows += len(batch["patch_class"])
+        patch_rows, c = split_stats_rows(batch)
+        n += len(patch_rows["patch_class"])
+        counts = {k: counts[k] + c[k] for k in COUNT_COLUMNS}
         if first is None:
             first, n_first = time.perf_counter() - t0, n
     wall = time.perf_counter() - t0
     after = wall - (first or 0.0)
-    return {"patches": n, "wall_s": wall, "first_batch_s": first, "patches_per_s": n / wall,
+    return {"patches": n, "rows": rows, "wall_s": wall, "first_batch_s": first, "patches_per_s": n / wall,
             # after the first batch: the pool is up, this is the rate a longer pass tends to
-            "steady_patches_per_s": (n - n_first) / after if after > 0 and n > n_first else float("nan")}
+            "steady_patches_per_s": (n - n_first) / after if after > 0 and n > n_first else float("nan"),
+            **pseudo_stats(counts, with_accuracy=True)}
 
 
 def streamed_training(ds: Any, trainer: Trainer, buffer: int) -> dict[str, Any]:
-    """The trainer iterating the stream directly, one L_tot step per batch: time blocked in the iterator."""
+    """The trainer iterating the stream directly, one L_tot step per batch (on its patch rows; the D_U
+    stats rows take a few slots): time blocked in the iterator."""
+    from cssl_ray.pipeline import split_stats_rows
+
     p = trainer.cfg.patches.batch_size
     it = iter(ds.iter_torch_batches(batch_size=p, local_shuffle_buffer_size=buffer))
-    waits, steps = [], []
+    waits, steps, batches = [], [], 0
     t_start = time.perf_counter()
     while True:
         t0 = time.perf_counter()
@@ -190,14 +208,17 @@ def streamed_training(ds: Any, trainer: Trainer, buffer: int) -> dict[str, Any]:
             waits.append(time.perf_counter() - t0)  # draining the end of the stream is waiting too
             break
         t1 = time.perf_counter()
-        trainer.step(batch["patch"].float(), batch["patch_class"].long())
+        batches += 1
+        batch, _ = split_stats_rows(batch)
+        if len(batch["patch_class"]):
+            trainer.step(batch["patch"].float(), batch["patch_class"].long())
+            steps.append(time.perf_counter() - t1)
         waits.append(t1 - t0)
-        steps.append(time.perf_counter() - t1)
     total = time.perf_counter() - t_start
     wait = sum(waits)
     later_wait = sum(waits[1:])
     later_total = total - waits[0]
-    return {"steps": len(steps), "total_s": total, "wait_s": wait, "step_s": sum(steps),
+    return {"steps": len(steps), "batches": batches, "total_s": total, "wait_s": wait, "step_s": sum(steps),
             "first_wait_s": waits[0], "wait_share": wait / total,
             "wait_share_after_first": later_wait / later_total if later_total > 0 else float("nan"),
             "step_median_s": statistics.median(steps) if steps else float("nan")}
@@ -246,19 +267,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import ray
 
-    from cssl_ray.pipeline import StreamResources, build_patch_stream, image_rows, shuffle_buffer_size
+    from cssl_ray.pipeline import LabellerPool, StreamResources, build_patch_stream, image_rows, shuffle_buffer_size
     from cssl_ray.weights import get_or_create_weight_store, publish_weights
 
     res = StreamResources(labellers=args.labellers)
-    tmp = start_ray(res.labellers * res.labeller_cpus + 2 * res.samplers * res.sampler_cpus)
+    pools = 2 if args.per_execution_baseline else 1  # the baseline's pool runs beside the persistent one
+    tmp = start_ray(pools * res.labellers * res.labeller_cpus + 2 * res.samplers * res.sampler_cpus)
+    per_execution = None
     try:
         store_name = f"bench_weights_{uuid.uuid4().hex[:8]}"
         store = get_or_create_weight_store(store_name)
         publish_weights(store, model, version=1)
-        ds = build_patch_stream(cfg, image_rows(u_img), image_rows(l_img, l_mask), store_name=store_name, resources=res)
-        warmup = stream_pass(ds)
-        stream = stream_pass(ds)
-        streamed = streamed_training(ds, Trainer(model, cfg, u_img), shuffle_buffer_size(cfg))
+        u_rows, l_rows = image_rows(u_img, hidden=u_mask), image_rows(l_img, l_mask)
+        with LabellerPool(cfg, store_name, res) as labellers:
+            ds = build_patch_stream(cfg, u_rows, l_rows, store_name=store_name, resources=res, labellers=labellers)
+            warmup = stream_pass(ds)
+            stream = stream_pass(ds)
+            if args.per_execution_baseline:
+                old = build_patch_stream(cfg, u_rows, l_rows, store_name=store_name, resources=res)
+                per_execution = {"stream_warmup": stream_pass(old), "stream": stream_pass(old)}
+            streamed = streamed_training(ds, Trainer(model, cfg, u_img), shuffle_buffer_size(cfg))
         ray.kill(store)
     finally:
         ray.shutdown()
@@ -281,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "shuffle_buffer": shuffle_buffer_size(cfg)},
         "reference_round_patches": reference, "consumption": consume, "stream_warmup": warmup, "stream": stream,
         "ratio": ratio, "ratio_steady": ratio_steady, "streamed_training": streamed, "collect_first_wait_share": collect_first,
+        "per_execution_baseline": per_execution,
         "targets": {"ratio": TARGET_RATIO, "wait_share": TARGET_WAIT},
         "pass": {"ratio": ratio >= TARGET_RATIO, "wait_share": streamed["wait_share"] < TARGET_WAIT},
     }
@@ -307,6 +336,11 @@ def report(r: dict[str, Any]) -> None:
     print(f"{'Ray Data stream, warm-up execution':40}{w['patches']:9d}{w['wall_s']:9.2f}{w['patches_per_s']:11.1f}")
     print(f"{'Ray Data stream, full pass':40}{s['patches']:9d}{s['wall_s']:9.2f}{s['patches_per_s']:11.1f}"
           f"   (first batch after {s['first_batch_s']:.2f} s; after it {s['steady_patches_per_s']:.1f} patches/s)")
+    if r["per_execution_baseline"]:
+        b = r["per_execution_baseline"]["stream"]
+        print(f"{'  baseline: fresh labeller pool per pass':40}{b['patches']:9d}{b['wall_s']:9.2f}"
+              f"{b['patches_per_s']:11.1f}"
+              f"   (first batch after {b['first_batch_s']:.2f} s)")
     print(f"{'trainer L_tot step (consumption)':40}{cons['batch_patches']:9d}{cons['step_median_s']:9.3f}"
           f"{cons['patches_per_s']:11.1f}   (median of {len(cons['step_times_s'])} steps)")
     print(f"stream / consumption  {r['ratio']:6.2f}x   target >= {r['targets']['ratio']:.0f}x   "
@@ -318,7 +352,8 @@ def report(r: dict[str, Any]) -> None:
     print(f"collect-first (as ray_train does today): wait share {100 * r['collect_first_wait_share']:.1f}%")
     if "pseudo_coverage" in ref:
         print(f"pseudo-label coverage {100 * ref['pseudo_coverage']:.1f}%, accuracy on covered pixels "
-              f"{100 * ref.get('pseudo_accuracy', float('nan')):.1f}%")
+              f"{100 * ref.get('pseudo_accuracy', float('nan')):.1f}% (stream's stats rows: "
+              f"{100 * s['pseudo_coverage']:.1f}%, {100 * s['pseudo_accuracy']:.1f}%)")
     if (m["cpu_count"] or 1) <= 2:
         print(f"note: {m['cpu_count']} cores: in the data-wait run the stream's labeller and samplers and the trainer "
               "share them, and each stream-alone / step-alone rate above had the machine to itself")

@@ -1,12 +1,15 @@
 """Ray Train: the schedule of ``cssl_ray.local`` on TorchTrainer workers fed by the Ray Data patch stream.
 
     driver  run_ray: config and data checks (one-line errors, before Ray starts) -> ray.init ->
-            WeightStore -> the patch-stream Dataset, built ONCE -> TorchTrainer.fit (one fit runs
-            every round: a fit start costs ~10 s here) -> test metrics on the best-validation weights
+            WeightStore + LabellerPool (long-lived pseudo-labeller actors) -> the patch-stream
+            Dataset, built ONCE -> TorchTrainer.fit (one fit runs every round: a fit start costs
+            ~10 s here) -> test metrics on the best-validation weights
     worker  train_loop_per_worker: stage A (supervised epochs), then per round r
               rank 0 publishes the student as version r -> barrier
               -> each rank reads its shard of the round's patches (get_dataset_shard("patches"); the
                  Dataset re-executes on every iteration, labelling with version r)
+                 and sums its D_U images' pseudo-label pixel counts (all-reduced: pseudo_coverage,
+                 pseudo_accuracy as in --local)
               -> L_tot epoch -> fine-tune epoch -> validation (counts all-reduced)
               -> ray.train.report(metrics, checkpoint) on EVERY rank (rank 0 attaches the checkpoint)
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 import shutil
 import tempfile
@@ -59,6 +63,11 @@ if TYPE_CHECKING:  # pipeline imports ray at module level; the CLI loads this mo
 
 STATE_FILE = "state.pt"  # inside every Train checkpoint directory
 RUN_NAME = "ray_train"  # the Train run's folder under train.out_dir
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # ScalingConfig's; SPREAD: 1 worker per node
+# Worker progress goes through logging, not print: Train V2 patches print in its workers to log
+# AND, since a Ray worker's sys.stdout is a wrapper (not sys.__stdout__), to tee it to stdout, so the
+# driver got every printed line twice (stdout and the root logger's console handler, both forwarded).
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -130,7 +139,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.track_best(val)
         if rank == 0:
             where = f"supervised epoch {record['epoch']}" if "epoch" in record else f"round {record['round']}"
-            print(f"[cssl_ray] {where}: val dice {val['dice_mean']:.4f}, val loss {val['loss']:.4f}", flush=True)
+            log.info("[cssl_ray] %s: val dice %.4f, val loss %.4f", where, val["dice_mean"], val["loss"])
 
     if state.round == 0 and not state.history:  # stage A (skipped when resuming past it)
         for epoch in range(t.supervised_epochs):
@@ -143,10 +152,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         record: dict[str, Any] = {"stage": "round", "round": state.round}
         if cssl_on:
             started = time.perf_counter()
-            patches, classes = _round_patch_shard(state.model, state.round, store_name, col)
+            patches, classes, counts = _round_patch_shard(state.model, state.round, store_name, col)
             record["patches"] = float(col.sum_(torch.tensor(float(classes.shape[0]))))
             record["patch_wait_s"] = time.perf_counter() - started  # labelling + transfer, as the trainer saw it
             record["patches_per_s"] = record["patches"] / max(record["patch_wait_s"], 1e-9)
+            if bundle.unlabelled_images.shape[0]:  # --local's pseudo_coverage / _accuracy, over every rank's images
+                record.update(_pseudo_stats(counts, bundle.unlabelled_masks_hidden is not None, col))
             if rank == 0:  # Fig. 2: pseudo-labels of the model published this round (no collective)
                 state.take_snapshot(cfg, bundle.unlabelled_images)
             record.update(state.l_tot_epoch(cfg, patches, classes, shard.unlabelled_images, col))
@@ -178,14 +189,16 @@ def _sup_steps(cfg: Config, n_labelled: int, world: int) -> int:
 
 
 def _round_patch_shard(model: torch.nn.Module, round_: int, store_name: str,
-                       col: Collectives) -> tuple[torch.Tensor, torch.Tensor]:
+                       col: Collectives) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
     """Publish round ``round_``'s weights (rank 0), then read this rank's patches of the round.
 
     Returns patches (P, C_in, s, s) float32 and classes (P,) int64, sorted into a canonical order
-    (see the module docstring). Raises if a patch was labelled with another round's weights.
+    (see the module docstring), and the pseudo-label counts of this rank's D_U images
+    (``pipeline.COUNT_COLUMNS``). Raises if a row was labelled with another round's weights.
     """
     import ray.train
 
+    from cssl_ray.pipeline import COUNT_COLUMNS, STREAM_COLUMNS, split_stats_rows
     from cssl_ray.weights import publish_weights
 
     if col.rank == 0:
@@ -193,15 +206,23 @@ def _round_patch_shard(model: torch.nn.Module, round_: int, store_name: str,
     col.barrier()  # no rank starts the stream before the new weights are in the store
     batches = list(ray.train.get_dataset_shard("patches").iter_torch_batches(batch_size=256))
     if not batches:
-        return torch.zeros(0), torch.zeros(0, dtype=torch.int64)
-    cols = {k: torch.cat([b[k] for b in batches]) for k in ("patch", "patch_class", "index", "labelled",
-                                                              "top", "left", "weights_version")}
+        return torch.zeros(0), torch.zeros(0, dtype=torch.int64), dict.fromkeys(COUNT_COLUMNS, 0)
+    cols = {k: torch.cat([b[k] for b in batches]) for k in STREAM_COLUMNS}
     stale = cols["weights_version"][cols["weights_version"] != round_]
     if stale.numel():
         raise RuntimeError(f"round {round_}: got patches labelled with weights version {int(stale[0])}")
+    cols, counts = split_stats_rows(cols)  # the D_U stats rows carry counts, not patches
     keys = [cols[k].numpy() for k in ("left", "top", "patch_class", "index", "labelled")]  # lexsort: last key first
     order = torch.from_numpy(np.lexsort(keys))
-    return cols["patch"][order].float(), cols["patch_class"][order].long()
+    return cols["patch"][order].float(), cols["patch_class"][order].long(), counts
+
+
+def _pseudo_stats(counts: dict[str, int], with_accuracy: bool, col: Collectives) -> dict[str, float]:
+    """``pseudo_coverage`` (and ``pseudo_accuracy``) of the whole D_U: counts summed over ranks."""
+    from cssl_ray.pipeline import COUNT_COLUMNS, pseudo_stats
+
+    summed = col.sum_(torch.tensor([float(counts[k]) for k in COUNT_COLUMNS], dtype=torch.float64))
+    return pseudo_stats(dict(zip(COUNT_COLUMNS, summed.tolist())), with_accuracy)
 
 
 def _report(state: _State, cfg: Config, record: dict[str, Any], col: Collectives) -> None:
@@ -234,8 +255,11 @@ def _parameter_digest(model: torch.nn.Module) -> str:
 
 
 def check_ray_run(cfg: Config, bundle: DataBundle, workers: int, gpus_per_worker: float,
-                  cpus_per_worker: float = 0.5) -> None:
+                  cpus_per_worker: float = 0.5, placement_strategy: str = "PACK") -> None:
     """One-line ConfigErrors for settings a Train run cannot honour (before Ray starts)."""
+    if placement_strategy not in PLACEMENT_STRATEGIES:
+        raise ConfigError(f"--placement-strategy: {placement_strategy!r} is not a placement strategy; "
+                          f"allowed: {', '.join(PLACEMENT_STRATEGIES)}")
     if workers < 1:
         raise ConfigError(f"--workers: {workers} is out of range; allowed: >= 1")
     if cpus_per_worker <= 0:
@@ -256,7 +280,7 @@ def check_ray_run(cfg: Config, bundle: DataBundle, workers: int, gpus_per_worker
 def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
             storage_path: str | None = None, resume: bool = False, cpus_per_worker: float = 0.5,
             max_failures: int = 2, resources: StreamResources | None = None,
-            callbacks: list[Any] | None = None) -> RayRunResult:
+            callbacks: list[Any] | None = None, placement_strategy: str = "PACK") -> RayRunResult:
     """Train one CSSL run on Ray Train; returns test metrics on the best-validation weights.
 
     Args:
@@ -272,12 +296,15 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
         max_failures: worker failures the run survives (each restarts from the latest checkpoint).
         resources: ``pipeline.StreamResources`` of the patch stream (default: its defaults).
         callbacks: Ray Train callbacks, e.g. ``TuneReportCallback()`` when this run is a Tune trial.
+        placement_strategy: how the Train workers' bundles are placed (``PLACEMENT_STRATEGIES``):
+            PACK (default) fills nodes in turn, SPREAD puts one worker per node where it can, the
+            STRICT_ forms fail instead of falling back.
     """
     start = time.perf_counter()
     validate(cfg)
     check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
     bundle = load_bundle(cfg.data)  # data errors: one-line ConfigErrors, before Ray starts
-    check_ray_run(cfg, bundle, workers, gpus_per_worker, cpus_per_worker)
+    check_ray_run(cfg, bundle, workers, gpus_per_worker, cpus_per_worker, placement_strategy)
     out_dir = write_run_files(cfg, bundle)
     storage = storage_path or str(out_dir.resolve())
     local_storage = "://" not in storage
@@ -291,7 +318,7 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from cssl_ray.pipeline import StreamResources, build_patch_stream, image_rows
+    from cssl_ray.pipeline import LabellerPool, StreamResources, build_patch_stream, image_rows
     from cssl_ray.weights import get_or_create_weight_store
 
     r = resources or StreamResources()
@@ -299,6 +326,7 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
                            + 2 * r.samplers * r.sampler_cpus)
     store_name = f"cssl_weights_{uuid.uuid4().hex[:8]}"
     store = get_or_create_weight_store(store_name)  # lives in the driver: outlives restarted workers
+    labellers = None
     try:
         datasets = {}
         if cfg.train.use_cl or cfg.train.use_cr:
@@ -307,14 +335,17 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
                 free = ray.cluster_resources().get("GPU", 0) - workers * gpus_per_worker
                 r = dataclasses.replace(r, labeller_gpus=max(0.0, min(1.0, free / r.labellers)))
             u = bundle.unlabelled_images
+            if u.shape[0]:  # long-lived, like the store: started once, not on every round's execution
+                labellers = LabellerPool(cfg, store_name, r)
             datasets["patches"] = build_patch_stream(
-                cfg, image_rows(u) if u.shape[0] else None,
-                image_rows(bundle.labelled_images, bundle.labelled_masks), store_name=store_name, resources=r)
+                cfg, image_rows(u, hidden=bundle.unlabelled_masks_hidden) if u.shape[0] else None,
+                image_rows(bundle.labelled_images, bundle.labelled_masks), store_name=store_name, resources=r,
+                labellers=labellers)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": to_dict(cfg), "weight_store": store_name},
             scaling_config=ray.train.ScalingConfig(
-                num_workers=workers, use_gpu=gpus_per_worker > 0,
+                num_workers=workers, use_gpu=gpus_per_worker > 0, placement_strategy=placement_strategy,
                 resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}),
             datasets=datasets,
             run_config=ray.train.RunConfig(
@@ -324,6 +355,8 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
         )
         result = trainer.fit()
     finally:
+        if labellers is not None:
+            labellers.close()
         ray.kill(store)
         if started_ray:
             ray.shutdown()

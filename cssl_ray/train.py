@@ -1,7 +1,8 @@
 """Train one CSSL run.
 
     python -m cssl_ray.train --config configs/demo_synthetic.yaml [--workers N] [--gpus-per-worker G]
-                             [--address auto] [--out DIR] [--resume] [--set train.seed=1 ...]
+                             [--address auto] [--placement-strategy SPREAD] [--out DIR] [--resume]
+                             [--set train.seed=1 ...]
     python -m cssl_ray.train --smoke                  # Ray, tiny: ~30 s on a CPU (Ray's start-up)
     python -m cssl_ray.train --local --smoke          # one process, no Ray: seconds
 
@@ -55,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     ray.add_argument("--address", help="an existing Ray cluster, e.g. auto; default: start Ray here")
     ray.add_argument("--storage-path", help="where Ray Train keeps the run (absolute, s3://, gs://); default --out")
     ray.add_argument("--max-failures", type=int, default=2, help="worker failures survived (restart from checkpoint)")
+    ray.add_argument("--placement-strategy", default="PACK", metavar="{PACK,SPREAD,STRICT_PACK,STRICT_SPREAD}",
+                     help="placement of the Train workers: PACK fills nodes in turn, SPREAD one worker per node")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             from cssl_ray.ray_train import run_ray  # ray loads only once args are valid
             result = run_ray(cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                              cpus_per_worker=args.cpus_per_worker, address=args.address,
-                             storage_path=args.storage_path, resume=args.resume, max_failures=args.max_failures)
+                             storage_path=args.storage_path, resume=args.resume, max_failures=args.max_failures,
+                             placement_strategy=args.placement_strategy)
     except (ConfigError, FileNotFoundError) as e:
         print(f"cssl_ray.train: error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,8 @@ before the pipeline of round r runs, and never publishes a version twice with di
 Versions only go up, so a stale publisher (say, a restarted worker) cannot roll the labellers back.
 
 Lifetime: the store lives as long as the process that created it (a non-detached actor). Create it
-in the driver, which outlives restarted Train workers, not in a worker.
+in the driver, which outlives restarted Train workers, not in a worker; ``pipeline.LabellerPool``,
+whose actors read it, lives there too.
 """
 from __future__ import annotations
 

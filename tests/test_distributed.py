@@ -1,7 +1,7 @@
 """Ray Train runs of CSSL (``cssl_ray.ray_train``) against the single-process trainer.
 
 One Ray instance for the module (4 logical CPUs on 2 cores, see conftest_ray). Five fits of a tiny
-config, ~20 s each (mostly Ray Train's start and the labeller actor's start each round):
+config, ~20 s each (mostly Ray Train's and the labeller pool's start):
     straight   1 worker, 2 rounds     -> compared with ``run_local``, the resumed and the killed run
     first      1 worker, max_rounds=1 -> resumed to 2 rounds from its Train checkpoint
     two        2 workers (gloo)       -> parameters bitwise equal on both ranks at every report

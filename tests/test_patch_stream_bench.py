@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
-    pytest.mark.slow,  # Ray's start and two labeller-pool starts: ~20 s
+    pytest.mark.slow,  # Ray's start, the LabellerPool's and, with the baseline, two Ray Data pools: ~25 s
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # Ray 2.60's own deprecated fields
     # the smoke run's D_L is one image, so its sampling stage gets one block for 2 task slots
     pytest.mark.filterwarnings("ignore:The maximum number of concurrent tasks:UserWarning"),
@@ -36,7 +36,7 @@ def test_patch_stream_smoke_writes_json(tmp_path, capsys):
 
     bench = _load("patch_stream")
     out = tmp_path / "patch_stream.json"
-    result = bench.main(["--smoke", "--json", str(out)])
+    result = bench.main(["--smoke", "--per-execution-baseline", "--json", str(out)])
     assert not ray.is_initialized()  # the benchmark stopped the Ray it started
     written = json.loads(out.read_text())
     for key in ("machine", "config", "reference_round_patches", "consumption", "stream_warmup", "stream", "ratio",
@@ -47,8 +47,14 @@ def test_patch_stream_smoke_writes_json(tmp_path, capsys):
     assert written["stream"]["patches"] == written["stream_warmup"]["patches"] > 0
     assert written["reference_round_patches"]["patches"] > 0
     assert written["ratio"] == pytest.approx(written["stream"]["patches_per_s"] / written["consumption"]["patches_per_s"])
+    # Its stats rows give --local's pseudo-label statistics (batching may flip a pixel at the threshold).
+    for key in ("pseudo_coverage", "pseudo_accuracy"):
+        assert written["stream"][key] == pytest.approx(written["reference_round_patches"][key], abs=1e-3), key
+    baseline = written["per_execution_baseline"]["stream"]  # the fresh-pool design: the same rows
+    assert (baseline["patches"], baseline["rows"]) == (written["stream"]["patches"], written["stream"]["rows"])
     st = written["streamed_training"]
-    assert st["steps"] == math.ceil(written["stream"]["patches"] / written["config"]["batch_patches"])
+    assert st["batches"] == math.ceil(written["stream"]["rows"] / written["config"]["batch_patches"])
+    assert math.ceil(written["stream"]["patches"] / written["config"]["batch_patches"]) <= st["steps"] <= st["batches"]
     assert 0.0 < st["wait_share"] <= 1.0 and math.isclose(st["wait_share"], st["wait_s"] / st["total_s"])
     assert written["pass"] == {"ratio": written["ratio"] >= 2.0, "wait_share": st["wait_share"] < 0.05}
     assert result["ratio"] == written["ratio"]

@@ -4,10 +4,17 @@ One Ray instance for the module. The labellers run one image per forward pass (l
 and the references do too: oneDNN convolutions differ in the last bit between batch sizes, which
 could flip a pixel whose confidence sits exactly at the threshold; with equal shapes and one
 thread both sides are bitwise equal, so every comparison below is exact.
+
+The streams label on a ``LabellerPool`` (long-lived actors, as ``ray_train`` runs them); one pass
+of the per-execution form (a Ray Data actor pool) must give the same rows. The last tests run one
+1-worker ``run_ray`` on this Ray instance: the pseudo-label statistics its round records carry,
+each progress line printed once, and the placement-strategy check.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +22,14 @@ import ray
 import torch
 
 from conftest_ray import local_ray
-from cssl_ray.config import from_dict
+from cssl_ray.config import ConfigError, from_dict
+from cssl_ray.data.bundle import load_bundle
 from cssl_ray.data.synthetic import make_synthetic
 from cssl_ray.models import create_model
 from cssl_ray.patches import sample_patches
-from cssl_ray.pipeline import StreamResources, build_patch_stream, image_rows, patch_seed, pseudo_label_stage
+from cssl_ray.pipeline import (COUNT_COLUMNS, STATS_CLASS, LabellerPool, StreamResources, build_patch_stream,
+                               image_rows, labeller_slot, patch_seed, pseudo_label_stage, pseudo_stats,
+                               split_stats_rows)
 from cssl_ray.pseudo_labels import predict_pseudo_labels
 from cssl_ray.weights import WeightsClient, get_or_create_weight_store, publish_weights
 
@@ -88,9 +98,17 @@ def _reference(labels: torch.Tensor, idx: list[int], labelled: bool, round_: int
     return out
 
 
+def _patch_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if int(r["patch_class"]) != STATS_CLASS]
+
+
+def _stats_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if int(r["patch_class"]) == STATS_CLASS]
+
+
 def _by_image(rows: list[dict], labelled: bool) -> dict:
     out = defaultdict(list)
-    for r in rows:
+    for r in _patch_rows(rows):
         if bool(r["labelled"]) == labelled:
             out[int(r["index"])].append((int(r["patch_class"]), np.asarray(r["patch"], np.float32).tobytes()))
     return {i: sorted(v) for i, v in out.items()}
@@ -98,19 +116,24 @@ def _by_image(rows: list[dict], labelled: bool) -> dict:
 
 @pytest.fixture(scope="module")
 def rounds(ray_session):
-    """One Dataset iterated twice: after publishing v1, then v2 (different weights)."""
+    """One Dataset on one LabellerPool iterated twice: after publishing v1, then v2 (different
+    weights); at v2 also the pool's pseudo-label stage alone and the per-execution stream."""
     models = {1: _banded_model(1), 2: _banded_model(3)}
     store = get_or_create_weight_store("test_pipeline_weights")
-    ds = build_patch_stream(CFG, image_rows(IMAGES[U_IDX], indices=U_IDX),
-                            image_rows(IMAGES[L_IDX], MASKS[L_IDX], indices=L_IDX),
-                            store_name="test_pipeline_weights", resources=RES)
-    rows = {}
-    for version, model in models.items():
-        publish_weights(store, model, version)
-        rows[version] = ds.take_all()  # the same Dataset object re-executes with the new weights
-    pseudo_rows = pseudo_label_stage(CFG, image_rows(IMAGES[U_IDX], indices=U_IDX), "test_pipeline_weights",
-                                     RES).take_all()
-    return models, rows, pseudo_rows
+    unlabelled = image_rows(IMAGES[U_IDX], indices=U_IDX, hidden=MASKS[U_IDX])
+    labelled = image_rows(IMAGES[L_IDX], MASKS[L_IDX], indices=L_IDX)
+    with LabellerPool(CFG, "test_pipeline_weights", RES) as pool:
+        ds = build_patch_stream(CFG, unlabelled, labelled, store_name="test_pipeline_weights", resources=RES,
+                                labellers=pool)
+        rows, loaded = {}, {}
+        for version, model in models.items():
+            publish_weights(store, model, version)
+            rows[version] = ds.take_all()  # the same Dataset object re-executes with the new weights
+            loaded[version] = ray.get([a.loaded_version.remote() for a in pool.actors])  # the same actors
+        pseudo_rows = pseudo_label_stage(CFG, unlabelled, "test_pipeline_weights", RES, labellers=pool).take_all()
+    per_execution = build_patch_stream(CFG, unlabelled, labelled, store_name="test_pipeline_weights",
+                                       resources=RES).take_all()
+    return models, rows, pseudo_rows, {"loaded": loaded, "per_execution": per_execution}
 
 
 def test_weight_store_versions_and_client_cache(ray_session):
@@ -137,7 +160,7 @@ def test_weight_store_versions_and_client_cache(ray_session):
 
 
 def test_patches_come_from_the_latest_weights(rounds):
-    models, rows, pseudo_rows = rounds
+    models, rows, pseudo_rows, _ = rounds
     for version in (1, 2):
         assert rows[version], "the stream is empty"
         assert {int(r["weights_version"]) for r in rows[version]} == {version}
@@ -153,7 +176,7 @@ def test_patches_come_from_the_latest_weights(rounds):
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_stream_equals_in_process_sampling(rounds, version):
-    models, rows, _ = rounds
+    models, rows, _, _ = rounds
     unlabelled = _reference(_pseudo(models[version], U_IDX), U_IDX, False, version)
     labelled = _reference(MASKS[L_IDX], L_IDX, True, version)
     assert unlabelled and labelled
@@ -162,10 +185,10 @@ def test_stream_equals_in_process_sampling(rounds, version):
 
 
 def test_every_patch_holds_min_pixels_of_its_class(rounds):
-    models, rows, _ = rounds
+    models, rows, _, _ = rounds
     labels = dict(zip(U_IDX, _pseudo(models[2], U_IDX))) | dict(zip(L_IDX, MASKS[L_IDX]))
     s, classes_seen = CFG.patches.size, set()
-    for r in rows[2]:
+    for r in _patch_rows(rows[2]):
         c, top, left = int(r["patch_class"]), int(r["top"]), int(r["left"])
         window = labels[int(r["index"])][top:top + s, left:left + s]
         assert int((window == c).sum()) >= CFG.patches.min_pixels
@@ -176,8 +199,119 @@ def test_every_patch_holds_min_pixels_of_its_class(rounds):
 
 
 def test_labelled_rows_use_ground_truth(rounds):
-    models, rows, _ = rounds
+    models, rows, _, _ = rounds
     for version in (1, 2):
         from_truth = _reference(MASKS[L_IDX], L_IDX, True, version)
         from_pseudo = _reference(_pseudo(models[version], L_IDX), L_IDX, True, version)
         assert _by_image(rows[version], True) == from_truth != from_pseudo
+
+
+def test_labellers_persist_and_both_forms_agree(rounds):
+    models, rows, _, extra = rounds
+    # The pool's actors served both executions: each holds the version of the latest one.
+    assert extra["loaded"] == {1: [1] * RES.labellers, 2: [2] * RES.labellers}
+    # A Ray Data actor pool per execution gives the same rows (the fallback for one-shot streams).
+    key = lambda r: (int(r["index"]), bool(r["labelled"]), int(r["patch_class"]), int(r["top"]), int(r["left"]),
+                     int(r["weights_version"]), *(int(r[k]) for k in COUNT_COLUMNS))  # noqa: E731
+    assert sorted(map(key, extra["per_execution"])) == sorted(map(key, rows[2]))
+
+
+def test_stats_rows_count_pseudo_label_pixels(rounds):
+    """One stats row per D_U image and version; its counts against predict_pseudo_labels (exact)."""
+    models, rows, pseudo_rows, _ = rounds
+    ignore = CFG.pseudo.ignore_index
+    for version in (1, 2):
+        stats = {int(r["index"]): r for r in _stats_rows(rows[version])}
+        assert sorted(stats) == U_IDX and len(_stats_rows(rows[version])) == len(U_IDX)
+        pseudo = _pseudo(models[version], U_IDX)  # (U, H, W)
+        truth = MASKS[U_IDX]
+        for k, i in enumerate(U_IDX):
+            r = stats[i]
+            assert not bool(r["labelled"]) and int(r["weights_version"]) == version
+            assert int(r["pseudo_pixels"]) == 32 * 32
+            assert int(r["pseudo_covered"]) == int((pseudo[k] != ignore).sum())
+            assert int(r["pseudo_correct"]) == int(((pseudo[k] != ignore) & (pseudo[k] == truth[k])).sum())
+        for r in _patch_rows(rows[version]):
+            assert all(int(r[c]) == 0 for c in COUNT_COLUMNS)  # counted once per image, on its stats row
+        # Summed as a rank does: --local's statistics of the same pseudo-labels.
+        cols = {k: np.array([r[k] for r in rows[version]]) for k in ("patch_class", *COUNT_COLUMNS)}
+        kept, counts = split_stats_rows(cols)
+        assert (kept["patch_class"] >= 0).all() and len(kept["patch_class"]) == len(_patch_rows(rows[version]))
+        covered = pseudo != ignore
+        want_cov = covered.sum().item() / pseudo.numel()
+        want_acc = ((pseudo == truth) & covered).sum().item() / max(covered.sum().item(), 1)
+        assert pseudo_stats(counts, with_accuracy=True) == {"pseudo_coverage": want_cov, "pseudo_accuracy": want_acc}
+        assert 0.0 < want_cov < 1.0
+    assert "hidden_mask" not in pseudo_rows[0]  # used for the counts, not shipped further
+
+
+def test_pseudo_stats_degenerate_cases():
+    zero = dict.fromkeys(COUNT_COLUMNS, 0)
+    assert pseudo_stats(zero, with_accuracy=True) == {"pseudo_coverage": 0.0, "pseudo_accuracy": 0.0}
+    counts = {"pseudo_pixels": 8, "pseudo_covered": 2, "pseudo_correct": 1}
+    assert pseudo_stats(counts, with_accuracy=False) == {"pseudo_coverage": 0.25}
+    kept, counts = split_stats_rows({"patch_class": np.array([1, STATS_CLASS, 2])})  # no count columns
+    assert counts == zero and kept["patch_class"].tolist() == [1, 2]
+
+
+def test_labeller_slot_is_stable_and_spreads_consecutive_batches():
+    starts = list(range(0, 64, 8))  # first indices of batches of 8: all even, so index % 2 would use one actor
+    slots = [labeller_slot(i, 2) for i in starts]
+    assert slots == [labeller_slot(i, 2) for i in starts] and set(slots) == {0, 1}
+    assert all(0 <= labeller_slot(i, 3) < 3 for i in range(-5, 50))
+
+
+# ---------------------------------------------------------------------------------------------
+# One 1-worker run_ray on this module's Ray instance: what the patch stream gives the round records.
+
+RUN_EXTRA = ["train.progress=false", "train.num_threads=1", "train.supervised_epochs=6", "optim.lr=0.01",
+             "train.keep_checkpoints=10", "pseudo.threshold=0.33"]  # a smoke model is never sure: max softmax 0.31-0.36
+
+
+def test_ray_run_records_pseudo_statistics_and_prints_once(ray_session, tmp_path, capfd):
+    """Round records carry --local's pseudo_coverage / pseudo_accuracy (against an oracle), and each
+    rank-0 progress line reaches the driver once (Train V2's print patch printed it twice)."""
+    import time
+
+    from cssl_ray.ray_train import run_ray
+    from cssl_ray.train import build_config
+
+    cfg = build_config(None, [f"train.out_dir={tmp_path}", *RUN_EXTRA], smoke=True)
+    result = run_ray(cfg, workers=1, resources=StreamResources(labeller_batch=1))
+    rounds_ = [h for h in result.history if h["stage"] == "round"]
+    assert [h["round"] for h in rounds_] == [1, 2]
+    for h in rounds_:
+        assert 0.0 <= h["pseudo_coverage"] <= 1.0 and 0.0 <= h["pseudo_accuracy"] <= 1.0
+    assert all("pseudo_coverage" in m for m in result.reports if m["stage"] == "round")  # reported too
+    # Oracle: round 1 labels with the weights of round 0's checkpoint (the end of stage A).
+    bundle = load_bundle(cfg.data)
+    states = [torch.load(f, map_location="cpu", weights_only=False)
+              for f in sorted(Path(tmp_path, "ray_train").glob("checkpoint_*/state.pt"))]
+    model = create_model(cfg.model, cfg.data.in_channels, cfg.data.num_classes)
+    model.load_state_dict(next(s for s in states if s["round"] == 0)["model"])
+    pseudo = predict_pseudo_labels(model, bundle.unlabelled_images, cfg.pseudo.threshold, cfg.pseudo.ignore_index,
+                                   batch_size=1)
+    covered = pseudo != cfg.pseudo.ignore_index
+    accuracy = ((pseudo == bundle.unlabelled_masks_hidden) & covered).sum().item() / max(covered.sum().item(), 1)
+    assert rounds_[0]["pseudo_coverage"] == pytest.approx(covered.float().mean().item(), abs=1e-3)
+    assert rounds_[0]["pseudo_accuracy"] == pytest.approx(accuracy, abs=1e-3)
+    assert rounds_[0]["pseudo_coverage"] > 0 and math.isfinite(rounds_[1]["pseudo_coverage"])
+
+    time.sleep(2)  # the driver prints worker output from a log-monitor thread
+    captured = capfd.readouterr()
+    bodies = [ln.split("[cssl_ray] ", 1)[1] for ln in (captured.out + captured.err).splitlines() if "[cssl_ray] " in ln]
+    assert bodies, "no progress line reached the driver"
+    assert len(bodies) == len(set(bodies)), bodies
+
+
+def test_placement_strategy_is_checked_before_ray_starts(tmp_path, capsys):
+    from cssl_ray.ray_train import run_ray
+    from cssl_ray.train import build_config, main
+
+    cfg = build_config(None, [f"train.out_dir={tmp_path}"], smoke=True)
+    with pytest.raises(ConfigError, match="--placement-strategy: 'spread' is not a placement strategy; allowed: "
+                                          "PACK, SPREAD, STRICT_PACK, STRICT_SPREAD"):
+        run_ray(cfg, placement_strategy="spread")
+    assert main(["--smoke", "--placement-strategy", "NODE", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--placement-strategy: 'NODE'" in err[0]
