@@ -32,6 +32,7 @@ def test_demo_smoke_prints_both_arms(tmp_path, capsys):
 def test_space_demo_smoke_tunes_ablates_and_reports(tmp_path, capsys):
     """The default demo's pipeline (tune -> ablate -> report) on the smoke space, in-process trials."""
     from conftest_ray import ray_test_env
+    from cssl_ray.config import load_config
     from cssl_ray.tracking import find_runs
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -39,5 +40,16 @@ def test_space_demo_smoke_tunes_ablates_and_reports(tmp_path, capsys):
         assert main(["--smoke", "--seeds", "1", "--out", str(tmp_path / "demo"), "--tracking-uri", store]) == 0
     out = capsys.readouterr().out
     assert "best trial" in out and "| Supervised |" in out and "demo wall time" in out
-    kinds = sorted(r["tags"].get("cssl.kind", "") for r in find_runs(store, "smoke"))
+    runs = find_runs(store, "smoke")
+    kinds = sorted(r["tags"].get("cssl.kind", "") for r in runs)
     assert kinds.count("trial") == 2 and kinds.count("ablation") == 2  # 2 tune trials, 2 cells x 1 seed
+    cells = [r for r in runs if r["tags"].get("cssl.kind") == "ablation"]
+    assert sorted((r["tags"]["cssl.cell"], r["tags"]["cssl.seed"]) for r in cells) == [("cssl", "0"), ("supervised", "0")]
+    for r in cells:  # the cell's switches are the run's params; every run finished with test metrics
+        on = str(r["tags"]["cssl.cell"] == "cssl")
+        assert r["params"]["train.use_cl"] == on and r["params"]["train.use_cr"] == on
+        assert r["params"]["train.use_hard_negatives"] == on
+        assert r["status"] == "FINISHED" and "test_dice_mean" in r["metrics"]
+    best = load_config(tmp_path / "demo" / "smoke-tune" / "best_config.yaml")  # ablate ran at the tuned config
+    assert all(r["params"]["contrastive.tau"] == str(best.contrastive.tau) for r in cells)
+    assert (tmp_path / "demo" / "smoke-ablate" / "report" / "report.md").exists()

@@ -1,4 +1,4 @@
-"""cssl_ray.tune / cssl_ray.ablate end to end on CPU, against a temporary MLflow store.
+"""cssl_ray.tune end to end on CPU, against a temporary MLflow store (ablate: tests/test_demo.py).
 
 Slow (Ray): each command starts its own local Ray instance (private RAY_TMPDIR, see conftest_ray).
 """
@@ -16,7 +16,7 @@ import yaml
 
 from conftest_ray import descendant_processes, ray_test_env
 
-from cssl_ray import ablate, tune
+from cssl_ray import tune
 from cssl_ray.config import load_config
 from cssl_ray.tracking import find_runs, latest_parent, metric_history
 
@@ -155,23 +155,6 @@ def test_resume_after_the_driver_is_killed(tmp_path, store):
     parent = latest_parent(store, "resume", kind="tune")
     assert parent["status"] == "FINISHED"
     assert not [r for r in find_runs(store, "resume") if r["status"] == "RUNNING"]
-
-
-def test_ablate_grid_and_report(tmp_path, store, capsys):
-    path = write_space(tmp_path / "abl.yaml", config={"train": {"max_rounds": 2, "num_threads": 1}},
-                       max_concurrent_trials=2)
-    code = ablate.main(["--space", str(path), "--cells", "supervised", "cssl", "--seeds", "2",
-                        "--storage-path", str(tmp_path / "tune"), "--tracking-uri", store])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    runs = children(store, "abl", kind="ablate")
-    assert sorted((r["tags"]["cssl.cell"], r["tags"]["cssl.seed"]) for r in runs) == [
-        ("cssl", "0"), ("cssl", "1"), ("supervised", "0"), ("supervised", "1")]
-    for r in runs:
-        cssl_on = r["tags"]["cssl.cell"] == "cssl"
-        assert r["params"]["train.use_cl"] == str(cssl_on) and r["params"]["train.use_hard_negatives"] == str(cssl_on)
-        assert r["status"] == "FINISHED" and "test_dice_mean" in r["metrics"]
-    assert "Supervised" in out and "CSSL" in out  # the report table, read back from MLflow
 
 
 def test_bad_space_is_one_line_before_ray(tmp_path, store, capsys):
