@@ -14,12 +14,13 @@
               -> ray.train.report(metrics, checkpoint) on EVERY rank (rank 0 attaches the checkpoint)
 
 Design choices:
-- D_L, D_U and val come from the in-memory bundle on each worker, sharded by rank
-  (``images[rank::world]``), not from Ray Data shards: ``load_bundle`` is deterministic (a seeded
-  split of seeded synthetic data or of the prepared Parquet store), these sets are small next to
-  the round's patches, and the loop needs random access by index (``index_batches``) and, under
-  DDP, the same number of steps on every rank, which a streamed shard of unknown length does not
-  give. Only the patches, which change every round and cost a labelling pass, stream.
+- D_L, D_U and val: the driver reads the dataset (the prepared Parquet store, or the seeded
+  synthetic set) once and puts the split's arrays (test excluded) in Ray's object store; each
+  worker gets that one object and takes its rank's slice (``images[rank::world]``), so no worker
+  node needs the dataset on its disk. Not Ray Data shards: these sets are small next to the
+  round's patches, and the loop needs random access by index (``index_batches``) and, under DDP,
+  the same number of steps on every rank, which a streamed shard of unknown length does not give.
+  Only the patches, which change every round and cost a labelling pass, stream.
 - A rank collects its patch shard for the round, then sorts it by (labelled, image, class, top,
   left): the multiset of patches is fixed by the weights (``pipeline.patch_seed``) but their arrival
   order is not, and ``class_balanced_batches`` (the seeded, class-balanced shuffle the paper's
@@ -82,7 +83,8 @@ class RayRunResult(RunResult):
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Train worker (rank) of a CSSL run; ``config`` = {"config": to_dict(cfg), "weight_store": name}."""
+    """One Train worker (rank) of a CSSL run; ``config`` = {"config": to_dict(cfg), "weight_store": name,
+    "bundle": ObjectRef of the split (D_L, D_U, val)}."""
     import ray.train
     import ray.train.torch
 
@@ -98,7 +100,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)  # NCCL collectives (all_gather_object too) use the current device
     col = TorchCollectives(device) if world > 1 else Collectives()
 
-    bundle = load_bundle(cfg.data)
+    # The driver's copy of the split (see the module docstring); load_bundle is the fallback for
+    # callers that start workers without one.
+    bundle = ray.get(config["bundle"]) if config.get("bundle") is not None else load_bundle(cfg.data)
     shard = _RankShard(bundle, rank, world)
     state = _State(cfg, bundle, device)
     state.generator.manual_seed(t.seed + rank)  # ranks draw different batches of their shards
@@ -177,6 +181,12 @@ class _RankShard:
         self.labelled_images, self.labelled_masks = bundle.labelled_images[s], bundle.labelled_masks[s]
         self.unlabelled_images = bundle.unlabelled_images[s]
         self.val_images, self.val_masks = bundle.val_images[s], bundle.val_masks[s]
+
+
+def _without_test(bundle: DataBundle) -> DataBundle:
+    """What the workers need of the split: test images stay with the driver (tested once, there)."""
+    empty = bundle.test_images[:0]
+    return dataclasses.replace(bundle, test_images=empty, test_masks=bundle.test_masks[:0])
 
 
 def _sup_steps(cfg: Config, n_labelled: int, world: int) -> int:
@@ -343,7 +353,8 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
                 labellers=labellers)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"config": to_dict(cfg), "weight_store": store_name},
+            train_loop_config={"config": to_dict(cfg), "weight_store": store_name,
+                               "bundle": ray.put(_without_test(bundle))},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=workers, use_gpu=gpus_per_worker > 0, placement_strategy=placement_strategy,
                 resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}),
