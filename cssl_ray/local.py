@@ -13,10 +13,13 @@ baseline with exactly the same supervised steps as the CSSL run.
 from __future__ import annotations
 
 import copy
+import fcntl
+import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,9 +146,16 @@ class _State:
             self.best_model = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
 
 
-def run_local(cfg: Config, *, resume: bool = False,
-              log: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
-    """Train one CSSL run in this process; returns test metrics on the best-validation weights."""
+def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any]], None] | None = None,
+              stage_a_cache: str | Path | None = None) -> RunResult:
+    """Train one CSSL run in this process; returns test metrics on the best-validation weights.
+
+    ``stage_a_cache``: a folder shared by runs (an ablation's cells, a search's trials) where the
+    state at the end of stage A is kept under ``stage_a_key(cfg)``: runs whose stage A would be
+    identical (same data, model, optimiser, seed and supervised schedule; the CSSL switches and
+    hyperparameters do not enter stage A) load it instead of training it again. A run that loads it
+    ends bit-identical to one that trained stage A itself (tests/test_stage_a_cache.py).
+    """
     validate(cfg)
     check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
     start = time.perf_counter()
@@ -181,10 +191,20 @@ def run_local(cfg: Config, *, resume: bool = False,
     sup = dict(batch_size=t.batch_size, steps=t.sup_steps_per_epoch, augment=t.augment,
                ignore_index=cfg.pseudo.ignore_index, generator=state.generator)
     if state.round == 0 and not state.history:  # stage A (skipped when resuming past it)
-        for epoch in range(t.supervised_epochs):
-            stats = supervised_epoch(state.model, state.optimizer, bundle.labelled_images,
-                                     bundle.labelled_masks, **sup)
-            state.track_best(validate_and_record({"stage": "supervised", "round": 0, "epoch": epoch, **stats}))
+        with _shared_stage_a(stage_a_cache, cfg) as shared:
+            if shared is not None and shared.exists():  # another run trained this exact stage A
+                state.load_state_dict(ckpt.load(shared, map_location="cpu"))
+                for record in state.history:
+                    emit(record)
+                bar.update(len(state.history))
+            else:
+                for epoch in range(t.supervised_epochs):
+                    stats = supervised_epoch(state.model, state.optimizer, bundle.labelled_images,
+                                             bundle.labelled_masks, **sup)
+                    state.track_best(validate_and_record({"stage": "supervised", "round": 0, "epoch": epoch,
+                                                          **stats}))
+                if shared is not None:
+                    ckpt.save_atomic(state.state_dict(), shared)
         _save_round(state, cfg, out_dir)
 
     cssl_on = t.use_cl or t.use_cr
@@ -211,6 +231,38 @@ def run_local(cfg: Config, *, resume: bool = False,
     bar.close()
 
     return evaluate_best(state, cfg, bundle, out_dir, start)
+
+
+STAGE_A_TRAIN_KEYS = ("seed", "batch_size", "supervised_epochs", "sup_steps_per_epoch", "augment", "device",
+                      "num_threads")
+
+
+def stage_a_key(cfg: Config) -> str:
+    """Hash of everything stage A depends on (data, model, optimiser, seed, supervised schedule, the
+    ignore label, the validation batch, torch's version); nothing of L_CL / L_CR enters it."""
+    d = to_dict(cfg)
+    kept = {"data": d["data"], "model": d["model"], "optim": d["optim"], "ignore_index": d["pseudo"]["ignore_index"],
+            "val_batch": d["consistency"]["batch_size"], "torch": torch.__version__,
+            "train": {k: d["train"][k] for k in STAGE_A_TRAIN_KEYS}}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@contextmanager
+def _shared_stage_a(folder: str | Path | None, cfg: Config) -> Iterator[Path | None]:
+    """The shared stage-A file for ``cfg`` (None without a folder), under an exclusive lock: a
+    concurrent run with the same key waits for this one's stage A instead of repeating it."""
+    if folder is None or cfg.train.supervised_epochs == 0:
+        yield None
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = stage_a_key(cfg)
+    with open(folder / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield folder / f"stage_a_{key}.pt"
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def write_run_files(cfg: Config, bundle: DataBundle) -> Path:

@@ -1,0 +1,52 @@
+"""Shared stage A (local.run_local(stage_a_cache=...)): a run that loads another run's stage A ends
+exactly where it would have ended training stage A itself."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from cssl_ray.local import run_local, stage_a_key
+from cssl_ray.search_space import ABLATION_CELLS
+from cssl_ray.train import build_config
+
+
+def cell(cfg, name: str, out):
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(out), **ABLATION_CELLS[name]))
+
+
+def final_weights(result) -> dict[str, torch.Tensor]:
+    return torch.load(result.out_dir / "round_002.pt", weights_only=False)["model"]
+
+
+def test_loaded_stage_a_equals_trained_stage_a(tmp_path):
+    cfg = build_config(None, ["train.progress=false", "train.figures=false"], smoke=True)
+    cache = tmp_path / "stage_a"
+    first = run_local(cell(cfg, "cssl", tmp_path / "cssl_trains"), stage_a_cache=cache)  # trains, then shares
+    assert len(list(cache.glob("stage_a_*.pt"))) == 1
+
+    records: list[dict] = []
+    shared = run_local(cell(cfg, "supervised", tmp_path / "sup_loads"), stage_a_cache=cache, log=records.append)
+    alone = run_local(cell(cfg, "supervised", tmp_path / "sup_alone"))
+    for k, v in final_weights(alone).items():  # bitwise: the same state, the same steps after it
+        assert torch.equal(v, final_weights(shared)[k]), k
+    assert shared.test == alone.test
+    # the loaded stage A's validation records are reported too (MLflow, ASHA): same as a fresh run
+    stage_a = [r for r in records if r["stage"] == "supervised"]
+    assert len(stage_a) == cfg.train.supervised_epochs and [r["step"] for r in stage_a] == [1, 2]
+
+    again = run_local(cell(cfg, "cssl", tmp_path / "cssl_loads"), stage_a_cache=cache)
+    for k, v in final_weights(first).items():
+        assert torch.equal(v, final_weights(again)[k]), k
+
+
+def test_key_ignores_the_method_and_sees_the_supervised_schedule():
+    cfg = build_config(None, [], smoke=True)
+    same = [dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **ABLATION_CELLS[c])) for c in ABLATION_CELLS]
+    same.append(dataclasses.replace(cfg, contrastive=dataclasses.replace(cfg.contrastive, tau=0.3)))
+    same.append(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_rounds=9, out_dir="elsewhere")))
+    assert len({stage_a_key(c) for c in same}) == 1
+    for change in ({"seed": 1}, {"supervised_epochs": 3}, {"batch_size": 2}, {"num_threads": 1}):
+        assert stage_a_key(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **change))) != stage_a_key(cfg)
+    assert stage_a_key(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=0.01))) != stage_a_key(cfg)
+    assert stage_a_key(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=3))) != stage_a_key(cfg)
