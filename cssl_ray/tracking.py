@@ -255,10 +255,7 @@ class Tracker:
             if PARENT_TAG not in r.data.tags
         ]
         if found:
-            run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            self.set_tags(run_id, tags)
-            return run_id
+            return self._reopen(found[0].info.run_id, tags)
         run = self.client.create_run(self.experiment_id, run_name=name)
         self.set_tags(run.info.run_id, {**tags, SESSION_TAG: session})
         return run.info.run_id
@@ -276,16 +273,19 @@ class Tracker:
             f"tags.`{PARENT_TAG}` = {_quote(parent_id)} AND tags.`{KEY_TAG}` = {_quote(key)}",
         )
         if found:
-            run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            self.set_tags(run_id, tags)
-            return run_id
+            return self._reopen(found[0].info.run_id, tags)
         run = self.client.create_run(self.experiment_id, run_name=name)
         run_id = run.info.run_id
         self.set_tags(run_id, {**tags, PARENT_TAG: parent_id, KEY_TAG: key})
         plist = [Param(sanitize_key(k), str(v)) for k, v in params.items()]
         for chunk in _chunks(plist, _MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=chunk)
+        return run_id
+
+    def _reopen(self, run_id: str, tags: dict[str, str]) -> str:
+        """An interrupted experiment resumed: its run is RUNNING again, with the current tags."""
+        self.client.update_run(run_id, status="RUNNING")
+        self.set_tags(run_id, tags)
         return run_id
 
     def log_metrics(
