@@ -102,3 +102,31 @@ def test_recorder_statuses_metrics_and_artifacts(tmp_path):
     assert any("FAILED: RuntimeError: out of memory" in line for line in lines)
     assert any("stopped early" in line for line in lines)
     assert not math.isnan(runs["t_done"]["metrics"]["val_dice_mean"])
+
+
+def test_ablation_grids_table5_and_fraction_sweep(tmp_path):
+    from cssl_ray.ablate import ablation_grid, fixed_config
+    from cssl_ray.search_space import load_space
+
+    space = load_space(Path(__file__).resolve().parent.parent / "tune_spaces" / "smoke.yaml")
+    grid = ablation_grid(space, 3, None, None)
+    assert grid["cell"] == {"grid_search": list(ABLATION_CELLS)} and grid["train.seed"] == {"grid_search": [0, 1, 2]}
+    assert "data.labelled_fraction" not in grid
+    sweep = ablation_grid(space, 2, None, [0.1, 0.5])  # Table 2 style: supervised vs CSSL per fraction
+    assert sweep["cell"] == {"grid_search": ["supervised", "cssl"]}
+    assert sweep["data.labelled_fraction"] == {"grid_search": [0.1, 0.5]} and sweep["data.labelled_count"] == 0
+    for bad, match in (((0, None, None), "--seeds"), ((1, ["cl", "nope"], None), "--cells: 'nope'"),
+                       ((1, None, [0.0]), "--fractions")):
+        with pytest.raises(ConfigError, match=match):
+            ablation_grid(space, *bad)
+    # fixed hyperparameters: --config, else the tuned best config, else the space's base
+    assert fixed_config(space, None, str(tmp_path), log=lambda _: None) == space.base_config()
+    best = tmp_path / f"{space.name}-tune" / "best_config.yaml"
+    best.parent.mkdir(parents=True)
+    from cssl_ray.config import dump_config
+    tuned = space.trial_config({"contrastive.tau": 0.33})
+    dump_config(tuned, best)
+    assert fixed_config(space, None, str(tmp_path), log=lambda _: None).contrastive.tau == 0.33
+    other = tmp_path / "other.yaml"
+    dump_config(space.trial_config({"contrastive.tau": 0.44}), other)
+    assert fixed_config(space, str(other), str(tmp_path), log=lambda _: None).contrastive.tau == 0.44
