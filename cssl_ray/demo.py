@@ -1,6 +1,6 @@
 """The demo: hyperparameter search, then the ablation grid, on real nuclei images, recorded in MLflow.
 
-    python -m cssl_ray.demo                      # tune_spaces/nuclei.yaml: ~10 min on a 2-core CPU
+    python -m cssl_ray.demo                      # tune_spaces/nuclei.yaml: ~7 min on a 2-core CPU
     python -m cssl_ray.demo --smoke              # tune_spaces/smoke.yaml, in-process trials: ~1 min
     python -m cssl_ray.demo --synthetic          # supervised vs CSSL vs all labels on synthetic data
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="--synthetic: the config")
     p.add_argument("--seeds", type=int, nargs="+", help="--synthetic: seeds (default 0 1 2); else: one number, "
-                   "seeds per ablation cell (default 2)")
+                   "seeds per ablation cell (default 3)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="--synthetic")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--no-reference", action="store_true",
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.synthetic:
         space = Path(args.space) if args.space else (SMOKE_SPACE if args.smoke else DEMO_SPACE)
-        seeds = args.seeds[0] if args.seeds else 2
+        seeds = args.seeds[0] if args.seeds else 3
         return run_space_demo(space.resolve(), Path(args.out).resolve(), seeds, args.tracking_uri, args.smoke)
     return synthetic_demo(args)
 
