@@ -338,6 +338,8 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
     store = get_or_create_weight_store(store_name)  # lives in the driver: outlives restarted workers
     labellers = None
     try:
+        if not cfg.train.progress:  # --quiet, and Tune trials: Ray Data's bars would interleave with their lines
+            ray.data.DataContext.get_current().enable_progress_bars = False
         datasets = {}
         if cfg.train.use_cl or cfg.train.use_cr:
             r = resources or StreamResources()
