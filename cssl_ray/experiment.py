@@ -189,7 +189,7 @@ def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any
             if trial.trial_id in self.runs:
                 return self.runs[trial.trial_id]
             from cssl_ray.tracking import flatten_config
-            params = {k: v for k, v in trial.config.items()}
+            params = dict(trial.config)
             cfg = trial_config(base, params)
             tags = {**base_tags, **run_tags(cfg), "cssl.trial_id": trial.trial_id,
                     **{f"param.{k}": str(v) for k, v in params.items()}}
@@ -290,8 +290,7 @@ def cpus_per_trial(resources: Resources, cfg: Config) -> float:
     if resources.workers == 0:
         return resources.cpus_per_worker
     from cssl_ray.pipeline import StreamResources
-    s = StreamResources()
-    stream = s.labellers * s.labeller_cpus + 2 * s.samplers * s.sampler_cpus if (cfg.train.use_cl or cfg.train.use_cr) else 0
+    stream = StreamResources().cpus if (cfg.train.use_cl or cfg.train.use_cr) else 0.0
     return 0.01 + resources.workers * resources.cpus_per_worker + stream
 
 
@@ -316,7 +315,7 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
     runs_root = folder / "runs"
     if not resume and folder.exists():
         raise ConfigError(f"{folder} already holds an experiment; pass --resume to continue it, "
-                          "or --storage-path / --name to start another")
+                          "or another --storage-path (ablate: --name) to start another")
     session = session_id(folder, resume)
     tracker = Tracker(uri, space.name)
     tags = {"cssl.kind": kind, "cssl.space": str(space.path), "cssl.dataset": space.dataset,

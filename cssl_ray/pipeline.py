@@ -99,6 +99,11 @@ class StreamResources:
     labeller_batch: int = 0  # images per labeller call; 0 = consistency.batch_size
     sampler_batch: int = 8  # images per sampling task
 
+    @property
+    def cpus(self) -> float:
+        """Logical CPUs the stream may hold at once: the labellers, and the sampling tasks of both branches."""
+        return self.labellers * self.labeller_cpus + 2 * self.samplers * self.sampler_cpus
+
 
 def patch_seed(seed: int, round_: int, labelled: bool, index: int) -> int:
     """Seed of one image's window draws in one round (a 64-bit hash of the four, all >= 0)."""

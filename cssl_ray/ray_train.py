@@ -332,8 +332,7 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
     from cssl_ray.weights import get_or_create_weight_store
 
     r = resources or StreamResources()
-    started_ray = init_ray(address, workers * cpus_per_worker + r.labellers * r.labeller_cpus
-                           + 2 * r.samplers * r.sampler_cpus)
+    started_ray = init_ray(address, workers * cpus_per_worker + r.cpus)
     store_name = f"cssl_weights_{uuid.uuid4().hex[:8]}"
     store = get_or_create_weight_store(store_name)  # lives in the driver: outlives restarted workers
     labellers = None
@@ -342,7 +341,6 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
             ray.data.DataContext.get_current().enable_progress_bars = False
         datasets = {}
         if cfg.train.use_cl or cfg.train.use_cr:
-            r = resources or StreamResources()
             if r.labeller_gpus is None and gpus_per_worker > 0:  # GPUs the Train workers leave free
                 free = ray.cluster_resources().get("GPU", 0) - workers * gpus_per_worker
                 r = dataclasses.replace(r, labeller_gpus=max(0.0, min(1.0, free / r.labellers)))

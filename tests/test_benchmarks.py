@@ -4,26 +4,15 @@ No timing assertions: the figures depend on the machine and on what else runs on
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark
 
 
 def test_train_step_smoke_writes_json(tmp_path, capsys):
-    bench = _load("train_step")
+    bench = load_benchmark("train_step")
     out = tmp_path / "train_step.json"
     result = bench.main(["--smoke", "--device", "cpu", "--json", str(out)])
     written = json.loads(out.read_text())
@@ -46,6 +35,6 @@ def test_train_step_smoke_writes_json(tmp_path, capsys):
 
 
 def test_train_step_bad_geometry_is_one_line(tmp_path):
-    bench = _load("train_step")
+    bench = load_benchmark("train_step")
     with pytest.raises(SystemExit, match="train_step: patches.size"):
         bench.main(["--smoke", "--patch-size", "10", "--json", str(tmp_path / "x.json")])

@@ -5,15 +5,13 @@ No timing assertions: the figures depend on the machine and on what else runs on
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load_benchmark
+
 
 pytestmark = [
     pytest.mark.slow,  # Ray's start, the LabellerPool's and, with the baseline, two Ray Data pools: ~25 s
@@ -23,18 +21,10 @@ pytestmark = [
 ]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_patch_stream_smoke_writes_json(tmp_path, capsys):
     import ray
 
-    bench = _load("patch_stream")
+    bench = load_benchmark("patch_stream")
     out = tmp_path / "patch_stream.json"
     result = bench.main(["--smoke", "--per-execution-baseline", "--json", str(out)])
     assert not ray.is_initialized()  # the benchmark stopped the Ray it started
@@ -62,7 +52,7 @@ def test_patch_stream_smoke_writes_json(tmp_path, capsys):
 
 
 def test_patch_stream_bad_arguments_are_one_line(tmp_path):
-    bench = _load("patch_stream")
+    bench = load_benchmark("patch_stream")
     with pytest.raises(SystemExit, match="patch_stream: --labellers 0"):
         bench.main(["--smoke", "--labellers", "0", "--json", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="patch_stream: "):
