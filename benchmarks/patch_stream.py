@@ -64,6 +64,7 @@ import torch.nn.functional as F
 
 from cssl_ray.config import Config, ConfigError, load_config, merge, to_dict
 from cssl_ray.consistency import Teacher, noise_variance
+from cssl_ray.streams import RandomStreams
 from cssl_ray.data.synthetic import make_synthetic
 from cssl_ray.loop import frozen_norm_statistics, round_patches
 from cssl_ray.models import check_geometry, create_model
@@ -74,7 +75,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO, TARGET_WAIT = 2.0, 0.05
 SMOKE: dict[str, Any] = {
     "model": {"base_channels": 4, "depth": 2, "embed_dim": 16, "proj_hidden": 16},
-    "patches": {"size": 16, "min_pixels": 10, "per_class_per_image": 2, "batch_size": 12},
+    "patches": {"size": 16, "min_pixels": 10, "per_image": 6, "batch_size": 12},
     "consistency": {"batch_size": 2},
     "pseudo": {"threshold": 0.5},  # 20 supervised steps of a tiny model reach no 0.9 confidence
 }
@@ -141,13 +142,13 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.optim.lr)
         self.unlabelled = unlabelled[:cfg.consistency.batch_size]  # (B, C_in, H, W)
         self.lambda_ = noise_variance(0.0, cfg.consistency.eps)
-        self.generator = torch.Generator().manual_seed(0)
+        self.streams = RandomStreams(0)
 
     def step(self, patches: torch.Tensor, classes: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         with frozen_norm_statistics(self.model):
             out = cssl_objective(self.model, self.teacher, StepInputs(patches, classes, self.unlabelled), self.cfg,
-                                 lambda_=self.lambda_, generator=self.generator)
+                                 lambda_=self.lambda_, streams=self.streams)
             out["loss"].backward()
         self.optimizer.step()
 
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "load_average": load},
         "config": {"smoke": args.smoke, "config": args.config, "images": args.images, "labelled": n_l,
                    "image_size": list(d.image_size), "model": to_dict(cfg)["model"],
-                   "patch_size": pt.size, "per_class_per_image": pt.per_class_per_image,
+                   "patch_size": pt.size, "per_image": pt.per_image,
                    "batch_patches": pt.batch_size, "unlabelled_batch": cfg.consistency.batch_size,
                    "pretrain_steps": args.pretrain_steps, "repeats": args.repeats,
                    "resources": dataclasses.asdict(res),

@@ -63,6 +63,7 @@ from cssl_ray.loop import frozen_norm_statistics
 from cssl_ray.models import check_geometry, create_model
 from cssl_ray.objective import StepInputs, cssl_objective
 from cssl_ray.patches import class_balanced_batches, sample_patches
+from cssl_ray.streams import RandomStreams
 
 TARGET_RATIO = 0.5
 PRESETS: dict[str, dict[str, Any]] = {
@@ -95,7 +96,7 @@ class Workload:
     inputs: StepInputs  # patches (P, C_in, s, s), classes (P,), unlabelled (B, C_in, H, W)
     labelled: tuple[Tensor, Tensor]  # (B_sup, C_in, H, W), (B_sup, H, W) for the supervised step
     lambda_: float
-    generator: torch.Generator  # on the CPU, as in the loop: the noise is drawn there and moved
+    streams: RandomStreams  # on the CPU, as in the loop: the noise is drawn there and moved
     autocast: Callable[[], AbstractContextManager]
 
     @property
@@ -111,12 +112,13 @@ def make_batches(cfg: Config, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Te
     """CPU tensors: a class-balanced patch batch (P, C_in, s, s) and its classes (P,), unlabelled
     images (B, C_in, H, W), labelled images and masks for the supervised step."""
     d, pt = cfg.data, cfg.patches
-    per_image = pt.per_class_per_image * (d.num_classes - 1)
+    per_class = pt.windows_per_class(d.num_classes)
+    per_image = per_class * (d.num_classes - 1)
     n = max(math.ceil(pt.batch_size / per_image) + 2, cfg.consistency.batch_size, cfg.train.batch_size)
     images, masks = make_synthetic(n, d.image_size, d.num_classes, seed=seed, difficulty=d.difficulty,
                                    in_channels=d.in_channels)
     g = torch.Generator().manual_seed(seed)
-    patches, classes, _ = sample_patches(images, masks, pt.size, pt.min_pixels, per_class=pt.per_class_per_image,
+    patches, classes, _ = sample_patches(images, masks, pt.size, pt.min_pixels, per_class=per_class,
                                          mask=pt.mask, classes=range(1, d.num_classes),
                                          ignore_index=cfg.pseudo.ignore_index, generator=g)
     if patches.shape[0] == 0:
@@ -140,14 +142,14 @@ def build(cfg: Config, device: torch.device, data: tuple[Tensor, ...], *, bf16: 
     patches, unlabelled, x_sup = (t.contiguous(memory_format=fmt) for t in (patches, unlabelled, x_sup))
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     return Workload(cfg, model, teacher, optimizer, StepInputs(patches, classes, unlabelled), (x_sup, y_sup),
-                    noise_variance(0.0, cfg.consistency.eps), torch.Generator().manual_seed(0), autocast)
+                    noise_variance(0.0, cfg.consistency.eps), RandomStreams(0), autocast)
 
 
 def forward_backward(w: Workload, cfg: Config | None = None) -> None:
     """L_tot (or one part of it, through ``cfg``) forward and backward; fresh gradients."""
     w.optimizer.zero_grad(set_to_none=True)
     with w.autocast():
-        out = cssl_objective(w.model, w.teacher, w.inputs, cfg or w.cfg, lambda_=w.lambda_, generator=w.generator)
+        out = cssl_objective(w.model, w.teacher, w.inputs, cfg or w.cfg, lambda_=w.lambda_, streams=w.streams)
     out["loss"].backward()
 
 
@@ -215,7 +217,7 @@ def step_parts(w: Workload, repeats: int, device: torch.device) -> dict[str, flo
         w.optimizer.zero_grad(set_to_none=True)
         for part, cfg in (("cl", w.cfg_cl), ("cr", w.cfg_cr)):
             with w.autocast():
-                loss = cssl_objective(w.model, w.teacher, w.inputs, cfg, lambda_=w.lambda_, generator=w.generator)["loss"]
+                loss = cssl_objective(w.model, w.teacher, w.inputs, cfg, lambda_=w.lambda_, streams=w.streams)["loss"]
             sync(device)
             laps[f"{part}_forward"].append(time.perf_counter() - t)
             t = time.perf_counter()

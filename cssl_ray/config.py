@@ -72,8 +72,15 @@ class PatchConfig:
     size: int = 64  # side of the square class-wise patch window
     min_pixels: int = 25  # pixels of the patch's class a window must hold
     mask: Literal["others_all", "others_foreground", "none"] = "others_all"
-    per_class_per_image: int = 4  # windows drawn per (image, foreground class present)
+    # patch budget per image, split evenly over the C-1 foreground classes (windows per (image,
+    # class present) = max(1, per_image // (C-1))); paper: 816 patches from 8 images, ~100 each.
+    # Re-sampled every round from the current pseudo-labels.
+    per_image: int = 102
     batch_size: int = 816  # patches per contrastive batch (paper: 816)
+
+    def windows_per_class(self, num_classes: int) -> int:
+        """Windows drawn per (image, foreground class present)."""
+        return max(1, self.per_image // max(num_classes - 1, 1))
 
 
 @dataclass
@@ -102,26 +109,50 @@ class ConsistencyConfig:
     ema_decay: float = 0.99
     perturb: Literal["bottleneck", "all_levels"] = "bottleneck"
     batch_size: int = 8  # full unlabelled images per consistency batch (paper: 8)
+    # what lambda_ is the variance OF: "absolute" = the paper's letter, r ~ N(0, lambda_ I); "relative"
+    # = r ~ N(0, lambda_ Var_c(h)), lambda_ times each bottleneck channel's own variance (measured on
+    # the batch, detached), since lambda_ in [eps, 1 + eps] only makes sense against a feature scale
+    # the paper does not state (docs/science.md)
+    noise: Literal["absolute", "relative"] = "absolute"
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-3  # Adam
     weight_decay: float = 0.0
-    plateau_factor: float = 0.1  # ReduceLROnPlateau on validation loss
+    plateau_factor: float = 0.1  # stage A: ReduceLROnPlateau on validation loss
     plateau_patience: int = 5
+    # The rounds (the same for every cell of an ablation): the rate restarts at round_lr (0 = optim.lr)
+    # when round 1 begins, with fresh Adam moments when round_fresh_moments, a linear warm-up over the
+    # first round_warmup_steps optimiser steps, then constant or a cosine decay over train.max_rounds
+    # (per round). No plateau scheduler in the rounds: a rate that stage A's plateaus cut to 1e-5
+    # cannot move the model, and one cut by validation would differ between cells.
+    round_lr: float = 0.0
+    round_warmup_steps: int = 0
+    round_schedule: Literal["constant", "cosine"] = "constant"
+    round_fresh_moments: bool = True
 
 
 @dataclass
 class TrainConfig:
     seed: int = 0
     batch_size: int = 16  # supervised batch (paper: 16 at 320x256)
-    supervised_epochs: int = 50  # stage A
+    supervised_epochs: int = 50  # stage A: at most this many epochs (early stopping below)
+    # stage A stops after this many epochs without a better validation dice_mean and keeps its best
+    # weights (the paper trains the supervised model to convergence); 0 = run every epoch, keep the last
+    stage_a_patience: int = 10
     max_rounds: int = 20  # CSSL rounds (pseudo-label -> L_tot epoch -> fine-tune epoch -> validate)
-    steps_per_round: int = 0  # if > 0, cap the L_tot steps of one round (CPU budgets)
+    # an L_tot epoch is one pass over D_U: ceil(|D_U| / consistency.batch_size) steps for every cell
+    # with L_CL or L_CR; if > 0, this caps the steps of one round (CPU budgets)
+    steps_per_round: int = 0
     sup_steps_per_epoch: int = 0  # supervised / fine-tune steps per epoch; 0 = one pass over D_L
     augment: bool = True  # paired flips / 90-degree rotations of labelled images and masks
-    plateau_rounds: int = 5  # stop when L_tot has not improved by plateau_delta for this many rounds
+    # the stop rule of the rounds, the same for every cell: "max_rounds" runs every round (the best
+    # validation round is tested); "loss_plateau" (the paper's) stops when the round's training loss
+    # (L_tot; the fine-tune loss for cells without L_tot) has not improved by plateau_delta for
+    # plateau_rounds rounds - cells may then run different numbers of rounds
+    stop: Literal["max_rounds", "loss_plateau"] = "max_rounds"
+    plateau_rounds: int = 5
     plateau_delta: float = 1e-3
     use_cl: bool = True
     use_cr: bool = True
@@ -245,7 +276,7 @@ def validate(cfg: Config) -> Config:
     _check(pt.size >= 1 and all(pt.size <= s for s in d.image_size), "patches.size",
            f"1..min(data.image_size) ({min(d.image_size)})", pt.size)
     _check(1 <= pt.min_pixels <= pt.size * pt.size, "patches.min_pixels", f"1..patches.size^2 ({pt.size ** 2})", pt.min_pixels)
-    _check(pt.per_class_per_image >= 1, "patches.per_class_per_image", ">= 1", pt.per_class_per_image)
+    _check(pt.per_image >= 1, "patches.per_image", ">= 1", pt.per_image)
     _check(pt.batch_size >= 2, "patches.batch_size", ">= 2 (an anchor needs a positive)", pt.batch_size)
     _check(c.tau > 0, "contrastive.tau", "> 0", c.tau)
     _check(0.0 <= c.alpha_min, "contrastive.alpha_min", ">= 0", c.alpha_min)
@@ -259,6 +290,9 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= cfg.consistency.ema_decay < 1.0, "consistency.ema_decay", "0 <= decay < 1", cfg.consistency.ema_decay)
     _check(cfg.consistency.batch_size >= 1, "consistency.batch_size", ">= 1", cfg.consistency.batch_size)
     o, t = cfg.optim, cfg.train
+    _check(o.round_lr >= 0, "optim.round_lr", ">= 0 (0 = optim.lr)", o.round_lr)
+    _check(o.round_warmup_steps >= 0, "optim.round_warmup_steps", ">= 0", o.round_warmup_steps)
+    _check(t.stage_a_patience >= 0, "train.stage_a_patience", ">= 0 (0 = no early stopping)", t.stage_a_patience)
     _check(o.lr > 0, "optim.lr", "> 0", o.lr)
     _check(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
     _check(0.0 < o.plateau_factor < 1.0, "optim.plateau_factor", "0 < factor < 1", o.plateau_factor)

@@ -6,6 +6,8 @@ Legend (defaults in ``cssl_ray.config.ConsistencyConfig``):
     omega    silhouette of the last epoch's patch embeddings, in [-1, 1]
     eps      small offset >= 0 (default 0.01)
     lambda_  (omega + 1) / 2 + eps, the VARIANCE of the noise r ~ N(0, lambda_ I); std = sqrt(lambda_)
+             (``noise: absolute``, the paper's letter), or of r ~ N(0, lambda_ Var_c(h)) relative to
+             each channel's own variance over the batch (``noise: relative``; docs/science.md says why)
     h_hat    h + r, on the bottleneck only (default) or on every level (``perturb: all_levels``)
     y        D_prev(h): the teacher's (previous network's) prediction, no gradient
     y_hat    D(h_hat): the current decoder's prediction from perturbed features
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from cssl_ray.pseudo_labels import pseudo_labels
 
 PERTURB_MODES = ("bottleneck", "all_levels")
+NOISE_SCALES = ("absolute", "relative")
 
 
 def noise_variance(omega: float, eps: float) -> float:
@@ -40,17 +43,21 @@ def noise_variance(omega: float, eps: float) -> float:
 
 
 def perturb(feats: list[Tensor], lambda_: float, mode: str = "bottleneck",
-            generator: torch.Generator | None = None) -> list[Tensor]:
-    """h_hat = h + r with r ~ N(0, lambda_ I) on the bottleneck (last element) or on every level.
+            generator: torch.Generator | None = None, scale: str = "absolute") -> list[Tensor]:
+    """h_hat = h + r on the bottleneck (last element) or on every level.
 
+    scale "absolute": r ~ N(0, lambda_ I). scale "relative": r ~ N(0, lambda_ Var_c(h)), where
+    Var_c(h) is the variance of channel c of h over the batch and the pixels (B, H, W), detached,
+    so lambda_ is a noise-to-signal ratio whatever the features' scale.
     ``feats`` is the encoder's list, fine to coarse; a new list is returned and the inputs are not
-    modified. Gradients flow through h_hat into the encoder.
+    modified. Gradients flow through h_hat into the encoder (not through the variance).
     """
     if mode not in PERTURB_MODES:
         raise ValueError(f"perturb mode {mode!r} is unknown; choose one of {', '.join(PERTURB_MODES)}")
+    if scale not in NOISE_SCALES:
+        raise ValueError(f"noise scale {scale!r} is unknown; choose one of {', '.join(NOISE_SCALES)}")
     if lambda_ < 0:
         raise ValueError(f"lambda_ (a variance) must be >= 0, got {lambda_}")
-    std = math.sqrt(lambda_)
     first = len(feats) - 1 if mode == "bottleneck" else 0
     out = list(feats)
     for i in range(first, len(feats)):
@@ -58,6 +65,10 @@ def perturb(feats: list[Tensor], lambda_: float, mode: str = "bottleneck",
         # A CPU generator keeps runs reproducible across devices; draw there and move.
         gen_device = generator.device if generator is not None else h.device
         noise = torch.randn(h.shape, generator=generator, device=gen_device, dtype=h.dtype).to(h.device)
+        if scale == "relative":  # (1, C, 1, 1) per-channel std of the batch, no gradient
+            std = (lambda_ * h.detach().float().var(dim=(0, 2, 3), unbiased=False, keepdim=True)).sqrt().to(h.dtype)
+        else:
+            std = math.sqrt(lambda_)
         out[i] = h + std * noise
     return out
 
@@ -128,12 +139,12 @@ class Teacher:
 
 def consistency_step(model: nn.Module, teacher: Teacher, x_u: Tensor, lambda_: float, *,
                      threshold: float, ignore_index: int = 255, mode: str = "bottleneck",
-                     generator: torch.Generator | None = None) -> Tensor:
+                     generator: torch.Generator | None = None, scale: str = "absolute") -> Tensor:
     """L_CR for a batch of unlabelled images x_u (B, C_in, H, W)."""
     net = _unwrap(model)
     feats = net.encode(x_u)  # h, fine to coarse
     y = teacher.decode(feats)  # (B, C, H, W), no gradient
-    y_hat = net.decode(perturb(feats, lambda_, mode, generator))
+    y_hat = net.decode(perturb(feats, lambda_, mode, generator, scale))
     return consistency_loss(y, y_hat, threshold, ignore_index)
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cssl_ray.config import Config, ConfigError, from_dict, merge, to_dict
-from cssl_ray.search_space import ABLATION_CELLS, Resources, Space, cell_of, unflatten
+from cssl_ray.search_space import ABLATION_CELLS, CELL_DATA, Resources, Space, cell_of, unflatten
 
 CELL_KEY = "cell"  # a trial parameter naming an ablation cell (sets the three switches)
 SESSION_FILE = "cssl_session.json"
@@ -67,7 +67,8 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
     extra = {k: v for k, v in params.items() if k != CELL_KEY}
     cfg_dict = merge(base, unflatten(extra))
     if CELL_KEY in params:
-        cfg_dict = merge(cfg_dict, {"train": dict(ABLATION_CELLS[params[CELL_KEY]])})
+        cell = params[CELL_KEY]
+        cfg_dict = merge(cfg_dict, {"train": dict(ABLATION_CELLS[cell]), "data": dict(CELL_DATA.get(cell, {}))})
     return from_dict(cfg_dict)
 
 
@@ -191,7 +192,9 @@ def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any
             from cssl_ray.tracking import flatten_config
             params = dict(trial.config)
             cfg = trial_config(base, params)
-            tags = {**base_tags, **run_tags(cfg), "cssl.trial_id": trial.trial_id,
+            # the labelled share of the experiment, also for a reference cell that labels everything
+            nominal = trial_config(base, {k: v for k, v in params.items() if k != CELL_KEY})
+            tags = {**base_tags, **run_tags(cfg, params.get(CELL_KEY), nominal), "cssl.trial_id": trial.trial_id,
                     **{f"param.{k}": str(v) for k, v in params.items()}}
             name = trial_name(trial.trial_id, params)
             run_id = self.tracker.start_child(parent_id, trial.trial_id, name, flatten_config(to_dict(cfg)), tags)
@@ -216,6 +219,11 @@ def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any
             step = int((trial.last_result or {}).get("step", 0))
             if result:
                 self.tracker.log_metrics(run_id, {f"test_{k}": v for k, v in result["test"].items()}, step=step)
+                stage_a = {f"stage_a_{k}": v for k, v in result.get("stage_a", {}).items()}
+                self.tracker.log_metrics(run_id, {"best_round": float(result.get("best_round", 0)), **stage_a},
+                                         step=step)
+                if result.get("warnings"):
+                    self.tracker.set_tags(run_id, {"cssl.warning": " | ".join(result["warnings"])[:5000]})
             early = status == "FINISHED" and not result
             self.tracker.set_tags(run_id, {"cssl.early_stopped": str(early).lower(), "cssl.out_dir": str(out_dir)})
             if status == "FAILED" and trial.error_file:
@@ -271,10 +279,13 @@ def read_result(out_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def run_tags(cfg: Config) -> dict[str, str]:
-    d = cfg.data
-    return {"cssl.dataset": d.name, "cssl.labelled_fraction": str(d.labelled_fraction),
-            "cssl.labelled_count": str(d.labelled_count), "cssl.cell": cell_of(cfg), "cssl.seed": str(cfg.train.seed)}
+def run_tags(cfg: Config, cell: str | None = None, nominal: Config | None = None) -> dict[str, str]:
+    """Tags of a trial: dataset, the experiment's labelled share (``nominal``'s, so a reference cell
+    such as supervised_all sits in its experiment's table), cell (``cell``, else from the switches)."""
+    d, n = cfg.data, (nominal or cfg).data
+    return {"cssl.dataset": d.name, "cssl.labelled_fraction": str(n.labelled_fraction),
+            "cssl.labelled_count": str(n.labelled_count), "cssl.cell": cell or cell_of(cfg),
+            "cssl.seed": str(cfg.train.seed)}
 
 
 def trial_name(trial_id: str, params: dict[str, Any]) -> str:

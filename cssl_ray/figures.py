@@ -11,7 +11,7 @@
 
 Capture: every round the trainer calls ``pseudo_snapshot`` with the model that labels the round
 (``--local``: right before ``round_patches``; Ray: rank 0, right after publishing the round's
-weights) and keeps ``(round, labels)`` on ``local._State.snapshots``, so checkpoints carry them
+weights) and keeps ``(round, labels)`` on ``schedule.RunState.snapshots``, so checkpoints carry them
 and a resumed run keeps them. ``write_run_figures`` draws the three figures at the end, on the
 best-validation weights (``local.evaluate_best``); a figure whose data is missing is skipped and a
 failure is one warning line, never a failed run.
@@ -26,7 +26,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -38,9 +38,18 @@ from cssl_ray.patches import sample_patches
 from cssl_ray.pseudo_labels import predict_pseudo_labels
 from cssl_ray.silhouette import silhouette
 
-if TYPE_CHECKING:  # local imports this module
+if TYPE_CHECKING:
     from cssl_ray.data.bundle import DataBundle
-    from cssl_ray.local import _State
+
+
+class FigureSource(Protocol):
+    """What the figures read of a run (``schedule.RunState`` has it; this module does not import it,
+    since the state machine imports ``pseudo_snapshot`` from here)."""
+
+    model: nn.Module
+    aux: Any
+    history: list[dict[str, Any]]
+    snapshots: list[tuple[int, np.ndarray]]
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +92,7 @@ def val_patch_embeddings(model: nn.Module, cfg: Config, images: Tensor, masks: T
                          max_patches: int = MAX_EMBED_PATCHES, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Embeddings of class-wise patches of labelled images (Fig. 4's points).
 
-    Patches are drawn as in a round (``patches.size``, ``min_pixels``, ``per_class_per_image``,
+    Patches are drawn as in a round (``patches.size``, ``min_pixels``, ``per_image``,
     ``mask``; foreground classes only), a seeded subset of at most ``max_patches`` is kept, and each
     is embedded with the projection head: z = normalize(g(pool(E(w)))).
 
@@ -93,8 +102,9 @@ def val_patch_embeddings(model: nn.Module, cfg: Config, images: Tensor, masks: T
     """
     pt = cfg.patches
     generator = torch.Generator().manual_seed(seed)
-    patches, classes, _ = sample_patches(images, masks, pt.size, pt.min_pixels, per_class=pt.per_class_per_image,
-                                         mask=pt.mask, classes=list(range(1, cfg.data.num_classes)),
+    per_class = pt.windows_per_class(cfg.data.num_classes)
+    patches, classes, _ = sample_patches(images, masks, pt.size, pt.min_pixels, per_class=per_class, mask=pt.mask,
+                                         classes=list(range(1, cfg.data.num_classes)),
                                          ignore_index=cfg.pseudo.ignore_index, generator=generator)
     if patches.shape[0] > max_patches:
         keep = torch.randperm(patches.shape[0], generator=generator)[:max_patches].sort().values
@@ -259,7 +269,7 @@ def plot_embeddings(z: Tensor | np.ndarray, classes: Tensor | np.ndarray, class_
 # The run's figures
 
 
-def write_run_figures(state: _State, cfg: Config, bundle: DataBundle, out_dir: str | Path, *,
+def write_run_figures(state: FigureSource, cfg: Config, bundle: DataBundle, out_dir: str | Path, *,
                       method: str = "pca") -> list[Path]:
     """Draw the run's figures into ``out_dir/figures/``; returns the files written.
 
@@ -288,7 +298,7 @@ def write_run_figures(state: _State, cfg: Config, bundle: DataBundle, out_dir: s
     return written
 
 
-def _refinement_figure(state: _State, bundle: DataBundle, path: Path) -> Path | None:
+def _refinement_figure(state: FigureSource, bundle: DataBundle, path: Path) -> Path | None:
     if not state.snapshots or bundle.unlabelled_images.shape[0] == 0:
         return None
     k = state.snapshots[0][1].shape[0]
@@ -297,13 +307,13 @@ def _refinement_figure(state: _State, bundle: DataBundle, path: Path) -> Path | 
                                   state.snapshots, bundle.class_names, path)
 
 
-def _omega_figure(state: _State, path: Path) -> Path | None:
+def _omega_figure(state: FigureSource, path: Path) -> Path | None:
     if not any(h.get("stage") == "round" and "omega" in h for h in state.history):
         return None
     return plot_omega(state.history, path)
 
 
-def _embedding_figure(state: _State, cfg: Config, bundle: DataBundle, path: Path, method: str) -> Path | None:
+def _embedding_figure(state: FigureSource, cfg: Config, bundle: DataBundle, path: Path, method: str) -> Path | None:
     seed = cfg.train.seed
     z, classes = val_patch_embeddings(state.model, cfg, bundle.val_images, bundle.val_masks, seed=seed)
     if z.shape[0] == 0:

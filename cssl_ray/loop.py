@@ -6,7 +6,7 @@ Each function takes its tensors and settings explicitly and returns a dict of py
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -21,8 +21,9 @@ from cssl_ray.contrastive import AuxiliaryGaussian
 from cssl_ray.metrics import SegmentationMetrics
 from cssl_ray.objective import StepInputs, cssl_objective, patch_embeddings
 from cssl_ray.patches import class_balanced_batches, sample_patches
-from cssl_ray.pseudo_labels import coverage, predict_pseudo_labels
+from cssl_ray.pseudo_labels import class_coverage, coverage, predict_pseudo_labels
 from cssl_ray.silhouette import silhouette
+from cssl_ray.streams import RandomStreams
 
 
 def index_batches(n: int, batch_size: int, steps: int = 0,
@@ -47,8 +48,13 @@ def index_batches(n: int, batch_size: int, steps: int = 0,
 def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, masks: Tensor, *,
                      batch_size: int, steps: int = 0, augment: bool = True, ignore_index: int = 255,
                      generator: torch.Generator | None = None,
-                     collectives: Collectives | None = None) -> dict[str, float]:
+                     collectives: Collectives | None = None,
+                     after_step: Callable[[], None] | None = None) -> dict[str, float]:
     """L_sup = H(D(E(x)), y) over D_L (stage A, and the fine-tune epoch of every round).
+
+    ``generator`` draws the batches and their augmentation (the run's ``streams.sup``: no other
+    purpose draws from it, so every cell of a seed sees the same supervised batches).
+    ``after_step`` runs after every optimiser step (the rounds' learning-rate schedule).
 
     Data parallel (``collectives``): each rank passes its shard and the same ``steps``; gradients
     are averaged over ranks after every backward and ``loss_sup`` is the mean over ranks."""
@@ -66,6 +72,8 @@ def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
         loss.backward()
         col.average_gradients(model)
         optimizer.step()
+        if after_step is not None:
+            after_step()
         total += loss.item()
         count += 1
     return col.mean_floats({"loss_sup": total / max(count, 1)})
@@ -74,19 +82,26 @@ def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
 @torch.no_grad()
 def round_patches(model: nn.Module, cfg: Config, labelled_images: Tensor, labelled_masks: Tensor,
                   unlabelled_images: Tensor, *, generator: torch.Generator | None = None,
-                  hidden_masks: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, float]]:
+                  hidden_masks: Tensor | None = None,
+                  class_names: list[str] | None = None) -> tuple[Tensor, Tensor, dict[str, float]]:
     """Steps B and C: pseudo-label D_U with the current model, then class-wise patches from D_L
     (ground truth) and D_U (pseudo-labels). Returns patches (P, C_in, s, s), classes (P,) and
-    stats: pseudo-label coverage, and, when ``hidden_masks`` is given, their accuracy on covered
-    pixels (a diagnostic only)."""
+    stats: pseudo-label coverage (all pixels, and per class: ``pseudo_coverage/<name>``, the share of
+    the pixels predicted as that class that pass the threshold), and, when ``hidden_masks`` is given,
+    their accuracy on covered pixels (a diagnostic only). ``patches.per_image`` windows per image,
+    split over the foreground classes present."""
     device = next(model.parameters()).device
     p, pt = cfg.pseudo, cfg.patches
     stats: dict[str, float] = {}
     images, labels = labelled_images, labelled_masks
     if unlabelled_images.shape[0] > 0:
-        pseudo = predict_pseudo_labels(model, unlabelled_images.to(device), p.threshold, p.ignore_index,
-                                       batch_size=cfg.consistency.batch_size).cpu()  # (U, H, W)
+        pseudo, argmax = predict_pseudo_labels(model, unlabelled_images.to(device), p.threshold, p.ignore_index,
+                                               batch_size=cfg.consistency.batch_size, with_argmax=True)
+        pseudo, argmax = pseudo.cpu(), argmax.cpu()  # (U, H, W) each
         stats["pseudo_coverage"] = coverage(pseudo, p.ignore_index)
+        names = class_names or [str(c) for c in range(cfg.data.num_classes)]
+        for name, share in zip(names, class_coverage(pseudo, argmax, cfg.data.num_classes)):
+            stats[f"pseudo_coverage/{name}"] = share
         if hidden_masks is not None:
             covered = pseudo != p.ignore_index
             correct = (pseudo == hidden_masks) & covered
@@ -95,7 +110,7 @@ def round_patches(model: nn.Module, cfg: Config, labelled_images: Tensor, labell
         labels = torch.cat([labelled_masks, pseudo])
     classes = list(range(1, cfg.data.num_classes))
     patches, patch_classes, _ = sample_patches(images, labels, pt.size, pt.min_pixels,
-                                               per_class=pt.per_class_per_image, mask=pt.mask,
+                                               per_class=pt.windows_per_class(cfg.data.num_classes), mask=pt.mask,
                                                classes=classes, ignore_index=p.ignore_index,
                                                generator=generator)
     stats["patches"] = float(patches.shape[0])
@@ -121,16 +136,27 @@ def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
             m.momentum = momentum
 
 
+def l_tot_steps(n_unlabelled: int, cfg: Config) -> int:
+    """Steps of one L_tot epoch: one pass over D_U in batches of ``consistency.batch_size``, capped
+    by ``train.steps_per_round`` (> 0). The same for every cell with L_CL or L_CR, so the ablation
+    compares losses, not amounts of work."""
+    n = math.ceil(n_unlabelled / cfg.consistency.batch_size)
+    return min(n, cfg.train.steps_per_round) if cfg.train.steps_per_round > 0 else n
+
+
 def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim.Optimizer,
                patches: Tensor, patch_classes: Tensor, unlabelled_images: Tensor, cfg: Config, *,
-               lambda_: float, aux: AuxiliaryGaussian | None = None,
-               generator: torch.Generator | None = None,
-               collectives: Collectives | None = None) -> dict[str, float]:
-    """One epoch of L_tot = w_cl L_CL + w_cr L_CR.
+               lambda_: float, streams: RandomStreams, aux: AuxiliaryGaussian | None = None,
+               collectives: Collectives | None = None,
+               after_step: Callable[[], None] | None = None) -> dict[str, float]:
+    """One epoch of L_tot = w_cl L_CL + w_cr L_CR: one pass over D_U.
 
-    Steps: one per class-balanced patch batch (or per unlabelled image batch when L_CL is off),
-    capped by ``train.steps_per_round``. Omega (silhouette of the patch embeddings) is measured at
-    every step and averaged over the epoch; the caller turns it into the next epoch's lambda_.
+    ``l_tot_steps`` steps; step k takes the k-th batch of ``consistency.batch_size`` images of a
+    shuffled pass over D_U for L_CR (every image once; the last batch may be smaller) and one
+    class-balanced batch of ``patches.batch_size`` patches of the round for L_CL (``patches`` holds
+    the round's ~``patches.per_image`` windows per image, so the batches pass over them about once).
+    A cell with only one of the losses runs the same steps and skips the other's input; omega
+    (silhouette of the patch embeddings) is measured at every step with patches and averaged.
 
     Data parallel (``collectives``, see ``cssl_ray.collectives``): each rank passes its own shard of
     patches and unlabelled images; the ranks agree on the step count (the minimum), average
@@ -141,61 +167,79 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
     col = collectives or Collectives()
     device = next(model.parameters()).device
     model.train()
+    n_u = unlabelled_images.shape[0]
+    n_steps = col.agree_steps(l_tot_steps(n_u, cfg))
+    u_batches = list(torch.randperm(n_u, generator=streams.cr).split(cfg.consistency.batch_size)) if n_u else []
     patch_batches: list[Tensor] = []
-    if patches.shape[0] > 0:
-        patch_batches = class_balanced_batches(patch_classes, cfg.patches.batch_size, generator=generator)
-    if t.use_cl:
-        n_steps = len(patch_batches)
-    else:  # L_CR only: one pass over D_U; patches are still embedded (no grad) to measure omega
-        n_steps = math.ceil(unlabelled_images.shape[0] / cfg.consistency.batch_size)
-    if t.steps_per_round > 0:
-        n_steps = min(n_steps, t.steps_per_round)
+    if patches.shape[0] > 0 and n_steps > 0:
+        patch_batches = class_balanced_batches(patch_classes, cfg.patches.batch_size, num_batches=n_steps,
+                                               generator=streams.patches)
     if col.agree_steps(len(patch_batches)) == 0:
         patch_batches = []  # some rank has no patch: omega's collectives need every rank
-    n_steps = col.agree_steps(n_steps)
-    u_iter = index_batches(unlabelled_images.shape[0], cfg.consistency.batch_size, steps=n_steps,
-                           generator=generator)
     sums: dict[str, float] = {"loss": 0.0, "loss_cl": 0.0, "loss_cr": 0.0, "anchors_without_positive": 0.0}
     omegas: list[float] = []
+    done = 0
     with frozen_norm_statistics(model):  # patches and noisy features must not move BN statistics
         for step in range(n_steps):
-            u_idx = next(u_iter, None)
-            x_u = unlabelled_images[u_idx].to(device) if (t.use_cr and u_idx is not None) else None
+            x_u = unlabelled_images[u_batches[step]].to(device) if (t.use_cr and u_batches) else None
             w = c = None
             if patch_batches:
-                idx = patch_batches[step % len(patch_batches)]
-                w, c = patches[idx].to(device), patch_classes[idx].to(device)
+                w, c = patches[patch_batches[step]].to(device), patch_classes[patch_batches[step]].to(device)
             if not (t.use_cl and w is not None) and x_u is None:
-                continue  # nothing to learn from (no patches and no unlabelled images)
+                continue  # nothing to learn from (no patches and no unlabelled images): the same on every rank
             inputs = StepInputs(w if t.use_cl else None, c if t.use_cl else None, x_u)
             out = cssl_objective(model, teacher if t.use_cr else None, inputs, cfg, lambda_=lambda_,
-                                 aux=aux, generator=generator)
+                                 aux=aux, streams=streams)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             col.average_gradients(model)
             optimizer.step()
+            if after_step is not None:
+                after_step()
             if teacher is not None:
                 teacher.update(model)
+            done += 1
             for k in sums:
                 if k in out:
                     sums[k] += float(out[k].detach())
             if w is not None:
-                omegas.append(_omega(model, out, w, c, cfg, aux, generator, col))
-    stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
+                omegas.append(_omega(model, w, c, cfg, aux, streams, col, out=out))
+    stats = {k: v / max(done, 1) for k, v in sums.items()}
     stats = col.mean_floats(stats)
-    stats["steps"] = float(n_steps)
+    stats["steps"] = float(done)
     stats["omega"] = sum(omegas) / len(omegas) if omegas else float("nan")
     return stats
 
 
 @torch.no_grad()
-def _omega(model: nn.Module, out: dict, patches: Tensor, classes: Tensor, cfg: Config,
-           aux: AuxiliaryGaussian | None, generator: torch.Generator | None,
-           col: Collectives | None = None) -> float:
-    """Silhouette of this step's patch embeddings (with the auxiliary class for one-class data).
+def measure_omega(model: nn.Module, patches: Tensor, patch_classes: Tensor, cfg: Config,
+                  aux: AuxiliaryGaussian | None, streams: RandomStreams,
+                  collectives: Collectives | None = None) -> float:
+    """Omega of the current model (eval mode) on one class-balanced batch of the round's patches:
+    round 1's lambda_ comes from the supervised model's own embeddings, not from a neutral guess.
+    NaN when no rank has a patch."""
+    col = collectives or Collectives()
+    batches = []
+    if patches.shape[0] > 0:
+        batches = class_balanced_batches(patch_classes, cfg.patches.batch_size, num_batches=1,
+                                         generator=streams.omega)
+    if col.agree_steps(len(batches)) == 0:
+        return float("nan")
+    device = next(model.parameters()).device
+    idx = batches[0]
+    return _omega(model, patches[idx].to(device), patch_classes[idx].to(device), cfg, aux, streams, col)
 
+
+@torch.no_grad()
+def _omega(model: nn.Module, patches: Tensor, classes: Tensor, cfg: Config, aux: AuxiliaryGaussian | None,
+           streams: RandomStreams, col: Collectives | None = None, out: dict | None = None) -> float:
+    """Silhouette of a step's patch embeddings (with the auxiliary class for one-class data).
+
+    ``out``: the step's objective output; its embeddings (and auxiliary samples) are reused when
+    L_CL computed them, else the patches are embedded here in eval mode (no gradient).
     With ``col``, the embeddings, classes and auxiliary samples of every rank are gathered first
     and rank 0's value is broadcast, so every rank uses the same omega (hence the same lambda_)."""
+    out = out or {}
     z = out.get("z")
     aux_batch = out.get("aux")
     if z is None:  # L_CL off: embed under no_grad just to measure clustering
@@ -204,18 +248,18 @@ def _omega(model: nn.Module, out: dict, patches: Tensor, classes: Tensor, cfg: C
         z = patch_embeddings(model, patches)
         model.train(was_training)
         if aux is not None:
-            aux_batch = aux.sample(cfg.contrastive.aux_samples or z.shape[0], generator=generator).to(z.device)
+            aux_batch = aux.sample(cfg.contrastive.aux_samples or z.shape[0], generator=streams.omega).to(z.device)
     s = cfg.silhouette
     if col is None or col.world_size == 1:
         return silhouette(z, classes, metric=s.metric, kind=s.kind, aux=aux_batch,
-                          max_samples=s.max_samples, generator=generator)
+                          max_samples=s.max_samples, generator=streams.omega)
     z, classes = col.gather(z), col.gather(classes)  # (sum_r P_r, D), (sum_r P_r,)
     if aux_batch is not None:
         aux_batch = col.gather(aux_batch)
     omega = float("nan")
-    if col.rank == 0:  # the subsample draws from rank 0's generator only
+    if col.rank == 0:  # the subsample draws from rank 0's stream only
         omega = silhouette(z, classes, metric=s.metric, kind=s.kind, aux=aux_batch,
-                           max_samples=s.max_samples, generator=generator)
+                           max_samples=s.max_samples, generator=streams.omega)
     return col.broadcast_float(omega)
 
 

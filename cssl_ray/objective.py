@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from cssl_ray.config import Config
 from cssl_ray.consistency import Teacher, consistency_step
 from cssl_ray.contrastive import AuxiliaryGaussian, contrastive_loss, sample_alpha
+from cssl_ray.streams import RandomStreams
 
 
 @dataclass
@@ -35,9 +36,10 @@ def patch_embeddings(model: nn.Module, patches: Tensor) -> Tensor:
 
 
 def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs, cfg: Config, *,
-                   lambda_: float, aux: AuxiliaryGaussian | None = None,
-                   generator: torch.Generator | None = None) -> dict[str, Tensor]:
-    """Compute L_tot for one step.
+                   lambda_: float, streams: RandomStreams, aux: AuxiliaryGaussian | None = None,
+                   ) -> dict[str, Tensor]:
+    """Compute L_tot for one step; alpha, the auxiliary samples and the noise each draw from their own
+    stream of ``streams`` (so turning one term off leaves the others' draws unchanged).
 
     Returns ``{"loss", "loss_cl", "loss_cr", "z", "anchors", "anchors_without_positive",
     "aux"}``: ``loss`` carries the gradient; ``z`` (detached patch embeddings) and ``aux``
@@ -55,13 +57,13 @@ def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs
         n = z.shape[0]
         alpha = aux_batch = aux_alpha = None
         if t.use_hard_negatives:
-            alpha = sample_alpha(n, c.alpha_min, c.alpha_max, c.hard_ratio, generator=generator).to(device)
+            alpha = sample_alpha(n, c.alpha_min, c.alpha_max, c.hard_ratio, generator=streams.alpha).to(device)
         if aux is not None:
             m = c.aux_samples or n
-            aux_batch = aux.sample(m, generator=generator).to(device=device, dtype=z.dtype)  # (M, D)
+            aux_batch = aux.sample(m, generator=streams.aux).to(device=device, dtype=z.dtype)  # (M, D)
             if t.use_hard_negatives:
                 aux_alpha = sample_alpha(n, c.alpha_min, c.alpha_max, c.hard_ratio, m=m,
-                                         generator=generator).to(device)
+                                         generator=streams.alpha).to(device)
         loss_cl, stats = contrastive_loss(z, inputs.patch_classes, c.tau, alpha, aux=aux_batch,
                                           aux_alpha=aux_alpha, return_stats=True)
         out["loss_cl"] = loss_cl
@@ -75,7 +77,8 @@ def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs
             raise ValueError("cssl_objective: use_cr needs a teacher")
         loss_cr = consistency_step(model, teacher, inputs.unlabelled, lambda_,
                                    threshold=cfg.pseudo.threshold, ignore_index=cfg.pseudo.ignore_index,
-                                   mode=cfg.consistency.perturb, generator=generator)
+                                   mode=cfg.consistency.perturb, generator=streams.noise,
+                                   scale=cfg.consistency.noise)
         out["loss_cr"] = loss_cr
         loss = loss + t.w_cr * loss_cr
     out["loss"] = loss

@@ -47,7 +47,7 @@ Shuffle: at iteration, ``iter_torch_batches(local_shuffle_buffer_size=shuffle_bu
 not ``Dataset.random_shuffle``. A global shuffle is an all-to-all barrier: no patch leaves before
 the last image is pseudo-labelled, so the trainer would wait a whole labelling pass every round.
 A local buffer of a few contrastive batches keeps the stream streaming and mixes patches of many
-images (one image gives ``per_class_per_image`` patches per class, contiguous in its block).
+images (one image gives ``patches.per_image`` patches, split over its classes, contiguous in its block).
 
 CPU budget (ENVIRONMENT.md: a stage with no CPU left waits forever): labellers hold
 ``labeller_cpus`` (0.5) each, a fixed set of ``labellers``, for the run; sampling tasks (the D_U
@@ -286,7 +286,7 @@ def sample_patch_rows(batch: Batch, *, config: Mapping[str, Any], label_column: 
         labels = torch.from_numpy(np.asarray(batch[label_column][i]).astype(np.int64))[None]  # (1, H, W)
         index, version = int(batch["index"][i]), int(batch["weights_version"][i])
         seed = patch_seed(cfg.train.seed, version if round_ is None else round_, labelled, index)
-        windows = sample_windows(labels, pt.size, pt.min_pixels, per_class=pt.per_class_per_image,
+        windows = sample_windows(labels, pt.size, pt.min_pixels, per_class=pt.windows_per_class(cfg.data.num_classes),
                                  classes=classes, ignore_index=ignore, generator=torch.Generator().manual_seed(seed))
         patches = extract_patches(image, labels, windows, pt.size, mask=pt.mask, ignore_index=ignore)  # (P, C, s, s)
         add(patches.numpy(), windows.classes.numpy(), index, version, windows.top.numpy(), windows.left.numpy())

@@ -70,7 +70,8 @@ def predict_pseudo_labels(
     threshold: float,
     ignore_index: int = 255,
     batch_size: int = 8,
-) -> Tensor:
+    with_argmax: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Pseudo-label ``images`` with ``model`` in eval mode.
 
     Args:
@@ -80,8 +81,11 @@ def predict_pseudo_labels(
         threshold, ignore_index: as in ``pseudo_labels``.
         batch_size: images per forward pass, >= 1.
 
+        with_argmax: also return the plain argmax labels (every pixel), for ``class_coverage``.
+
     Returns:
-        ``(N, H, W)`` int64 on the images' device; ``N = 0`` gives ``(0, H, W)``.
+        ``(N, H, W)`` int64 on the images' device; ``N = 0`` gives ``(0, H, W)``. With
+        ``with_argmax``, the tuple (pseudo-labels, argmax labels).
 
     The train/eval flag of every submodule is restored afterwards, so a model that was training
     (or had, e.g., frozen batch-norm layers in eval) comes back exactly as it was.
@@ -93,13 +97,14 @@ def predict_pseudo_labels(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n, _, h, w = images.shape
     if n == 0:
-        return torch.empty((0, h, w), dtype=torch.int64, device=images.device)
+        empty = torch.empty((0, h, w), dtype=torch.int64, device=images.device)
+        return (empty, empty.clone()) if with_argmax else empty
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else images.device
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        out = []
+        out, argmax = [], []
         for start in range(0, n, batch_size):
             batch = images[start : start + batch_size].to(device)
             logits = _logits_of(model(batch))  # (b, C, H, W)
@@ -108,10 +113,12 @@ def predict_pseudo_labels(
                     f"model logits must be (b, C, H, W) = ({batch.shape[0]}, C, {h}, {w}), got shape {tuple(logits.shape)}"
                 )
             out.append(pseudo_labels(logits, threshold, ignore_index).to(images.device))
+            if with_argmax:
+                argmax.append(logits.argmax(dim=1).to(images.device))
     finally:
         for m, training in modes:
             m.training = training
-    return torch.cat(out)
+    return (torch.cat(out), torch.cat(argmax)) if with_argmax else torch.cat(out)
 
 
 def merge_with_ground_truth(pseudo: Tensor, gt: Tensor | None) -> Tensor:
@@ -141,3 +148,18 @@ def coverage(labels: Tensor, ignore_index: int = 255) -> float:
     if total == 0:
         return 0.0
     return float((labels != ignore_index).sum().item()) / total
+
+
+def class_coverage(pseudo: Tensor, argmax: Tensor, num_classes: int) -> list[float]:
+    """Per class c: the share of the pixels predicted as c (argmax) that are confident enough to be
+    pseudo-labelled c, in [0, 1]; NaN for a class no pixel is predicted as.
+
+    A class far under 1% means the threshold is too high for this model: L_CL gets almost no patch
+    of it from D_U and L_CR almost no target. ``pseudo``, ``argmax``: equal shapes, as returned by
+    ``predict_pseudo_labels(..., with_argmax=True)``.
+    """
+    if pseudo.shape != argmax.shape:
+        raise ValueError(f"pseudo {tuple(pseudo.shape)} and argmax {tuple(argmax.shape)} shapes differ")
+    predicted = torch.bincount(argmax.flatten(), minlength=num_classes)[:num_classes]  # (C,)
+    confident = torch.bincount(pseudo[pseudo == argmax].flatten(), minlength=num_classes)[:num_classes]  # (C,)
+    return [float(confident[c]) / float(predicted[c]) if predicted[c] else float("nan") for c in range(num_classes)]

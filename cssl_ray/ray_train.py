@@ -32,7 +32,7 @@ Design choices:
   wrapper, because the L_tot step reaches encode/decode/project, not forward (see
   ``cssl_ray.collectives``). ``prepare_model`` only places the student on the device. The teacher
   is a plain module, never wrapped, never given gradients.
-- Checkpoints hold ``local._State.state_dict()`` plus every rank's generator state; rank 0 writes.
+- Checkpoints hold ``schedule.RunState.state_dict()`` plus every rank's random streams; rank 0 writes.
 """
 from __future__ import annotations
 
@@ -54,10 +54,11 @@ import torch
 from cssl_ray.collectives import Collectives, TorchCollectives
 from cssl_ray.config import Config, ConfigError, from_dict, to_dict, validate
 from cssl_ray.data.bundle import DataBundle, load_bundle
-from cssl_ray.local import RunResult, _plateaued, _State, evaluate_best, resolve_device, write_run_files
+from cssl_ray.local import RunResult, evaluate_best, resolve_device, write_run_files
 from cssl_ray.loop import evaluate, supervised_epoch
 from cssl_ray.models import check_geometry
 from cssl_ray.ray_init import init_ray
+from cssl_ray.schedule import RunState
 
 if TYPE_CHECKING:  # pipeline imports ray at module level; the CLI loads this module before Ray
     from cssl_ray.pipeline import StreamResources
@@ -104,17 +105,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # callers that start workers without one.
     bundle = ray.get(config["bundle"]) if config.get("bundle") is not None else load_bundle(cfg.data)
     shard = _RankShard(bundle, rank, world)
-    state = _State(cfg, bundle, device)
-    state.generator.manual_seed(t.seed + rank)  # ranks draw different batches of their shards
+    state = RunState(cfg, device, rank=rank)  # ranks draw different batches of their shards (streams per rank)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a resumed run, or a restart after a worker failure
         with checkpoint.as_directory() as d:
             # CPU: the RNG states must stay CPU tensors; load_state_dict moves the rest to the device
             saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
         state.load_state_dict(saved)
-        generators = saved.get("rank_generators") or []
-        if len(generators) == world:
-            state.generator.set_state(generators[rank])
+        streams = saved.get("rank_streams") or []
+        if len(streams) == world:
+            state.streams.load_state_dict(streams[rank])
     # The student only, on this worker's device. No DDP wrapper: gradients are averaged explicitly
     # after every backward over the gloo / NCCL group Ray Train set up (cssl_ray.collectives says
     # why); broadcast_state starts every rank from rank 0's weights, as DDP's constructor would.
@@ -123,36 +123,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     col.broadcast_state(state.model)
 
     sup = dict(batch_size=t.batch_size, steps=_sup_steps(cfg, bundle.labelled_images.shape[0], world),
-               augment=t.augment, ignore_index=cfg.pseudo.ignore_index, generator=state.generator)
+               augment=t.augment, ignore_index=cfg.pseudo.ignore_index, generator=state.streams.sup)
 
     def fine_tune() -> dict[str, float]:
         stats = supervised_epoch(state.model, state.optimizer, shard.labelled_images, shard.labelled_masks,
-                                 collectives=col, **sup)
+                                 collectives=col, after_step=state.after_round_step if state.stage_a_done else None,
+                                 **sup)
         col.broadcast_buffers(state.model)  # BN statistics moved on each rank's own batches
         return stats
 
-    def validate_and_record(record: dict[str, Any]) -> None:
+    def validate_and_record(record: dict[str, Any]) -> dict[str, float]:
         val = evaluate(state.model, shard.val_images, shard.val_masks, num_classes=cfg.data.num_classes,
                        class_names=bundle.class_names, ignore_index=cfg.pseudo.ignore_index,
                        batch_size=cfg.consistency.batch_size, collectives=col)
-        state.scheduler.step(val["loss"])  # the same all-reduced value on every rank
+        if not state.stage_a_done:
+            state.scheduler.step(val["loss"])  # stage A only; the same all-reduced value on every rank
         record.update({f"val_{k}": v for k, v in val.items()})
         record["lr"] = state.optimizer.param_groups[0]["lr"]
         state.history.append(record)
         record["step"] = len(state.history)  # validation index: MLflow's step, equal in local and Ray runs
-        state.track_best(val)
         if rank == 0:
             where = f"supervised epoch {record['epoch']}" if "epoch" in record else f"round {record['round']}"
             log.info("[cssl_ray] %s: val dice %.4f, val loss %.4f", where, val["dice_mean"], val["loss"])
+        return val
 
-    if state.round == 0 and not state.history:  # stage A (skipped when resuming past it)
+    if not state.stage_a_done:  # stage A (skipped when resuming past it)
         for epoch in range(t.supervised_epochs):
-            validate_and_record({"stage": "supervised", "round": 0, "epoch": epoch, **fine_tune()})
+            val = validate_and_record({"stage": "supervised", "round": 0, "epoch": epoch, **fine_tune()})
+            if state.after_stage_a_epoch(epoch, val):  # the same all-reduced val on every rank
+                break
+        state.finish_stage_a()
         _report(state, cfg, state.history[-1] if state.history else {"stage": "supervised", "round": 0}, col)
 
     cssl_on = t.use_cl or t.use_cr
     while state.round < t.max_rounds:
-        state.round += 1
+        state.start_round()
         record: dict[str, Any] = {"stage": "round", "round": state.round}
         if cssl_on:
             started = time.perf_counter()
@@ -166,8 +171,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state.take_snapshot(cfg, bundle.unlabelled_images)
             record.update(state.l_tot_epoch(cfg, patches, classes, shard.unlabelled_images, col))
         record.update(fine_tune())
-        validate_and_record(record)
-        stop = cssl_on and _plateaued(state, record["loss"], t.plateau_delta, t.plateau_rounds)
+        state.track_best(validate_and_record(record))
+        stop = state.should_stop(record)
         _report(state, cfg, record, col)
         if stop:
             break
@@ -235,11 +240,11 @@ def _pseudo_stats(counts: dict[str, int], with_accuracy: bool, col: Collectives)
     return pseudo_stats(dict(zip(COUNT_COLUMNS, summed.tolist())), with_accuracy)
 
 
-def _report(state: _State, cfg: Config, record: dict[str, Any], col: Collectives) -> None:
+def _report(state: RunState, cfg: Config, record: dict[str, Any], col: Collectives) -> None:
     """ray.train.report on every rank (Train V2 requires it); rank 0 attaches the checkpoint."""
     import ray.train
 
-    generators = col.gather_objects(state.generator.get_state())  # a collective: every rank
+    streams = col.gather_objects(state.streams.state_dict())  # a collective: every rank
     digests = col.gather_objects(_parameter_digest(state.model))
     metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str))}
     metrics["ranks_identical"] = float(len(set(digests)) == 1)  # data-parallel invariant, checked every report
@@ -247,7 +252,7 @@ def _report(state: _State, cfg: Config, record: dict[str, Any], col: Collectives
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as d:
-        torch.save({**state.state_dict(), "config": to_dict(cfg), "rank_generators": generators},
+        torch.save({**state.state_dict(), "config": to_dict(cfg), "rank_streams": streams},
                    Path(d) / STATE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -375,7 +380,7 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
     # Test once, here, on the best-validation weights the last checkpoint carries.
     with result.checkpoint.as_directory() as d:
         saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-    state = _State(cfg, bundle, resolve_device(cfg.train.device))
+    state = RunState(cfg, resolve_device(cfg.train.device))
     state.load_state_dict(saved)
     done = evaluate_best(state, cfg, bundle, out_dir, start)
     return RayRunResult(**vars(done), reports=[m for _, m in (result.best_checkpoints or [])])

@@ -29,7 +29,7 @@ from scipy import stats
 
 from cssl_ray import tracking
 
-CELL_ORDER = ("supervised", "cl", "cl_hn", "cr", "cl_cr", "cssl")
+CELL_ORDER = ("supervised", "cl", "cl_hn", "cr", "cl_cr", "cssl", "supervised_all")
 METHOD_NAMES = {
     "supervised": "Supervised",
     "cl": "CL",
@@ -37,6 +37,7 @@ METHOD_NAMES = {
     "cr": "CR",
     "cl_cr": "CL + CR",
     "cssl": "CSSL (CL + hard neg. + CR)",
+    "supervised_all": "All labelled (reference)",
 }
 WITHOUT_CR = ("cl", "cl_hn")
 WITH_CR = ("cl_cr", "cssl")
@@ -149,6 +150,7 @@ def build_rows(runs: list[dict], metric: str = "test_dice_mean") -> list[dict[st
             "metric": metric,
             "runs": group,
             "stats": {k: _summary(_finite_values(group, k)) for k in keys},
+            "best_rounds": [int(v) for v in _finite_values(group, "best_round")],
         }
         if cell == "supervised":
             row["p"], row["test"] = None, "reference"
@@ -183,14 +185,29 @@ def table_cells(rows: list[dict], classes: list[str]) -> tuple[list[str], list[l
         return [], []
     metric = rows[0]["metric"]
     keys = [metric] + [class_prefix(metric) + c for c in classes]
-    header = ["labelled", "method", "n"] + [_header_name(k) for k in keys] + ["p vs supervised"]
+    header = ["labelled", "method", "n"] + [_header_name(k) for k in keys] + ["p vs supervised", "best round"]
     body = [
         [row["labelled"], row["method"], str(row["n"])]
         + [_fmt_stat(*row["stats"].get(k, (None, None))) for k in keys]
-        + [_fmt_p(row)]
+        + [_fmt_p(row), _fmt_best_rounds(row.get("best_rounds", []))]
         for row in rows
     ]
     return header, body
+
+
+def _fmt_best_rounds(rounds: list[int]) -> str:
+    """The rounds whose weights were tested, e.g. "0, 0, 3" (0 = stage A's, the supervised model)."""
+    return ", ".join(map(str, sorted(rounds))) if rounds else "n/a"
+
+
+def stage_a_note(rows: list[dict]) -> str:
+    """A line for tables in which every tested run kept stage A's weights (best round 0 everywhere):
+    then no round improved validation and the cells cannot differ through the rounds."""
+    rounds = [r for row in rows for r in row.get("best_rounds", [])]
+    if rounds and not any(rounds):
+        return ("Every run's best validation round is 0: all cells were tested on their stage-A (supervised) "
+                "weights, so this table cannot show an effect of the rounds.")
+    return ""
 
 
 def format_markdown(rows: list[dict], classes: list[str]) -> str:
@@ -200,7 +217,8 @@ def format_markdown(rows: list[dict], classes: list[str]) -> str:
         return ""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(lines) + "\n"
+    note = stage_a_note(rows)
+    return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
 
 
 # ---------------------------------------------------------------------------------------------

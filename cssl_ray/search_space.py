@@ -40,8 +40,10 @@ rejected (0.2 < 0.2 fails) although Tune would almost never draw that pair; keep
 draw sizes that are not multiples of the network stride).
 
 Ablation cells (the paper's Table 5, ``ABLATION_CELLS``; train.use_cl / use_cr / use_hard_negatives):
-supervised F F F, cl T F F, cl_hn T F T, cr F T F, cl_cr T T F, cssl T T T (the full method).
-``cell_of(cfg)`` maps a config back (hard negatives are irrelevant without use_cl).
+supervised F F F, cl T F F, cl_hn T F T, cr F T F, cl_cr T T F, cssl T T T (the full method), and
+the reference supervised_all (F F F with every training image labelled, ``CELL_DATA``).
+``cell_of(cfg)`` maps a config back (hard negatives are irrelevant without use_cl; a config cannot
+tell supervised_all from supervised, so trials carry their cell name).
 
 Loading a space never touches the dataset's files; only config-level checks run. Every error is
 a ``SpaceError``: one line, starting with the space file's path and naming the key.
@@ -73,7 +75,12 @@ ABLATION_CELLS: dict[str, dict[str, bool]] = {
     "cr": {"use_cl": False, "use_cr": True, "use_hard_negatives": False},
     "cl_cr": {"use_cl": True, "use_cr": True, "use_hard_negatives": False},
     "cssl": {"use_cl": True, "use_cr": True, "use_hard_negatives": True},  # the full method
+    # a reference, not a method: every training image labelled, the supervised schedule; it shows the
+    # headroom semi-supervision can recover (its data overrides: CELL_DATA)
+    "supervised_all": {"use_cl": False, "use_cr": False, "use_hard_negatives": False},
 }
+# data overrides of a cell (the rest of the split - val, test, the seed - is the experiment's)
+CELL_DATA: dict[str, dict[str, Any]] = {"supervised_all": {"labelled_fraction": 1.0, "labelled_count": 0}}
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 TOP_KEYS = ("name", "dataset", "labelled_fraction", "labelled_count", "base", "config", "search", "metric", "mode",
             "num_samples", "scheduler", "resources", "max_concurrent_trials", "ablation")
@@ -181,7 +188,7 @@ def cell_of(cfg: Config) -> str:
     """The ABLATION_CELLS name of ``cfg``'s switches (hard negatives only count with use_cl)."""
     t = cfg.train
     switches = {"use_cl": t.use_cl, "use_cr": t.use_cr, "use_hard_negatives": t.use_hard_negatives and t.use_cl}
-    return next(name for name, cell in ABLATION_CELLS.items() if cell == switches)
+    return next(name for name, cell in ABLATION_CELLS.items() if cell == switches)  # supervised before _all
 
 
 def unflatten(params: dict[str, Any]) -> dict:

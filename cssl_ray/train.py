@@ -23,7 +23,7 @@ from cssl_ray.config import ConfigError, Config, from_dict, load_config, merge, 
 SMOKE: dict[str, Any] = {
     "data": {"image_size": [32, 32], "n_train": 8, "n_val": 2, "n_test": 2, "labelled_fraction": 0.25},
     "model": {"base_channels": 4, "depth": 2, "embed_dim": 16, "proj_hidden": 16},
-    "patches": {"size": 16, "min_pixels": 10, "per_class_per_image": 2, "batch_size": 24},
+    "patches": {"size": 16, "min_pixels": 10, "per_image": 6, "batch_size": 24},
     "consistency": {"batch_size": 4},
     "train": {"batch_size": 4, "supervised_epochs": 2, "max_rounds": 2, "steps_per_round": 2},
 }

@@ -132,3 +132,23 @@ def test_cr_gradients_reach_student_encoder_and_decoder_not_teacher():
     assert len(enc) > 0
     assert all(p.grad is None for p in teacher.model.parameters())
     assert math.isfinite(loss.item())
+
+
+def test_relative_noise_scales_with_each_channel_variance():
+    """noise: relative -> r ~ N(0, lambda_ Var_c(h)): per channel, the empirical noise variance over
+    (B, H, W) is lambda_ times that channel's own variance (two channels 100x apart in scale)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(32, 2, 16, 16, generator=g) * torch.tensor([0.1, 10.0])[None, :, None, None]
+    lam = 0.5
+    r = perturb([h], lam, "bottleneck", torch.Generator().manual_seed(1), scale="relative")[0] - h
+    channel_var = h.var(dim=(0, 2, 3), unbiased=False)
+    assert torch.allclose(r.var(dim=(0, 2, 3)), lam * channel_var, rtol=0.05)
+    with pytest.raises(ValueError, match="noise scale"):
+        perturb([h], lam, "bottleneck", scale="loud")
+
+
+def test_relative_noise_carries_no_gradient_through_the_variance():
+    h = torch.randn(4, 3, 4, 4, requires_grad=True)
+    out = perturb([h], 0.3, "bottleneck", torch.Generator().manual_seed(0), scale="relative")[0]
+    out.sum().backward()
+    assert torch.equal(h.grad, torch.ones_like(h))  # d(h + std * noise)/dh = 1: std is detached

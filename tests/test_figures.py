@@ -11,7 +11,8 @@ from cssl_ray import checkpoint as ckpt
 from cssl_ray import figures
 from cssl_ray.figures import (IGNORE, plot_embeddings, plot_omega, plot_pseudo_refinement, project_2d,
                               pseudo_snapshot, write_run_figures)
-from cssl_ray.local import _State, run_local
+from cssl_ray.local import run_local
+from cssl_ray.schedule import RunState
 from cssl_ray.models import create_model
 from cssl_ray.pseudo_labels import predict_pseudo_labels
 from cssl_ray.train import build_config
@@ -143,9 +144,7 @@ def test_resume_keeps_snapshots(tmp_path):
 
 def test_old_checkpoints_without_snapshots_load(tmp_path):
     cfg = smoke(tmp_path)
-    from cssl_ray.data.bundle import load_bundle
-
-    state = _State(cfg, load_bundle(cfg.data), torch.device("cpu"))
+    state = RunState(cfg, torch.device("cpu"))
     old = state.state_dict()
     del old["snapshots"]
     state.snapshots = [(1, np.zeros((2, 32, 32), np.uint8))]
@@ -158,7 +157,7 @@ def test_a_failing_figure_is_one_warning_not_a_failed_run(tmp_path, monkeypatch,
     from cssl_ray.data.bundle import load_bundle
 
     bundle = load_bundle(cfg.data)
-    state = _State(cfg, bundle, torch.device("cpu"))
+    state = RunState(cfg, torch.device("cpu"))
     state.round = 1
     state.take_snapshot(cfg, bundle.unlabelled_images)
     state.history = [{"stage": "round", "round": 1, "omega": 0.2, "lambda": 0.5}]

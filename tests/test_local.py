@@ -91,7 +91,7 @@ def test_cli_smoke_prints_test_metrics(tmp_path, capsys):
 
 
 def test_ema_teacher_starts_from_the_supervised_model(tmp_path):
-    import cssl_ray.local as local
+    import cssl_ray.schedule as local
 
     seen = []
     orig = local.cssl_epoch

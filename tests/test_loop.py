@@ -8,13 +8,14 @@ from cssl_ray.consistency import Teacher
 from cssl_ray.data.synthetic import make_synthetic
 from cssl_ray.loop import cssl_epoch, frozen_norm_statistics, index_batches, round_patches
 from cssl_ray.models import create_model
+from cssl_ray.streams import RandomStreams
 
 
 def small_cfg(**train):
     return from_dict({
         "data": {"image_size": [32, 32]},
         "model": {"base_channels": 4, "depth": 2, "embed_dim": 8, "proj_hidden": 8},
-        "patches": {"size": 16, "min_pixels": 10, "per_class_per_image": 2, "batch_size": 4},
+        "patches": {"size": 16, "min_pixels": 10, "per_image": 6, "batch_size": 4},
         "consistency": {"batch_size": 2},
         "pseudo": {"threshold": 0.3},
         "train": {"steps_per_round": 2, **train},
@@ -42,7 +43,7 @@ def test_cssl_epoch_leaves_batchnorm_running_statistics_alone():
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     params_before = [p.detach().clone() for p in model.parameters()]
     stats = cssl_epoch(model, Teacher(model), torch.optim.Adam(model.parameters(), 1e-3), patches, classes,
-                       images[2:], cfg, lambda_=0.5, generator=torch.Generator().manual_seed(0))
+                       images[2:], cfg, lambda_=0.5, streams=RandomStreams(0))
     assert stats["steps"] == 2
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # statistics untouched

@@ -42,7 +42,7 @@ pytestmark = [
 CFG = from_dict({
     "data": {"image_size": [32, 32]},
     "model": {"base_channels": 4, "depth": 2, "embed_dim": 16, "proj_hidden": 16},
-    "patches": {"size": 16, "min_pixels": 10, "per_class_per_image": 2, "batch_size": 24},
+    "patches": {"size": 16, "min_pixels": 10, "per_image": 6, "batch_size": 24},
     "train": {"seed": 7},
 })
 RES = StreamResources(labellers=2, labeller_batch=1, sampler_batch=3)
@@ -90,7 +90,7 @@ def _reference(labels: torch.Tensor, idx: list[int], labelled: bool, round_: int
         gen = torch.Generator().manual_seed(patch_seed(CFG.train.seed, round_, labelled, i))
         pt = CFG.patches
         patches, classes, _ = sample_patches(IMAGES[i:i + 1], labels[k:k + 1], pt.size, pt.min_pixels,
-                                             per_class=pt.per_class_per_image, mask=pt.mask, classes=CLASSES,
+                                             per_class=pt.windows_per_class(CFG.data.num_classes), mask=pt.mask, classes=CLASSES,
                                              ignore_index=CFG.pseudo.ignore_index, generator=gen)
         key = sorted((int(c), p.numpy().tobytes()) for p, c in zip(patches, classes))
         if key:  # an image without a valid window has no rows in the stream

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -157,3 +159,27 @@ def test_coverage():
     assert coverage(labels, ignore_index=3) == 0.75
     assert coverage(torch.empty(0, 4, 4, dtype=torch.int64)) == 0.0
     assert coverage(torch.full((2, 3, 3), 255)) == 0.0
+
+
+def test_class_coverage_hand_computed():
+    from cssl_ray.pseudo_labels import class_coverage
+
+    # argmax: 4 pixels of class 0, 3 of class 1, none of class 2; confident: 1 of class 0, 3 of class 1
+    argmax = torch.tensor([[0, 0, 0, 0, 1, 1, 1]])
+    pseudo = torch.tensor([[0, 255, 255, 255, 1, 1, 1]])
+    cov = class_coverage(pseudo, argmax, 3)
+    assert cov[:2] == [0.25, 1.0] and math.isnan(cov[2])
+    with pytest.raises(ValueError, match="shapes differ"):
+        class_coverage(pseudo, argmax[:, :3], 3)
+
+
+def test_predict_with_argmax_matches_plain_argmax():
+    torch.manual_seed(0)
+    net = nn.Conv2d(1, 3, 3, padding=1)
+    images = torch.rand(3, 1, 8, 8)
+    pseudo, argmax = predict_pseudo_labels(net, images, 0.5, batch_size=2, with_argmax=True)
+    with torch.no_grad():
+        assert torch.equal(argmax, net(images).argmax(1))
+    assert torch.equal(pseudo, predict_pseudo_labels(net, images, 0.5))
+    empty = predict_pseudo_labels(net, images[:0], 0.5, with_argmax=True)
+    assert empty[0].shape == empty[1].shape == (0, 8, 8)

@@ -1,0 +1,229 @@
+"""The run's state machine, written once for both schedules (``cssl_ray.local``, ``cssl_ray.ray_train``).
+
+    stage A   supervised epochs on D_L, validating after each (ReduceLROnPlateau on val loss), up to
+              train.supervised_epochs; stops after train.stage_a_patience epochs without a better val
+              dice_mean and goes on from its best weights (the paper's converged supervised model)
+    round r   (round 1 first restarts the rate, see ``RunState.begin_rounds``)
+              pseudo-label D_U (B) -> class-wise patches (C) -> one L_tot epoch, a pass over D_U
+              -> one supervised fine-tune epoch on D_L -> validate -> checkpoint
+    stop      train.stop: after train.max_rounds (default), or when the round's training loss has
+              plateaued (the paper's rule); the same rule for every cell
+    test      once, on the best-validation weights (val dice_mean); never tuned on test data
+
+``RunState`` holds everything a checkpoint restores: the model, the optimiser and stage A's plateau
+scheduler, the random streams (``cssl_ray.streams``), the teacher, the auxiliary Gaussian, omega,
+the best weights, the history and the Fig. 2 snapshots. It draws no random number of its own.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cssl_ray.config import Config
+from cssl_ray.consistency import Teacher, noise_variance
+from cssl_ray.contrastive import AuxiliaryGaussian
+from cssl_ray.figures import SNAPSHOT_IMAGES, pseudo_snapshot
+from cssl_ray.loop import cssl_epoch, measure_omega
+from cssl_ray.models import create_model
+from cssl_ray.streams import RandomStreams
+
+log = logging.getLogger(__name__)
+
+LOW_COVERAGE = 0.01  # a class whose pseudo-label coverage is under this at round 1 gets a warning
+
+
+class RunState:
+    """Everything a round checkpoint restores, and the rules that move it on."""
+
+    def __init__(self, cfg: Config, device: torch.device, rank: int = 0):
+        t = cfg.train
+        self.cfg = cfg
+        torch.manual_seed(t.seed)  # the initial weights: the same in every cell of a seed
+        self.model: nn.Module = create_model(cfg.model, cfg.data.in_channels, cfg.data.num_classes).to(device)
+        self.optimizer = self._adam(cfg.optim.lr)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=cfg.optim.plateau_factor, patience=cfg.optim.plateau_patience)
+        self.streams = RandomStreams(t.seed, rank)
+        self.teacher: Teacher | None = None
+        if t.use_cr:
+            self.teacher = Teacher(self.model, cfg.consistency.teacher, cfg.consistency.ema_decay)
+        # One foreground class: the auxiliary Gaussian is the negative class (fixed from the seed).
+        self.aux: AuxiliaryGaussian | None = None
+        if cfg.data.num_classes == 2 and (t.use_cl or t.use_cr):
+            self.aux = AuxiliaryGaussian(cfg.model.embed_dim, cfg.contrastive.aux_sigma, seed=t.seed)
+        self.omega: float | None = None
+        self.round = 0
+        self.stage_a_done = False
+        self.stage_a_best_epoch = -1
+        self.round_steps = 0  # optimiser steps since round 1 began (the warm-up's clock)
+        self.best_dice = -math.inf
+        self.best_round = 0
+        self.best_val: dict[str, float] = {}
+        self.best_model: dict[str, torch.Tensor] = {}
+        self.best_loss = math.inf  # train.stop = loss_plateau
+        self.rounds_since_improvement = 0
+        self.warnings: list[str] = []  # one line each, e.g. a class with too little pseudo-label coverage
+        self.history: list[dict[str, Any]] = []
+        # (round, (k, H, W) uint8 pseudo-labels of the first k images of D_U): Fig. 2 (cssl_ray.figures)
+        self.snapshots: list[tuple[int, np.ndarray]] = []
+
+    def _adam(self, lr: float) -> torch.optim.Adam:
+        return torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=self.cfg.optim.weight_decay)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    _PLAIN = ("omega", "round", "stage_a_done", "stage_a_best_epoch", "round_steps", "best_dice", "best_round",
+              "best_val", "best_model", "best_loss", "rounds_since_improvement", "warnings", "history")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "streams": self.streams.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "teacher": self.teacher.state_dict() if self.teacher else None,
+            "aux": self.aux.state_dict() if self.aux else None,
+            **{k: getattr(self, k) for k in self._PLAIN},
+            "snapshots": [(r, torch.from_numpy(a)) for r, a in self.snapshots],  # tensors: weights_only-loadable
+        }
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.model.load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        self.streams.load_state_dict(s["streams"])
+        torch.set_rng_state(s["torch_rng"])
+        if self.teacher is not None and s["teacher"] is not None:
+            self.teacher.load_state_dict(s["teacher"])
+        if self.aux is not None and s["aux"] is not None:
+            self.aux.load_state_dict(s["aux"])
+        for k in self._PLAIN:
+            setattr(self, k, s[k])
+        self.snapshots = [(int(r), np.asarray(a, dtype=np.uint8)) for r, a in s.get("snapshots", [])]
+
+    # -- stage A -------------------------------------------------------------------------------
+
+    def after_stage_a_epoch(self, epoch: int, val: dict[str, float]) -> bool:
+        """Track the best weights after a stage-A validation; True when stage A should stop
+        (``train.stage_a_patience`` epochs without a better val dice_mean)."""
+        improved = self.track_best(val)
+        if improved:
+            self.stage_a_best_epoch = epoch
+        patience = self.cfg.train.stage_a_patience
+        return patience > 0 and epoch - self.stage_a_best_epoch >= patience
+
+    def finish_stage_a(self) -> None:
+        """Go on from stage A's best weights (with patience; without, from the last epoch's)."""
+        if self.cfg.train.stage_a_patience > 0 and self.best_model:
+            self.model.load_state_dict(self.best_model)
+        self.stage_a_done = True
+
+    # -- the rounds ----------------------------------------------------------------------------
+
+    def begin_rounds(self) -> None:
+        """Round 1's start: the rate restarts at ``optim.round_lr`` (``optim.lr`` if 0), with fresh
+        Adam moments when ``optim.round_fresh_moments``; the plateau scheduler stays with stage A."""
+        if self.cfg.optim.round_fresh_moments:
+            self.optimizer = self._adam(self.round_base_lr())
+        self.round_steps = 0
+        self.set_round_lr()
+
+    def round_base_lr(self) -> float:
+        return self.cfg.optim.round_lr or self.cfg.optim.lr
+
+    def round_lr(self) -> float:
+        """The rate now: warm-up over the first ``optim.round_warmup_steps`` steps of the rounds,
+        times the per-round decay (constant, or cosine from round 1 to past ``train.max_rounds``)."""
+        o = self.cfg.optim
+        lr = self.round_base_lr()
+        if o.round_warmup_steps > 0:
+            lr *= min(1.0, (self.round_steps + 1) / o.round_warmup_steps)
+        if o.round_schedule == "cosine" and self.cfg.train.max_rounds > 0:
+            lr *= 0.5 * (1.0 + math.cos(math.pi * (max(self.round, 1) - 1) / self.cfg.train.max_rounds))
+        return lr
+
+    def set_round_lr(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.round_lr()
+
+    def after_round_step(self) -> None:
+        """Called after every optimiser step of a round (L_tot and fine-tune alike)."""
+        self.round_steps += 1
+        self.set_round_lr()
+
+    def start_round(self) -> None:
+        if self.round == 0:
+            self.begin_rounds()
+        self.round += 1
+        self.set_round_lr()
+
+    def take_snapshot(self, cfg: Config, unlabelled_images: torch.Tensor) -> None:
+        """Keep this round's pseudo-labels of the first images of D_U (Fig. 2), if figures are on.
+        Call with the model that labels the round; it draws no random numbers."""
+        if not cfg.train.figures or unlabelled_images.shape[0] == 0:
+            return
+        snap = pseudo_snapshot(self.model, unlabelled_images[:SNAPSHOT_IMAGES], cfg)
+        self.snapshots = [(r, a) for r, a in self.snapshots if r != self.round] + [(self.round, snap)]
+
+    def check_coverage(self, stats: dict[str, float], class_names: list[str]) -> None:
+        """Round 1: warn (log and ``warnings``, which tracking turns into a tag) about every class whose
+        pseudo-label coverage is under 1% - the threshold is too high for this model."""
+        if self.round != 1:
+            return
+        for name in class_names:
+            share = stats.get(f"pseudo_coverage/{name}", float("nan"))
+            if not math.isnan(share) and share < LOW_COVERAGE:
+                line = (f"round 1: class {name!r} has {100 * share:.3g}% pseudo-label coverage at threshold "
+                        f"{self.cfg.pseudo.threshold} (under {100 * LOW_COVERAGE:g}%: lower pseudo.threshold, or "
+                        f"train stage A longer)")
+                log.warning("[cssl_ray] %s", line)
+                self.warnings.append(line)
+
+    def l_tot_epoch(self, cfg: Config, patches: torch.Tensor, classes: torch.Tensor, unlabelled: torch.Tensor,
+                    collectives: Any = None) -> dict[str, float]:
+        """The round's L_tot epoch: lambda_ from the last epoch's omega (round 1: omega of the
+        supervised model's own patch embeddings), the teacher, the epoch, the new omega."""
+        record: dict[str, float] = {}
+        if self.omega is None:
+            omega0 = measure_omega(self.model, patches, classes, cfg, self.aux, self.streams, collectives)
+            if not math.isnan(omega0):
+                self.omega = omega0
+                record["omega_before"] = omega0
+        omega = 0.0 if self.omega is None else self.omega  # no patch at all: neutral
+        lambda_ = noise_variance(omega, cfg.consistency.eps)
+        if self.teacher is not None and (cfg.consistency.teacher == "previous" or self.round == 1):
+            # previous: the network as it was at the end of the last epoch; ema: start the
+            # average from the supervised model, not from the random initialisation
+            self.teacher.snapshot(self.model)
+        stats = cssl_epoch(self.model, self.teacher, self.optimizer, patches, classes, unlabelled, cfg,
+                           lambda_=lambda_, aux=self.aux, streams=self.streams, collectives=collectives,
+                           after_step=self.after_round_step)
+        if not math.isnan(stats["omega"]):
+            self.omega = stats["omega"]
+        return {"lambda": lambda_, **record, **stats}
+
+    def track_best(self, val: dict[str, float]) -> bool:
+        """Keep the weights of the best val dice_mean so far; True when these are they."""
+        dice = val.get("dice_mean", float("nan"))
+        if math.isnan(dice) or dice < self.best_dice:
+            return False
+        self.best_dice, self.best_round, self.best_val = dice, self.round, dict(val)
+        self.best_model = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+        return True
+
+    def should_stop(self, record: dict[str, Any]) -> bool:
+        """The stop rule after a round (``train.stop``), the same for every cell."""
+        t = self.cfg.train
+        if t.stop == "max_rounds":
+            return False
+        loss = record.get("loss", record.get("loss_sup", math.nan))  # L_tot; the fine-tune loss without it
+        if loss < self.best_loss - t.plateau_delta:
+            self.best_loss, self.rounds_since_improvement = loss, 0
+        else:
+            self.rounds_since_improvement += 1
+        return self.rounds_since_improvement >= t.plateau_rounds

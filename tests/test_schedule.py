@@ -1,0 +1,189 @@
+"""The run's schedule (cssl_ray.schedule): the L_tot epoch as a pass over D_U, fair cells (equal steps,
+bit-identical supervised batches), stage A's early stop, omega before round 1, the coverage warning,
+the rounds' learning rate and the stop rule."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+
+import pytest
+import torch
+
+import cssl_ray.loop as loop
+from cssl_ray.config import from_dict
+from cssl_ray.consistency import Teacher
+from cssl_ray.data.synthetic import make_synthetic
+from cssl_ray.local import run_local
+from cssl_ray.models import create_model
+from cssl_ray.schedule import RunState
+from cssl_ray.search_space import ABLATION_CELLS
+from cssl_ray.streams import RandomStreams
+from cssl_ray.train import build_config
+
+
+def small_cfg(**sections):
+    base = {
+        "data": {"image_size": [32, 32]},
+        "model": {"base_channels": 4, "depth": 2, "embed_dim": 8, "proj_hidden": 8},
+        "patches": {"size": 16, "min_pixels": 10, "per_image": 6, "batch_size": 10},
+        "consistency": {"batch_size": 3},
+        "pseudo": {"threshold": 0.3},
+    }
+    for k, v in sections.items():
+        base[k] = {**base.get(k, {}), **v}
+    return from_dict(base)
+
+
+def epoch_inputs(cfg, n_unlabelled: int = 7):
+    torch.manual_seed(0)
+    model = create_model(cfg.model, 1, cfg.data.num_classes)
+    images, masks = make_synthetic(2 + n_unlabelled, (32, 32), 4, seed=0)
+    patches, classes, _ = loop.round_patches(model, cfg, images[:2], masks[:2], images[2:],
+                                             generator=torch.Generator().manual_seed(0))
+    # image i of D_U is the constant i: the L_CR batches tell which images they hold
+    unlabelled = torch.arange(n_unlabelled, dtype=torch.float32)[:, None, None, None].expand(-1, 1, 32, 32).clone()
+    return model, patches, classes, unlabelled
+
+
+def spy_objective(monkeypatch):
+    seen: list = []
+    orig = loop.cssl_objective
+
+    def spy(model, teacher, inputs, cfg, **kw):
+        seen.append(inputs)
+        return orig(model, teacher, inputs, cfg, **kw)
+
+    monkeypatch.setattr(loop, "cssl_objective", spy)
+    return seen
+
+
+def run_epoch(cfg, model, patches, classes, unlabelled):
+    return loop.cssl_epoch(model, Teacher(model), torch.optim.Adam(model.parameters(), 1e-3), patches, classes,
+                           unlabelled, cfg, lambda_=0.5, streams=RandomStreams(0))
+
+
+def test_l_tot_epoch_is_one_pass_over_d_u(monkeypatch):
+    cfg = small_cfg()
+    model, patches, classes, unlabelled = epoch_inputs(cfg, n_unlabelled=7)
+    seen = spy_objective(monkeypatch)
+    stats = run_epoch(cfg, model, patches, classes, unlabelled)
+    assert stats["steps"] == 3 == math.ceil(7 / 3) == len(seen)
+    used = [int(v) for s in seen for v in s.unlabelled[:, 0, 0, 0].tolist()]
+    assert sorted(used) == list(range(7))  # every D_U image exactly once
+    assert [s.unlabelled.shape[0] for s in seen] == [3, 3, 1]
+    assert all(s.patches.shape[0] == min(10, patches.shape[0]) for s in seen)  # patches.batch_size each
+    # the cap stays an option
+    capped = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps_per_round=2))
+    assert loop.l_tot_steps(7, capped) == 2 and loop.l_tot_steps(7, cfg) == 3
+
+
+def test_patch_budget_per_image():
+    cfg = small_cfg(patches={"per_image": 9})  # 3 foreground classes: 3 windows per (image, class)
+    assert cfg.patches.windows_per_class(cfg.data.num_classes) == 3
+    images, masks = make_synthetic(4, (32, 32), 4, seed=0)
+    model = create_model(cfg.model, 1, cfg.data.num_classes)
+    patches, classes, _ = loop.round_patches(model, cfg, images, masks, images[:0],
+                                             generator=torch.Generator().manual_seed(0))
+    present = sum(len(set(m.unique().tolist()) - {0}) for m in masks)  # (image, class) pairs (all have windows here)
+    assert patches.shape[0] <= 3 * present and patches.shape[0] > 0
+
+
+@pytest.mark.parametrize("cell", ["cl", "cr", "cl_cr", "cssl"])
+def test_every_cell_takes_the_same_l_tot_steps(cell, monkeypatch):
+    cfg = small_cfg(train=ABLATION_CELLS[cell])
+    model, patches, classes, unlabelled = epoch_inputs(cfg, n_unlabelled=7)
+    seen = spy_objective(monkeypatch)
+    assert run_epoch(cfg, model, patches, classes, unlabelled)["steps"] == 3 == len(seen)
+
+
+def digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_cells_of_a_seed_see_bit_identical_supervised_batches(tmp_path, monkeypatch):
+    """The supervised batches and their augmentation draw from their own stream: switching CL / CR on
+    changes nothing about them (stage A and every fine-tune epoch)."""
+    seen: list[str] = []
+    orig = loop.flip_rotate
+
+    def spy(x, y, generator):
+        out = orig(x, y, generator)
+        seen.append(digest(x, y, *out))
+        return out
+
+    monkeypatch.setattr(loop, "flip_rotate", spy)
+    sequences = {}
+    for cell in ("supervised", "cssl", "cr"):
+        seen.clear()
+        cfg = build_config(None, [f"train.out_dir={tmp_path / cell}", "train.progress=false", "train.figures=false",
+                                  "train.steps_per_round=0"], smoke=True)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **ABLATION_CELLS[cell]))
+        run_local(cfg)
+        sequences[cell] = list(seen)
+    assert len(sequences["supervised"]) == 4  # 2 stage-A epochs + 2 fine-tune epochs, one batch each
+    assert sequences["supervised"] == sequences["cssl"] == sequences["cr"]
+
+
+def test_omega_before_round_1_is_measured_on_the_supervised_model(tmp_path):
+    cfg = build_config(None, [f"train.out_dir={tmp_path}", "train.progress=false", "train.figures=false"], smoke=True)
+    result = run_local(cfg)
+    first = next(h for h in result.history if h["stage"] == "round")
+    assert -1.0 <= first["omega_before"] <= 1.0
+    assert first["lambda"] == pytest.approx((first["omega_before"] + 1) / 2 + cfg.consistency.eps)
+
+
+def test_stage_a_stops_early_and_keeps_its_best_weights(tmp_path):
+    cfg = build_config(None, [f"train.out_dir={tmp_path}", "train.progress=false", "train.figures=false",
+                              "train.supervised_epochs=40", "train.stage_a_patience=2", "train.max_rounds=0",
+                              "optim.lr=0.05"], smoke=True)
+    result = run_local(cfg)
+    stage_a = [h for h in result.history if h["stage"] == "supervised"]
+    dice = [h["val_dice_mean"] for h in stage_a]
+    best = max(range(len(dice)), key=lambda i: (dice[i], i))  # ties: the later epoch is kept
+    assert len(stage_a) < 40, "patience 2 never stopped 40 epochs on 8 smoke images"
+    assert len(stage_a) - 1 - best == 2  # stopped exactly `patience` epochs after the best
+    assert result.best_round == 0 and result.best_val["dice_mean"] == dice[best]
+    saved = torch.load(tmp_path / "round_000.pt", weights_only=False)
+    assert all(torch.equal(saved["model"][k], v) for k, v in saved["best_model"].items())  # goes on from the best
+
+
+def test_low_pseudo_label_coverage_is_warned_at_round_1(tmp_path, caplog):
+    cfg = build_config(None, [f"train.out_dir={tmp_path}", "train.progress=false", "train.figures=false",
+                              "pseudo.threshold=1.0", "train.max_rounds=1"], smoke=True)
+    with caplog.at_level("WARNING"):
+        result = run_local(cfg)
+    first = next(h for h in result.history if h["stage"] == "round")
+    low = [k for k, v in first.items() if k.startswith("pseudo_coverage/") and v < 0.01]
+    assert low, first
+    assert any("pseudo-label coverage" in r.message for r in caplog.records)
+    import json
+    warnings = json.loads((tmp_path / "result.json").read_text())["warnings"]
+    assert warnings and all("round 1" in w for w in warnings)
+
+
+def test_round_learning_rate_restart_warmup_and_cosine():
+    cfg = small_cfg(optim={"lr": 1e-3, "round_lr": 4e-4, "round_warmup_steps": 4, "round_schedule": "cosine"},
+                    train={"max_rounds": 4})
+    state = RunState(cfg, torch.device("cpu"))
+    state.optimizer.param_groups[0]["lr"] = 1e-5  # as stage A's plateaus leave it
+    old = state.optimizer
+    state.start_round()
+    assert state.optimizer is not old  # fresh Adam moments
+    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # warm-up step 1 of 4
+    for _ in range(3):
+        state.after_round_step()
+    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(4e-4)
+    state.start_round()  # round 2 of 4: cosine 0.5 * (1 + cos(pi / 4))
+    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(4e-4 * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_stop_rule_is_the_same_for_every_cell():
+    cfg = small_cfg(train={"stop": "loss_plateau", "plateau_rounds": 2, "plateau_delta": 0.0})
+    state = RunState(cfg, torch.device("cpu"))
+    assert [state.should_stop({"loss_sup": v}) for v in (1.0, 0.9, 0.95, 0.91)] == [False, False, False, True]
+    fixed = RunState(small_cfg(), torch.device("cpu"))
+    assert not any(fixed.should_stop({"loss": 1.0}) for _ in range(10))  # max_rounds: never early
