@@ -120,17 +120,19 @@ class ConsistencyConfig:
 class OptimConfig:
     lr: float = 1e-3  # Adam
     weight_decay: float = 0.0
-    plateau_factor: float = 0.1  # stage A: ReduceLROnPlateau on validation loss
+    plateau_factor: float = 0.1  # stage A only: ReduceLROnPlateau on validation loss
     plateau_patience: int = 5
-    # The rounds (the same for every cell of an ablation): the rate restarts at round_lr (0 = optim.lr)
-    # when round 1 begins, with fresh Adam moments when round_fresh_moments, a linear warm-up over the
-    # first round_warmup_steps optimiser steps, then constant or a cosine decay over train.max_rounds
-    # (per round). No plateau scheduler in the rounds: a rate that stage A's plateaus cut to 1e-5
-    # cannot move the model, and one cut by validation would differ between cells.
-    round_lr: float = 0.0
-    round_warmup_steps: int = 0
-    round_schedule: Literal["constant", "cosine"] = "constant"
-    round_fresh_moments: bool = True
+    # The rounds (the same for every cell of an ablation; docs/science.md has the measurements):
+    # cssl_lr > 0: each L_tot epoch steps its own Adam (created at round 1, fresh moments) at this rate.
+    #   L_CL's gradient on the encoder is 20-160x L_sup's, and stage A's tiny second moments would turn
+    #   the first L_tot steps into 1.5-3.4x lr per weight: at 1e-3 one epoch wrecks a converged model.
+    #   0 = the paper's letter: L_tot steps the supervised Adam at its current rate.
+    cssl_lr: float = 1e-4
+    # the supervised (fine-tune) epochs' rate in the rounds, stage A's Adam continuing; 0 = the rate
+    # stage A's plateau scheduler left (1e-5 after two cuts cannot move the model)
+    finetune_lr: float = 1e-4
+    round_warmup_steps: int = 0  # linear warm-up of the L_tot rate over its first steps (round 1 on)
+    round_schedule: Literal["constant", "cosine"] = "constant"  # per-round decay of both rates
 
 
 @dataclass
@@ -290,7 +292,8 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= cfg.consistency.ema_decay < 1.0, "consistency.ema_decay", "0 <= decay < 1", cfg.consistency.ema_decay)
     _check(cfg.consistency.batch_size >= 1, "consistency.batch_size", ">= 1", cfg.consistency.batch_size)
     o, t = cfg.optim, cfg.train
-    _check(o.round_lr >= 0, "optim.round_lr", ">= 0 (0 = optim.lr)", o.round_lr)
+    _check(o.cssl_lr >= 0, "optim.cssl_lr", ">= 0 (0 = L_tot steps the supervised optimiser)", o.cssl_lr)
+    _check(o.finetune_lr >= 0, "optim.finetune_lr", ">= 0 (0 = the rate stage A ended at)", o.finetune_lr)
     _check(o.round_warmup_steps >= 0, "optim.round_warmup_steps", ">= 0", o.round_warmup_steps)
     _check(t.stage_a_patience >= 0, "train.stage_a_patience", ">= 0 (0 = no early stopping)", t.stage_a_patience)
     _check(o.lr > 0, "optim.lr", "> 0", o.lr)

@@ -78,7 +78,7 @@ def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any
                        class_names=bundle.class_names, ignore_index=cfg.pseudo.ignore_index,
                        batch_size=cfg.consistency.batch_size)
         if not state.stage_a_done:
-            state.scheduler.step(val["loss"])  # stage A only; the rounds follow RunState.round_lr
+            state.scheduler.step(val["loss"])  # stage A only; the rounds' rates: RunState.begin_rounds
         record.update({f"val_{k}": v for k, v in val.items()})
         record["lr"] = state.optimizer.param_groups[0]["lr"]
         state.history.append(record)
@@ -127,7 +127,7 @@ def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any
             record["patches_per_s"] = pstats["patches"] / max(record["patch_wait_s"], 1e-9)
             record.update(state.l_tot_epoch(cfg, patches, classes, bundle.unlabelled_images))
         record.update(supervised_epoch(state.model, state.optimizer, bundle.labelled_images,
-                                       bundle.labelled_masks, after_step=state.after_round_step, **sup))
+                                       bundle.labelled_masks, **sup))
         state.track_best(validate_and_record(record))
         stop = state.should_stop(record)
         _save_round(state, cfg, out_dir)

@@ -48,13 +48,11 @@ def index_batches(n: int, batch_size: int, steps: int = 0,
 def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, masks: Tensor, *,
                      batch_size: int, steps: int = 0, augment: bool = True, ignore_index: int = 255,
                      generator: torch.Generator | None = None,
-                     collectives: Collectives | None = None,
-                     after_step: Callable[[], None] | None = None) -> dict[str, float]:
+                     collectives: Collectives | None = None) -> dict[str, float]:
     """L_sup = H(D(E(x)), y) over D_L (stage A, and the fine-tune epoch of every round).
 
     ``generator`` draws the batches and their augmentation (the run's ``streams.sup``: no other
     purpose draws from it, so every cell of a seed sees the same supervised batches).
-    ``after_step`` runs after every optimiser step (the rounds' learning-rate schedule).
 
     Data parallel (``collectives``): each rank passes its shard and the same ``steps``; gradients
     are averaged over ranks after every backward and ``loss_sup`` is the mean over ranks."""
@@ -72,8 +70,6 @@ def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
         loss.backward()
         col.average_gradients(model)
         optimizer.step()
-        if after_step is not None:
-            after_step()
         total += loss.item()
         count += 1
     return col.mean_floats({"loss_sup": total / max(count, 1)})

@@ -127,8 +127,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def fine_tune() -> dict[str, float]:
         stats = supervised_epoch(state.model, state.optimizer, shard.labelled_images, shard.labelled_masks,
-                                 collectives=col, after_step=state.after_round_step if state.stage_a_done else None,
-                                 **sup)
+                                 collectives=col, **sup)
         col.broadcast_buffers(state.model)  # BN statistics moved on each rank's own batches
         return stats
 

@@ -61,7 +61,9 @@ class RunState:
         self.round = 0
         self.stage_a_done = False
         self.stage_a_best_epoch = -1
-        self.round_steps = 0  # optimiser steps since round 1 began (the warm-up's clock)
+        self.cssl_optimizer: torch.optim.Adam | None = None  # L_tot's own Adam (rounds; optim.cssl_lr)
+        self.finetune_base_lr = cfg.optim.lr  # the supervised rate of the rounds, set at round 1
+        self.l_tot_steps = 0  # optimiser steps of L_tot epochs since round 1 (the warm-up's clock)
         self.best_dice = -math.inf
         self.best_round = 0
         self.best_val: dict[str, float] = {}
@@ -78,12 +80,14 @@ class RunState:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    _PLAIN = ("omega", "round", "stage_a_done", "stage_a_best_epoch", "round_steps", "best_dice", "best_round",
+    _PLAIN = ("omega", "round", "stage_a_done", "stage_a_best_epoch", "finetune_base_lr", "l_tot_steps",
+              "best_dice", "best_round",
               "best_val", "best_model", "best_loss", "rounds_since_improvement", "warnings", "history")
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "cssl_optimizer": self.cssl_optimizer.state_dict() if self.cssl_optimizer else None,
             "scheduler": self.scheduler.state_dict(), "streams": self.streams.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "teacher": self.teacher.state_dict() if self.teacher else None,
@@ -95,6 +99,10 @@ class RunState:
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.model.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
+        self.cssl_optimizer = None
+        if s["cssl_optimizer"] is not None:
+            self.cssl_optimizer = self._adam(self.cfg.optim.cssl_lr)
+            self.cssl_optimizer.load_state_dict(s["cssl_optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
         self.streams.load_state_dict(s["streams"])
         torch.set_rng_state(s["torch_rng"])
@@ -126,35 +134,43 @@ class RunState:
     # -- the rounds ----------------------------------------------------------------------------
 
     def begin_rounds(self) -> None:
-        """Round 1's start: the rate restarts at ``optim.round_lr`` (``optim.lr`` if 0), with fresh
-        Adam moments when ``optim.round_fresh_moments``; the plateau scheduler stays with stage A."""
-        if self.cfg.optim.round_fresh_moments:
-            self.optimizer = self._adam(self.round_base_lr())
-        self.round_steps = 0
+        """Round 1's start (``OptimConfig`` says why): L_tot gets its own Adam at ``optim.cssl_lr``
+        (0: it shares the supervised one, the paper's letter); the supervised Adam continues at
+        ``optim.finetune_lr`` (0: at the rate stage A ended at). The plateau scheduler stays with
+        stage A: a rate cut by validation would differ between the cells of an ablation."""
+        o = self.cfg.optim
+        if o.cssl_lr > 0 and (self.cfg.train.use_cl or self.cfg.train.use_cr):
+            self.cssl_optimizer = self._adam(o.cssl_lr)
+        self.finetune_base_lr = o.finetune_lr or self.optimizer.param_groups[0]["lr"]
+        self.l_tot_steps = 0
         self.set_round_lr()
 
-    def round_base_lr(self) -> float:
-        return self.cfg.optim.round_lr or self.cfg.optim.lr
+    def round_decay(self) -> float:
+        """Per-round factor of both rates: 1 (constant), or cosine from round 1 towards 0 past max_rounds."""
+        if self.cfg.optim.round_schedule == "cosine" and self.cfg.train.max_rounds > 0:
+            return 0.5 * (1.0 + math.cos(math.pi * (max(self.round, 1) - 1) / self.cfg.train.max_rounds))
+        return 1.0
 
-    def round_lr(self) -> float:
-        """The rate now: warm-up over the first ``optim.round_warmup_steps`` steps of the rounds,
-        times the per-round decay (constant, or cosine from round 1 to past ``train.max_rounds``)."""
+    def cssl_lr(self) -> float:
+        """L_tot's rate now: ``optim.cssl_lr`` with its linear warm-up over the first
+        ``optim.round_warmup_steps`` L_tot steps, times the round's decay."""
         o = self.cfg.optim
-        lr = self.round_base_lr()
-        if o.round_warmup_steps > 0:
-            lr *= min(1.0, (self.round_steps + 1) / o.round_warmup_steps)
-        if o.round_schedule == "cosine" and self.cfg.train.max_rounds > 0:
-            lr *= 0.5 * (1.0 + math.cos(math.pi * (max(self.round, 1) - 1) / self.cfg.train.max_rounds))
-        return lr
+        warm = min(1.0, (self.l_tot_steps + 1) / o.round_warmup_steps) if o.round_warmup_steps > 0 else 1.0
+        return o.cssl_lr * warm * self.round_decay()
 
     def set_round_lr(self) -> None:
+        if self.cssl_optimizer is not None:
+            for group in self.cssl_optimizer.param_groups:
+                group["lr"] = self.cssl_lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = self.round_lr()
+            group["lr"] = self.finetune_base_lr * self.round_decay()
 
-    def after_round_step(self) -> None:
-        """Called after every optimiser step of a round (L_tot and fine-tune alike)."""
-        self.round_steps += 1
-        self.set_round_lr()
+    def after_l_tot_step(self) -> None:
+        """Called after every optimiser step of an L_tot epoch (the warm-up's clock)."""
+        self.l_tot_steps += 1
+        if self.cssl_optimizer is not None:
+            for group in self.cssl_optimizer.param_groups:
+                group["lr"] = self.cssl_lr()
 
     def start_round(self) -> None:
         if self.round == 0:
@@ -200,9 +216,10 @@ class RunState:
             # previous: the network as it was at the end of the last epoch; ema: start the
             # average from the supervised model, not from the random initialisation
             self.teacher.snapshot(self.model)
-        stats = cssl_epoch(self.model, self.teacher, self.optimizer, patches, classes, unlabelled, cfg,
-                           lambda_=lambda_, aux=self.aux, streams=self.streams, collectives=collectives,
-                           after_step=self.after_round_step)
+        stats = cssl_epoch(self.model, self.teacher, self.cssl_optimizer or self.optimizer, patches, classes,
+                           unlabelled, cfg, lambda_=lambda_, aux=self.aux, streams=self.streams,
+                           collectives=collectives, after_step=self.after_l_tot_step)
+        stats["lr_cssl"] = (self.cssl_optimizer or self.optimizer).param_groups[0]["lr"]
         if not math.isnan(stats["omega"]):
             self.omega = stats["omega"]
         return {"lambda": lambda_, **record, **stats}

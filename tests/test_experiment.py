@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from cssl_ray.config import ConfigError, from_dict, to_dict
-from cssl_ray.experiment import TrialOutcome, best_outcome, make_callback, trial_config, tune_metrics
+from cssl_ray.experiment import TrialOutcome, best_outcome, make_callback, run_tags, trial_config, tune_metrics
 from cssl_ray.search_space import ABLATION_CELLS, cell_of
 from cssl_ray.tracking import find_runs, metric_history
 
@@ -32,7 +32,12 @@ def test_trial_config_applies_dotted_params_and_cells():
     cfg = trial_config(base, {"contrastive.tau": 0.25, "train.seed": 4})
     assert cfg.contrastive.tau == 0.25 and cfg.train.seed == 4 and cfg.train.max_rounds == 3
     for cell in ABLATION_CELLS:
-        assert cell_of(trial_config(base, {"cell": cell})) == cell
+        if cell != "supervised_all":  # a config cannot tell it from supervised: trials carry the name
+            assert cell_of(trial_config(base, {"cell": cell})) == cell
+    ref = trial_config(base, {"cell": "supervised_all"})
+    assert ref.data.labelled_fraction == 1.0 and ref.data.labelled_count == 0 and not ref.train.use_cl
+    tags = run_tags(ref, "supervised_all", trial_config(base, {}))
+    assert tags["cssl.cell"] == "supervised_all" and tags["cssl.labelled_fraction"] == str(base["data"]["labelled_fraction"])
     with pytest.raises(ConfigError, match="contrastive.tau"):
         trial_config(base, {"contrastive.tau": -1.0})
 

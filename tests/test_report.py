@@ -66,10 +66,10 @@ def test_welch_fallback_and_na() -> None:
 
     md = report.format_markdown(rows, report.classes_of(SUP + CL, "test_dice_mean"))
     lines = md.splitlines()
-    assert lines[0] == "| labelled | method | n | dice_mean | dice/liver | p vs supervised |"
-    assert "| 0.1 | Supervised | 3 | 0.720 ± 0.020 | 0.800 ± 0.100 | — |" in lines
-    assert "| 0.1 | CR | 1 | 0.710 | n/a | n/a |" in lines
-    assert "| 0.1 | CL + hard neg. | 1 | n/a | n/a | n/a |" in lines
+    assert lines[0] == "| labelled | method | n | dice_mean | dice/liver | p vs supervised | best round |"
+    assert "| 0.1 | Supervised | 3 | 0.720 ± 0.020 | 0.800 ± 0.100 | — | n/a |" in lines
+    assert "| 0.1 | CR | 1 | 0.710 | n/a | n/a | n/a |" in lines
+    assert "| 0.1 | CL + hard neg. | 1 | n/a | n/a | n/a | n/a |" in lines
     assert "(Welch)" in next(l for l in lines if "| CL |" in l)
 
 
@@ -142,3 +142,17 @@ def test_main_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert report.main(["--experiment", "abl", "--tracking-uri", uri, "--parent", "f" * 32]) == 2
     assert "not found" in capsys.readouterr().err
     assert tracking.get_run(uri, parent)["status"] == "FINISHED"
+
+
+def test_best_round_column_and_the_stage_a_note() -> None:
+    def with_round(run, best_round):
+        return {**run, "metrics": {**run["metrics"], "best_round": float(best_round)}}
+
+    runs = [with_round(r, 0) for r in SUP] + [with_round(r, 0) for r in CL]
+    rows = report.build_rows(runs, "test_dice_mean")
+    md = report.format_markdown(rows, [])
+    assert "| 0, 0, 0 |" in next(l for l in md.splitlines() if "| Supervised |" in l)
+    assert "best validation round is 0" in md  # every run kept stage A's weights: the table says so
+    rows = report.build_rows([with_round(r, 0) for r in SUP] + [with_round(CL[0], 3)], "test_dice_mean")
+    md = report.format_markdown(rows, [])
+    assert "best validation round is 0" not in md and "| 3 |" in md

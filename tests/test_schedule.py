@@ -165,20 +165,39 @@ def test_low_pseudo_label_coverage_is_warned_at_round_1(tmp_path, caplog):
     assert warnings and all("round 1" in w for w in warnings)
 
 
-def test_round_learning_rate_restart_warmup_and_cosine():
-    cfg = small_cfg(optim={"lr": 1e-3, "round_lr": 4e-4, "round_warmup_steps": 4, "round_schedule": "cosine"},
-                    train={"max_rounds": 4})
+def test_rounds_rates_own_l_tot_adam_warmup_and_cosine():
+    cfg = small_cfg(optim={"lr": 1e-3, "cssl_lr": 4e-4, "finetune_lr": 2e-4, "round_warmup_steps": 4,
+                           "round_schedule": "cosine"}, train={"max_rounds": 4})
     state = RunState(cfg, torch.device("cpu"))
     state.optimizer.param_groups[0]["lr"] = 1e-5  # as stage A's plateaus leave it
-    old = state.optimizer
+    sup = state.optimizer
     state.start_round()
-    assert state.optimizer is not old  # fresh Adam moments
-    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # warm-up step 1 of 4
+    assert state.optimizer is sup  # the supervised Adam continues (its moments too) ...
+    assert sup.param_groups[0]["lr"] == pytest.approx(2e-4)  # ... at finetune_lr
+    assert state.cssl_optimizer is not None and not state.cssl_optimizer.state  # L_tot: a fresh Adam
+    assert state.cssl_optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # warm-up step 1 of 4
     for _ in range(3):
-        state.after_round_step()
-    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(4e-4)
-    state.start_round()  # round 2 of 4: cosine 0.5 * (1 + cos(pi / 4))
-    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(4e-4 * 0.5 * (1 + math.cos(math.pi / 4)))
+        state.after_l_tot_step()
+    assert state.cssl_optimizer.param_groups[0]["lr"] == pytest.approx(4e-4)
+    state.start_round()  # round 2 of 4: cosine 0.5 * (1 + cos(pi / 4)) on both rates
+    decay = 0.5 * (1 + math.cos(math.pi / 4))
+    assert state.cssl_optimizer.param_groups[0]["lr"] == pytest.approx(4e-4 * decay)
+    assert sup.param_groups[0]["lr"] == pytest.approx(2e-4 * decay)
+    # checkpoints carry the L_tot optimiser
+    again = RunState(cfg, torch.device("cpu"))
+    again.load_state_dict(state.state_dict())
+    assert again.cssl_optimizer is not None and again.cssl_optimizer.param_groups[0]["lr"] == pytest.approx(4e-4 * decay)
+
+
+def test_paper_letter_shares_the_supervised_optimiser():
+    cfg = small_cfg(optim={"cssl_lr": 0.0, "finetune_lr": 0.0})
+    state = RunState(cfg, torch.device("cpu"))
+    state.optimizer.param_groups[0]["lr"] = 1e-5
+    state.start_round()
+    assert state.cssl_optimizer is None and state.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
+    supervised = RunState(small_cfg(train=ABLATION_CELLS["supervised"]), torch.device("cpu"))
+    supervised.start_round()
+    assert supervised.cssl_optimizer is None  # no L_tot epoch, no optimiser for it
 
 
 def test_stop_rule_is_the_same_for_every_cell():
