@@ -206,3 +206,55 @@ def test_stop_rule_is_the_same_for_every_cell():
     assert [state.should_stop({"loss_sup": v}) for v in (1.0, 0.9, 0.95, 0.91)] == [False, False, False, True]
     fixed = RunState(small_cfg(), torch.device("cpu"))
     assert not any(fixed.should_stop({"loss": 1.0}) for _ in range(10))  # max_rounds: never early
+
+
+@pytest.mark.slow
+def test_one_l_tot_epoch_keeps_a_converged_model():
+    """Regression (issue 9): after a converged stage A at the live rate (lr 1e-3, no plateau cut), one
+    L_tot epoch with the defaults (its own fresh Adam at optim.cssl_lr) keeps validation Dice within a
+    few points, while it still moves the weights. The paper's letter (L_tot on the supervised Adam at
+    1e-3, stage A's moments carried) drops it far more on the same model."""
+    from cssl_ray.data.bundle import load_bundle
+    from cssl_ray.loop import evaluate, supervised_epoch
+
+    def config(**optim):
+        return from_dict({
+            "data": {"image_size": [48, 48], "n_train": 24, "n_val": 6, "n_test": 2, "labelled_count": 4},
+            "model": {"base_channels": 8, "depth": 2, "embed_dim": 16, "proj_hidden": 16},
+            "patches": {"size": 16, "min_pixels": 10, "per_image": 24, "batch_size": 96},
+            "consistency": {"batch_size": 4}, "pseudo": {"threshold": 0.7},
+            "optim": {"plateau_patience": 1000, **optim},  # the rate stays live through stage A
+            "train": {"batch_size": 4, "sup_steps_per_epoch": 5},
+        })
+
+    cfg = config()
+    bundle = load_bundle(cfg.data)
+    state = RunState(cfg, torch.device("cpu"))
+
+    def val_dice(model) -> float:
+        return evaluate(model, bundle.val_images, bundle.val_masks, num_classes=4,
+                        class_names=bundle.class_names)["dice_mean"]
+
+    for epoch in range(60):  # converge: early stopping on validation
+        supervised_epoch(state.model, state.optimizer, bundle.labelled_images, bundle.labelled_masks,
+                         batch_size=4, steps=5, generator=state.streams.sup)
+        if state.after_stage_a_epoch(epoch, {"dice_mean": val_dice(state.model)}):
+            break
+    state.finish_stage_a()
+    converged, dice0 = state.state_dict(), val_dice(state.model)
+    assert epoch < 59 and dice0 > 0.2
+
+    drops = {}
+    for name, optim in (("default", {}), ("paper_letter", {"cssl_lr": 0.0, "finetune_lr": 0.0})):
+        run = RunState(config(**optim), torch.device("cpu"))
+        run.load_state_dict(converged)
+        run.start_round()
+        patches, classes, _ = loop.round_patches(run.model, run.cfg, bundle.labelled_images, bundle.labelled_masks,
+                                                 bundle.unlabelled_images, generator=run.streams.patches)
+        before = [p.detach().clone() for p in run.model.parameters()]
+        stats = run.l_tot_epoch(run.cfg, patches, classes, bundle.unlabelled_images)
+        assert stats["steps"] == 5 and stats["loss_cr"] > 0  # CR had confident targets to learn from
+        assert any(not torch.equal(a, p) for a, p in zip(before, run.model.parameters()))
+        drops[name] = dice0 - val_dice(run.model)
+    assert drops["default"] < 0.05, drops
+    assert drops["paper_letter"] > drops["default"] + 0.05, drops
