@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -206,13 +207,14 @@ def evaluate_best(state: RunState, cfg: Config, bundle: DataBundle, out_dir: Pat
 
 
 def stage_a_summary(history: list[dict[str, Any]]) -> dict[str, float]:
-    """Stage A as the rounds found it: epochs run, the best epoch and its val dice_mean."""
+    """Stage A as the rounds found it: epochs run, the converged epoch (lowest val loss: the weights
+    the rounds start from) and its val loss and dice_mean."""
     epochs = [h for h in history if h.get("stage") == "supervised"]
     if not epochs:
         return {}
-    best = max(epochs, key=lambda h: h.get("val_dice_mean", -1.0))
+    best = min(epochs, key=lambda h: h.get("val_loss", math.inf))
     return {"epochs": float(len(epochs)), "best_epoch": float(best["epoch"]),
-            "val_dice_mean": float(best.get("val_dice_mean", float("nan")))}
+            "val_loss": float(best.get("val_loss", math.nan)), "val_dice_mean": float(best.get("val_dice_mean", math.nan))}
 
 
 def _save_round(state: RunState, cfg: Config, out_dir: Path) -> None:
