@@ -140,8 +140,8 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 16  # supervised batch (paper: 16 at 320x256)
     supervised_epochs: int = 50  # stage A: at most this many epochs (early stopping below)
-    # stage A stops after this many epochs without a lower validation loss and goes on from the weights
-    # of the lowest (the paper trains the supervised model to convergence); 0 = every epoch, the last
+    # stage A stops after this many epochs without a better validation dice_mean and goes on from its
+    # best weights (the paper trains the supervised model to convergence); 0 = every epoch, the last
     stage_a_patience: int = 10
     max_rounds: int = 20  # CSSL rounds (pseudo-label -> L_tot epoch -> fine-tune epoch -> validate)
     # an L_tot epoch is one pass over D_U: ceil(|D_U| / consistency.batch_size) steps for every cell

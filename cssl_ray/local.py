@@ -207,14 +207,14 @@ def evaluate_best(state: RunState, cfg: Config, bundle: DataBundle, out_dir: Pat
 
 
 def stage_a_summary(history: list[dict[str, Any]]) -> dict[str, float]:
-    """Stage A as the rounds found it: epochs run, the converged epoch (lowest val loss: the weights
-    the rounds start from) and its val loss and dice_mean."""
+    """Stage A as the rounds found it: epochs run, the best epoch (the weights the rounds start
+    from) and its val dice_mean and loss."""
     epochs = [h for h in history if h.get("stage") == "supervised"]
     if not epochs:
         return {}
-    best = min(epochs, key=lambda h: h.get("val_loss", math.inf))
+    best = max(epochs, key=lambda h: h.get("val_dice_mean", -math.inf))
     return {"epochs": float(len(epochs)), "best_epoch": float(best["epoch"]),
-            "val_loss": float(best.get("val_loss", math.nan)), "val_dice_mean": float(best.get("val_dice_mean", math.nan))}
+            "val_dice_mean": float(best.get("val_dice_mean", math.nan)), "val_loss": float(best.get("val_loss", math.nan))}
 
 
 def _save_round(state: RunState, cfg: Config, out_dir: Path) -> None:
