@@ -17,6 +17,8 @@ def test_paper_defaults():
     assert cfg.optim.lr == 1e-3 and cfg.optim.plateau_factor == 0.1
     assert cfg.pseudo.threshold == 0.9 and cfg.pseudo.ignore_index == 255
     assert cfg.patches.mask == "others_all" and cfg.silhouette.metric == "manhattan"
+    assert cfg.patches.per_image * cfg.consistency.batch_size >= cfg.patches.batch_size  # 8 images fill 816
+    assert cfg.consistency.noise == "absolute"  # lambda is the noise variance itself, as written
 
 
 def test_yaml_overrides_nested(tmp_path):
@@ -50,6 +52,15 @@ def test_int_accepted_for_float():
     ({"data": {"image_size": [64]}}, "data.image_size: expected a list of 2 values"),
     ({"consistency": {"teacher": "mean"}}, "consistency.teacher"),
     ({"optim": {"plateau_factor": 1.0}}, "optim.plateau_factor"),
+    ({"optim": {"cssl_lr": -1e-4}}, "optim.cssl_lr"),
+    ({"optim": {"finetune_lr": -1.0}}, "optim.finetune_lr"),
+    ({"optim": {"round_warmup_steps": -1}}, "optim.round_warmup_steps"),
+    ({"optim": {"round_schedule": "linear"}}, "optim.round_schedule: 'linear' is not allowed"),
+    ({"train": {"stage_a_patience": -1}}, "train.stage_a_patience"),
+    ({"train": {"stop": "plateau"}}, "train.stop: 'plateau' is not allowed"),
+    ({"consistency": {"noise": "loud"}}, "consistency.noise: 'loud' is not allowed"),
+    ({"patches": {"per_image": 0}}, "patches.per_image"),
+    ({"patches": {"per_class_per_image": 4}}, "unknown config key 'patches.per_class_per_image'"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(overrides, needle):
     with pytest.raises(ConfigError) as e:
