@@ -35,7 +35,9 @@ Pseudo-label statistics: besides its patch rows, every D_U image gives ONE stats
 ``ignore_index``) and, when the rows carry ``hidden_mask``, covered pixels equal to it; patch rows
 count 0. A rank sums the counts of its shard and drops the stats rows (``split_stats_rows``); the
 sums all-reduced over ranks give ``--local``'s ``pseudo_coverage`` / ``pseudo_accuracy``
-(``pseudo_stats``), images without any patch included.
+(``pseudo_stats``), images without any patch included. Per class, the stats row also carries
+``CLASS_COUNT_COLUMNS`` ((C,) vectors: pixels predicted as each class, and those confident enough to
+be pseudo-labelled), for ``--local``'s ``pseudo_coverage/<class>`` (``pseudo_labels.class_coverage``).
 
 Reproducibility: the windows of an image are drawn with a generator seeded from
 ``(train.seed, round, labelled, index)`` (``patch_seed``), so the multiset of patches does not
@@ -77,7 +79,8 @@ from cssl_ray.weights import WeightsClient
 Batch = dict[str, np.ndarray]
 PATCH_COLUMNS = ("patch", "patch_class", "index", "labelled", "top", "left", "weights_version")
 COUNT_COLUMNS = ("pseudo_pixels", "pseudo_covered", "pseudo_correct")  # per D_U image, on its stats row
-STREAM_COLUMNS = PATCH_COLUMNS + COUNT_COLUMNS
+CLASS_COUNT_COLUMNS = ("class_predicted", "class_confident")  # (C,) per D_U image, on its stats row
+STREAM_COLUMNS = PATCH_COLUMNS + COUNT_COLUMNS + CLASS_COUNT_COLUMNS
 STATS_CLASS = -1  # patch_class of a stats row (no patch; see the module docstring)
 
 
@@ -166,8 +169,8 @@ class PseudoLabeller:
         version = self.weights.latest(self.model, self.min_version)  # reloads only when it changed
         images = torch.from_numpy(np.array(batch["image"], dtype=np.float32))  # (B, C, H, W), a writable copy
         p = self.cfg.pseudo
-        pseudo = predict_pseudo_labels(self.model, images, p.threshold, p.ignore_index,
-                                       batch_size=images.shape[0])  # (B, H, W) int64
+        pseudo, argmax = predict_pseudo_labels(self.model, images, p.threshold, p.ignore_index,
+                                               batch_size=images.shape[0], with_argmax=True)  # (B, H, W) each
         covered = pseudo != p.ignore_index  # (B, H, W)
         hidden = batch.pop("hidden_mask", None)
         correct = torch.zeros_like(covered)
@@ -179,6 +182,12 @@ class PseudoLabeller:
         batch["pseudo_pixels"] = np.full(b, pseudo[0].numel() if b else 0, dtype=np.int64)
         batch["pseudo_covered"] = covered.flatten(1).sum(1).numpy().astype(np.int64)
         batch["pseudo_correct"] = correct.flatten(1).sum(1).numpy().astype(np.int64)
+        c = self.cfg.data.num_classes
+        confident = torch.where(pseudo == argmax, argmax, c)  # (B, H, W); c = not confident
+        batch["class_predicted"] = np.stack([np.bincount(a.flatten(), minlength=c)[:c] for a in argmax.numpy()]
+                                            ).astype(np.int64).reshape(b, c)  # (B, C)
+        batch["class_confident"] = np.stack([np.bincount(a.flatten(), minlength=c + 1)[:c] for a in confident.numpy()]
+                                            ).astype(np.int64).reshape(b, c)  # (B, C)
         return batch
 
     __call__ = label  # Ray Data's map_batches calls the instance
@@ -270,13 +279,20 @@ def sample_patch_rows(batch: Batch, *, config: Mapping[str, Any], label_column: 
     pt, ignore = cfg.patches, cfg.pseudo.ignore_index
     classes = list(range(1, cfg.data.num_classes))
     stats = all(k in batch for k in COUNT_COLUMNS)
+    class_stats = all(k in batch for k in CLASS_COUNT_COLUMNS)
     out: dict[str, list[np.ndarray]] = {k: [] for k in STREAM_COLUMNS}
 
+    n_classes = cfg.data.num_classes
+
     def add(patches: np.ndarray, patch_class: np.ndarray, index: int, version: int, top: np.ndarray,
-            left: np.ndarray, counts: tuple[int, int, int] = (0, 0, 0)) -> None:
+            left: np.ndarray, counts: tuple[int, int, int] = (0, 0, 0),
+            class_counts: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         p = patches.shape[0]
         for k, v in (("patch", patches), ("patch_class", patch_class), ("top", top), ("left", left)):
             out[k].append(v)
+        for j, k in enumerate(CLASS_COUNT_COLUMNS):  # (p, C): the image's vectors on its stats row, else 0
+            out[k].append(np.zeros((p, n_classes), np.int64) if class_counts is None
+                          else np.broadcast_to(class_counts[j], (p, n_classes)).astype(np.int64))
         for k, v in (("index", index), ("labelled", labelled), ("weights_version", version),
                      *zip(COUNT_COLUMNS, counts)):
             out[k].append(np.full(p, v, bool if k == "labelled" else np.int64))
@@ -293,7 +309,8 @@ def sample_patch_rows(batch: Batch, *, config: Mapping[str, Any], label_column: 
         if stats:
             none = np.full(1, -1, np.int64)
             add(np.zeros((1, image.shape[1], pt.size, pt.size), np.float32), np.full(1, STATS_CLASS, np.int64),
-                index, version, none, none, tuple(int(batch[k][i]) for k in COUNT_COLUMNS))
+                index, version, none, none, tuple(int(batch[k][i]) for k in COUNT_COLUMNS),
+                tuple(np.asarray(batch[k][i]) for k in CLASS_COUNT_COLUMNS) if class_stats else None)
     if sum(len(c) for c in out["patch_class"]) == 0:
         # Ray 2.60 cannot store a 0-row (0, C, s, s) array as a tensor column; it falls back to a
         # pickled-object column whose schema clashes with the other blocks. {} is an empty block.
@@ -301,11 +318,15 @@ def sample_patch_rows(batch: Batch, *, config: Mapping[str, Any], label_column: 
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def split_stats_rows(cols: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+def split_stats_rows(cols: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Collected stream columns (numpy arrays or torch tensors, equal length) -> (the patch rows only,
-    the summed ``COUNT_COLUMNS``). Columns without the counts give counts of 0."""
+    the summed ``COUNT_COLUMNS`` (ints) and, where present, ``CLASS_COUNT_COLUMNS`` ((C,) lists)).
+    Columns without the counts give counts of 0 (class vectors: absent)."""
     keep = cols["patch_class"] >= 0
-    counts = {k: int(cols[k].sum()) if k in cols else 0 for k in COUNT_COLUMNS}
+    counts: dict[str, Any] = {k: int(cols[k].sum()) if k in cols else 0 for k in COUNT_COLUMNS}
+    for k in CLASS_COUNT_COLUMNS:
+        if k in cols and len(cols[k]):
+            counts[k] = [int(v) for v in cols[k].sum(0)]
     return {k: v[keep] for k, v in cols.items()}, counts
 
 

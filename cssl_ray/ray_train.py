@@ -164,8 +164,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             record["patches"] = float(col.sum_(torch.tensor(float(classes.shape[0]))))
             record["patch_wait_s"] = time.perf_counter() - started  # labelling + transfer, as the trainer saw it
             record["patches_per_s"] = record["patches"] / max(record["patch_wait_s"], 1e-9)
-            if bundle.unlabelled_images.shape[0]:  # --local's pseudo_coverage / _accuracy, over every rank's images
-                record.update(_pseudo_stats(counts, bundle.unlabelled_masks_hidden is not None, col))
+            if bundle.unlabelled_images.shape[0]:  # --local's pseudo_coverage (per class too) / _accuracy, all ranks' images
+                record.update(_pseudo_stats(counts, bundle.unlabelled_masks_hidden is not None, col, bundle.class_names))
+                state.check_coverage(record, bundle.class_names)
             if rank == 0:  # Fig. 2: pseudo-labels of the model published this round (no collective)
                 state.take_snapshot(cfg, bundle.unlabelled_images)
             record.update(state.l_tot_epoch(cfg, patches, classes, shard.unlabelled_images, col))
@@ -231,12 +232,20 @@ def _round_patch_shard(model: torch.nn.Module, round_: int, store_name: str,
     return cols["patch"][order].float(), cols["patch_class"][order].long(), counts
 
 
-def _pseudo_stats(counts: dict[str, int], with_accuracy: bool, col: Collectives) -> dict[str, float]:
-    """``pseudo_coverage`` (and ``pseudo_accuracy``) of the whole D_U: counts summed over ranks."""
-    from cssl_ray.pipeline import COUNT_COLUMNS, pseudo_stats
+def _pseudo_stats(counts: dict[str, Any], with_accuracy: bool, col: Collectives,
+                  class_names: list[str]) -> dict[str, float]:
+    """``pseudo_coverage`` (and ``pseudo_accuracy``) of the whole D_U, and ``pseudo_coverage/<class>``
+    as ``pseudo_labels.class_coverage`` defines it: counts summed over ranks."""
+    from cssl_ray.pipeline import CLASS_COUNT_COLUMNS, COUNT_COLUMNS, pseudo_stats
 
     summed = col.sum_(torch.tensor([float(counts[k]) for k in COUNT_COLUMNS], dtype=torch.float64))
-    return pseudo_stats(dict(zip(COUNT_COLUMNS, summed.tolist())), with_accuracy)
+    out = pseudo_stats(dict(zip(COUNT_COLUMNS, summed.tolist())), with_accuracy)
+    c = len(class_names)
+    vectors = [counts.get(k) or [0] * c for k in CLASS_COUNT_COLUMNS]  # a rank without D_U images: zeros
+    predicted, confident = col.sum_(torch.tensor(vectors, dtype=torch.float64)).tolist()  # (2, C) summed
+    for name, p, k in zip(class_names, predicted, confident):
+        out[f"pseudo_coverage/{name}"] = k / p if p else float("nan")
+    return out
 
 
 def _report(state: RunState, cfg: Config, record: dict[str, Any], col: Collectives) -> None:

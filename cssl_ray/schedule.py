@@ -3,15 +3,16 @@
     stage A   supervised epochs on D_L, validating after each (ReduceLROnPlateau on val loss), up to
               train.supervised_epochs; stops after train.stage_a_patience epochs without a better val
               dice_mean and goes on from its best weights (the paper's converged supervised model)
-    round r   (round 1 first restarts the rate, see ``RunState.begin_rounds``)
+    round r   (round 1 first gives L_tot its own Adam at optim.cssl_lr and sets the fine-tune rate to
+              optim.finetune_lr: ``RunState.begin_rounds``; docs/science.md says why)
               pseudo-label D_U (B) -> class-wise patches (C) -> one L_tot epoch, a pass over D_U
               -> one supervised fine-tune epoch on D_L -> validate -> checkpoint
     stop      train.stop: after train.max_rounds (default), or when the round's training loss has
               plateaued (the paper's rule); the same rule for every cell
     test      once, on the best-validation weights (val dice_mean); never tuned on test data
 
-``RunState`` holds everything a checkpoint restores: the model, the optimiser and stage A's plateau
-scheduler, the random streams (``cssl_ray.streams``), the teacher, the auxiliary Gaussian, omega,
+``RunState`` holds everything a checkpoint restores: the model, the supervised optimiser and stage
+A's plateau scheduler, L_tot's optimiser, the random streams (``cssl_ray.streams``), the teacher, the auxiliary Gaussian, omega,
 the best weights, the history and the Fig. 2 snapshots. It draws no random number of its own.
 """
 from __future__ import annotations

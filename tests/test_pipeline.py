@@ -27,10 +27,10 @@ from cssl_ray.data.bundle import load_bundle
 from cssl_ray.data.synthetic import make_synthetic
 from cssl_ray.models import create_model
 from cssl_ray.patches import sample_patches
-from cssl_ray.pipeline import (COUNT_COLUMNS, STATS_CLASS, LabellerPool, StreamResources, build_patch_stream,
-                               image_rows, labeller_slot, patch_seed, pseudo_label_stage, pseudo_stats,
+from cssl_ray.pipeline import (CLASS_COUNT_COLUMNS, COUNT_COLUMNS, STATS_CLASS, LabellerPool, StreamResources,
+                               build_patch_stream, image_rows, labeller_slot, patch_seed, pseudo_label_stage, pseudo_stats,
                                split_stats_rows)
-from cssl_ray.pseudo_labels import predict_pseudo_labels
+from cssl_ray.pseudo_labels import class_coverage, predict_pseudo_labels
 from cssl_ray.weights import WeightsClient, get_or_create_weight_store, publish_weights
 
 pytestmark = [
@@ -242,6 +242,17 @@ def test_stats_rows_count_pseudo_label_pixels(rounds):
         want_acc = ((pseudo == truth) & covered).sum().item() / max(covered.sum().item(), 1)
         assert pseudo_stats(counts, with_accuracy=True) == {"pseudo_coverage": want_cov, "pseudo_accuracy": want_acc}
         assert 0.0 < want_cov < 1.0
+        # per class: the stats rows' vectors summed give --local's class_coverage of the same model
+        cols = {k: np.array([r[k] for r in rows[version]]) for k in ("patch_class", *CLASS_COUNT_COLUMNS)}
+        _, counts = split_stats_rows(cols)
+        pairs = [predict_pseudo_labels(models[version], IMAGES[i:i + 1], CFG.pseudo.threshold, with_argmax=True)
+                 for i in U_IDX]  # one image per forward, like the labellers
+        pseudo_u, argmax_u = torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs])
+        want = class_coverage(pseudo_u, argmax_u, CFG.data.num_classes)
+        got = [k / p if p else float("nan") for p, k in zip(counts["class_predicted"], counts["class_confident"])]
+        assert np.allclose(got, want, equal_nan=True)
+        for r in _patch_rows(rows[version]):
+            assert all(not np.asarray(r[c]).any() for c in CLASS_COUNT_COLUMNS)
     assert "hidden_mask" not in pseudo_rows[0]  # used for the counts, not shipped further
 
 
