@@ -253,16 +253,20 @@ def draw_table(rows: list[dict], classes: list[str], path: Path, title: str = ""
 
 
 def omega_curves(uri: str, rows: list[dict]) -> dict[tuple[str, str], list[tuple[int, float, float | None]]]:
-    """(labelled, cell) -> [(step, mean omega, std or None)] for the CL cells with / without CR."""
+    """(labelled, cell) -> [(round, mean omega, std or None)] for the CL cells with / without CR.
+
+    Averaged by CSSL round, not by validation step: stage A stops early, so the step of round r
+    differs between seeds (runs without a ``round`` metric fall back to the step)."""
     curves = {}
     for row in rows:
         if row["cell"] not in WITHOUT_CR + WITH_CR:
             continue
         per_step: dict[int, list[float]] = defaultdict(list)
         for run in row["runs"]:
+            round_of = {step: int(value) for step, value in tracking.metric_history(uri, run["run_id"], "round")}
             for step, value in tracking.metric_history(uri, run["run_id"], "omega"):
                 if math.isfinite(value):
-                    per_step[step].append(value)
+                    per_step[round_of.get(step, step)].append(value)
         if per_step:
             curves[(row["labelled"], row["cell"])] = [
                 (step, *_summary(per_step[step])) for step in sorted(per_step)
@@ -296,7 +300,7 @@ def draw_omega(curves: dict, path: Path, title: str = "", runs_of: dict | None =
             ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=line.get_color(), alpha=0.2)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("validation step")
+        ax.set_xlabel("round")
         ax.set_ylabel("omega (silhouette)")
         ax.set_title(f"labelled {lab}", fontsize=10)
         ax.grid(alpha=0.3)
