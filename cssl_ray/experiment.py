@@ -99,8 +99,9 @@ def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
     if spec.resources.workers == 0:
         from cssl_ray.local import run_local
         # resume: a restarted trial continues its rounds; trials whose stage A is identical (cells of
-        # one seed, trials that search only CSSL's hyperparameters) train it once per experiment
-        run_local(cfg, resume=True, log=report, stage_a_cache=Path(spec.runs_root).parent / "stage_a")
+        # one seed, trials that search only what comes after it, a search and the ablation after it)
+        # train it once per storage path: the cache key holds everything stage A depends on
+        run_local(cfg, resume=True, log=report, stage_a_cache=Path(spec.runs_root).parent.parent / "stage_a")
     else:
         from cssl_ray.ray_train import run_ray
         r = spec.resources
