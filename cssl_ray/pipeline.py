@@ -73,7 +73,7 @@ import torch
 from cssl_ray.config import Config, from_dict, to_dict
 from cssl_ray.models import create_model
 from cssl_ray.patches import extract_patches, sample_windows
-from cssl_ray.pseudo_labels import predict_pseudo_labels
+from cssl_ray.pseudo_labels import class_counts, predict_pseudo_labels
 from cssl_ray.weights import WeightsClient
 
 Batch = dict[str, np.ndarray]
@@ -183,11 +183,9 @@ class PseudoLabeller:
         batch["pseudo_covered"] = covered.flatten(1).sum(1).numpy().astype(np.int64)
         batch["pseudo_correct"] = correct.flatten(1).sum(1).numpy().astype(np.int64)
         c = self.cfg.data.num_classes
-        confident = torch.where(pseudo == argmax, argmax, c)  # (B, H, W); c = not confident
-        batch["class_predicted"] = np.stack([np.bincount(a.flatten(), minlength=c)[:c] for a in argmax.numpy()]
-                                            ).astype(np.int64).reshape(b, c)  # (B, C)
-        batch["class_confident"] = np.stack([np.bincount(a.flatten(), minlength=c + 1)[:c] for a in confident.numpy()]
-                                            ).astype(np.int64).reshape(b, c)  # (B, C)
+        per_image = [class_counts(pseudo[i], argmax[i], c) for i in range(b)]  # (predicted, confident) each (C,)
+        for j, k in enumerate(CLASS_COUNT_COLUMNS):
+            batch[k] = np.stack([counts[j].numpy() for counts in per_image]).astype(np.int64).reshape(b, c)  # (B, C)
         return batch
 
     __call__ = label  # Ray Data's map_batches calls the instance
@@ -286,13 +284,13 @@ def sample_patch_rows(batch: Batch, *, config: Mapping[str, Any], label_column: 
 
     def add(patches: np.ndarray, patch_class: np.ndarray, index: int, version: int, top: np.ndarray,
             left: np.ndarray, counts: tuple[int, int, int] = (0, 0, 0),
-            class_counts: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+            image_class_counts: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         p = patches.shape[0]
         for k, v in (("patch", patches), ("patch_class", patch_class), ("top", top), ("left", left)):
             out[k].append(v)
         for j, k in enumerate(CLASS_COUNT_COLUMNS):  # (p, C): the image's vectors on its stats row, else 0
-            out[k].append(np.zeros((p, n_classes), np.int64) if class_counts is None
-                          else np.broadcast_to(class_counts[j], (p, n_classes)).astype(np.int64))
+            out[k].append(np.zeros((p, n_classes), np.int64) if image_class_counts is None
+                          else np.broadcast_to(image_class_counts[j], (p, n_classes)).astype(np.int64))
         for k, v in (("index", index), ("labelled", labelled), ("weights_version", version),
                      *zip(COUNT_COLUMNS, counts)):
             out[k].append(np.full(p, v, bool if k == "labelled" else np.int64))

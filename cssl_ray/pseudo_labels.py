@@ -158,8 +158,15 @@ def class_coverage(pseudo: Tensor, argmax: Tensor, num_classes: int) -> list[flo
     of it from D_U and L_CR almost no target. ``pseudo``, ``argmax``: equal shapes, as returned by
     ``predict_pseudo_labels(..., with_argmax=True)``.
     """
+    predicted, confident = class_counts(pseudo, argmax, num_classes)
+    return [float(confident[c]) / float(predicted[c]) if predicted[c] else float("nan") for c in range(num_classes)]
+
+
+def class_counts(pseudo: Tensor, argmax: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """(C,) int64 counts behind ``class_coverage``: pixels predicted as each class, and those of them
+    confident enough to be pseudo-labelled (summable over images and ranks)."""
     if pseudo.shape != argmax.shape:
         raise ValueError(f"pseudo {tuple(pseudo.shape)} and argmax {tuple(argmax.shape)} shapes differ")
     predicted = torch.bincount(argmax.flatten(), minlength=num_classes)[:num_classes]  # (C,)
     confident = torch.bincount(pseudo[pseudo == argmax].flatten(), minlength=num_classes)[:num_classes]  # (C,)
-    return [float(confident[c]) / float(predicted[c]) if predicted[c] else float("nan") for c in range(num_classes)]
+    return predicted, confident

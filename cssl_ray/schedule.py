@@ -12,8 +12,8 @@
     test      once, on the best-validation weights (val dice_mean); never tuned on test data
 
 ``RunState`` holds everything a checkpoint restores: the model, the supervised optimiser and stage
-A's plateau scheduler, L_tot's optimiser, the random streams (``cssl_ray.streams``), the teacher, the auxiliary Gaussian, omega,
-the best weights, the history and the Fig. 2 snapshots. It draws no random number of its own.
+A's plateau scheduler, L_tot's optimiser, the random streams (``cssl_ray.streams``), the teacher,
+the auxiliary Gaussian, omega, the best weights, the history and the Fig. 2 snapshots. It draws no random number of its own.
 """
 from __future__ import annotations
 
@@ -148,7 +148,6 @@ class RunState:
             self.cssl_optimizer = self._adam(o.cssl_lr)
         self.finetune_base_lr = o.finetune_lr or self.optimizer.param_groups[0]["lr"]
         self.l_tot_steps = 0
-        self.set_round_lr()
 
     def round_decay(self) -> float:
         """Per-round factor of both rates: 1 (constant), or cosine from round 1 towards 0 past max_rounds."""
@@ -173,9 +172,7 @@ class RunState:
     def after_l_tot_step(self) -> None:
         """Called after every optimiser step of an L_tot epoch (the warm-up's clock)."""
         self.l_tot_steps += 1
-        if self.cssl_optimizer is not None:
-            for group in self.cssl_optimizer.param_groups:
-                group["lr"] = self.cssl_lr()
+        self.set_round_lr()
 
     def start_round(self) -> None:
         if self.round == 0:
