@@ -8,6 +8,7 @@ afterwards), no usage stats, no token auth (which would write ~/.ray/auth_token)
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -50,6 +51,16 @@ def local_ray(num_cpus: int = 4) -> Iterator[None]:
             yield
         finally:
             ray.shutdown()
+
+
+# A line Ray's log monitor forwards to the driver's stderr from another process, e.g.
+# "\x1b[36m(pid=gcs_server)\x1b[0m [...] Failed to ...": it can arrive at any time while Ray runs.
+_RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\((pid=|raylet|gcs_server|autoscaler|monitor)")
+
+
+def own_lines(text: str) -> list[str]:
+    """The lines of captured output that this process wrote: Ray's forwarded log lines left out."""
+    return [line for line in text.strip().splitlines() if not _RAY_FORWARDED.match(line)]
 
 
 def descendant_processes() -> dict[int, str]:
