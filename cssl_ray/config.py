@@ -162,6 +162,13 @@ class TrainConfig:
     w_cl: float = 1.0
     w_cr: float = 1.0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # mixed precision of the forward passes (cssl_ray.precision): "off" = fp32; "bf16" = bfloat16
+    # autocast (CPU or CUDA, no loss scaling); "fp16" = float16 autocast with a GradScaler, CUDA only.
+    # Weights, optimiser state and losses stay fp32 in every mode
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    # NHWC weights and input batches (what tensor-core convolutions want); fp32 results equal NCHW's
+    # within rounding
+    channels_last: bool = False
     # torch intra-op CPU threads; 0 = torch's default (all cores). Small models on a shared 2-core
     # box run ~5x faster with 1 (measured: nuclei config 10.5 min at 2 threads vs 2.2 min at 1)
     num_threads: int = 0
@@ -311,6 +318,8 @@ def validate(cfg: Config) -> Config:
     _check(t.w_cl >= 0 and t.w_cr >= 0, "train.w_cl/w_cr", ">= 0", (t.w_cl, t.w_cr))
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
            "auto, cpu, cuda or cuda:N", t.device)
+    _check(not (t.amp == "fp16" and t.device == "cpu"), "train.amp", "off or bf16 on train.device cpu "
+           "(fp16 needs CUDA)", t.amp)
     return cfg
 
 
