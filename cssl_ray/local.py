@@ -77,7 +77,7 @@ def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any
     def validate_and_record(record: dict[str, Any]) -> dict[str, float]:
         val = evaluate(state.model, bundle.val_images, bundle.val_masks, num_classes=cfg.data.num_classes,
                        class_names=bundle.class_names, ignore_index=cfg.pseudo.ignore_index,
-                       batch_size=cfg.consistency.batch_size)
+                       batch_size=cfg.consistency.batch_size, precision=state.precision)
         if not state.stage_a_done:
             state.scheduler.step(val["loss"])  # stage A only; the rounds' rates: RunState.begin_rounds
         record.update({f"val_{k}": v for k, v in val.items()})
@@ -90,7 +90,8 @@ def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any
         return val
 
     sup = dict(batch_size=t.batch_size, steps=t.sup_steps_per_epoch, augment=t.augment,
-               ignore_index=cfg.pseudo.ignore_index, generator=state.streams.sup)
+               ignore_index=cfg.pseudo.ignore_index, generator=state.streams.sup,
+               precision=state.precision, scaler=state.scaler)
     if not state.stage_a_done:  # stage A (skipped when resuming past it)
         with _shared_stage_a(stage_a_cache, cfg) as shared:
             if shared is not None and shared.exists():  # another run trained this exact stage A
@@ -140,7 +141,7 @@ def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any
 
 
 STAGE_A_TRAIN_KEYS = ("seed", "batch_size", "supervised_epochs", "stage_a_patience", "sup_steps_per_epoch",
-                      "augment", "device", "num_threads")
+                      "augment", "device", "num_threads", "amp", "channels_last")
 
 
 def stage_a_key(cfg: Config) -> str:
@@ -192,7 +193,7 @@ def evaluate_best(state: RunState, cfg: Config, bundle: DataBundle, out_dir: Pat
         state.model.load_state_dict(state.best_model)
     test = evaluate(state.model, bundle.test_images, bundle.test_masks, num_classes=cfg.data.num_classes,
                     class_names=bundle.class_names, ignore_index=cfg.pseudo.ignore_index,
-                    batch_size=cfg.consistency.batch_size, auprc=True)
+                    batch_size=cfg.consistency.batch_size, auprc=True, precision=state.precision)
     if cfg.train.figures:  # on the best weights, like the test; never fails the run
         write_run_figures(state, cfg, bundle, out_dir)
     ckpt.save_atomic({"model": state.best_model, "config": to_dict(cfg), "round": state.best_round,

@@ -21,6 +21,7 @@ from cssl_ray.contrastive import AuxiliaryGaussian
 from cssl_ray.metrics import SegmentationMetrics
 from cssl_ray.objective import StepInputs, cssl_objective, patch_embeddings
 from cssl_ray.patches import class_balanced_batches, sample_patches
+from cssl_ray.precision import FP32, Precision, backward_step
 from cssl_ray.pseudo_labels import class_coverage, coverage, predict_pseudo_labels
 from cssl_ray.silhouette import silhouette
 from cssl_ray.streams import RandomStreams
@@ -48,15 +49,20 @@ def index_batches(n: int, batch_size: int, steps: int = 0,
 def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, masks: Tensor, *,
                      batch_size: int, steps: int = 0, augment: bool = True, ignore_index: int = 255,
                      generator: torch.Generator | None = None,
-                     collectives: Collectives | None = None) -> dict[str, float]:
+                     collectives: Collectives | None = None, precision: Precision | None = None,
+                     scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """L_sup = H(D(E(x)), y) over D_L (stage A, and the fine-tune epoch of every round).
 
     ``generator`` draws the batches and their augmentation (the run's ``streams.sup``: no other
     purpose draws from it, so every cell of a seed sees the same supervised batches).
 
     Data parallel (``collectives``): each rank passes its shard and the same ``steps``; gradients
-    are averaged over ranks after every backward and ``loss_sup`` is the mean over ranks."""
+    are averaged over ranks after every backward and ``loss_sup`` is the mean over ranks.
+
+    ``precision`` (autocast, channels_last; default fp32) and ``scaler`` (fp16's loss scaler, kept
+    across epochs by the caller): ``cssl_ray.precision``."""
     col = collectives or Collectives()
+    prec = precision or FP32
     model.train()
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -64,12 +70,11 @@ def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
         x, y = images[idx], masks[idx]
         if augment:
             x, y = flip_rotate(x, y, generator)
-        x, y = x.to(device), y.to(device)
-        loss = F.cross_entropy(model(x), y, ignore_index=ignore_index)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        col.average_gradients(model)
-        optimizer.step()
+        x, y = prec.layout(x.to(device)), y.to(device)
+        with prec.autocast():
+            logits = model(x)  # (B, C, H, W), bf16 / fp16 under amp
+        loss = F.cross_entropy(logits.float(), y, ignore_index=ignore_index)
+        backward_step(loss, optimizer, scaler, after_backward=lambda: col.average_gradients(model))
         total += loss.item()
         count += 1
     return col.mean_floats({"loss_sup": total / max(count, 1)})
@@ -92,7 +97,8 @@ def round_patches(model: nn.Module, cfg: Config, labelled_images: Tensor, labell
     images, labels = labelled_images, labelled_masks
     if unlabelled_images.shape[0] > 0:
         pseudo, argmax = predict_pseudo_labels(model, unlabelled_images.to(device), p.threshold, p.ignore_index,
-                                               batch_size=cfg.consistency.batch_size, with_argmax=True)
+                                               batch_size=cfg.consistency.batch_size, with_argmax=True,
+                                               precision=Precision.from_config(cfg.train, device))
         pseudo, argmax = pseudo.cpu(), argmax.cpu()  # (U, H, W) each
         stats["pseudo_coverage"] = coverage(pseudo, p.ignore_index)
         names = class_names or [str(c) for c in range(cfg.data.num_classes)]
@@ -144,7 +150,8 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
                patches: Tensor, patch_classes: Tensor, unlabelled_images: Tensor, cfg: Config, *,
                lambda_: float, streams: RandomStreams, aux: AuxiliaryGaussian | None = None,
                collectives: Collectives | None = None,
-               after_step: Callable[[], None] | None = None) -> dict[str, float]:
+               after_step: Callable[[], None] | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One epoch of L_tot = w_cl L_CL + w_cr L_CR: one pass over D_U.
 
     ``l_tot_steps`` steps; step k takes the k-th batch of ``consistency.batch_size`` images of a
@@ -158,10 +165,15 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
     patches and unlabelled images; the ranks agree on the step count (the minimum), average
     gradients after every backward, measure omega on all ranks' embeddings, and return statistics
     averaged over ranks. None = one process.
+
+    Precision (``train.amp``, ``train.channels_last``): ``cssl_ray.precision``; ``scaler`` is fp16's
+    loss scaler, kept across epochs by the caller (None under fp16: a fresh one for this epoch).
     """
     t = cfg.train
     col = collectives or Collectives()
     device = next(model.parameters()).device
+    prec = Precision.from_config(t, device)
+    scaler = scaler if scaler is not None else prec.grad_scaler()
     model.train()
     n_u = unlabelled_images.shape[0]
     n_steps = col.agree_steps(l_tot_steps(n_u, cfg))
@@ -183,13 +195,12 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
                 w, c = patches[patch_batches[step]].to(device), patch_classes[patch_batches[step]].to(device)
             if not (t.use_cl and w is not None) and x_u is None:
                 continue  # nothing to learn from (no patches and no unlabelled images): the same on every rank
+            w, x_u = prec.layout(w), prec.layout(x_u)
             inputs = StepInputs(w if t.use_cl else None, c if t.use_cl else None, x_u)
-            out = cssl_objective(model, teacher if t.use_cr else None, inputs, cfg, lambda_=lambda_,
-                                 aux=aux, streams=streams)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            col.average_gradients(model)
-            optimizer.step()
+            with prec.autocast():  # the losses themselves are computed in fp32
+                out = cssl_objective(model, teacher if t.use_cr else None, inputs, cfg, lambda_=lambda_,
+                                     aux=aux, streams=streams)
+            backward_step(out["loss"], optimizer, scaler, after_backward=lambda: col.average_gradients(model))
             if after_step is not None:
                 after_step()
             if teacher is not None:
@@ -262,22 +273,26 @@ def _omega(model: nn.Module, patches: Tensor, classes: Tensor, cfg: Config, aux:
 @torch.no_grad()
 def evaluate(model: nn.Module, images: Tensor, masks: Tensor, *, num_classes: int, class_names: list[str],
              ignore_index: int = 255, batch_size: int = 8, auprc: bool = False,
-             collectives: Collectives | None = None) -> dict[str, float]:
+             collectives: Collectives | None = None, precision: Precision | None = None) -> dict[str, float]:
     """Validation / test: cross-entropy and Dice, IoU (and AUPRC) accumulated over all pixels.
 
     With ``collectives`` each rank passes its shard of the images; the counts are summed over
     ranks before the metrics are computed, so every rank returns the whole set's metrics. Pass the
-    unwrapped model: a DDP forward is a collective, and shards may hold different batch counts."""
+    unwrapped model: a DDP forward is a collective, and shards may hold different batch counts.
+    ``precision``: the forward's autocast and layout (default fp32); the metrics are fp32."""
+    prec = precision or FP32
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     metrics = SegmentationMetrics(num_classes, ignore_index=ignore_index, class_names=class_names, auprc=auprc)
     loss_sum, pixels = 0.0, 0
     for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device)
+        x = prec.layout(images[start:start + batch_size].to(device))
         y = masks[start:start + batch_size].to(device)
-        logits = model(x)  # (B, C, H, W)
-        loss_sum += F.cross_entropy(logits.float(), y, ignore_index=ignore_index, reduction="sum").item()
+        with prec.autocast():
+            logits = model(x)  # (B, C, H, W)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum").item()
         pixels += int((y != ignore_index).sum())
         metrics.update(logits.cpu(), y.cpu())
     model.train(was_training)

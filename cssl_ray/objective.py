@@ -30,9 +30,10 @@ class StepInputs:
 
 
 def patch_embeddings(model: nn.Module, patches: Tensor) -> Tensor:
-    """z = normalize(g(pool(E(w)))): (P, C_in, s, s) -> (P, embed_dim) unit vectors."""
+    """z = normalize(g(pool(E(w)))): (P, C_in, s, s) -> (P, embed_dim) unit vectors, fp32 (also under
+    autocast: L_CL and omega need the precision)."""
     net = getattr(model, "module", model)
-    return F.normalize(net.project(net.encode(patches)[-1]), dim=1)
+    return F.normalize(net.project(net.encode(patches)[-1]).float(), dim=1)
 
 
 def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs, cfg: Config, *,

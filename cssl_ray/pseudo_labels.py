@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cssl_ray.precision import FP32, Precision
+
 
 def _check_threshold(threshold: float) -> None:
     if not 0.0 < threshold <= 1.0:  # also rejects NaN
@@ -71,6 +73,7 @@ def predict_pseudo_labels(
     ignore_index: int = 255,
     batch_size: int = 8,
     with_argmax: bool = False,
+    precision: Precision | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Pseudo-label ``images`` with ``model`` in eval mode.
 
@@ -82,6 +85,7 @@ def predict_pseudo_labels(
         batch_size: images per forward pass, >= 1.
 
         with_argmax: also return the plain argmax labels (every pixel), for ``class_coverage``.
+        precision: autocast and layout of the forward (``cssl_ray.precision``); default fp32.
 
     Returns:
         ``(N, H, W)`` int64 on the images' device; ``N = 0`` gives ``(0, H, W)``. With
@@ -101,13 +105,15 @@ def predict_pseudo_labels(
         return (empty, empty.clone()) if with_argmax else empty
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else images.device
+    prec = precision or FP32
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         out, argmax = [], []
         for start in range(0, n, batch_size):
-            batch = images[start : start + batch_size].to(device)
-            logits = _logits_of(model(batch))  # (b, C, H, W)
+            batch = prec.layout(images[start : start + batch_size].to(device))
+            with prec.autocast():
+                logits = _logits_of(model(batch))  # (b, C, H, W)
             if logits.dim() != 4 or logits.shape[0] != batch.shape[0] or logits.shape[2:] != batch.shape[2:]:
                 raise ValueError(
                     f"model logits must be (b, C, H, W) = ({batch.shape[0]}, C, {h}, {w}), got shape {tuple(logits.shape)}"

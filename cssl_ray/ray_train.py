@@ -57,6 +57,7 @@ from cssl_ray.data.bundle import DataBundle, load_bundle
 from cssl_ray.local import RunResult, evaluate_best, resolve_device, write_run_files
 from cssl_ray.loop import evaluate, supervised_epoch
 from cssl_ray.models import check_geometry
+from cssl_ray.precision import Precision
 from cssl_ray.ray_init import init_ray
 from cssl_ray.schedule import RunState
 
@@ -123,7 +124,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     col.broadcast_state(state.model)
 
     sup = dict(batch_size=t.batch_size, steps=_sup_steps(cfg, bundle.labelled_images.shape[0], world),
-               augment=t.augment, ignore_index=cfg.pseudo.ignore_index, generator=state.streams.sup)
+               augment=t.augment, ignore_index=cfg.pseudo.ignore_index, generator=state.streams.sup,
+               precision=state.precision, scaler=state.scaler)
 
     def fine_tune() -> dict[str, float]:
         stats = supervised_epoch(state.model, state.optimizer, shard.labelled_images, shard.labelled_masks,
@@ -134,7 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def validate_and_record(record: dict[str, Any]) -> dict[str, float]:
         val = evaluate(state.model, shard.val_images, shard.val_masks, num_classes=cfg.data.num_classes,
                        class_names=bundle.class_names, ignore_index=cfg.pseudo.ignore_index,
-                       batch_size=cfg.consistency.batch_size, collectives=col)
+                       batch_size=cfg.consistency.batch_size, collectives=col, precision=state.precision)
         if not state.stage_a_done:
             state.scheduler.step(val["loss"])  # stage A only; the same all-reduced value on every rank
         record.update({f"val_{k}": v for k, v in val.items()})
@@ -289,6 +291,8 @@ def check_ray_run(cfg: Config, bundle: DataBundle, workers: int, gpus_per_worker
         raise ConfigError(f"--cpus-per-worker: {cpus_per_worker} is out of range; allowed: > 0")
     if gpus_per_worker < 0:
         raise ConfigError(f"--gpus-per-worker: {gpus_per_worker} is out of range; allowed: >= 0")
+    if cfg.train.amp == "fp16" and gpus_per_worker == 0:
+        raise ConfigError("train.amp: fp16 needs CUDA workers (--gpus-per-worker > 0); use bf16 or off on CPUs")
     n_l, n_u = bundle.labelled_images.shape[0], bundle.unlabelled_images.shape[0]
     # Every rank needs >= 1 labelled image (its supervised steps) and, with L_CR, >= 1 unlabelled one:
     # a rank with nothing to step on would leave the others waiting in the gradient all-reduce.
@@ -388,7 +392,8 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
     # Test once, here, on the best-validation weights the last checkpoint carries.
     with result.checkpoint.as_directory() as d:
         saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-    state = RunState(cfg, resolve_device(cfg.train.device))
+    device = resolve_device(cfg.train.device)  # the driver's: fp16 falls back to fp32 on its CPU
+    state = RunState(cfg, device, precision=Precision.from_config(cfg.train, device, inference=True))
     state.load_state_dict(saved)
     done = evaluate_best(state, cfg, bundle, out_dir, start)
     return RayRunResult(**vars(done), reports=[m for _, m in (result.best_checkpoints or [])])

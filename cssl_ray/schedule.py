@@ -13,7 +13,8 @@
 
 ``RunState`` holds everything a checkpoint restores: the model, the supervised optimiser and stage
 A's plateau scheduler, L_tot's optimiser, the random streams (``cssl_ray.streams``), the teacher,
-the auxiliary Gaussian, omega, the best weights, the history and the Fig. 2 snapshots. It draws no random number of its own.
+the auxiliary Gaussian, omega, the best weights, the history, the Fig. 2 snapshots and, under
+``train.amp: fp16``, the two loss scalers. It draws no random number of its own.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from cssl_ray.contrastive import AuxiliaryGaussian
 from cssl_ray.figures import SNAPSHOT_IMAGES, pseudo_snapshot
 from cssl_ray.loop import cssl_epoch, measure_omega
 from cssl_ray.models import create_model
+from cssl_ray.precision import Precision
 from cssl_ray.streams import RandomStreams
 
 log = logging.getLogger(__name__)
@@ -42,11 +44,18 @@ LOW_COVERAGE = 0.01  # a class whose pseudo-label coverage is under this at roun
 class RunState:
     """Everything a round checkpoint restores, and the rules that move it on."""
 
-    def __init__(self, cfg: Config, device: torch.device, rank: int = 0):
+    def __init__(self, cfg: Config, device: torch.device, rank: int = 0, precision: Precision | None = None):
+        """``precision``: default ``train.amp`` / ``train.channels_last`` on ``device`` (fp16 needs CUDA)."""
         t = cfg.train
         self.cfg = cfg
         torch.manual_seed(t.seed)  # the initial weights: the same in every cell of a seed
-        self.model: nn.Module = create_model(cfg.model, cfg.data.in_channels, cfg.data.num_classes).to(device)
+        self.precision = precision or Precision.from_config(t, device)
+        self.model: nn.Module = self.precision.prepare_model(
+            create_model(cfg.model, cfg.data.in_channels, cfg.data.num_classes).to(device))
+        # fp16's loss scalers (None otherwise), one per loss: L_CL's gradients are 20-160x L_sup's
+        # (OptimConfig), so one shared scale would sit too low for the supervised steps
+        self.scaler = self.precision.grad_scaler()  # supervised steps
+        self.cssl_scaler = self.precision.grad_scaler()  # L_tot steps
         self.optimizer = self._adam(cfg.optim.lr)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=cfg.optim.plateau_factor, patience=cfg.optim.plateau_patience)
@@ -93,6 +102,8 @@ class RunState:
             "torch_rng": torch.get_rng_state(),
             "teacher": self.teacher.state_dict() if self.teacher else None,
             "aux": self.aux.state_dict() if self.aux else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "cssl_scaler": self.cssl_scaler.state_dict() if self.cssl_scaler is not None else None,
             **{k: getattr(self, k) for k in self._PLAIN},
             "snapshots": [(r, torch.from_numpy(a)) for r, a in self.snapshots],  # tensors: weights_only-loadable
         }
@@ -111,6 +122,9 @@ class RunState:
             self.teacher.load_state_dict(s["teacher"])
         if self.aux is not None and s["aux"] is not None:
             self.aux.load_state_dict(s["aux"])
+        for name in ("scaler", "cssl_scaler"):  # absent from fp32 / bf16 runs and older checkpoints
+            if getattr(self, name) is not None and s.get(name) is not None:
+                getattr(self, name).load_state_dict(s[name])
         for k in self._PLAIN:
             setattr(self, k, s[k])
         self.snapshots = [(int(r), np.asarray(a, dtype=np.uint8)) for r, a in s.get("snapshots", [])]
@@ -220,7 +234,7 @@ class RunState:
             self.teacher.snapshot(self.model)
         stats = cssl_epoch(self.model, self.teacher, self.cssl_optimizer or self.optimizer, patches, classes,
                            unlabelled, cfg, lambda_=lambda_, aux=self.aux, streams=self.streams,
-                           collectives=collectives, after_step=self.after_l_tot_step)
+                           collectives=collectives, after_step=self.after_l_tot_step, scaler=self.cssl_scaler)
         stats["lr_cssl"] = (self.cssl_optimizer or self.optimizer).param_groups[0]["lr"]
         if not math.isnan(stats["omega"]):
             self.omega = stats["omega"]
