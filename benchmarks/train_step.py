@@ -48,7 +48,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -63,6 +62,7 @@ from cssl_ray.loop import frozen_norm_statistics
 from cssl_ray.models import check_geometry, create_model
 from cssl_ray.objective import StepInputs, cssl_objective
 from cssl_ray.patches import class_balanced_batches, sample_patches
+from cssl_ray.precision import Precision, backward_step
 from cssl_ray.streams import RandomStreams
 
 TARGET_RATIO = 0.5
@@ -97,7 +97,7 @@ class Workload:
     labelled: tuple[Tensor, Tensor]  # (B_sup, C_in, H, W), (B_sup, H, W) for the supervised step
     lambda_: float
     streams: RandomStreams  # on the CPU, as in the loop: the noise is drawn there and moved
-    autocast: Callable[[], AbstractContextManager]
+    precision: Precision  # the trainer's train.amp / train.channels_last
 
     @property
     def cfg_cl(self) -> Config:
@@ -131,41 +131,49 @@ def make_batches(cfg: Config, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Te
 
 
 def build(cfg: Config, device: torch.device, data: tuple[Tensor, ...], *, bf16: bool = False) -> Workload:
-    """Fresh model (seed 0), teacher and Adam; bf16 also makes the model and inputs channels_last."""
+    """Fresh model (seed 0), teacher and Adam; bf16 = the trainer's ``train.amp: bf16`` with
+    ``train.channels_last``, as ``RunState`` and the loops apply them (``cssl_ray.precision``)."""
     torch.manual_seed(0)
-    fmt = torch.channels_last if bf16 else torch.contiguous_format
-    model = create_model(cfg.model, cfg.data.in_channels, cfg.data.num_classes).to(device, memory_format=fmt)
+    prec = Precision("bf16" if bf16 else "off", device.type, channels_last=bf16)
+    model = prec.prepare_model(create_model(cfg.model, cfg.data.in_channels, cfg.data.num_classes).to(device))
     model.train()
     teacher = Teacher(model, "previous")  # deep copy: channels_last too
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
     patches, classes, unlabelled, x_sup, y_sup = (t.to(device) for t in data)
-    patches, unlabelled, x_sup = (t.contiguous(memory_format=fmt) for t in (patches, unlabelled, x_sup))
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    patches, unlabelled, x_sup = (prec.layout(t) for t in (patches, unlabelled, x_sup))
     return Workload(cfg, model, teacher, optimizer, StepInputs(patches, classes, unlabelled), (x_sup, y_sup),
-                    noise_variance(0.0, cfg.consistency.eps), RandomStreams(0), autocast)
+                    noise_variance(0.0, cfg.consistency.eps), RandomStreams(0), prec)
+
+
+def objective(w: Workload, cfg: Config | None = None) -> Tensor:
+    """L_tot (or one part of it, through ``cfg``), forward under the workload's precision."""
+    with w.precision.autocast():
+        out = cssl_objective(w.model, w.teacher, w.inputs, cfg or w.cfg, lambda_=w.lambda_, streams=w.streams)
+    return out["loss"]
 
 
 def forward_backward(w: Workload, cfg: Config | None = None) -> None:
-    """L_tot (or one part of it, through ``cfg``) forward and backward; fresh gradients."""
+    """L_tot (or one part of it) forward and backward; fresh gradients, no step (FLOP counts)."""
     w.optimizer.zero_grad(set_to_none=True)
-    with w.autocast():
-        out = cssl_objective(w.model, w.teacher, w.inputs, cfg or w.cfg, lambda_=w.lambda_, streams=w.streams)
-    out["loss"].backward()
+    objective(w, cfg).backward()
 
 
 def cssl_step(w: Workload) -> None:
-    forward_backward(w)
-    w.optimizer.step()
+    """As ``loop.cssl_epoch`` steps (one process: no gradient all-reduce)."""
+    backward_step(objective(w), w.optimizer)
 
 
 def supervised_step(w: Workload, optimise: bool = True) -> None:
+    """As ``loop.supervised_epoch`` steps: the forward under autocast, the loss in fp32."""
     x, y = w.labelled
-    w.optimizer.zero_grad(set_to_none=True)
-    with w.autocast():
-        loss = F.cross_entropy(w.model(x), y, ignore_index=w.cfg.pseudo.ignore_index)
-    loss.backward()
+    with w.precision.autocast():
+        logits = w.model(x)  # (B, C, H, W)
+    loss = F.cross_entropy(logits.float(), y, ignore_index=w.cfg.pseudo.ignore_index)
     if optimise:
-        w.optimizer.step()
+        backward_step(loss, w.optimizer)
+    else:
+        w.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
 
 
 def sync(device: torch.device) -> None:
@@ -216,8 +224,7 @@ def step_parts(w: Workload, repeats: int, device: torch.device) -> dict[str, flo
         t = time.perf_counter()
         w.optimizer.zero_grad(set_to_none=True)
         for part, cfg in (("cl", w.cfg_cl), ("cr", w.cfg_cr)):
-            with w.autocast():
-                loss = cssl_objective(w.model, w.teacher, w.inputs, cfg, lambda_=w.lambda_, streams=w.streams)["loss"]
+            loss = objective(w, cfg)
             sync(device)
             laps[f"{part}_forward"].append(time.perf_counter() - t)
             t = time.perf_counter()
