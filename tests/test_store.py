@@ -243,6 +243,46 @@ def test_bundle_of_a_missing_dataset_fails_at_once_in_one_line(tmp_path):
     assert "\n" not in str(info.value) and "monuseg.grand-challenge.org" in str(info.value)
 
 
+def test_bundle_from_a_remote_cache_needs_no_raw_files(tmp_path, wheel, monkeypatch):
+    """data.cache_dir as a URI (file:// here; s3:// and gs:// go through the same pyarrow.fs code):
+    read-only, the store found by its settings, neither the wheel nor a download needed."""
+    local = load_bundle(nuclei_cfg(tmp_path, wheel).data)  # prepared into tmp_path / "c"
+    monkeypatch.setattr(nuclei, "fetch", lambda *a, **k: pytest.fail("a remote cache must not download"))
+    uri = (tmp_path / "c").as_uri()
+    remote = load_bundle(nuclei_cfg(tmp_path, wheel, root="", cache_dir=uri).data)
+    assert torch.equal(remote.labelled_images, local.labelled_images) and remote.names == local.names
+    monkeypatch.setenv("CSSL_RAY_CACHE", uri)  # the environment's cache may be a URI too
+    assert load_bundle(nuclei_cfg(tmp_path, wheel, root="", cache_dir="").data).names == local.names
+    store = prepare("nuclei", size=(8, 8), channels=1, cache=uri + "/")
+    assert store.path == f"{uri}/{Path(str(store.path)).name}" and not store.fresh
+    assert [s.meta["dataset"] for s in list_prepared(uri)] == ["nuclei"]
+
+
+@pytest.mark.parametrize("case, words", [
+    ("other size", ["no prepared 'nuclei' store with size 16x16", "python -m cssl_ray.data prepare"]),
+    ("two matches", ["2 prepared 'nuclei' stores", "keep one"]),
+    ("force", ["read-only"]),
+    ("scheme", ["data.cache_dir", "'ftp://host/c'", "s3://, gs://, file://"]),
+])
+def test_remote_cache_errors_are_one_line(tmp_path, wheel, case, words):
+    load_bundle(nuclei_cfg(tmp_path, wheel).data)
+    uri = (tmp_path / "c").as_uri()
+    with pytest.raises((ConfigError, DatasetError)) as info:
+        if case == "other size":
+            load_bundle(nuclei_cfg(tmp_path, wheel, root="", cache_dir=uri, image_size=[16, 16]).data)
+        elif case == "two matches":
+            [path] = (tmp_path / "c").glob("nuclei-*.parquet")
+            (tmp_path / "c" / "nuclei-copy.parquet").write_bytes(path.read_bytes())
+            load_bundle(nuclei_cfg(tmp_path, wheel, root="", cache_dir=uri).data)
+        elif case == "force":
+            prepare("nuclei", size=(8, 8), cache=uri, force=True)
+        else:
+            load_bundle(nuclei_cfg(tmp_path, wheel, cache_dir="ftp://host/c").data)
+    assert "\n" not in str(info.value)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
 def test_check_dataset_is_cheap_and_early(tmp_path, monkeypatch):
     from cssl_ray.data.bundle import check_dataset
     monkeypatch.chdir(tmp_path)

@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--normalise", default=None, help="auto (the card's), percentile, scale, jsrt12 or none")
     pp.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="reader option, e.g. --option sequence=T1DUAL (CHAOS), optic_disc=true (IDRiD)")
-    pp.add_argument("--cache", help="cache folder (default $CSSL_RAY_CACHE or ~/.cache/cssl_ray)")
+    pp.add_argument("--cache", help="cache folder (default $CSSL_RAY_CACHE or ~/.cache/cssl_ray); an s3://, gs:// "
+                    "or file:// URI is read-only: the prepared file is looked up there")
     pp.add_argument("--force", action="store_true", help="prepare again even if cached")
     pp.add_argument("--quiet", action="store_true", help="no progress bar")
     pl = sub.add_parser("list", help="the datasets (cards) and whether each is prepared")
@@ -82,9 +83,10 @@ def _prepare(args: argparse.Namespace) -> int:
                     normalise=normalise or "auto", options=options, cache=cache, force=args.force,
                     progress=not args.quiet)
     s, classes = store.summary, store.classes
-    mb = store.path.stat().st_size / 1e6
     how = f"prepared in {store.meta.get('seconds', 0):.1f} s" if store.fresh else "cached"
-    print(f"{store.meta['dataset']}: {store.num_rows} images -> {store.path} ({mb:.1f} MB, {how})")
+    if isinstance(store.path, Path):  # a remote cache's store (a URI) is only read
+        how = f"{store.path.stat().st_size / 1e6:.1f} MB, {how}"
+    print(f"{store.meta['dataset']}: {store.num_rows} images -> {store.path} ({how})")
     subsets = sorted(s["images"], key=lambda k: ("train", "val", "test", "unassigned").index(k)
                      if k in ("train", "val", "test", "unassigned") else 9)
     print(f"  {'subset':<11}{'images':>7}{'masks':>7}")
@@ -112,11 +114,11 @@ def _options(items: list[str]) -> dict[str, Any]:
 
 def _list(args: argparse.Namespace) -> int:
     from cssl_ray.data.cards import card_names, load_card
-    from cssl_ray.data.store import cache_dir, default_root, list_prepared
+    from cssl_ray.data.store import cache_dir, default_root, list_prepared, remote_cache
     prepared: dict[str, list[Any]] = {}
     for store in list_prepared(args.cache):
         prepared.setdefault(store.meta["dataset"], []).append(store)
-    print(f"cache: {cache_dir(args.cache)}")
+    print(f"cache: {remote_cache(args.cache) or cache_dir(args.cache)}")
     for name in card_names():
         card = load_card(name)
         if card.format in ("nuclei", "synthetic"):

@@ -109,7 +109,8 @@ def load_bundle(cfg: DataConfig) -> DataBundle:
 
 def check_dataset(cfg: DataConfig) -> DatasetCard | None:
     """Cheap checks a driver runs before starting anything (Ray, a model): the card exists, its
-    classes and channels match the config, and its files are on disk (nuclei downloads itself).
+    classes and channels match the config, and its files are on disk (nuclei downloads itself) unless
+    ``data.cache_dir`` is a URI (``store.remote_cache``: the prepared store is read from there).
     Returns the card (None for synthetic); ConfigError, one line, otherwise."""
     if cfg.name == "synthetic":
         return None
@@ -118,8 +119,12 @@ def check_dataset(cfg: DataConfig) -> DatasetCard | None:
     except CardError as e:
         raise ConfigError(f"data.name: {e}") from None
     check_card(cfg, card)
-    if card.format not in ("nuclei", "synthetic"):
-        from cssl_ray.data.store import default_root, missing_message
+    from cssl_ray.data.store import default_root, missing_message, remote_cache
+    try:
+        remote = remote_cache(cfg.cache_dir or None)
+    except DatasetError as e:
+        raise ConfigError(f"data.cache_dir: {e}") from None
+    if card.format not in ("nuclei", "synthetic") and not remote:  # a remote cache needs no raw files
         root = Path(cfg.root).expanduser().resolve() if cfg.root else default_root(card.name)
         if not root.exists():
             raise ConfigError(missing_message(card, root))

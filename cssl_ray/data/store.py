@@ -32,12 +32,24 @@ Cache folder: ``cache_dir`` argument (``data.cache_dir``), else ``$CSSL_RAY_CACH
 ``$XDG_CACHE_HOME/cssl_ray`` (``~/.cache/cssl_ray``); downloads (the nuclei wheel) go to its
 ``downloads/`` folder. Datasets a user downloads live under ``data/<name>`` of the working folder
 unless a root is given (``data.root`` / ``--root``).
+
+Remote cache: the cache may instead be an ``s3://``, ``gs://`` or ``file://`` URI
+(``CACHE_URI_SCHEMES``; read through ``pyarrow.fs``, credentials from the environment as
+pyarrow finds them). It is read-only and needs no raw files: ``prepare`` looks the store up by the
+settings in each ``<name>-*.parquet`` footer (dataset, preprocessing, reader options, format
+version), because the cache key needs the raw files' fingerprint. Exactly one file must match. So a
+cluster node without the dataset reads the file someone prepared where the data is and copied
+there (``python -m cssl_ray.data prepare ... --cache DIR``, then ``aws s3 cp DIR/<file> s3://...``).
+A shared folder (NFS, EFS) given as a plain path is an ordinary read-write cache: the key is
+computed there, so the raw data must be on that node too; give it as ``file://`` to read it
+without the raw data.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -46,6 +58,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cssl_ray.data.cards import DatasetCard, load_card
@@ -57,6 +70,7 @@ FORMAT_VERSION = 1  # bump when the schema or the preprocessing code changes wha
 METADATA_KEY = b"cssl_ray"
 ROWS_PER_GROUP = 16  # Parquet row group: the unit of lazy reads (16 x 256^2 float32 = 4 MB)
 NUCLEI_NOTE = "the nuclei set needs no download (configs/nuclei.yaml)"
+CACHE_URI_SCHEMES = ("s3", "gs", "file")  # a cache given as a URI: read-only, through pyarrow.fs
 
 SCHEMA = pa.schema([
     ("name", pa.string()), ("group", pa.string()), ("subset", pa.string()),
@@ -74,8 +88,26 @@ class DatasetMissing(DatasetError):
 # Where things live.
 
 
+def is_uri(text: str | Path) -> bool:
+    """``scheme://...`` (a remote store or cache), as opposed to a local path."""
+    return isinstance(text, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text) is not None
+
+
+def remote_cache(override: str | Path | None = None) -> str | None:
+    """The cache URI when ``override`` (else ``$CSSL_RAY_CACHE``) is one (see the module docstring);
+    None for a folder. An unsupported scheme is a one-line DatasetError."""
+    text = str(override) if override else os.environ.get("CSSL_RAY_CACHE", "")
+    if not is_uri(text):
+        return None
+    if text.split("://", 1)[0] not in CACHE_URI_SCHEMES:
+        raise DatasetError(f"dataset cache {text!r}: cannot read that URI scheme; allowed: a folder or "
+                           + ", ".join(f"{s}://" for s in CACHE_URI_SCHEMES))
+    return text.rstrip("/")
+
+
 def cache_dir(override: str | Path | None = None) -> Path:
-    """The cache folder: ``override``, else ``$CSSL_RAY_CACHE``, else ``~/.cache/cssl_ray``."""
+    """The cache folder: ``override``, else ``$CSSL_RAY_CACHE``, else ``~/.cache/cssl_ray`` (a local
+    folder; ``remote_cache`` first for a URI)."""
     if override:
         return Path(override).expanduser().resolve()
     if env := os.environ.get("CSSL_RAY_CACHE"):
@@ -103,12 +135,17 @@ class Store:
     """A prepared dataset: one Parquet file, read lazily (row groups, selected columns)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        """``path``: a local file, or the ``s3://`` / ``gs://`` / ``file://`` URI of one (kept as a str)."""
+        self.path: Path | str = path if is_uri(path) else Path(path)
         try:
-            self._file = pq.ParquetFile(self.path)
+            if isinstance(self.path, str):
+                fs, inner = pafs.FileSystem.from_uri(self.path)
+                self._file = pq.ParquetFile(fs.open_input_file(inner))
+            else:
+                self._file = pq.ParquetFile(self.path)
             raw = (self._file.metadata.metadata or {}).get(METADATA_KEY)
         except (OSError, pa.ArrowException) as e:
-            raise DatasetError(f"{self.path}: not a readable dataset store ({e})") from None
+            raise DatasetError(f"{self.path}: not a readable dataset store ({_first_line(e)})") from None
         if raw is None:
             raise DatasetError(f"{self.path}: Parquet file without cssl_ray metadata; prepare it again")
         self.meta: dict[str, Any] = json.loads(raw)
@@ -233,6 +270,12 @@ def prepare(
     """
     card = name if isinstance(name, DatasetCard) else load_card(name)
     options = dict(options or {})
+    if remote := remote_cache(cache):  # read-only: found by its settings, no raw files needed
+        if force:
+            raise DatasetError(f"{remote}: a remote dataset cache is read-only; prepare into a folder and copy "
+                               "the file there")
+        return find_prepared(remote, card, card.preprocessing(size, channels or card.channels or 1, normalise),
+                             options)
     folder = cache_dir(cache)
     reader = reader or resolve_reader(card.format)
     src = resolve_root(card, root, folder, reader)
@@ -251,6 +294,53 @@ def prepare(
     store = Store(path)
     store.fresh = True
     return store
+
+
+def find_prepared(uri: str, card: DatasetCard, pre: Preprocessing, options: dict[str, Any]) -> Store:
+    """The one ``<name>-*.parquet`` under the cache ``uri`` whose footer says it holds ``card``
+    prepared with ``pre`` and ``options`` (this ``FORMAT_VERSION``); DatasetError, one line, if none
+    or several match."""
+    want = json.loads(json.dumps({"preprocessing": pre.to_dict(), "options": options}, default=str))
+    matches = []
+    for store in _remote_stores(uri, card.name):
+        m = store.meta
+        if (m.get("dataset"), m.get("format_version")) == (card.name, FORMAT_VERSION) \
+                and {"preprocessing": m.get("preprocessing"), "options": m.get("options")} == want:
+            matches.append(store)
+    size = "x".join(map(str, pre.size)) if pre.size else "native"
+    settings = f"size {size}, {pre.channels} channel(s), normalise {pre.normalise}" + \
+        (f", options {options}" if options else "")
+    if not matches:
+        raise DatasetMissing(f"{uri}: no prepared {card.name!r} store with {settings}; prepare it where the data is "
+                             f"(python -m cssl_ray.data prepare --config <run config> --cache DIR) and copy "
+                             f"DIR/{card.name}-*.parquet there")
+    if len(matches) > 1:
+        which = ", ".join(f"{Path(str(s.path)).name} (from {s.meta.get('root')})" for s in matches)
+        raise DatasetError(f"{uri}: {len(matches)} prepared {card.name!r} stores have {settings}: {which}; "
+                           "keep one there")
+    return matches[0]
+
+
+def _remote_stores(uri: str, name: str = "") -> list[Store]:
+    """The readable ``<name>-*.parquet`` stores directly under a cache URI, by file name."""
+    try:
+        fs, folder = pafs.FileSystem.from_uri(uri)
+        infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    except (OSError, pa.ArrowException) as e:
+        raise DatasetError(f"{uri}: cannot list the dataset cache ({_first_line(e)})") from None
+    stores = []
+    for info in sorted(infos, key=lambda i: i.base_name):
+        if info.type == pafs.FileType.File and info.base_name.startswith(f"{name}-" if name else "") \
+                and info.base_name.endswith(".parquet"):
+            try:
+                stores.append(Store(f"{uri}/{info.base_name}"))
+            except DatasetError:
+                continue  # not a dataset store: ignored, as list_prepared does
+    return stores
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def resolve_root(card: DatasetCard, root: str | Path | None, cache: Path, reader: Reader) -> Path | None:
@@ -373,7 +463,10 @@ def pixel_shares(summary: dict[str, Any], subset: str) -> list[float]:
 
 
 def list_prepared(cache: str | Path | None = None) -> list[Store]:
-    """Every readable prepared file in the cache, by dataset name then newest first."""
+    """Every readable prepared file in the cache, by dataset name then newest first (a remote cache:
+    by file name)."""
+    if remote := remote_cache(cache):
+        return sorted(_remote_stores(remote), key=lambda s: s.meta["dataset"])
     folder = cache_dir(cache)
     stores = []
     for p in folder.glob("*.parquet") if folder.is_dir() else []:
