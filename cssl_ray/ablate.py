@@ -3,6 +3,7 @@
     python -m cssl_ray.ablate --space tune_spaces/monuseg.yaml [--seeds 3] [--config best.yaml]
                               [--cells supervised cssl ...] [--fractions 0.05 0.1 0.25]
     python -m cssl_ray.ablate --space tune_spaces/smoke.yaml --seeds 2    # a minute on a CPU
+    python -m cssl_ray.ablate --space ... --dry-run                       # the checks only; starts nothing
 
 Table 5 grid (default): the cells of ``search_space.ABLATION_CELLS`` — use_cl x use_cr x
 use_hard_negatives, where hard negatives only exist with L_CL, so six cells: supervised (all off,
@@ -16,7 +17,9 @@ labelled fraction.
 Fixed hyperparameters: ``--config`` if given, else the best config a finished
 ``python -m cssl_ray.tune`` run of this space wrote, else the space's base config. Cells run as
 one Ray Tune experiment (no early stopping), as concurrent as the space's resources allow; at the
-end the report table (``cssl_ray.report``) is read back from MLflow and printed.
+end the report table (``cssl_ray.report``) is read back from MLflow and printed. ``--dry-run``
+runs the checks made before Ray starts (as ``python -m cssl_ray.tune --dry-run``), prints what
+would run and exits.
 """
 from __future__ import annotations
 
@@ -26,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from cssl_ray.config import Config, ConfigError, load_config
-from cssl_ray.experiment import CELL_KEY, fail, run_experiment
+from cssl_ray.experiment import CELL_KEY, check_trials, experiment_folder, fail, grid_size, run_experiment
 from cssl_ray.search_space import ABLATION_CELLS, Space, load_space
-from cssl_ray.tune import DEFAULT_STORAGE, best_config_path, with_workers
+from cssl_ray.tune import DEFAULT_STORAGE, best_config_path, data_text, trial_resources_text, with_workers
 
 SWEEP_CELLS = ["supervised", "cssl"]
 
@@ -81,6 +84,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted ablation")
     p.add_argument("--threads", type=int, default=0, help="torch threads per in-process trial (0 = the config's)")
     p.add_argument("--workers", type=int, help="override resources.workers (0 = each run trains in-process)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every check made before Ray starts, print what would run, start nothing")
     return p
 
 
@@ -91,13 +96,23 @@ def main(argv: list[str] | None = None) -> int:
         space = with_workers(load_space(args.space), args.workers)
         seeds = args.seeds if args.seeds is not None else space.ablation.seeds
         grid = ablation_grid(space, seeds, args.cells, args.fractions)
-        base = fixed_config(space, args.config, args.storage_path)
-        from cssl_ray.data.bundle import load_bundle
-        load_bundle(base.data)  # a missing dataset is one line here, before Ray starts
+        source: list[str] = []  # where the fixed hyperparameters come from (printed now, or in the dry-run line)
+        base = fixed_config(space, args.config, args.storage_path, log=source.append if args.dry_run else print)
+        sweep = "data.labelled_fraction" in grid
+        bundle = check_trials(space, base, split_varies=sweep)  # before Ray starts, one line each
         from cssl_ray.tracking import tracking_uri
         uri = tracking_uri(args.tracking_uri)
-        sweep = "data.labelled_fraction" in grid
         name = args.name or f"{space.name}-ablate" + ("-fractions" if sweep else "")
+        if args.dry_run:
+            folder = experiment_folder(Path(args.storage_path), name, args.resume)
+            shape = f"{', '.join(grid[CELL_KEY]['grid_search'])} x {seeds} seed(s)"
+            if sweep:
+                shape += f" x {len(grid['data.labelled_fraction']['grid_search'])} fraction(s)"
+            print(f"dry run: ablate {space.name}: {grid_size(grid)} run(s) ({'fractions' if sweep else 'table5'} "
+                  f"grid: {shape}), up to {space.max_concurrent_trials} at a time, {trial_resources_text(space)}; "
+                  f"{source[0]}; {data_text(base, bundle)}; Ray at {args.address or 'a local instance started here'}, "
+                  f"experiment in {folder}{' (resumed)' if args.resume else ''}, MLflow at {uri}; nothing started")
+            return 0
         outcomes, parent = run_experiment(
             space, param_space=grid, kind="ablate", tune_name=name, base=base, uri=uri,
             storage=Path(args.storage_path), scheduler=None, num_samples=1, address=args.address,

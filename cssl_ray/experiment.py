@@ -29,10 +29,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cssl_ray.config import Config, ConfigError, from_dict, merge, to_dict
 from cssl_ray.search_space import ABLATION_CELLS, CELL_DATA, Resources, Space, cell_of, unflatten
+
+if TYPE_CHECKING:  # torch: the CLIs import this module before their arguments are checked
+    from cssl_ray.data.bundle import DataBundle
 
 CELL_KEY = "cell"  # a trial parameter naming an ablation cell (sets the three switches)
 SESSION_FILE = "cssl_session.json"
@@ -306,6 +309,34 @@ def cpus_per_trial(resources: Resources, cfg: Config) -> float:
     return 0.01 + resources.workers * resources.cpus_per_worker + stream
 
 
+def check_trials(space: Space, base: Config, *, split_varies: bool = False) -> DataBundle:
+    """The checks before Ray starts that a trial would otherwise fail on, one line each: the base
+    config's dataset (loaded and split; also warms the cache for the trials) and, for Train trials
+    (``resources.workers >= 1``), ``ray_train.check_run`` on it (workers against labelled images).
+    ``split_varies``: trials change data.* (a labelled-fraction sweep), so the base's split says
+    nothing about theirs; only the dataset is checked. Returns the base's ``DataBundle``."""
+    r = space.resources
+    if r.workers == 0 or split_varies:
+        from cssl_ray.data.bundle import load_bundle
+        return load_bundle(base.data)
+    from cssl_ray.ray_train import check_run
+    return check_run(base, workers=r.workers, gpus_per_worker=r.gpus_per_worker, cpus_per_worker=r.cpus_per_worker)
+
+
+def experiment_folder(storage: Path, tune_name: str, resume: bool) -> Path:
+    """``<storage>/<tune_name>`` (absolute); a ConfigError when it holds an experiment and not ``resume``."""
+    folder = storage.resolve() / tune_name
+    if not resume and folder.exists():
+        raise ConfigError(f"{folder} already holds an experiment; pass --resume to continue it, "
+                          "or another --storage-path (ablate: --name) to start another")
+    return folder
+
+
+def grid_size(param_space: dict[str, Any]) -> int:
+    """Trials per sample of ``param_space``: the product of its grid_search lengths."""
+    return math.prod(len(v["grid_search"]) for v in param_space.values() if isinstance(v, dict) and "grid_search" in v)
+
+
 def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune_name: str, base: Config,
                    uri: str, storage: Path, scheduler: Any = None, num_samples: int = 1,
                    address: str | None = None, resume: bool = False, parent_tags: dict[str, str] | None = None,
@@ -323,11 +354,8 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
     from cssl_ray.tracking import Tracker, git_commit, ui_command
 
     storage = storage.resolve()
-    folder = storage / tune_name
+    folder = experiment_folder(storage, tune_name, resume)
     runs_root = folder / "runs"
-    if not resume and folder.exists():
-        raise ConfigError(f"{folder} already holds an experiment; pass --resume to continue it, "
-                          "or another --storage-path (ablate: --name) to start another")
     session = session_id(folder, resume)
     tracker = Tracker(uri, space.name)
     tags = {"cssl.kind": kind, "cssl.space": str(space.path), "cssl.dataset": space.dataset,

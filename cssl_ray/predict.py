@@ -3,6 +3,7 @@
     python -m cssl_ray.predict --checkpoint runs/x/best.pt --images <folder> --out <folder>
                                [--address auto] [--workers N] [--batch-size B]
     python -m cssl_ray.predict ... --local       # no Ray: the same functions in this process
+    python -m cssl_ray.predict ... --dry-run     # every input check (check_inputs); writes nothing
 
     driver   checkpoint -> Config (``from_dict(ckpt["config"])``) -> every image of the folder read
              and preprocessed exactly as the training store does (the dataset card's normalisation,
@@ -284,11 +285,11 @@ def write_outputs(items: list[Prepared], masks: dict[str, np.ndarray], out: Path
 # CLI
 
 
-def predict(checkpoint: str | Path, images: str | Path, out: str | Path, *, local: bool = False,
-            workers: int = 1, batch_size: int = 8, cpus_per_worker: float = 1.0,
-            address: str | None = None) -> dict[str, Any]:
-    """Masks and overlays for every image in ``images``; returns a summary. Bad input: ``PredictError``."""
-    start = time.perf_counter()
+def check_inputs(checkpoint: str | Path, images: str | Path, out: str | Path, *, workers: int = 1,
+                 batch_size: int = 8, cpus_per_worker: float = 1.0) -> tuple[Config, dict[str, Any], list[Prepared]]:
+    """Every check ``predict`` makes before Ray starts or a file is written (``--dry-run`` runs only
+    these): the options' ranges, ``out``, the checkpoint and its weights, every image read and
+    preprocessed. Returns the run's config, the weights and the prepared images. Bad input: ``PredictError``."""
     if workers < 1:
         raise PredictError(f"--workers: {workers} is out of range; allowed: >= 1")
     if batch_size < 1:
@@ -303,6 +304,17 @@ def predict(checkpoint: str | Path, images: str | Path, out: str | Path, *, loca
         raise PredictError(f"{checkpoint}: data.num_classes {cfg.data.num_classes} does not fit uint8 mask PNGs (<= 256)")
     _check_weights(cfg, state, checkpoint)
     items = prepare_images(list_images(images), cfg)  # every input checked before anything is written
+    return cfg, state, items
+
+
+def predict(checkpoint: str | Path, images: str | Path, out: str | Path, *, local: bool = False,
+            workers: int = 1, batch_size: int = 8, cpus_per_worker: float = 1.0,
+            address: str | None = None) -> dict[str, Any]:
+    """Masks and overlays for every image in ``images``; returns a summary. Bad input: ``PredictError``."""
+    start = time.perf_counter()
+    cfg, state, items = check_inputs(checkpoint, images, out, workers=workers, batch_size=batch_size,
+                                     cpus_per_worker=cpus_per_worker)
+    out = Path(out)
     if local:
         masks = segment_local(items, cfg, state, batch_size)
     else:
@@ -335,12 +347,23 @@ def parser() -> argparse.ArgumentParser:
     ray.add_argument("--workers", type=int, default=1, help="Segmenter actors (one GPU each when the cluster has GPUs)")
     ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each actor holds")
     ray.add_argument("--address", help="an existing Ray cluster, e.g. auto; default: start Ray here")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the checkpoint and every image, print what would run, start nothing, write nothing")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.dry_run:
+            cfg, _, items = check_inputs(args.checkpoint, args.images, args.out, workers=args.workers,
+                                         batch_size=args.batch_size, cpus_per_worker=args.cpus_per_worker)
+            how = "in this process (--local)" if args.local else \
+                f"on {args.workers} Segmenter actor(s) on Ray at {args.address or 'a local instance started here'}"
+            print(f"dry run: checkpoint ok ({cfg.data.name}, {cfg.model.name}, {cfg.data.num_classes} classes, "
+                  f"{cfg.data.image_size[0]}x{cfg.data.image_size[1]}); {len(items)} image(s) ok; would segment them "
+                  f"{how}, masks and overlays to {args.out}; nothing started")
+            return 0
         summary = predict(args.checkpoint, args.images, args.out, local=args.local, workers=args.workers,
                           batch_size=args.batch_size, cpus_per_worker=args.cpus_per_worker, address=args.address)
     except (PredictError, ConfigError) as e:

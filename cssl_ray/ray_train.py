@@ -304,6 +304,18 @@ def check_ray_run(cfg: Config, bundle: DataBundle, workers: int, gpus_per_worker
                           "with train.use_cr (use fewer workers)")
 
 
+def check_run(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float = 0.5,
+              placement_strategy: str = "PACK") -> DataBundle:
+    """Every check ``run_ray`` makes before Ray starts (``--dry-run`` runs only these): the config's
+    ranges, the model's geometry, the dataset (loaded and split: a missing or bad dataset is one
+    line here) and ``check_ray_run``. Returns the loaded split. Writes nothing but the dataset cache."""
+    validate(cfg)
+    check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
+    bundle = load_bundle(cfg.data)  # data errors: one-line ConfigErrors, before Ray starts
+    check_ray_run(cfg, bundle, workers, gpus_per_worker, cpus_per_worker, placement_strategy)
+    return bundle
+
+
 def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
             storage_path: str | None = None, resume: bool = False, cpus_per_worker: float = 0.5,
             max_failures: int = 2, resources: StreamResources | None = None,
@@ -328,10 +340,8 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
             STRICT_ forms fail instead of falling back.
     """
     start = time.perf_counter()
-    validate(cfg)
-    check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
-    bundle = load_bundle(cfg.data)  # data errors: one-line ConfigErrors, before Ray starts
-    check_ray_run(cfg, bundle, workers, gpus_per_worker, cpus_per_worker, placement_strategy)
+    bundle = check_run(cfg, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                       placement_strategy=placement_strategy)
     out_dir = write_run_files(cfg, bundle)
     storage = storage_path or str(out_dir.resolve())
     local_storage = "://" not in storage

@@ -5,11 +5,15 @@
                              [--set train.seed=1 ...]
     python -m cssl_ray.train --smoke                  # Ray, tiny: ~30 s on a CPU (Ray's start-up)
     python -m cssl_ray.train --local --smoke          # one process, no Ray: seconds
+    python -m cssl_ray.train ... --dry-run            # every check the run makes first; starts nothing
 
 Without ``--local`` the run goes through Ray (``cssl_ray.ray_train``): Ray Train workers (data
 parallel over gloo / NCCL) fed by a Ray Data stream of pseudo-labelled patches; checkpoints under
 ``--out`` (or ``--storage-path``, shared or cloud storage on a cluster). ``--local`` runs the whole
-schedule in this process (``cssl_ray.local``).
+schedule in this process (``cssl_ray.local``). ``--dry-run`` runs the checks a run makes before it
+starts (``ray_train.check_run``: config, model geometry, the dataset loaded and split, workers
+against labelled images), prints what would run and exits: no Ray, no run folder, no checkpoint;
+``--address`` and ``--storage-path`` are taken as given, nothing is contacted.
 """
 from __future__ import annotations
 
@@ -59,7 +63,26 @@ def parser() -> argparse.ArgumentParser:
     ray.add_argument("--placement-strategy", default="PACK", metavar="{PACK,SPREAD,STRICT_PACK,STRICT_SPREAD}",
                      help="placement of the Train workers: PACK fills nodes in turn, SPREAD one worker per node")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every check the run makes before it starts, print what would run, start nothing")
     return p
+
+
+def dry_run_line(cfg: Config, args: argparse.Namespace, bundle: Any) -> str:
+    """One line: what ``args`` would run, after ``check_run`` passed on ``cfg`` (its ``bundle``)."""
+    d, t = cfg.data, cfg.train
+    data = (f"data ok ({d.name}: {bundle.labelled_images.shape[0]} labelled, {bundle.unlabelled_images.shape[0]} "
+            f"unlabelled, {bundle.val_images.shape[0]} val, {bundle.test_images.shape[0]} test images)")
+    if args.local:
+        how = "would train in this process (--local)"
+    else:
+        gpus = f"{args.gpus_per_worker:g} GPU" if args.gpus_per_worker else "CPU only (gloo)"
+        how = (f"would train {args.workers} Ray Train worker(s) x {gpus}, {args.cpus_per_worker:g} CPU each "
+               f"({args.placement_strategy}), on Ray at {args.address or 'a local instance started here'}, "
+               f"checkpoints in {args.storage_path or t.out_dir}")
+    return (f"dry run: config ok ({d.name} {d.image_size[0]}x{d.image_size[1]}, {cfg.model.name}, "
+            f"{t.max_rounds} rounds); {data}; {how}, run files in {t.out_dir}"
+            f"{' (resumed)' if args.resume else ''}; nothing started")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("train.progress=false")
     try:
         cfg = build_config(args.config, overrides, smoke=args.smoke)
+        if args.dry_run:
+            from cssl_ray.ray_train import check_run  # the checks run_ray makes first (a superset of --local's)
+            bundle = check_run(cfg, workers=1 if args.local else args.workers, gpus_per_worker=args.gpus_per_worker,
+                               cpus_per_worker=args.cpus_per_worker, placement_strategy=args.placement_strategy)
+            print(dry_run_line(cfg, args, bundle))
+            return 0
         if args.local:
             from cssl_ray.local import run_local  # torch and the models load only once args are valid
             result = run_local(cfg, resume=args.resume)

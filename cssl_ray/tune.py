@@ -3,6 +3,7 @@
     python -m cssl_ray.tune --space tune_spaces/monuseg.yaml [--num-samples N] [--address auto]
                             [--storage-path DIR] [--tracking-uri URI] [--resume]
     python -m cssl_ray.tune --space tune_spaces/smoke.yaml          # a minute on a CPU
+    python -m cssl_ray.tune --space ... --dry-run                   # the checks only; starts nothing
 
 Each trial is one CSSL run (``cssl_ray.experiment``): in-process when the space says
 ``resources.workers: 0``, else a distributed Ray Train run inside the trial. Trials report after
@@ -11,6 +12,10 @@ every validation; ASHA (the default scheduler) compares them by the space's metr
 (by its best value of the metric; never by test data) is printed with its test metrics, and its
 resolved config is written as a YAML that ``python -m cssl_ray.train --config`` accepts, and that
 ``python -m cssl_ray.ablate`` picks up as its fixed hyperparameters.
+
+``--dry-run`` runs every check made before Ray starts (the space, the base config, its dataset
+loaded and split, Train trials' workers against labelled images, the scheduler, the experiment
+folder), prints what would run and exits: no Ray, no MLflow run, no folder written.
 """
 from __future__ import annotations
 
@@ -19,11 +24,22 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cssl_ray.config import ConfigError, dump_config, to_dict
-from cssl_ray.experiment import best_outcome, fail, run_experiment, trial_config
+from cssl_ray.config import Config, ConfigError, dump_config, to_dict
+from cssl_ray.experiment import (
+    best_outcome,
+    check_trials,
+    experiment_folder,
+    fail,
+    grid_size,
+    run_experiment,
+    trial_config,
+)
 from cssl_ray.search_space import Space, load_space
+
+if TYPE_CHECKING:  # torch: loaded only once the arguments are valid
+    from cssl_ray.data.bundle import DataBundle
 
 DEFAULT_STORAGE = "runs/tune"
 BEST_CONFIG = "best_config.yaml"
@@ -65,7 +81,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment (finished trials are kept)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per in-process trial (0 = the config's)")
     p.add_argument("--workers", type=int, help="override resources.workers (0 = each trial trains in-process)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every check made before Ray starts, print what would run, start nothing")
     return p
+
+
+def trial_resources_text(space: Space) -> str:
+    """What one trial holds, for a dry run: ``each trial 1 Train worker(s) x 1 GPU, 4 CPU each``."""
+    r = space.resources
+    gpus = f" x {r.gpus_per_worker:g} GPU" if r.gpus_per_worker else ""
+    if r.workers == 0:
+        return f"each trial in-process on {r.cpus_per_worker:g} CPU{gpus}"
+    return f"each trial {r.workers} Train worker(s){gpus}, {r.cpus_per_worker:g} CPU each"
+
+
+def data_text(base: Config, bundle: DataBundle) -> str:
+    """The base config and its split, for a dry run: ``config ok (...); data ok (3 labelled, ...)``."""
+    return (f"config ok ({base.data.name} {base.data.image_size[0]}x{base.data.image_size[1]}, {base.model.name}); "
+            f"data ok ({bundle.labelled_images.shape[0]} labelled, {bundle.unlabelled_images.shape[0]} unlabelled, "
+            f"{bundle.val_images.shape[0]} val, {bundle.test_images.shape[0]} test images)")
 
 
 def with_workers(space: Space, workers: int | None) -> Space:
@@ -87,13 +121,22 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--num-samples: {args.num_samples} is out of range; allowed: >= 1")
             space = dataclasses.replace(space, num_samples=args.num_samples)
         base = space.base_config()
-        from cssl_ray.data.bundle import load_bundle
-        load_bundle(base.data)  # a missing dataset is one line here, before Ray starts; warms the cache
+        bundle = check_trials(space, base, split_varies=any(k.startswith("data.") for k in space.search))
         from cssl_ray.tracking import tracking_uri
         uri = tracking_uri(args.tracking_uri)
+        scheduler = make_scheduler(space, base.train.max_rounds)
+        param_space = space.param_space()
+        if args.dry_run:
+            folder = experiment_folder(Path(args.storage_path), tune_folder(space), args.resume)
+            print(f"dry run: tune {space.name}: {space.num_samples * grid_size(param_space)} trial(s) over "
+                  f"{len(space.search)} searched key(s), {space.scheduler.name.upper()}, up to "
+                  f"{space.max_concurrent_trials} at a time, {trial_resources_text(space)}; {data_text(base, bundle)}; "
+                  f"Ray at {args.address or 'a local instance started here'}, experiment in {folder}"
+                  f"{' (resumed)' if args.resume else ''}, MLflow at {uri}; nothing started")
+            return 0
         outcomes, parent = run_experiment(
-            space, param_space=space.param_space(), kind="tune", tune_name=tune_folder(space), base=base,
-            uri=uri, storage=Path(args.storage_path), scheduler=make_scheduler(space, base.train.max_rounds),
+            space, param_space=param_space, kind="tune", tune_name=tune_folder(space), base=base,
+            uri=uri, storage=Path(args.storage_path), scheduler=scheduler,
             num_samples=space.num_samples, address=args.address, resume=args.resume, threads=args.threads)
     except (ConfigError, FileNotFoundError) as e:
         return fail(prog, str(e))
