@@ -15,6 +15,15 @@ DDP's forward for supervised steps and explicit sync for L_tot steps, failed in 
 "Encountered gradient which is undefined, but still allreduced by DDP reducer".) Ranks start equal
 because ``broadcast_state`` copies rank 0's parameters and buffers, as DDP's constructor would.
 
+World-size invariance: the configured batch sizes are GLOBAL. With N ranks each holds a share
+(``rank_share``) of every supervised, L_CR and patch batch; the contrastive loss runs on the
+embeddings of all ranks (``gather_with_grad``: every rank computes the same L_CL over the whole
+global batch, and the gradient of each rank's own embeddings comes back to it), and pixel-mean
+losses divide by the global pixel count (``global_mean``). With the gradient average after every
+backward, one step on N ranks is the step one process takes on the same global batch
+(tests/test_world_size.py), BatchNorm's batch statistics aside: those are per rank unless
+``train.sync_bn`` (CUDA) syncs them.
+
 Plain torch: no Ray here.
 """
 from __future__ import annotations
@@ -48,6 +57,22 @@ class Collectives:
     def gather(self, t: Tensor) -> Tensor:
         """Concatenate ``t`` (N_r, ...) of every rank along dim 0, in rank order; N_r may differ."""
         return t
+
+    def gather_with_grad(self, t: Tensor) -> Tensor:
+        """``gather`` that keeps the graph: the gradient of every rank's loss w.r.t. this rank's rows
+        is summed back into ``t``'s gradient (so a loss computed identically on every rank from the
+        gathered tensor, then gradient-averaged, gives the single-process gradient)."""
+        return t
+
+    def global_mean(self, total: Tensor, count: Tensor | float) -> Tensor:
+        """This rank's part of a mean over every rank's items: ``total * N / sum_r count_r``.
+
+        ``total`` (with its graph) is the sum over this rank's items, ``count`` their number; after
+        the gradient average over ranks the gradient is that of sum_r total_r / sum_r count_r, and
+        the mean over ranks of the returned values is that mean. A global count of 0 gives
+        ``total`` (a graph-connected zero when nothing was summed)."""
+        n = float(count)
+        return total / n if n > 0 else total
 
     def broadcast_float(self, x: float) -> float:
         """Rank 0's value of ``x`` on every rank."""
@@ -109,6 +134,10 @@ class TorchCollectives(Collectives):
         return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
 
     def gather(self, t: Tensor) -> Tensor:
+        return self._gather_sized(t)[0]
+
+    def _gather_sized(self, t: Tensor) -> tuple[Tensor, list[int]]:
+        """``gather``, and every rank's row count."""
         n = torch.tensor([t.shape[0]], dtype=torch.int64, device=self.device)
         sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
         dist.all_gather(sizes, n)
@@ -117,7 +146,14 @@ class TorchCollectives(Collectives):
         padded[:t.shape[0]] = t.to(self.device)
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
-        return torch.cat([p[:s] for p, s in zip(parts, sizes_)]).to(t.device)
+        return torch.cat([p[:s] for p, s in zip(parts, sizes_)]).to(t.device), sizes_
+
+    def gather_with_grad(self, t: Tensor) -> Tensor:
+        return _GatherWithGrad.apply(t, self)
+
+    def global_mean(self, total: Tensor, count: Tensor | float) -> Tensor:
+        n = float(self._all_reduce(torch.tensor([float(count)], dtype=torch.float64)).item())
+        return total * (self.world_size / n) if n > 0 else total
 
     def broadcast_float(self, x: float) -> float:
         t = torch.tensor([x], dtype=torch.float64, device=self.device)
@@ -145,3 +181,33 @@ class TorchCollectives(Collectives):
         out: list[object] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather with autograd: forward concatenates every rank's rows (sizes may differ); backward
+    sums the gradient of the gathered tensor over ranks (one all-reduce) and returns this rank's rows.
+    An all-reduce, not torch.distributed.nn's reduce-scatter / all-to-all, so gloo runs it too."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, col: TorchCollectives) -> Tensor:  # type: ignore[override]
+        out, sizes = col._gather_sized(t.detach())
+        ctx.col, ctx.start, ctx.rows = col, sum(sizes[:col.rank]), t.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        summed = ctx.col.sum_(grad.contiguous())
+        return summed[ctx.start:ctx.start + ctx.rows], None
+
+
+def rank_share(total: int, rank: int, world: int) -> int:
+    """Items of a global batch of ``total`` that rank ``rank`` of ``world`` holds: the global batch's
+    positions are dealt round-robin (position p to rank p % world), so shares differ by at most 1."""
+    return positions_of_rank(0, total, rank, world)
+
+
+def positions_of_rank(start: int, stop: int, rank: int, world: int) -> int:
+    """How many positions p in [start, stop) have p % world == rank."""
+    def below(x: int) -> int:  # positions p < x with p % world == rank
+        return max(0, -(-(x - rank) // world))
+    return below(stop) - below(start)

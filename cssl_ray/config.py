@@ -169,6 +169,10 @@ class TrainConfig:
     # NHWC weights and input batches (what tensor-core convolutions want); fp32 results equal NCHW's
     # within rounding
     channels_last: bool = False
+    # Ray runs with several workers: BatchNorm statistics over the whole global batch (torch's
+    # SyncBatchNorm, CUDA only). Off, each rank normalises its share of a batch by its own statistics:
+    # the one part of a step that depends on the worker count (cssl_ray.collectives)
+    sync_bn: bool = False
     # torch intra-op CPU threads; 0 = torch's default (all cores). Small models on a shared 2-core
     # box run ~5x faster with 1 (measured: nuclei config 10.5 min at 2 threads vs 2.2 min at 1)
     num_threads: int = 0

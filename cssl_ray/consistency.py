@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cssl_ray.collectives import Collectives
 from cssl_ray.pseudo_labels import pseudo_labels
 
 PERTURB_MODES = ("bottleneck", "all_levels")
@@ -81,13 +82,23 @@ def consistency_loss(teacher_logits: Tensor, student_logits: Tensor, threshold: 
     ``threshold`` are ignored; the mean runs over the remaining pixels of the batch. When no pixel
     is confident the loss is a graph-connected zero (never NaN).
     """
+    total, count = consistency_terms(teacher_logits, student_logits, threshold, ignore_index)
+    return total / count if count else total
+
+
+def consistency_terms(teacher_logits: Tensor, student_logits: Tensor, threshold: float,
+                      ignore_index: int = 255) -> tuple[Tensor, int]:
+    """``consistency_loss`` as (sum over the confident pixels, their number): the parts of a mean
+    over several ranks' batches (``collectives.global_mean``). No confident pixel: (a
+    graph-connected zero, 0)."""
     if teacher_logits.shape != student_logits.shape or teacher_logits.dim() != 4:
         raise ValueError(f"consistency_loss: teacher and student logits must both be (B, C, H, W), got "
                          f"{tuple(teacher_logits.shape)} and {tuple(student_logits.shape)}")
     targets = pseudo_labels(teacher_logits.detach(), threshold, ignore_index)  # (B, H, W)
-    if not (targets != ignore_index).any():
-        return student_logits.sum() * 0.0
-    return F.cross_entropy(student_logits.float(), targets, ignore_index=ignore_index)
+    count = int((targets != ignore_index).sum())
+    if not count:
+        return student_logits.sum() * 0.0, 0
+    return F.cross_entropy(student_logits.float(), targets, ignore_index=ignore_index, reduction="sum"), count
 
 
 class Teacher:
@@ -139,13 +150,15 @@ class Teacher:
 
 def consistency_step(model: nn.Module, teacher: Teacher, x_u: Tensor, lambda_: float, *,
                      threshold: float, ignore_index: int = 255, mode: str = "bottleneck",
-                     generator: torch.Generator | None = None, scale: str = "absolute") -> Tensor:
-    """L_CR for a batch of unlabelled images x_u (B, C_in, H, W)."""
+                     generator: torch.Generator | None = None, scale: str = "absolute",
+                     collectives: Collectives | None = None) -> Tensor:
+    """L_CR for a batch of unlabelled images x_u (B, C_in, H, W); with ``collectives``, x_u is this
+    rank's share of the global batch and the mean runs over every rank's confident pixels."""
     net = _unwrap(model)
     feats = net.encode(x_u)  # h, fine to coarse
     y = teacher.decode(feats)  # (B, C, H, W), no gradient
     y_hat = net.decode(perturb(feats, lambda_, mode, generator, scale))
-    return consistency_loss(y, y_hat, threshold, ignore_index)
+    return (collectives or Collectives()).global_mean(*consistency_terms(y, y_hat, threshold, ignore_index))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

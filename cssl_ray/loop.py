@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cssl_ray.augment import flip_rotate
-from cssl_ray.collectives import Collectives
+from cssl_ray.collectives import Collectives, positions_of_rank, rank_share
 from cssl_ray.config import Config
 from cssl_ray.consistency import Teacher
 from cssl_ray.contrastive import AuxiliaryGaussian
@@ -56,8 +56,10 @@ def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
     ``generator`` draws the batches and their augmentation (the run's ``streams.sup``: no other
     purpose draws from it, so every cell of a seed sees the same supervised batches).
 
-    Data parallel (``collectives``): each rank passes its shard and the same ``steps``; gradients
-    are averaged over ranks after every backward and ``loss_sup`` is the mean over ranks.
+    Data parallel (``collectives``): each rank passes its shard, its share of the global batch
+    (``collectives.rank_share``) and the same ``steps``; the loss is the mean over the global batch's
+    pixels, gradients are averaged over ranks after every backward and ``loss_sup`` is the mean over
+    ranks.
 
     ``precision`` (autocast, channels_last; default fp32) and ``scaler`` (fp16's loss scaler, kept
     across epochs by the caller): ``cssl_ray.precision``."""
@@ -73,7 +75,9 @@ def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
         x, y = prec.layout(x.to(device)), y.to(device)
         with prec.autocast():
             logits = model(x)  # (B, C, H, W), bf16 / fp16 under amp
-        loss = F.cross_entropy(logits.float(), y, ignore_index=ignore_index)
+        # the mean over the GLOBAL batch's labelled pixels (every rank's share; collectives.global_mean)
+        loss = col.global_mean(F.cross_entropy(logits.float(), y, ignore_index=ignore_index, reduction="sum"),
+                               (y != ignore_index).sum())
         backward_step(loss, optimizer, scaler, after_backward=lambda: col.average_gradients(model))
         total += loss.item()
         count += 1
@@ -138,12 +142,38 @@ def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
             m.momentum = momentum
 
 
-def l_tot_steps(n_unlabelled: int, cfg: Config) -> int:
-    """Steps of one L_tot epoch: one pass over D_U in batches of ``consistency.batch_size``, capped
-    by ``train.steps_per_round`` (> 0). The same for every cell with L_CL or L_CR, so the ablation
-    compares losses, not amounts of work."""
-    n = math.ceil(n_unlabelled / cfg.consistency.batch_size)
+def l_tot_steps(n_unlabelled: int, cfg: Config, world: int = 1) -> int:
+    """Steps of one L_tot epoch: one pass over D_U (all ranks' images, ``n_unlabelled``) in global
+    batches of ``consistency.batch_size``, capped by ``train.steps_per_round`` (> 0). The same for
+    every cell with L_CL or L_CR, so the ablation compares losses, not amounts of work."""
+    n = _pass_batches(n_unlabelled, cfg.consistency.batch_size, world)
     return min(n, cfg.train.steps_per_round) if cfg.train.steps_per_round > 0 else n
+
+
+def _pass_batches(n: int, batch_size: int, world: int) -> int:
+    """Global batches of one pass over ``n`` items: ceil(n / batch_size), except that a last batch
+    with fewer items than ranks joins the one before (every rank needs an item at every step;
+    never with one rank)."""
+    steps = math.ceil(n / batch_size)
+    return steps - 1 if steps > 1 and n - (steps - 1) * batch_size < world else steps
+
+
+def pass_shares(n_local: int, n_global: int, batch_size: int, rank: int, world: int,
+                generator: torch.Generator | None = None) -> list[Tensor]:
+    """This rank's part of every global batch of one shuffled pass over D_U.
+
+    The pass's global batches are ``batch_size`` consecutive positions of ``n_global`` (the last
+    one smaller, ``_pass_batches``); position p belongs to rank p % world, and this rank holds the
+    images ``[rank::world]`` (``n_local`` of them), shuffled by ``generator``. One rank: the
+    shuffled pass split into batches of ``batch_size``."""
+    if batch_size < world:
+        raise ValueError(f"a global batch of {batch_size} cannot give each of {world} ranks an item")
+    steps = _pass_batches(n_global, batch_size, world)
+    bounds = [k * batch_size for k in range(steps)] + [n_global]
+    sizes = [positions_of_rank(a, b, rank, world) for a, b in zip(bounds[:-1], bounds[1:])]
+    if sum(sizes) != n_local:
+        raise ValueError(f"rank {rank} of {world} holds {n_local} of {n_global} images; its share is {sum(sizes)}")
+    return list(torch.randperm(n_local, generator=generator).split(sizes)) if n_local else []
 
 
 def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim.Optimizer,
@@ -162,9 +192,11 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
     (silhouette of the patch embeddings) is measured at every step with patches and averaged.
 
     Data parallel (``collectives``, see ``cssl_ray.collectives``): each rank passes its own shard of
-    patches and unlabelled images; the ranks agree on the step count (the minimum), average
-    gradients after every backward, measure omega on all ranks' embeddings, and return statistics
-    averaged over ranks. None = one process.
+    patches and its images ``[rank::world]`` of D_U; the batch sizes are global: at every step each
+    rank takes its share of the global L_CR batch (``pass_shares``) and of the global contrastive
+    batch (``rank_share``), L_CL runs on the all-gathered embeddings, the ranks agree on the step
+    count (the minimum), average gradients after every backward, and return statistics averaged
+    over ranks. None = one process.
 
     Precision (``train.amp``, ``train.channels_last``): ``cssl_ray.precision``; ``scaler`` is fp16's
     loss scaler, kept across epochs by the caller (None under fp16: a fresh one for this epoch).
@@ -176,12 +208,14 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
     scaler = scaler if scaler is not None else prec.grad_scaler()
     model.train()
     n_u = unlabelled_images.shape[0]
-    n_steps = col.agree_steps(l_tot_steps(n_u, cfg))
-    u_batches = list(torch.randperm(n_u, generator=streams.cr).split(cfg.consistency.batch_size)) if n_u else []
+    n_global = int(col.sum_(torch.tensor([n_u], dtype=torch.int64)).item())  # the pass is over every rank's D_U
+    n_steps = col.agree_steps(l_tot_steps(n_global, cfg, col.world_size))
+    u_batches = pass_shares(n_u, n_global, cfg.consistency.batch_size, col.rank, col.world_size, streams.cr)
     patch_batches: list[Tensor] = []
-    if patches.shape[0] > 0 and n_steps > 0:
-        patch_batches = class_balanced_batches(patch_classes, cfg.patches.batch_size, num_batches=n_steps,
-                                               generator=streams.patches)
+    if patches.shape[0] > 0 and n_steps > 0:  # this rank's share of the global contrastive batch
+        patch_batches = class_balanced_batches(
+            patch_classes, rank_share(cfg.patches.batch_size, col.rank, col.world_size), num_batches=n_steps,
+            generator=streams.patches)
     if col.agree_steps(len(patch_batches)) == 0:
         patch_batches = []  # some rank has no patch: omega's collectives need every rank
     sums: dict[str, float] = {"loss": 0.0, "loss_cl": 0.0, "loss_cr": 0.0, "anchors_without_positive": 0.0}
@@ -199,7 +233,7 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
             inputs = StepInputs(w if t.use_cl else None, c if t.use_cl else None, x_u)
             with prec.autocast():  # the losses themselves are computed in fp32
                 out = cssl_objective(model, teacher if t.use_cr else None, inputs, cfg, lambda_=lambda_,
-                                     aux=aux, streams=streams)
+                                     aux=aux, streams=streams, collectives=col)
             backward_step(out["loss"], optimizer, scaler, after_backward=lambda: col.average_gradients(model))
             if after_step is not None:
                 after_step()
@@ -240,33 +274,30 @@ def measure_omega(model: nn.Module, patches: Tensor, patch_classes: Tensor, cfg:
 @torch.no_grad()
 def _omega(model: nn.Module, patches: Tensor, classes: Tensor, cfg: Config, aux: AuxiliaryGaussian | None,
            streams: RandomStreams, col: Collectives | None = None, out: dict | None = None) -> float:
-    """Silhouette of a step's patch embeddings (with the auxiliary class for one-class data).
+    """Silhouette of a step's patch embeddings over every rank (with the auxiliary class for one-class data).
 
-    ``out``: the step's objective output; its embeddings (and auxiliary samples) are reused when
-    L_CL computed them, else the patches are embedded here in eval mode (no gradient).
-    With ``col``, the embeddings, classes and auxiliary samples of every rank are gathered first
-    and rank 0's value is broadcast, so every rank uses the same omega (hence the same lambda_)."""
+    ``out``: the step's objective output; its embeddings (already all-gathered), their classes and
+    auxiliary samples are reused when L_CL computed them, else this rank's patches are embedded here
+    in eval mode (no gradient) and gathered. The silhouette's subsample and the auxiliary samples
+    draw from the shared ``streams.omega``, and rank 0's value is broadcast, so every rank uses the
+    same omega, hence the same lambda_."""
+    col = col or Collectives()
     out = out or {}
-    z = out.get("z")
-    aux_batch = out.get("aux")
-    if z is None:  # L_CL off: embed under no_grad just to measure clustering
+    z, aux_batch = out.get("z"), out.get("aux")
+    if z is not None:
+        classes = out["classes"]
+    else:  # L_CL off: embed under no_grad just to measure clustering
         was_training = model.training
         model.eval()
-        z = patch_embeddings(model, patches)
+        z = col.gather(patch_embeddings(model, patches))  # (sum_r P_r, D)
         model.train(was_training)
+        classes = col.gather(classes)
         if aux is not None:
             aux_batch = aux.sample(cfg.contrastive.aux_samples or z.shape[0], generator=streams.omega).to(z.device)
     s = cfg.silhouette
-    if col is None or col.world_size == 1:
-        return silhouette(z, classes, metric=s.metric, kind=s.kind, aux=aux_batch,
-                          max_samples=s.max_samples, generator=streams.omega)
-    z, classes = col.gather(z), col.gather(classes)  # (sum_r P_r, D), (sum_r P_r,)
-    if aux_batch is not None:
-        aux_batch = col.gather(aux_batch)
-    omega = float("nan")
-    if col.rank == 0:  # the subsample draws from rank 0's stream only
-        omega = silhouette(z, classes, metric=s.metric, kind=s.kind, aux=aux_batch,
-                           max_samples=s.max_samples, generator=streams.omega)
+    # every rank computes it (so the shared stream advances alike everywhere); rank 0's value is used
+    omega = silhouette(z, classes, metric=s.metric, kind=s.kind, aux=aux_batch,
+                       max_samples=s.max_samples, generator=streams.omega)
     return col.broadcast_float(omega)
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cssl_ray.collectives import Collectives
 from cssl_ray.config import Config
 from cssl_ray.consistency import Teacher, consistency_step
 from cssl_ray.contrastive import AuxiliaryGaussian, contrastive_loss, sample_alpha
@@ -38,14 +39,21 @@ def patch_embeddings(model: nn.Module, patches: Tensor) -> Tensor:
 
 def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs, cfg: Config, *,
                    lambda_: float, streams: RandomStreams, aux: AuxiliaryGaussian | None = None,
-                   ) -> dict[str, Tensor]:
+                   collectives: Collectives | None = None) -> dict[str, Tensor]:
     """Compute L_tot for one step; alpha, the auxiliary samples and the noise each draw from their own
     stream of ``streams`` (so turning one term off leaves the others' draws unchanged).
 
-    Returns ``{"loss", "loss_cl", "loss_cr", "z", "anchors", "anchors_without_positive",
-    "aux"}``: ``loss`` carries the gradient; ``z`` (detached patch embeddings) and ``aux``
-    (the auxiliary negatives used, or None) feed the silhouette omega.
+    Returns ``{"loss", "loss_cl", "loss_cr", "z", "classes", "anchors", "anchors_without_positive",
+    "aux"}``: ``loss`` carries the gradient; ``z`` (detached patch embeddings of every rank), their
+    ``classes`` and ``aux`` (the auxiliary negatives used, or None) feed the silhouette omega.
+
+    Data parallel (``collectives``): ``inputs`` hold this rank's share of the global batches. L_CL
+    runs on the embeddings of every rank (``gather_with_grad``; alpha and the auxiliary samples
+    come from shared streams, so every rank computes the same L_CL) and L_CR's mean runs over the
+    confident pixels of every rank (``global_mean``): after the gradient average, the update of one
+    process on the whole global batch.
     """
+    col = collectives or Collectives()
     t, c = cfg.train, cfg.contrastive
     device = next(model.parameters()).device
     zero = torch.zeros((), device=device)
@@ -54,7 +62,8 @@ def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs
     if t.use_cl:
         if inputs.patches is None or inputs.patch_classes is None:
             raise ValueError("cssl_objective: use_cl needs patches and patch_classes")
-        z = patch_embeddings(model, inputs.patches)  # (P, D)
+        z = col.gather_with_grad(patch_embeddings(model, inputs.patches))  # (P, D): every rank's patches
+        classes = col.gather(inputs.patch_classes)  # (P,)
         n = z.shape[0]
         alpha = aux_batch = aux_alpha = None
         if t.use_hard_negatives:
@@ -65,10 +74,10 @@ def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs
             if t.use_hard_negatives:
                 aux_alpha = sample_alpha(n, c.alpha_min, c.alpha_max, c.hard_ratio, m=m,
                                          generator=streams.alpha).to(device)
-        loss_cl, stats = contrastive_loss(z, inputs.patch_classes, c.tau, alpha, aux=aux_batch,
+        loss_cl, stats = contrastive_loss(z, classes, c.tau, alpha, aux=aux_batch,
                                           aux_alpha=aux_alpha, return_stats=True)
         out["loss_cl"] = loss_cl
-        out["z"] = z.detach()
+        out["z"], out["classes"] = z.detach(), classes
         out["aux"] = aux_batch
         out["anchors"] = torch.tensor(float(stats["anchors"]))
         out["anchors_without_positive"] = torch.tensor(float(stats["anchors_without_positive"]))
@@ -79,7 +88,7 @@ def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs
         loss_cr = consistency_step(model, teacher, inputs.unlabelled, lambda_,
                                    threshold=cfg.pseudo.threshold, ignore_index=cfg.pseudo.ignore_index,
                                    mode=cfg.consistency.perturb, generator=streams.noise,
-                                   scale=cfg.consistency.noise)
+                                   scale=cfg.consistency.noise, collectives=col)
         out["loss_cr"] = loss_cr
         loss = loss + t.w_cr * loss_cr
     out["loss"] = loss

@@ -32,6 +32,13 @@ Design choices:
   wrapper, because the L_tot step reaches encode/decode/project, not forward (see
   ``cssl_ray.collectives``). ``prepare_model`` only places the student on the device. The teacher
   is a plain module, never wrapped, never given gradients.
+- World-size invariance: ``train.batch_size``, ``consistency.batch_size`` and ``patches.batch_size``
+  are global. Each rank takes its ``rank_share`` of every batch, L_CL runs on the all-gathered
+  embeddings (so every anchor sees the paper's 816-patch batch whatever the worker count), pixel
+  means divide by the global count, and a step on N ranks is one process's step on the same
+  global batch (tests/test_world_size.py). Left per rank: BatchNorm's batch statistics (unless
+  ``train.sync_bn``, CUDA), the draws of the consistency noise and of which patches and images
+  form a batch (each rank draws from its own shard): statistically, not bitwise, the same run.
 - Checkpoints hold ``schedule.RunState.state_dict()`` plus every rank's random streams; rank 0 writes.
 """
 from __future__ import annotations
@@ -51,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from cssl_ray.collectives import Collectives, TorchCollectives
+from cssl_ray.collectives import Collectives, TorchCollectives, rank_share
 from cssl_ray.config import Config, ConfigError, from_dict, to_dict, validate
 from cssl_ray.data.bundle import DataBundle, load_bundle
 from cssl_ray.local import RunResult, evaluate_best, resolve_device, write_run_files
@@ -120,10 +127,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # after every backward over the gloo / NCCL group Ray Train set up (cssl_ray.collectives says
     # why); broadcast_state starts every rank from rank 0's weights, as DDP's constructor would.
     # The teacher is never wrapped and never gets gradients.
+    if t.sync_bn and world > 1:  # BatchNorm statistics over the global batch (CUDA; check_ray_run says so)
+        state.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.model)
     ray.train.torch.prepare_model(state.model, parallel_strategy=None)
     col.broadcast_state(state.model)
 
-    sup = dict(batch_size=t.batch_size, steps=_sup_steps(cfg, bundle.labelled_images.shape[0], world),
+    # train.batch_size is global: this rank takes its share, for the steps of one pass over all of D_L
+    sup = dict(batch_size=rank_share(t.batch_size, rank, world), steps=_sup_steps(cfg, bundle.labelled_images.shape[0]),
                augment=t.augment, ignore_index=cfg.pseudo.ignore_index, generator=state.streams.sup,
                precision=state.precision, scaler=state.scaler)
 
@@ -181,7 +191,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 class _RankShard:
-    """This rank's slice ``[rank::world]`` of D_L, D_U and val (test stays with the driver)."""
+    """This rank's slice ``[rank::world]`` of D_L, D_U and val (test stays with the driver); the
+    slices of D_U are what ``loop.pass_shares`` expects."""
 
     def __init__(self, bundle: DataBundle, rank: int, world: int) -> None:
         s = slice(rank, None, world)
@@ -196,13 +207,13 @@ def _without_test(bundle: DataBundle) -> DataBundle:
     return dataclasses.replace(bundle, test_images=empty, test_masks=bundle.test_masks[:0])
 
 
-def _sup_steps(cfg: Config, n_labelled: int, world: int) -> int:
-    """Supervised steps per epoch, equal on every rank (DDP): train.sup_steps_per_epoch, else one
-    pass over the largest shard (with one rank: exactly ``--local``'s one pass over D_L)."""
+def _sup_steps(cfg: Config, n_labelled: int) -> int:
+    """Supervised steps per epoch, equal on every rank: train.sup_steps_per_epoch, else one pass
+    over D_L in global batches of ``train.batch_size`` (``--local``'s one pass, whatever the worker
+    count: each rank takes its ``rank_share`` of every batch from its shard)."""
     if cfg.train.sup_steps_per_epoch > 0:
         return cfg.train.sup_steps_per_epoch
-    largest = math.ceil(n_labelled / world)
-    return math.ceil(largest / min(cfg.train.batch_size, largest)) if largest else 0
+    return math.ceil(n_labelled / min(cfg.train.batch_size, n_labelled)) if n_labelled else 0
 
 
 def _round_patch_shard(model: torch.nn.Module, round_: int, store_name: str,
@@ -302,6 +313,15 @@ def check_ray_run(cfg: Config, bundle: DataBundle, workers: int, gpus_per_worker
     if cfg.train.use_cr and n_u and workers > n_u:
         raise ConfigError(f"--workers: {workers} ranks but only {n_u} unlabelled images; each rank needs one "
                           "with train.use_cr (use fewer workers)")
+    # The batch sizes are global (each rank holds a share): every rank needs an item of every batch.
+    for key, size in (("train.batch_size", cfg.train.batch_size), ("consistency.batch_size", cfg.consistency.batch_size),
+                      ("patches.batch_size", cfg.patches.batch_size)):
+        if size < workers:
+            raise ConfigError(f"{key}: {size} is a global batch; with --workers {workers} it must be >= {workers} "
+                              "(each rank holds a share)")
+    if cfg.train.sync_bn and workers > 1 and gpus_per_worker == 0:
+        raise ConfigError("train.sync_bn: torch's SyncBatchNorm runs on CUDA only; set it false for CPU workers "
+                          "(BatchNorm then normalises each rank's share of a batch by its own statistics)")
 
 
 def check_run(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float = 0.5,

@@ -15,7 +15,10 @@ much as different losses. Each purpose therefore has its own ``torch.Generator``
 
 Each seed is a hash of ``(seed, purpose, rank)``: streams of one run are unrelated to each other and
 to other ranks, and equal across cells, workers counts aside (rank 0 of any run draws what a
-single-process run draws).
+single-process run draws). The ``SHARED`` purposes are the exception: they draw for the whole
+all-gathered contrastive batch, which every rank holds (``collectives.gather_with_grad``), so every
+rank seeds them as rank 0 does and all ranks draw the same alpha, auxiliary samples and silhouette
+subsample, the ones a single process would draw.
 """
 from __future__ import annotations
 
@@ -24,10 +27,13 @@ import hashlib
 import torch
 
 PURPOSES = ("sup", "patches", "alpha", "aux", "noise", "cr", "omega")
+SHARED = ("alpha", "aux", "omega")  # equal on every rank (see the module docstring)
 
 
 def stream_seed(seed: int, purpose: str, rank: int = 0) -> int:
-    """A 63-bit seed for ``purpose`` of run ``seed`` on ``rank``."""
+    """A 63-bit seed for ``purpose`` of run ``seed`` on ``rank`` (rank 0's for a ``SHARED`` purpose)."""
+    if purpose in SHARED:
+        rank = 0
     digest = hashlib.sha256(f"cssl_ray/{seed}/{purpose}/{rank}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 

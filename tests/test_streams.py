@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cssl_ray.streams import PURPOSES, RandomStreams, stream_seed
+from cssl_ray.streams import PURPOSES, SHARED, RandomStreams, stream_seed
 
 
 def test_streams_are_distinct_reproducible_and_per_rank():
@@ -13,6 +13,14 @@ def test_streams_are_distinct_reproducible_and_per_rank():
     assert all(torch.equal(draws[p], torch.rand(4, generator=b[p])) for p in PURPOSES)  # same seed, same draws
     assert len({tuple(v.tolist()) for v in draws.values()}) == len(PURPOSES)  # purposes differ
     assert stream_seed(3, "sup", 0) != stream_seed(3, "sup", 1) != stream_seed(4, "sup", 0)
+
+
+def test_shared_purposes_draw_the_same_on_every_rank():
+    # alpha, aux and omega act on the all-gathered contrastive batch: every rank must draw rank 0's values
+    r0, r1 = RandomStreams(3, rank=0), RandomStreams(3, rank=1)
+    for p in PURPOSES:
+        same = torch.equal(torch.rand(4, generator=r0[p]), torch.rand(4, generator=r1[p]))
+        assert same == (p in SHARED), p
 
 
 def test_drawing_from_one_stream_leaves_the_others_alone():

@@ -1,0 +1,142 @@
+"""World-size invariance: one step on 2 gloo ranks, each holding half of a global batch, equals the
+step one process takes on the whole batch (L_sup, L_CL with hard and auxiliary negatives, L_CR and
+the parameter update), and the pass over D_U is split so that every image is used once."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from cssl_ray.collectives import Collectives, TorchCollectives, positions_of_rank, rank_share
+from cssl_ray.config import from_dict
+from cssl_ray.consistency import Teacher
+from cssl_ray.contrastive import AuxiliaryGaussian
+from cssl_ray.loop import l_tot_steps, pass_shares, supervised_epoch
+from cssl_ray.models import create_model
+from cssl_ray.objective import StepInputs, cssl_objective
+from cssl_ray.streams import RandomStreams
+
+WORLD = 2
+
+
+def _cfg():
+    return from_dict({
+        "data": {"image_size": [32, 32], "num_classes": 2},
+        "model": {"base_channels": 4, "depth": 2, "embed_dim": 8, "proj_hidden": 8},
+        "patches": {"size": 16, "batch_size": 8},
+        "consistency": {"batch_size": 4},
+        "pseudo": {"threshold": 0.3},
+        "contrastive": {"aux_samples": 6},
+    })
+
+
+def _group_norm(model: nn.Module) -> nn.Module:
+    """BatchNorm -> GroupNorm(1, C): per-sample statistics, so the step does not depend on how a
+    batch is split (BatchNorm's per-rank statistics are the documented exception; train.sync_bn)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(model, name, nn.GroupNorm(1, child.num_features))
+        else:
+            _group_norm(child)
+    return model
+
+
+def _global_batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    masks = torch.randint(0, 2, (4, 32, 32), generator=g)
+    masks[0, :4] = 255  # some ignored pixels, unevenly over the ranks' shares
+    return {"images": torch.randn(4, 1, 32, 32, generator=g), "masks": masks,
+            "patches": torch.randn(8, 1, 16, 16, generator=g), "classes": torch.tensor([1, 0, 1, 1, 0, 1, 0, 1]),
+            "unlabelled": torch.randn(4, 1, 32, 32, generator=g)}
+
+
+def _step(rank: int, world: int, col: Collectives) -> dict:
+    """One supervised step and one L_tot step of this rank's share ([rank::world]) of the global batch."""
+    cfg = _cfg()
+    torch.manual_seed(0)
+    model = _group_norm(create_model(cfg.model, 1, 2))
+    teacher = Teacher(model)
+    with torch.no_grad():  # a teacher that differs from the student, so L_CR is not trivially small
+        for p in teacher.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    # a rank's share; one process: the gathered order (rank 0's rows, then rank 1's), which alpha's pairs follow
+    b = {k: v[rank::world] if world > 1 else torch.cat([v[r::WORLD] for r in range(WORLD)])
+         for k, v in _global_batch().items()}
+    res: dict = {}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    res.update(supervised_epoch(model, opt, b["images"], b["masks"], batch_size=rank_share(4, rank, world), steps=1,
+                                augment=False, collectives=col))
+    streams = RandomStreams(0, rank)
+    aux = AuxiliaryGaussian(cfg.model.embed_dim, seed=0)
+    out = cssl_objective(model, teacher, StepInputs(b["patches"], b["classes"], b["unlabelled"]), cfg,
+                         lambda_=0.0, streams=streams, aux=aux, collectives=col)
+    opt.zero_grad()
+    out["loss"].backward()
+    col.average_gradients(model)
+    opt.step()
+    res.update(col.mean_floats({k: float(out[k].detach()) for k in ("loss_cl", "loss_cr")}))
+    res["anchors"] = int(out["anchors"])
+    res["params"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return res
+
+
+def _rank_main(rank: int, world: int, init_file: str, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        out[rank] = _step(rank, world, TorchCollectives(torch.device("cpu")))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    init_file = str(tmp_path_factory.mktemp("gloo") / "init")
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_rank_main, args=(WORLD, init_file, out), nprocs=WORLD, join=True)
+        return dict(out)
+
+
+def test_one_step_on_two_ranks_equals_one_process(two_ranks):
+    torch.set_num_threads(1)
+    one = _step(0, 1, Collectives())
+    for rank in range(WORLD):
+        got = two_ranks[rank]
+        assert got["anchors"] == one["anchors"] == 8  # L_CL saw the whole global batch on every rank
+        for k in ("loss_sup", "loss_cl", "loss_cr"):
+            assert got[k] == pytest.approx(one[k], abs=1e-5), k
+        assert one["loss_cr"] > 0 and one["loss_cl"] > 0
+        torch.testing.assert_close(got["params"], one["params"], atol=1e-5, rtol=0)
+    assert torch.equal(two_ranks[0]["params"], two_ranks[1]["params"])
+
+
+def test_rank_shares_deal_positions_round_robin():
+    for total in range(0, 12):
+        for world in (1, 2, 3, 5):
+            shares = [rank_share(total, r, world) for r in range(world)]
+            assert sum(shares) == total and max(shares) - min(shares) <= 1
+            for a in range(total):
+                naive = [sum(1 for p in range(a, total) if p % world == r) for r in range(world)]
+                assert [positions_of_rank(a, total, r, world) for r in range(world)] == naive
+
+
+@pytest.mark.parametrize("n, batch, world", [(10, 4, 1), (10, 4, 2), (9, 4, 2), (13, 4, 3), (5, 4, 4), (3, 8, 2)])
+def test_pass_shares_cover_each_image_once_in_global_batches(n, batch, world):
+    cfg = from_dict({"consistency": {"batch_size": batch}})
+    steps = l_tot_steps(n, cfg, world)
+    parts = [pass_shares(len(range(r, n, world)), n, batch, r, world, torch.Generator().manual_seed(r))
+             for r in range(world)]
+    assert all(len(p) == steps for p in parts)
+    for r, p in enumerate(parts):  # every image of the rank's shard once
+        assert sorted(torch.cat(p).tolist()) == list(range(len(range(r, n, world))))
+    sizes = [sum(len(p[k]) for p in parts) for k in range(steps)]  # the global batch of each step
+    assert sum(sizes) == n
+    assert all(s == batch for s in sizes[:-1]) and all(s >= world for s in sizes)  # every rank has one
+    assert all(len(p[k]) >= 1 for p in parts for k in range(steps))
+    if world == 1:
+        assert sizes == [len(c) for c in torch.arange(n).split(batch)]  # one process: the plain split
+    with pytest.raises(ValueError, match="global batch"):
+        pass_shares(2, 4, 1, 0, 2)  # a global batch smaller than the ranks
