@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -73,6 +72,7 @@ import torch
 from cssl_ray.config import Config, from_dict, to_dict
 from cssl_ray.models import create_model
 from cssl_ray.patches import extract_patches, sample_windows
+from cssl_ray.placement import StreamResources, labeller_group  # StreamResources: re-exported
 from cssl_ray.pseudo_labels import class_counts, predict_pseudo_labels
 from cssl_ray.weights import WeightsClient
 
@@ -82,30 +82,6 @@ COUNT_COLUMNS = ("pseudo_pixels", "pseudo_covered", "pseudo_correct")  # per D_U
 CLASS_COUNT_COLUMNS = ("class_predicted", "class_confident")  # (C,) per D_U image, on its stats row
 STREAM_COLUMNS = PATCH_COLUMNS + COUNT_COLUMNS + CLASS_COUNT_COLUMNS
 STATS_CLASS = -1  # patch_class of a stats row (no patch; see the module docstring)
-
-
-@dataclass(frozen=True)
-class StreamResources:
-    """Ray resources of the pipeline's stages.
-
-    Fractional CPUs keep a 2-CPU machine from hanging, but on their own they let Ray run 1 / 0.25
-    tasks per CPU, each in a fresh worker process that imports torch (Ray warned of 8 workers
-    started at once, and the stream ran slower); ``samplers`` caps the concurrent tasks instead.
-    """
-
-    labellers: int = 1  # PseudoLabeller actors (a fixed set: their CPUs are held all run)
-    labeller_cpus: float = 0.5  # CPUs each labeller holds for its lifetime
-    labeller_gpus: float | None = None  # None: 1 per labeller if the cluster has GPUs, else 0;
-    #                                     give a fraction when Train workers hold every GPU
-    samplers: int = 2  # most concurrent patch-sampling tasks per branch (see above)
-    sampler_cpus: float = 0.25  # CPUs per patch-sampling task
-    labeller_batch: int = 0  # images per labeller call; 0 = consistency.batch_size
-    sampler_batch: int = 8  # images per sampling task
-
-    @property
-    def cpus(self) -> float:
-        """Logical CPUs the stream may hold at once: the labellers, and the sampling tasks of both branches."""
-        return self.labellers * self.labeller_cpus + 2 * self.samplers * self.sampler_cpus
 
 
 def patch_seed(seed: int, round_: int, labelled: bool, index: int) -> int:
@@ -195,12 +171,6 @@ class PseudoLabeller:
         return self.weights.version
 
 
-def _labeller_gpus(resources: StreamResources) -> float:
-    if resources.labeller_gpus is not None:
-        return resources.labeller_gpus
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-
-
 class LabellerPool:
     """``resources.labellers`` long-lived PseudoLabeller actors: started once, used by every execution
     of a stream built with them (``build_patch_stream(labellers=...)``), stopped by ``close()``.
@@ -208,26 +178,44 @@ class LabellerPool:
     Create it in the driver, next to the ``WeightStore``; it lives until ``close()`` or the driver's
     end. A labeller whose process dies is restarted by Ray (it reloads the store's weights) and the
     call retried: labelling is idempotent.
+
+    Placement: actor i runs in bundle ``first + i`` of a placement group whose last
+    ``resources.labellers`` bundles are ``resources.labeller_bundles()``. ``placement_group``: a
+    Tune trial's (``placement.trial_bundles`` puts the labellers after the driver's bundle), so Tune
+    admits a trial only when its labellers fit; None = the pool reserves a group of its own
+    (``placement.labeller_group``: it waits until the cluster has the resources, so a GPU labeller
+    waits for a GPU node, never falls back to a CPU) and removes it on ``close()``.
     """
 
     def __init__(self, cfg: Config, store_name: str, resources: StreamResources = StreamResources(),
-                 min_version: int | None = None) -> None:
+                 min_version: int | None = None, placement_group: Any = None) -> None:
         if resources.labellers < 1:
             raise ValueError(f"resources.labellers must be >= 1, got {resources.labellers}")
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        # placement_group=None: never captured by the creator's placement group (inside a Tune trial
-        # that group holds only the trial's own 0.01 CPU, and the labellers would not fit in it)
-        remote = ray.remote(PseudoLabeller).options(
-            num_cpus=resources.labeller_cpus, num_gpus=_labeller_gpus(resources), max_restarts=2, max_task_retries=2,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+        self._own_group = placement_group is None
+        group = labeller_group(resources, log=print) if placement_group is None else placement_group
+        first = len(group.bundle_specs) - resources.labellers
+        if first < 0 or group.bundle_specs[first:] != resources.labeller_bundles():
+            raise ValueError(f"the placement group's last bundles {group.bundle_specs[max(first, 0):]} are not the "
+                             f"labellers' {resources.labeller_bundles()}")
+        self.placement_group = group
+        remote = ray.remote(PseudoLabeller)
+        options = dict(num_cpus=resources.labeller_cpus, num_gpus=resources.labeller_gpus, max_restarts=2,
+                       max_task_retries=2)
         args = (to_dict(cfg), store_name, min_version, max(1, int(resources.labeller_cpus)))
-        self.actors: list[ray.actor.ActorHandle] = [remote.remote(*args) for _ in range(resources.labellers)]
+        self.actors: list[ray.actor.ActorHandle] = [
+            remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, first + i), **options)
+            .remote(*args) for i in range(resources.labellers)]
 
     def close(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+        if self._own_group and self.placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+            remove_placement_group(self.placement_group)
+        self.placement_group = None
 
     def __enter__(self) -> LabellerPool:
         return self
@@ -361,7 +349,7 @@ def pseudo_label_stage(cfg: Config, unlabelled_ds: ray.data.Dataset, store_name:
         # A fixed pool holds a known CPU budget. Ray 2.60: compute=, since `concurrency=` is deprecated.
         compute=ray.data.ActorPoolStrategy(size=r.labellers),
         num_cpus=r.labeller_cpus,
-        num_gpus=_labeller_gpus(r),
+        num_gpus=r.labeller_gpus,
         udf_modifying_row_count=False,
     )
 

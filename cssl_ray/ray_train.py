@@ -291,7 +291,8 @@ def _parameter_digest(model: torch.nn.Module) -> str:
 
 
 def check_ray_run(cfg: Config, bundle: DataBundle, workers: int, gpus_per_worker: float,
-                  cpus_per_worker: float = 0.5, placement_strategy: str = "PACK") -> None:
+                  cpus_per_worker: float = 0.5, placement_strategy: str = "PACK", labellers: int = 1,
+                  gpus_per_labeller: float = 0.0) -> None:
     """One-line ConfigErrors for settings a Train run cannot honour (before Ray starts)."""
     if placement_strategy not in PLACEMENT_STRATEGIES:
         raise ConfigError(f"--placement-strategy: {placement_strategy!r} is not a placement strategy; "
@@ -302,6 +303,11 @@ def check_ray_run(cfg: Config, bundle: DataBundle, workers: int, gpus_per_worker
         raise ConfigError(f"--cpus-per-worker: {cpus_per_worker} is out of range; allowed: > 0")
     if gpus_per_worker < 0:
         raise ConfigError(f"--gpus-per-worker: {gpus_per_worker} is out of range; allowed: >= 0")
+    if labellers < 1:
+        raise ConfigError(f"--labellers: {labellers} is out of range; allowed: >= 1 (pseudo-labeller actors)")
+    if not 0 <= gpus_per_labeller <= 1:
+        raise ConfigError(f"--gpus-per-labeller: {gpus_per_labeller} is out of range; allowed: 0 (CPU labellers) "
+                          "to 1 (a fraction shares a GPU)")
     if cfg.train.amp == "fp16" and gpus_per_worker == 0:
         raise ConfigError("train.amp: fp16 needs CUDA workers (--gpus-per-worker > 0); use bf16 or off on CPUs")
     n_l, n_u = bundle.labelled_images.shape[0], bundle.unlabelled_images.shape[0]
@@ -325,21 +331,23 @@ def check_ray_run(cfg: Config, bundle: DataBundle, workers: int, gpus_per_worker
 
 
 def check_run(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float = 0.5,
-              placement_strategy: str = "PACK") -> DataBundle:
+              placement_strategy: str = "PACK", labellers: int = 1, gpus_per_labeller: float = 0.0) -> DataBundle:
     """Every check ``run_ray`` makes before Ray starts (``--dry-run`` runs only these): the config's
     ranges, the model's geometry, the dataset (loaded and split: a missing or bad dataset is one
     line here) and ``check_ray_run``. Returns the loaded split. Writes nothing but the dataset cache."""
     validate(cfg)
     check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
     bundle = load_bundle(cfg.data)  # data errors: one-line ConfigErrors, before Ray starts
-    check_ray_run(cfg, bundle, workers, gpus_per_worker, cpus_per_worker, placement_strategy)
+    check_ray_run(cfg, bundle, workers, gpus_per_worker, cpus_per_worker, placement_strategy, labellers,
+                  gpus_per_labeller)
     return bundle
 
 
 def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
             storage_path: str | None = None, resume: bool = False, cpus_per_worker: float = 0.5,
             max_failures: int = 2, resources: StreamResources | None = None,
-            callbacks: list[Any] | None = None, placement_strategy: str = "PACK") -> RayRunResult:
+            callbacks: list[Any] | None = None, placement_strategy: str = "PACK",
+            labeller_group: Any = None) -> RayRunResult:
     """Train one CSSL run on Ray Train; returns test metrics on the best-validation weights.
 
     Args:
@@ -353,15 +361,22 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
             checkpoint; otherwise an existing local run folder is replaced (as ``--local`` does).
         cpus_per_worker: fractional by default, so Ray Data stages keep CPUs on small machines.
         max_failures: worker failures the run survives (each restarts from the latest checkpoint).
-        resources: ``pipeline.StreamResources`` of the patch stream (default: its defaults).
+        resources: ``pipeline.StreamResources`` of the patch stream (default: its defaults: 1
+            labeller on 0.5 CPU, no GPU; ``labeller_gpus`` is never taken from the cluster).
         callbacks: Ray Train callbacks, e.g. ``TuneReportCallback()`` when this run is a Tune trial.
         placement_strategy: how the Train workers' bundles are placed (``PLACEMENT_STRATEGIES``):
             PACK (default) fills nodes in turn, SPREAD puts one worker per node where it can, the
             STRICT_ forms fail instead of falling back.
+        labeller_group: the Tune trial's placement group, whose last bundles hold the labellers
+            (``placement.trial_bundles``); None = the labellers reserve a group of their own and
+            wait until it is placed (on a cluster given by ``address``, for the autoscaler's nodes).
     """
+    from cssl_ray import placement
+
     start = time.perf_counter()
+    r = resources or placement.StreamResources()
     bundle = check_run(cfg, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                       placement_strategy=placement_strategy)
+                       placement_strategy=placement_strategy, labellers=r.labellers, gpus_per_labeller=r.labeller_gpus)
     out_dir = write_run_files(cfg, bundle)
     storage = storage_path or str(out_dir.resolve())
     local_storage = "://" not in storage
@@ -375,11 +390,19 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from cssl_ray.pipeline import LabellerPool, StreamResources, build_patch_stream, image_rows
+    from cssl_ray.pipeline import LabellerPool, build_patch_stream, image_rows
     from cssl_ray.weights import get_or_create_weight_store
 
-    r = resources or StreamResources()
-    started_ray = init_ray(address, workers * cpus_per_worker + r.cpus)
+    labelling = (cfg.train.use_cl or cfg.train.use_cr) and bundle.unlabelled_images.shape[0] > 0
+    demand = placement.run_demand(workers, cpus_per_worker, gpus_per_worker, r if labelling else None)
+    started_ray = init_ray(address, demand.cpus)
+    if address is None and labeller_group is None:  # a local instance cannot grow: fail now, not wait forever
+        try:
+            placement.check_run_fits(demand, ray.cluster_resources())
+        except ConfigError:
+            if started_ray:
+                ray.shutdown()
+            raise
     store_name = f"cssl_weights_{uuid.uuid4().hex[:8]}"
     store = get_or_create_weight_store(store_name)  # lives in the driver: outlives restarted workers
     labellers = None
@@ -388,12 +411,9 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
             ray.data.DataContext.get_current().enable_progress_bars = False
         datasets = {}
         if cfg.train.use_cl or cfg.train.use_cr:
-            if r.labeller_gpus is None and gpus_per_worker > 0:  # GPUs the Train workers leave free
-                free = ray.cluster_resources().get("GPU", 0) - workers * gpus_per_worker
-                r = dataclasses.replace(r, labeller_gpus=max(0.0, min(1.0, free / r.labellers)))
             u = bundle.unlabelled_images
-            if u.shape[0]:  # long-lived, like the store: started once, not on every round's execution
-                labellers = LabellerPool(cfg, store_name, r)
+            if labelling:  # long-lived, like the store: started once, not on every round's execution
+                labellers = LabellerPool(cfg, store_name, r, placement_group=labeller_group)
             datasets["patches"] = build_patch_stream(
                 cfg, image_rows(u, hidden=bundle.unlabelled_masks_hidden) if u.shape[0] else None,
                 image_rows(bundle.labelled_images, bundle.labelled_masks), store_name=store_name, resources=r,

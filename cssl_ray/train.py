@@ -1,8 +1,8 @@
 """Train one CSSL run.
 
     python -m cssl_ray.train --config configs/demo_synthetic.yaml [--workers N] [--gpus-per-worker G]
-                             [--address auto] [--placement-strategy SPREAD] [--out DIR] [--resume]
-                             [--set train.seed=1 ...]
+                             [--labellers N] [--gpus-per-labeller G] [--address auto]
+                             [--placement-strategy SPREAD] [--out DIR] [--resume] [--set train.seed=1 ...]
     python -m cssl_ray.train --smoke                  # Ray, tiny: ~30 s on a CPU (Ray's start-up)
     python -m cssl_ray.train --local --smoke          # one process, no Ray: seconds
     python -m cssl_ray.train ... --dry-run            # every check the run makes first; starts nothing
@@ -14,6 +14,12 @@ schedule in this process (``cssl_ray.local``). ``--dry-run`` runs the checks a r
 starts (``ray_train.check_run``: config, model geometry, the dataset loaded and split, workers
 against labelled images), prints what would run and exits: no Ray, no run folder, no checkpoint;
 ``--address`` and ``--storage-path`` are taken as given, nothing is contacted.
+
+Pseudo-labellers (with L_CL or L_CR): ``--labellers`` actors of 0.5 CPU and ``--gpus-per-labeller``
+GPUs each (default 0: on CPUs; a fraction such as 0.5 shares a GPU with a worker), reserved in a
+placement group of their own before training starts: a GPU labeller waits for a GPU (on an
+autoscaling cluster, for the node the autoscaler adds), and a run that a local Ray instance cannot
+hold is a one-line error.
 """
 from __future__ import annotations
 
@@ -57,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
     ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; 0 = CPU (gloo)")
     ray.add_argument("--cpus-per-worker", type=float, default=0.5,
                      help="CPUs per worker; fractional leaves CPUs to the Ray Data stages")
+    ray.add_argument("--labellers", type=int, default=1, help="pseudo-labeller actors (with L_CL or L_CR)")
+    ray.add_argument("--gpus-per-labeller", type=float, default=0.0,
+                     help="GPUs per labeller, 0 to 1; 0 = CPU labellers, a fraction shares a GPU")
     ray.add_argument("--address", help="an existing Ray cluster, e.g. auto; default: start Ray here")
     ray.add_argument("--storage-path", help="where Ray Train keeps the run (absolute, s3://, gs://); default --out")
     ray.add_argument("--max-failures", type=int, default=2, help="worker failures survived (restart from checkpoint)")
@@ -77,8 +86,12 @@ def dry_run_line(cfg: Config, args: argparse.Namespace, bundle: Any) -> str:
         how = "would train in this process (--local)"
     else:
         gpus = f"{args.gpus_per_worker:g} GPU" if args.gpus_per_worker else "CPU only (gloo)"
+        labellers = ""
+        if t.use_cl or t.use_cr:
+            on = f"{args.gpus_per_labeller:g} GPU" if args.gpus_per_labeller else "CPU only"
+            labellers = f" and {args.labellers} pseudo-labeller(s) x {on}, 0.5 CPU each"
         how = (f"would train {args.workers} Ray Train worker(s) x {gpus}, {args.cpus_per_worker:g} CPU each "
-               f"({args.placement_strategy}), on Ray at {args.address or 'a local instance started here'}, "
+               f"({args.placement_strategy}){labellers}, on Ray at {args.address or 'a local instance started here'}, "
                f"checkpoints in {args.storage_path or t.out_dir}")
     return (f"dry run: config ok ({d.name} {d.image_size[0]}x{d.image_size[1]}, {cfg.model.name}, "
             f"{t.max_rounds} rounds); {data}; {how}, run files in {t.out_dir}"
@@ -97,18 +110,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             from cssl_ray.ray_train import check_run  # the checks run_ray makes first (a superset of --local's)
             bundle = check_run(cfg, workers=1 if args.local else args.workers, gpus_per_worker=args.gpus_per_worker,
-                               cpus_per_worker=args.cpus_per_worker, placement_strategy=args.placement_strategy)
+                               cpus_per_worker=args.cpus_per_worker, placement_strategy=args.placement_strategy,
+                               labellers=args.labellers, gpus_per_labeller=args.gpus_per_labeller)
             print(dry_run_line(cfg, args, bundle))
             return 0
         if args.local:
             from cssl_ray.local import run_local  # torch and the models load only once args are valid
             result = run_local(cfg, resume=args.resume)
         else:
+            from cssl_ray.placement import StreamResources
             from cssl_ray.ray_train import run_ray  # ray loads only once args are valid
             result = run_ray(cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                              cpus_per_worker=args.cpus_per_worker, address=args.address,
                              storage_path=args.storage_path, resume=args.resume, max_failures=args.max_failures,
-                             placement_strategy=args.placement_strategy)
+                             placement_strategy=args.placement_strategy,
+                             resources=StreamResources(labellers=args.labellers, labeller_gpus=args.gpus_per_labeller))
     except (ConfigError, FileNotFoundError) as e:
         print(f"cssl_ray.train: error: {e}", file=sys.stderr)
         return 2
