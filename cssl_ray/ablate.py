@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cssl_ray.config import Config, ConfigError, load_config
-from cssl_ray.experiment import CELL_KEY, check_trials, experiment_folder, fail, grid_size, run_experiment
+from cssl_ray.experiment import CELL_KEY, check_trials, experiment_folder, fail, grid_size, run_experiment, trials_label
 from cssl_ray.search_space import ABLATION_CELLS, Space, load_space
 from cssl_ray.tune import DEFAULT_STORAGE, best_config_path, data_text, trial_resources_text, with_workers
 
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             if sweep:
                 shape += f" x {len(grid['data.labelled_fraction']['grid_search'])} fraction(s)"
             print(f"dry run: ablate {space.name}: {grid_size(grid)} run(s) ({'fractions' if sweep else 'table5'} "
-                  f"grid: {shape}), up to {space.max_concurrent_trials} at a time, {trial_resources_text(space)}; "
+                  f"grid: {shape}), up to {space.max_concurrent_trials} at a time, "
+                  f"{trial_resources_text(space, trials_label(base, grid))}; "
                   f"{source[0]}; {data_text(base, bundle)}; Ray at {args.address or 'a local instance started here'}, "
                   f"experiment in {folder}{' (resumed)' if args.resume else ''}, MLflow at {uri}; nothing started")
             return 0

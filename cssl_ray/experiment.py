@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cssl_ray.config import Config, ConfigError, from_dict, merge, to_dict
+from cssl_ray.placement import concurrent_trials, stream_resources, trial_bundles, trial_demand
 from cssl_ray.search_space import ABLATION_CELLS, CELL_DATA, Resources, Space, cell_of, unflatten
 
 if TYPE_CHECKING:  # torch: the CLIs import this module before their arguments are checked
@@ -106,11 +107,17 @@ def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
         # train it once per storage path: the cache key holds everything stage A depends on
         run_local(cfg, resume=True, log=report, stage_a_cache=Path(spec.runs_root).parent.parent / "stage_a")
     else:
+        import ray
+
         from cssl_ray.ray_train import run_ray
         r = spec.resources
+        group = ray.util.get_current_placement_group()  # the trial's: its last bundles are the labellers'
+        if group is None:
+            raise RuntimeError("a Train trial runs outside its placement group; Tune would not see its labellers")
         result = run_ray(cfg, workers=r.workers, gpus_per_worker=r.gpus_per_worker,
                          cpus_per_worker=r.cpus_per_worker, resume=True, max_failures=1,
-                         callbacks=[_tune_forwarder(last_round)])
+                         callbacks=[_tune_forwarder(last_round)], resources=stream_resources(r),
+                         labeller_group=group)
         if result.history and is_last_round(result.history[-1], last_round):
             held.append(result.history[-1])
     for record in held:
@@ -300,13 +307,13 @@ def trial_name(trial_id: str, params: dict[str, Any]) -> str:
     return f"{trial_id} " + " ".join(shown)
 
 
-def cpus_per_trial(resources: Resources, cfg: Config) -> float:
-    """Logical CPUs one trial may hold at once (Train workers + its patch stream, or itself)."""
-    if resources.workers == 0:
-        return resources.cpus_per_worker
-    from cssl_ray.pipeline import StreamResources
-    stream = StreamResources().cpus if (cfg.train.use_cl or cfg.train.use_cr) else 0.0
-    return 0.01 + resources.workers * resources.cpus_per_worker + stream
+def trials_label(base: Config, param_space: dict[str, Any]) -> bool:
+    """Whether any trial may pseudo-label (L_CL or L_CR on), so that Train trials reserve labellers:
+    the base config's switches, an ablation cell's, or a searched switch."""
+    cells = param_space.get(CELL_KEY, {})
+    cells = cells.get("grid_search", []) if isinstance(cells, dict) else [cells]
+    return (base.train.use_cl or base.train.use_cr or "train.use_cl" in param_space or "train.use_cr" in param_space
+            or any(ABLATION_CELLS[c]["use_cl"] or ABLATION_CELLS[c]["use_cr"] for c in cells))
 
 
 def check_trials(space: Space, base: Config, *, split_varies: bool = False) -> DataBundle:
@@ -320,7 +327,8 @@ def check_trials(space: Space, base: Config, *, split_varies: bool = False) -> D
         from cssl_ray.data.bundle import load_bundle
         return load_bundle(base.data)
     from cssl_ray.ray_train import check_run
-    return check_run(base, workers=r.workers, gpus_per_worker=r.gpus_per_worker, cpus_per_worker=r.cpus_per_worker)
+    return check_run(base, workers=r.workers, gpus_per_worker=r.gpus_per_worker, cpus_per_worker=r.cpus_per_worker,
+                     labellers=r.labellers, gpus_per_labeller=r.gpus_per_labeller)
 
 
 def experiment_folder(storage: Path, tune_name: str, resume: bool) -> Path:
@@ -351,10 +359,26 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
         base: the config every trial starts from.
         uri: MLflow tracking URI (absolute).
     """
+    import ray
+    from ray import tune
+
+    from cssl_ray.ray_init import init_ray
     from cssl_ray.tracking import Tracker, git_commit, ui_command
 
     storage = storage.resolve()
     folder = experiment_folder(storage, tune_name, resume)
+    # Ray first: the cap on concurrent trials needs the cluster's resources (cssl_ray.placement says
+    # why it prevents deadlock), and a trial that never fits is one line before anything is written.
+    labelling = trials_label(base, param_space)
+    demand = trial_demand(space.resources, labelling)
+    started = init_ray(address, space.max_concurrent_trials * demand.cpus)
+    try:
+        concurrent = concurrent_trials(space.max_concurrent_trials, demand, ray.cluster_resources(),
+                                       can_grow=address is not None, log=log or say)
+    except ConfigError:
+        if started:
+            ray.shutdown()
+        raise
     runs_root = folder / "runs"
     session = session_id(folder, resume)
     tracker = Tracker(uri, space.name)
@@ -365,20 +389,13 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
         tracker.close_open_runs("KILLED", parent_id=parent_id)
         tracker.start_parent(f"{kind}:{tune_name}", tags, session=session)
 
-    import ray
-    from ray import tune
-
-    from cssl_ray.ray_init import init_ray
-
-    per_trial = cpus_per_trial(space.resources, base)
-    started = init_ray(address, space.max_concurrent_trials * per_trial)
     child_kind = "trial" if kind == "tune" else "ablation"
     callback = make_callback(uri, space.name, parent_id, to_dict(base), runs_root,
                              {"cssl.kind": child_kind, "cssl.space": space.name, "cssl.git_commit": tags["cssl.git_commit"]},
                              space.metric, space.mode, log)
     spec = TrialSpec(base=to_dict(base), runs_root=str(runs_root), resources=space.resources, threads=threads)
-    r = space.resources
-    trial_resources = ({"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker} if r.workers == 0 else {"cpu": 0.01})
+    # Train trials: the driver's 0.01 CPU and the labellers; Tune admits a trial when they fit
+    trial_resources = tune.PlacementGroupFactory(trial_bundles(space.resources, labelling))
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), trial_resources)
     interrupted = True
     try:
@@ -389,7 +406,7 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=num_samples,
-                                            scheduler=scheduler, max_concurrent_trials=space.max_concurrent_trials),
+                                            scheduler=scheduler, max_concurrent_trials=concurrent),
                 run_config=tune.RunConfig(name=tune_name, storage_path=str(storage), callbacks=[callback],
                                           verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
         grid = tuner.fit()

@@ -20,6 +20,8 @@ A space file (``tune_spaces/<name>.yaml``; every key but ``dataset`` is optional
     num_samples: 8               # default 1; repeats of the grid product, as in Tune
     scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # the default; or {name: fifo}
     resources: {workers: 1, cpus_per_worker: 1.0, gpus_per_worker: 0}  # workers 0 = in-process trial
+    #          also labellers: 1, gpus_per_labeller: 0 (pseudo-labeller actors in the trial's
+    #          placement group; 0 GPU = CPU labellers, a fraction up to 1 shares a GPU)
     max_concurrent_trials: 2     # default 2
     ablation: {seeds: 3, cells: [supervised, cl, cl_hn, cr, cl_cr, cssl], label_fractions: []}
 
@@ -142,6 +144,8 @@ class Resources:
     workers: int = 1  # Ray Train workers per trial; 0 = the trial trains in-process
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    labellers: int = 1  # pseudo-labeller actors per Train trial, in the trial's placement group
+    gpus_per_labeller: float = 0.0  # 0 = CPU labellers (the default); a fraction up to 1 shares a GPU
 
 
 @dataclass
@@ -526,14 +530,20 @@ def _scheduler(raw: Any, fail: Any) -> Scheduler:
 
 
 def _resources(raw: Any, fail: Any) -> Resources:
-    d = _section(raw, "resources", ("workers", "cpus_per_worker", "gpus_per_worker"), fail)
+    d = _section(raw, "resources", ("workers", "cpus_per_worker", "gpus_per_worker", "labellers", "gpus_per_labeller"),
+                 fail)
     cpus = _number(d.get("cpus_per_worker", 1.0), "resources.cpus_per_worker", fail)
     gpus = _number(d.get("gpus_per_worker", 0.0), "resources.gpus_per_worker", fail)
+    labeller_gpus = _number(d.get("gpus_per_labeller", 0.0), "resources.gpus_per_labeller", fail)
     if not cpus > 0:
         raise fail(f"resources.cpus_per_worker: {cpus!r} is out of range; allowed: > 0")
     if not gpus >= 0:
         raise fail(f"resources.gpus_per_worker: {gpus!r} is out of range; allowed: >= 0")
-    return Resources(_count(d, "workers", 1, 0, fail, "resources."), float(cpus), float(gpus))
+    if not 0 <= labeller_gpus <= 1:
+        raise fail(f"resources.gpus_per_labeller: {labeller_gpus!r} is out of range; allowed: 0 (CPU labellers) "
+                   "to 1 (a fraction shares a GPU)")
+    return Resources(_count(d, "workers", 1, 0, fail, "resources."), float(cpus), float(gpus),
+                     _count(d, "labellers", 1, 1, fail, "resources."), float(labeller_gpus))
 
 
 def _ablation(raw: Any, fail: Any) -> Ablation:

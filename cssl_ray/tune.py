@@ -35,6 +35,7 @@ from cssl_ray.experiment import (
     grid_size,
     run_experiment,
     trial_config,
+    trials_label,
 )
 from cssl_ray.search_space import Space, load_space
 
@@ -86,13 +87,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def trial_resources_text(space: Space) -> str:
-    """What one trial holds, for a dry run: ``each trial 1 Train worker(s) x 1 GPU, 4 CPU each``."""
+def trial_resources_text(space: Space, labelling: bool = True) -> str:
+    """What one trial holds, for a dry run: ``each trial 1 Train worker(s) x 0.5 GPU, 4 CPU each, 1
+    pseudo-labeller(s) x 0.5 GPU (in all 5.51 CPU and 1 GPU)``; ``labelling``: trials use L_CL or L_CR
+    (``experiment.trials_label``), so they hold labellers."""
+    from cssl_ray.placement import trial_demand
+
     r = space.resources
     gpus = f" x {r.gpus_per_worker:g} GPU" if r.gpus_per_worker else ""
     if r.workers == 0:
         return f"each trial in-process on {r.cpus_per_worker:g} CPU{gpus}"
-    return f"each trial {r.workers} Train worker(s){gpus}, {r.cpus_per_worker:g} CPU each"
+    labellers = ""
+    if labelling:
+        on = f"x {r.gpus_per_labeller:g} GPU" if r.gpus_per_labeller else "on CPU"
+        labellers = f", {r.labellers} pseudo-labeller(s) {on}"
+    demand = trial_demand(r, labelling)
+    return (f"each trial {r.workers} Train worker(s){gpus}, {r.cpus_per_worker:g} CPU each{labellers} "
+            f"(in all {demand.cpus:g} CPU and {sum(demand.gpus):g} GPU)")
 
 
 def data_text(base: Config, bundle: DataBundle) -> str:
@@ -130,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             folder = experiment_folder(Path(args.storage_path), tune_folder(space), args.resume)
             print(f"dry run: tune {space.name}: {space.num_samples * grid_size(param_space)} trial(s) over "
                   f"{len(space.search)} searched key(s), {space.scheduler.name.upper()}, up to "
-                  f"{space.max_concurrent_trials} at a time, {trial_resources_text(space)}; {data_text(base, bundle)}; "
+                  f"{space.max_concurrent_trials} at a time, "
+                  f"{trial_resources_text(space, trials_label(base, param_space))}; "
+                  f"{data_text(base, bundle)}; "
                   f"Ray at {args.address or 'a local instance started here'}, experiment in {folder}"
                   f"{' (resumed)' if args.resume else ''}, MLflow at {uri}; nothing started")
             return 0

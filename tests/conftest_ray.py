@@ -39,14 +39,15 @@ def ray_test_env(prefix: str = "cssl_ray_test") -> Iterator[Path]:
 
 
 @contextmanager
-def local_ray(num_cpus: int = 4) -> Iterator[None]:
-    """Start Ray for the duration of the block; reuse (and leave running) one already started."""
+def local_ray(num_cpus: int = 4, num_gpus: int = 0) -> Iterator[None]:
+    """Start Ray for the duration of the block; reuse (and leave running) one already started.
+    ``num_gpus``: logical GPUs (scheduling only: nothing here has CUDA)."""
     if ray.is_initialized():
         yield
         return
     with ray_test_env():
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False)
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
             ray.data.DataContext.get_current().enable_progress_bars = False
             yield
         finally:
