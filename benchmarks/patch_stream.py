@@ -1,57 +1,43 @@
-"""Benchmark: the Ray Data patch stream against the trainer that consumes it (DESIGN.md section 5).
+"""Benchmark: the trainer's labelling stream (``pipeline.RankSteps``) against the L_tot epoch that consumes it.
 
-    python benchmarks/patch_stream.py [--images 512] [--size 96] [--labellers 1] [--threads 1]
-                                      [--repeats 10] [--json benchmarks/results/patch_stream.json] [--smoke]
-                                      [--per-execution-baseline]
+    python benchmarks/patch_stream.py [--images 256] [--size 96] [--labellers 1 2] [--threads 1]
+                                      [--ray-run] [--json benchmarks/results/patch_stream.json] [--smoke]
 
 Workload: the demo's geometry (configs/demo_synthetic.yaml: attention U-Net base 8 depth 3, 32 px
-patches, 2 windows per class per image, L_CL batches of 96 patches, L_CR batches of 8 images) over
-``--images`` synthetic images of ``--size`` px, 10% of them labelled (D_L, ground truth) and the
-rest unlabelled (D_U, pseudo-labelled by the stream). A random model pseudo-labels nothing at the
-0.9 threshold, so the model first takes ``--pretrain-steps`` supervised Adam steps on the images'
-masks; the coverage it reaches is reported (it sets how many D_U patches there are).
+patches, ``patches.per_image`` windows per image, L_CL batches of ``patches.batch_size`` patches, L_CR
+batches of ``consistency.batch_size`` images) over ``--images`` synthetic images of ``--size`` px,
+10% of them labelled (D_L, ground truth) and the rest unlabelled (D_U, pseudo-labelled by the
+stream). A random model pseudo-labels nothing at the threshold, so the model first takes
+``--pretrain-steps`` supervised Adam steps on the images' masks.
 
-Figures, all from one run in one process (one Ray instance, one model):
-  stream       ``pipeline.build_patch_stream`` with a ``LabellerPool`` (long-lived PseudoLabeller
-               actors, as ``ray_train`` runs it -> patch-sampling tasks, the labelled branch unioned
-               in), one warm-up execution (it waits for the actors' start), then one full pass
-               (``iter_batches``, nothing else running) = one later round in ``ray_train``:
-               patches / wall time of the pass; time to the first batch is shown apart. Also the
-               stream's pseudo-label coverage / accuracy (its stats rows) next to the reference's.
-  per-execution  with ``--per-execution-baseline``: the same stream without a pool (a Ray Data
-               actor pool, started afresh on every execution: the design before the LabellerPool),
-               its own warm-up and full pass, in the same run for a like-for-like comparison.
-  consumption  the trainer's L_tot step (``cssl_objective`` forward + backward + Adam, BatchNorm
-               statistics frozen as in ``loop.cssl_epoch``) on class-balanced batches of
-               ``patches.batch_size`` patches plus a ``consistency.batch_size`` L_CR batch, same
-               model, in this process: batch size / median step time.
-  ratio        stream / consumption (target >= 2).
-  data-wait    the trainer consuming the stream directly: ``iter_torch_batches(batch_size=P,
-               local_shuffle_buffer_size=shuffle_buffer_size(cfg))`` and one step per batch;
-               time blocked in the iterator / total (target < 5%); also without the first batch
-               (the pool's start) to show the steady state.
-  reference    ``loop.round_patches`` in this process (``--local``'s steps B + C): patches/s.
-  collect-first  ``ray_train`` does not step while it streams: each rank collects its whole shard
-               first (for a reproducible, class-balanced order), then trains. Its wait share is
-               pass time / (pass time + steps for those patches at the measured step time).
+Figures, all from one run in one process (one Ray instance, one model), each for the epoch's
+plan of one rank (``loop.epoch_plan``: a shuffled pass over D_U in batches of consistency.batch_size):
+  consumption  ``loop.cssl_epoch`` over the same steps prepared in memory (``loop.local_steps``,
+               nothing to wait for): steps per second of the trainer alone.
+  stream       per ``--labellers`` value: one ``RankSteps`` pass (the run's ``LabellerPool``, one Ray
+               Data row per step, in step order) iterated with nothing else running: steps per
+               second after the first step, and the first step's wait (the stream's start).
+  ratio        stream / consumption, after the first step (target >= 2).
+  streamed     ``loop.cssl_epoch`` consuming ``RankSteps`` as ``ray_train`` does: ``data_wait_frac`` =
+               time blocked on the next step over the epoch's time, both after the first step
+               (target < 5%), the same formula as the runs' own ``data_wait_frac``.
+  ray run      with ``--ray-run``: ``ray_train.run_ray`` on the same geometry (1 worker, 2 rounds,
+               ``--labellers``' first value): each round's ``data_wait_frac``, ``first_step_wait_s``
+               and ``epoch_s`` as the run itself recorded them (its workers and the labellers
+               share the machine).
 
-On a 2-core machine the stream's actors and tasks and the trainer share the same 2 cores: the
-stream-alone and step-alone rates are each measured with the machine to themselves, the data-wait
-run has both competing. ``--threads`` (default 1) is the trainer's torch threads: with the stream's
-processes on the other core, a second thread only waits for a descheduled one (measured in
-benchmarks/contrastive_loss.py). Ray starts as ``cssl_ray.ray_init.init_ray`` does (RAY_TMPDIR under
-/tmp, usage stats off, token auth off, logical CPUs over-subscribed to cover every stage).
+On a 2-core machine the labellers, the stream's tasks and the trainer share the same 2 cores: the
+stream-alone and trainer-alone rates each had the machine to themselves, the streamed run has them
+competing. ``--threads`` (default 1) is the trainer's torch threads.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -64,12 +50,10 @@ import torch.nn.functional as F
 
 from cssl_ray.config import Config, ConfigError, load_config, merge, to_dict
 from cssl_ray.consistency import Teacher, noise_variance
-from cssl_ray.streams import RandomStreams
 from cssl_ray.data.synthetic import make_synthetic
-from cssl_ray.loop import frozen_norm_statistics, round_patches
+from cssl_ray.loop import cssl_epoch, epoch_plan, label_round, local_steps
 from cssl_ray.models import check_geometry, create_model
-from cssl_ray.objective import StepInputs, cssl_objective
-from cssl_ray.patches import class_balanced_batches
+from cssl_ray.streams import RandomStreams
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO, TARGET_WAIT = 2.0, 0.05
@@ -85,24 +69,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo_synthetic.yaml"),
                     help="run config giving the geometry (model, patches, batch sizes)")
-    ap.add_argument("--images", type=int, default=512, help="synthetic images in the stream (D_L + D_U)")
+    ap.add_argument("--images", type=int, default=256, help="synthetic images (D_L + D_U)")
     ap.add_argument("--size", type=int, default=96, help="image height and width, px")
     ap.add_argument("--labelled", type=float, default=0.1, help="fraction of the images in D_L (ground truth)")
-    ap.add_argument("--labellers", type=int, default=1, help="PseudoLabeller actors (StreamResources.labellers)")
+    ap.add_argument("--labellers", type=int, nargs="+", default=[1, 2], help="LabellerPool sizes to measure")
     ap.add_argument("--threads", type=int, default=1, help="the trainer's torch threads (0 = torch's default)")
-    ap.add_argument("--repeats", type=int, default=10, help="timed L_tot steps (median reported)")
     ap.add_argument("--pretrain-steps", type=int, default=150, help="supervised steps before labelling")
+    ap.add_argument("--ray-run", action="store_true", help="also a real 1-worker ray_train run of 2 rounds")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "patch_stream.json"))
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds of compute (plus Ray's start)")
-    ap.add_argument("--per-execution-baseline", action="store_true",
-                    help="also time the stream with a fresh Ray Data labeller pool per execution (the old design)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.images, args.size, args.repeats, args.pretrain_steps = 12, 32, 2, 20
+        args.images, args.size, args.pretrain_steps = 14, 32, 20
     if args.images < 2:
         raise SystemExit(f"patch_stream: --images {args.images}; allowed: >= 2")
-    if args.labellers < 1:
-        raise SystemExit(f"patch_stream: --labellers {args.labellers}; allowed: >= 1")
+    if min(args.labellers) < 1:
+        raise SystemExit(f"patch_stream: --labellers {args.labellers}; allowed: >= 1 each")
     return args
 
 
@@ -130,99 +112,22 @@ def pretrain(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, 
         opt.step()
 
 
-class Trainer:
-    """The L_tot step of ``loop.cssl_epoch`` (without its per-step omega), on a copy of ``model``."""
+def epoch(model: torch.nn.Module, cfg: Config, steps: Any, n_steps: int) -> dict[str, Any]:
+    """One L_tot epoch (``loop.cssl_epoch``) over ``steps`` on a copy of ``model``: the weights being
+    labelled with stay as they are. Returns its wall time and statistics."""
+    import copy
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, unlabelled: torch.Tensor) -> None:
-        import copy
-
-        self.cfg = cfg
-        self.model = copy.deepcopy(model).train()  # steps must not move the weights being labelled with
-        self.teacher = Teacher(self.model, cfg.consistency.teacher)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.optim.lr)
-        self.unlabelled = unlabelled[:cfg.consistency.batch_size]  # (B, C_in, H, W)
-        self.lambda_ = noise_variance(0.0, cfg.consistency.eps)
-        self.streams = RandomStreams(0)
-
-    def step(self, patches: torch.Tensor, classes: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        with frozen_norm_statistics(self.model):
-            out = cssl_objective(self.model, self.teacher, StepInputs(patches, classes, self.unlabelled), self.cfg,
-                                 lambda_=self.lambda_, streams=self.streams)
-            out["loss"].backward()
-        self.optimizer.step()
-
-
-def consumption(trainer: Trainer, patches: torch.Tensor, classes: torch.Tensor, repeats: int) -> dict[str, Any]:
-    """Median L_tot step time on class-balanced batches of ``patches.batch_size`` patches."""
-    p = trainer.cfg.patches.batch_size
-    g = torch.Generator().manual_seed(1)
-    batches = class_balanced_batches(classes, p, num_batches=repeats + 2, generator=g)
-    times = []
-    for i, idx in enumerate(batches):
-        idx = idx.repeat(math.ceil(p / idx.numel()))[:p]  # too few patches: reuse, as train_step does
-        t0 = time.perf_counter()
-        trainer.step(patches[idx], classes[idx])
-        if i >= 2:  # two warm-up steps
-            times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return {"batch_patches": p, "step_median_s": med, "step_times_s": times, "patches_per_s": p / med}
-
-
-def stream_pass(ds: Any) -> dict[str, Any]:
-    """One full execution of the stream, nothing else running: patches (stats rows apart), wall time,
-    first batch, and the pseudo-label coverage / accuracy summed from the stats rows."""
-    from cssl_ray.pipeline import COUNT_COLUMNS, pseudo_stats, split_stats_rows
-
+    student = copy.deepcopy(model).train()
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.optim.cssl_lr or cfg.optim.lr)
     t0 = time.perf_counter()
-    first, n, n_first, rows = None, 0, 0, 0
-    counts = dict.fromkeys(COUNT_COLUMNS, 0)
-    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
-        rows += len(batch["patch_class"])
-        patch_rows, c = split_stats_rows(batch)
-        n += len(patch_rows["patch_class"])
-        counts = {k: counts[k] + c[k] for k in COUNT_COLUMNS}
-        if first is None:
-            first, n_first = time.perf_counter() - t0, n
-    wall = time.perf_counter() - t0
-    after = wall - (first or 0.0)
-    return {"patches": n, "rows": rows, "wall_s": wall, "first_batch_s": first, "patches_per_s": n / wall,
-            # after the first batch: the pool is up, this is the rate a longer pass tends to
-            "steady_patches_per_s": (n - n_first) / after if after > 0 and n > n_first else float("nan"),
-            **pseudo_stats(counts, with_accuracy=True)}
+    stats = cssl_epoch(student, Teacher(student, cfg.consistency.teacher), optimizer, steps, n_steps, cfg,
+                       lambda_=noise_variance(0.0, cfg.consistency.eps), streams=RandomStreams(0))
+    return {"wall_s": time.perf_counter() - t0, "steps": int(stats["steps"]), "patches": int(stats["patches"])}
 
 
-def streamed_training(ds: Any, trainer: Trainer, buffer: int) -> dict[str, Any]:
-    """The trainer iterating the stream directly, one L_tot step per batch (on its patch rows; the D_U
-    stats rows take a few slots): time blocked in the iterator."""
-    from cssl_ray.pipeline import split_stats_rows
-
-    p = trainer.cfg.patches.batch_size
-    it = iter(ds.iter_torch_batches(batch_size=p, local_shuffle_buffer_size=buffer))
-    waits, steps, batches = [], [], 0
-    t_start = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            waits.append(time.perf_counter() - t0)  # draining the end of the stream is waiting too
-            break
-        t1 = time.perf_counter()
-        batches += 1
-        batch, _ = split_stats_rows(batch)
-        if len(batch["patch_class"]):
-            trainer.step(batch["patch"].float(), batch["patch_class"].long())
-            steps.append(time.perf_counter() - t1)
-        waits.append(t1 - t0)
-    total = time.perf_counter() - t_start
-    wait = sum(waits)
-    later_wait = sum(waits[1:])
-    later_total = total - waits[0]
-    return {"steps": len(steps), "batches": batches, "total_s": total, "wait_s": wait, "step_s": sum(steps),
-            "first_wait_s": waits[0], "wait_share": wait / total,
-            "wait_share_after_first": later_wait / later_total if later_total > 0 else float("nan"),
-            "step_median_s": statistics.median(steps) if steps else float("nan")}
+def wait_frac(wait_s: float, first_wait_s: float, epoch_s: float) -> float:
+    """``ray_train._stream_stats``' data_wait_frac: waiting after the first step over the epoch after it."""
+    return (wait_s - first_wait_s) / max(epoch_s - first_wait_s, 1e-9)
 
 
 def start_ray(need_cpus: float) -> str:
@@ -234,8 +139,28 @@ def start_ray(need_cpus: float) -> str:
     os.environ.update({"RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"})
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need_cpus) + 1), include_dashboard=False,
              log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # two INFO lines per stream execution
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True
     return tmp
+
+
+def ray_run(cfg: Config, images: int, labellers: int, out: str) -> list[dict[str, Any]]:
+    """A real 1-worker ``run_ray`` of 2 rounds on the benchmark's geometry: its round records."""
+    from cssl_ray.config import from_dict
+    from cssl_ray.pipeline import StreamResources
+    from cssl_ray.ray_train import run_ray
+
+    d = to_dict(cfg)
+    d["data"].update({"name": "synthetic", "n_train": images, "n_val": 2, "n_test": 2, "labelled_fraction": 0.1})
+    d["train"].update({"supervised_epochs": 2, "max_rounds": 2, "progress": False, "num_threads": 1, "out_dir": out,
+                       "figures": False})
+    result = run_ray(from_dict(d), workers=1, resources=StreamResources(labellers=labellers))
+    keys = ("round", "steps", "data_wait_frac", "first_step_wait_s", "patch_wait_s", "epoch_s", "patches_per_s")
+    return [{k: h[k] for k in keys if k in h} for h in result.history if h["stage"] == "round"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -244,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]  # other processes' demand, read before ours starts
-    d, pt = cfg.data, cfg.patches
+    d = cfg.data
     torch.manual_seed(0)
     images, masks = make_synthetic(args.images, tuple(d.image_size), d.num_classes, seed=0, difficulty=d.difficulty,
                                    in_channels=d.in_channels)
@@ -253,66 +178,79 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = create_model(cfg.model, d.in_channels, d.num_classes)
     pretrain(model, images, masks, cfg, args.pretrain_steps)
     model.eval()
+    plan = epoch_plan(u_img.shape[0], cfg, RandomStreams(0))
 
-    # Reference: the single-process steps B + C (--local), then the trainer's consumption rate.
+    # The trainer alone: the epoch's steps prepared in memory (--local's path).
     t0 = time.perf_counter()
-    patches, classes, ref_stats = round_patches(model, cfg, l_img, l_mask, u_img, generator=torch.Generator().manual_seed(0),
-                                                hidden_masks=u_mask)
-    ref_s = time.perf_counter() - t0
-    if patches.shape[0] == 0:
-        raise SystemExit(f"patch_stream: no class-wise patches of {pt.size} px in {args.images} images; "
+    pseudo, pstats = label_round(model, cfg, u_img, hidden_masks=u_mask)
+    label_s = time.perf_counter() - t0
+    prepared = list(local_steps(cfg, 1, plan, u_img, pseudo, l_img, l_mask))
+    if not any(s.patches.shape[0] for s in prepared):
+        raise SystemExit(f"patch_stream: no class-wise patches of {cfg.patches.size} px in {args.images} images; "
                          "raise --images or --pretrain-steps")
-    reference = {**ref_stats, "patches": int(patches.shape[0]), "wall_s": ref_s,
-                 "patches_per_s": patches.shape[0] / ref_s}
-    consume = consumption(Trainer(model, cfg, u_img), patches, classes, args.repeats)
+    consume = epoch(model, cfg, prepared, len(plan))
+    consume["steps_per_s"] = consume["steps"] / consume["wall_s"]
 
     import ray
 
-    from cssl_ray.pipeline import LabellerPool, StreamResources, build_patch_stream, image_rows, shuffle_buffer_size
+    from cssl_ray.pipeline import LabellerPool, StreamResources
+    from cssl_ray.pipeline import RankSteps
     from cssl_ray.weights import get_or_create_weight_store, publish_weights
 
-    res = StreamResources(labellers=args.labellers)
-    pools = 2 if args.per_execution_baseline else 1  # the baseline's pool runs beside the persistent one
-    tmp = start_ray(pools * res.labellers * res.labeller_cpus + 2 * res.samplers * res.sampler_cpus)
-    per_execution = None
+    most = max(args.labellers)
+    base = StreamResources(labellers=most)
+    tmp = start_ray(most * base.labeller_cpus + base.samplers * base.sampler_cpus + 1)
+    streams: dict[str, Any] = {}
     try:
         store_name = f"bench_weights_{uuid.uuid4().hex[:8]}"
         store = get_or_create_weight_store(store_name)
         publish_weights(store, model, version=1)
-        u_rows, l_rows = image_rows(u_img, hidden=u_mask), image_rows(l_img, l_mask)
-        with LabellerPool(cfg, store_name, res) as labellers:
-            ds = build_patch_stream(cfg, u_rows, l_rows, store_name=store_name, resources=res, labellers=labellers)
-            warmup = stream_pass(ds)
-            stream = stream_pass(ds)
-            if args.per_execution_baseline:
-                old = build_patch_stream(cfg, u_rows, l_rows, store_name=store_name, resources=res)
-                per_execution = {"stream_warmup": stream_pass(old), "stream": stream_pass(old)}
-            streamed = streamed_training(ds, Trainer(model, cfg, u_img), shuffle_buffer_size(cfg))
+        for n in args.labellers:
+            res = StreamResources(labellers=n)
+            with LabellerPool(cfg, store_name, res) as pool:
+                def rank_steps() -> RankSteps:
+                    return RankSteps(cfg, 1, plan, rank=0, world=1, unlabelled=u_img, labelled_images=l_img,
+                                     labelled_masks=l_mask, actors=pool.actors, resources=res, hidden=u_mask)
+                warm = rank_steps()
+                for _ in warm:  # the labellers' start (process, torch import, model) is not a round's cost
+                    pass
+                alone = rank_steps()
+                t0 = time.perf_counter()
+                n_steps = sum(1 for _ in alone)
+                wall = time.perf_counter() - t0
+                after = max(wall - alone.first_wait_s, 1e-9)
+                fed = rank_steps()
+                trained = epoch(model, cfg, fed, len(plan))
+                streams[str(n)] = {
+                    "steps": n_steps, "wall_s": wall, "first_step_s": alone.first_wait_s,
+                    "steps_per_s": (n_steps - 1) / after if n_steps > 1 else float("nan"),
+                    "ratio": ((n_steps - 1) / after) / consume["steps_per_s"] if n_steps > 1 else float("nan"),
+                    "pseudo_coverage": alone.counts["pseudo_covered"] / max(alone.counts["pseudo_pixels"], 1),
+                    "streamed": {**trained, "wait_s": fed.wait_s, "first_wait_s": fed.first_wait_s,
+                                 "data_wait_frac": wait_frac(fed.wait_s, fed.first_wait_s, trained["wall_s"])}}
         ray.kill(store)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+    in_run = None
+    if args.ray_run:
+        with tempfile.TemporaryDirectory(prefix="cssl_bench_run_") as out:
+            in_run = ray_run(cfg, args.images, args.labellers[0], out)
 
-    ratio = stream["patches_per_s"] / consume["patches_per_s"]
-    ratio_steady = stream["steady_patches_per_s"] / consume["patches_per_s"]
-    steps_for_pass = stream["patches"] / pt.batch_size
-    collect_first = stream["wall_s"] / (stream["wall_s"] + steps_for_pass * consume["step_median_s"])
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                     "torch": torch.__version__, "ray": ray.__version__, "threads": torch.get_num_threads(),
                     "load_average": load},
         "config": {"smoke": args.smoke, "config": args.config, "images": args.images, "labelled": n_l,
-                   "image_size": list(d.image_size), "model": to_dict(cfg)["model"],
-                   "patch_size": pt.size, "per_image": pt.per_image,
-                   "batch_patches": pt.batch_size, "unlabelled_batch": cfg.consistency.batch_size,
-                   "pretrain_steps": args.pretrain_steps, "repeats": args.repeats,
-                   "resources": dataclasses.asdict(res),
-                   "shuffle_buffer": shuffle_buffer_size(cfg)},
-        "reference_round_patches": reference, "consumption": consume, "stream_warmup": warmup, "stream": stream,
-        "ratio": ratio, "ratio_steady": ratio_steady, "streamed_training": streamed, "collect_first_wait_share": collect_first,
-        "per_execution_baseline": per_execution,
-        "targets": {"ratio": TARGET_RATIO, "wait_share": TARGET_WAIT},
-        "pass": {"ratio": ratio >= TARGET_RATIO, "wait_share": streamed["wait_share"] < TARGET_WAIT},
+                   "image_size": list(d.image_size), "model": to_dict(cfg)["model"], "patch_size": cfg.patches.size,
+                   "per_image": cfg.patches.per_image, "batch_patches": cfg.patches.batch_size,
+                   "unlabelled_batch": cfg.consistency.batch_size, "steps": len(plan),
+                   "pretrain_steps": args.pretrain_steps, "labellers": args.labellers},
+        "labelling_in_process": {"wall_s": label_s, **pstats}, "consumption": consume, "stream": streams,
+        "ray_run": in_run,
+        "targets": {"ratio": TARGET_RATIO, "data_wait_frac": TARGET_WAIT},
+        "pass": {n: {"ratio": s["ratio"] >= TARGET_RATIO, "data_wait_frac": s["streamed"]["data_wait_frac"] < TARGET_WAIT}
+                 for n, s in streams.items()},
     }
     report(result)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -324,42 +262,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def report(r: dict[str, Any]) -> None:
     """The table of ``main``'s result."""
-    c, m = r["config"], r["machine"]
+    c, m, cons = r["config"], r["machine"], r["consumption"]
     ok = lambda cond: "PASS" if cond else "FAIL"  # noqa: E731
-    print(f"patch stream on {m['cpu']} ({m['cpu_count']} cores), torch {m['torch']}, ray {m['ray']}; "
+    print(f"labelling stream on {m['cpu']} ({m['cpu_count']} cores), torch {m['torch']}, ray {m['ray']}; "
           f"{c['images']} images {c['image_size'][0]}x{c['image_size'][1]} ({c['labelled']} labelled), "
-          f"{c['patch_size']} px patches, L_CL batch {c['batch_patches']}, L_CR batch {c['unlabelled_batch']}, "
-          f"trainer {m['threads']} thread(s)")
-    ref, s, w, cons, st = (r["reference_round_patches"], r["stream"], r["stream_warmup"], r["consumption"],
-                           r["streamed_training"])
-    print(f"{'':40}{'patches':>9}{'wall s':>9}{'patches/s':>11}")
-    print(f"{'round_patches, one process (ref.)':40}{ref['patches']:9d}{ref['wall_s']:9.2f}{ref['patches_per_s']:11.1f}")
-    print(f"{'Ray Data stream, warm-up execution':40}{w['patches']:9d}{w['wall_s']:9.2f}{w['patches_per_s']:11.1f}")
-    print(f"{'Ray Data stream, full pass':40}{s['patches']:9d}{s['wall_s']:9.2f}{s['patches_per_s']:11.1f}"
-          f"   (first batch after {s['first_batch_s']:.2f} s; after it {s['steady_patches_per_s']:.1f} patches/s)")
-    if r["per_execution_baseline"]:
-        b = r["per_execution_baseline"]["stream"]
-        print(f"{'  baseline: fresh labeller pool per pass':40}{b['patches']:9d}{b['wall_s']:9.2f}"
-              f"{b['patches_per_s']:11.1f}"
-              f"   (first batch after {b['first_batch_s']:.2f} s)")
-    print(f"{'trainer L_tot step (consumption)':40}{cons['batch_patches']:9d}{cons['step_median_s']:9.3f}"
-          f"{cons['patches_per_s']:11.1f}   (median of {len(cons['step_times_s'])} steps)")
-    print(f"stream / consumption  {r['ratio']:6.2f}x   target >= {r['targets']['ratio']:.0f}x   "
-          f"{ok(r['pass']['ratio'])}   (after the first batch: {r['ratio_steady']:.2f}x)")
-    print(f"data-wait, trainer on the stream: {100 * st['wait_share']:.1f}% of {st['total_s']:.2f} s "
-          f"({st['steps']} steps, median step {st['step_median_s'] * 1e3:.0f} ms; first batch {st['first_wait_s']:.2f} s; "
-          f"after it {100 * st['wait_share_after_first']:.1f}%)   target < {100 * r['targets']['wait_share']:.0f}%   "
-          f"{ok(r['pass']['wait_share'])}")
-    print(f"collect-first (as ray_train does today): wait share {100 * r['collect_first_wait_share']:.1f}%")
-    if "pseudo_coverage" in ref:
-        print(f"pseudo-label coverage {100 * ref['pseudo_coverage']:.1f}%, accuracy on covered pixels "
-              f"{100 * ref.get('pseudo_accuracy', float('nan')):.1f}% (stream's stats rows: "
-              f"{100 * s['pseudo_coverage']:.1f}%, {100 * s['pseudo_accuracy']:.1f}%)")
+          f"{c['steps']} L_tot steps of {c['unlabelled_batch']} images, {c['patch_size']} px patches, "
+          f"L_CL batch {c['batch_patches']}, trainer {m['threads']} thread(s)")
+    print(f"trainer alone (steps in memory): {cons['steps_per_s']:.2f} steps/s ({cons['steps']} steps, "
+          f"{cons['wall_s']:.2f} s; labelling D_U in process took {r['labelling_in_process']['wall_s']:.2f} s)")
+    print(f"{'labellers':>9}{'first step s':>14}{'steps/s':>10}{'ratio':>8}{'':6}{'data-wait':>10}{'':6}")
+    for n, s in r["stream"].items():
+        st = s["streamed"]
+        print(f"{n:>9}{s['first_step_s']:14.2f}{s['steps_per_s']:10.2f}{s['ratio']:8.2f} {ok(r['pass'][n]['ratio']):5}"
+              f"{100 * st['data_wait_frac']:9.1f}% {ok(r['pass'][n]['data_wait_frac']):5}"
+              f"  (streamed epoch {st['wall_s']:.2f} s, first step waited {st['first_wait_s']:.2f} s)")
+    print(f"targets: stream >= {r['targets']['ratio']:.0f}x the trainer's steps/s; data-wait after the first step "
+          f"< {100 * r['targets']['data_wait_frac']:.0f}% of the epoch")
+    if r["ray_run"]:
+        for h in r["ray_run"]:
+            print(f"ray_train run, round {h['round']}: data_wait_frac {100 * h.get('data_wait_frac', float('nan')):.1f}%, "
+                  f"first step waited {h.get('first_step_wait_s', float('nan')):.2f} s, epoch {h.get('epoch_s', float('nan')):.2f} s")
     if (m["cpu_count"] or 1) <= 2:
-        print(f"note: {m['cpu_count']} cores: in the data-wait run the stream's labeller and samplers and the trainer "
-              "share them, and each stream-alone / step-alone rate above had the machine to itself")
-    busy = m["load_average"] > max((m["cpu_count"] or 1) - m["threads"], 0) + 0.5
-    if busy:
+        print(f"note: {m['cpu_count']} cores: in the streamed epoch the labellers, the stream's tasks and the trainer "
+              "share them; the stream-alone and trainer-alone rates each had the machine to itself")
+    if m["load_average"] > max((m["cpu_count"] or 1) - m["threads"], 0) + 0.5:
         print(f"note: load average {m['load_average']:.1f} before the run on {m['cpu_count']} cores: other processes "
               "compete for the cores and distort these timings; rerun when idle")
 

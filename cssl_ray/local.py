@@ -25,7 +25,7 @@ from cssl_ray.config import Config, dump_config, to_dict, validate
 from cssl_ray.data.bundle import DataBundle, load_bundle
 from cssl_ray.data.splits import write_split
 from cssl_ray.figures import write_run_figures
-from cssl_ray.loop import evaluate, round_patches, supervised_epoch
+from cssl_ray.loop import epoch_plan, evaluate, label_round, local_steps, supervised_epoch
 from cssl_ray.models import check_geometry
 from cssl_ray.schedule import RunState
 
@@ -117,17 +117,15 @@ def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any
         state.start_round()
         record: dict[str, Any] = {"stage": "round", "round": state.round}
         if cssl_on:
-            state.take_snapshot(cfg, bundle.unlabelled_images)  # the model round_patches labels with
-            started = time.perf_counter()
-            patches, classes, pstats = round_patches(
-                state.model, cfg, bundle.labelled_images, bundle.labelled_masks, bundle.unlabelled_images,
-                generator=state.streams.patches, hidden_masks=bundle.unlabelled_masks_hidden,
-                class_names=bundle.class_names)
+            state.take_snapshot(cfg, bundle.unlabelled_images)  # the model label_round labels with
+            u = bundle.unlabelled_images
+            pseudo, pstats = label_round(state.model, cfg, u, hidden_masks=bundle.unlabelled_masks_hidden,
+                                         class_names=bundle.class_names) if u.shape[0] else (u[:, 0].long(), {})
             record.update(pstats)
             state.check_coverage(pstats, bundle.class_names)
-            record["patch_wait_s"] = time.perf_counter() - started  # labelling + sampling, in this process
-            record["patches_per_s"] = pstats["patches"] / max(record["patch_wait_s"], 1e-9)
-            record.update(state.l_tot_epoch(cfg, patches, classes, bundle.unlabelled_images))
+            plan = epoch_plan(u.shape[0], cfg, state.streams)
+            steps = local_steps(cfg, state.round, plan, u, pseudo, bundle.labelled_images, bundle.labelled_masks)
+            record.update(state.l_tot_epoch(cfg, steps, len(plan)))
         record.update(supervised_epoch(state.model, state.optimizer, bundle.labelled_images,
                                        bundle.labelled_masks, **sup))
         state.track_best(validate_and_record(record))

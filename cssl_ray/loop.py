@@ -6,8 +6,9 @@ Each function takes its tensors and settings explicitly and returns a dict of py
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from cssl_ray.consistency import Teacher
 from cssl_ray.contrastive import AuxiliaryGaussian
 from cssl_ray.metrics import SegmentationMetrics
 from cssl_ray.objective import StepInputs, cssl_objective, patch_embeddings
-from cssl_ray.patches import class_balanced_batches, sample_patches
+from cssl_ray.patches import class_balanced_batches, sample_patches, seeded_patches
 from cssl_ray.precision import FP32, Precision, backward_step
 from cssl_ray.pseudo_labels import class_coverage, coverage, predict_pseudo_labels
 from cssl_ray.silhouette import silhouette
@@ -85,33 +86,44 @@ def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
 
 
 @torch.no_grad()
+def label_round(model: nn.Module, cfg: Config, unlabelled_images: Tensor, *, hidden_masks: Tensor | None = None,
+                class_names: list[str] | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Step B: pseudo-labels (U, H, W) of D_U with the current model, and their statistics: coverage
+    (all pixels, and per class: ``pseudo_coverage/<name>``, the share of the pixels predicted as that
+    class that pass the threshold) and, when ``hidden_masks`` is given, their accuracy on covered
+    pixels (a diagnostic only)."""
+    device = next(model.parameters()).device
+    p = cfg.pseudo
+    pseudo, argmax = predict_pseudo_labels(model, unlabelled_images.to(device), p.threshold, p.ignore_index,
+                                           batch_size=cfg.consistency.batch_size, with_argmax=True,
+                                           precision=Precision.from_config(cfg.train, device))
+    pseudo, argmax = pseudo.cpu(), argmax.cpu()  # (U, H, W) each
+    stats = {"pseudo_coverage": coverage(pseudo, p.ignore_index)}
+    names = class_names or [str(c) for c in range(cfg.data.num_classes)]
+    for name, share in zip(names, class_coverage(pseudo, argmax, cfg.data.num_classes)):
+        stats[f"pseudo_coverage/{name}"] = share
+    if hidden_masks is not None:
+        covered = pseudo != p.ignore_index
+        correct = (pseudo == hidden_masks) & covered
+        stats["pseudo_accuracy"] = correct.sum().item() / max(covered.sum().item(), 1)
+    return pseudo, stats
+
+
+@torch.no_grad()
 def round_patches(model: nn.Module, cfg: Config, labelled_images: Tensor, labelled_masks: Tensor,
                   unlabelled_images: Tensor, *, generator: torch.Generator | None = None,
                   hidden_masks: Tensor | None = None,
                   class_names: list[str] | None = None) -> tuple[Tensor, Tensor, dict[str, float]]:
-    """Steps B and C: pseudo-label D_U with the current model, then class-wise patches from D_L
-    (ground truth) and D_U (pseudo-labels). Returns patches (P, C_in, s, s), classes (P,) and
-    stats: pseudo-label coverage (all pixels, and per class: ``pseudo_coverage/<name>``, the share of
-    the pixels predicted as that class that pass the threshold), and, when ``hidden_masks`` is given,
-    their accuracy on covered pixels (a diagnostic only). ``patches.per_image`` windows per image,
-    split over the foreground classes present."""
-    device = next(model.parameters()).device
+    """Steps B and C for the whole round at once: ``label_round``, then class-wise patches from D_L
+    (ground truth) and D_U (pseudo-labels), ``patches.per_image`` windows per image split over the
+    foreground classes present. Returns patches (P, C_in, s, s), classes (P,) and ``label_round``'s
+    statistics plus ``patches``. (The trainer samples per step, ``local_steps``; this is the
+    one-process reference of benchmarks/patch_stream.py.)"""
     p, pt = cfg.pseudo, cfg.patches
     stats: dict[str, float] = {}
     images, labels = labelled_images, labelled_masks
     if unlabelled_images.shape[0] > 0:
-        pseudo, argmax = predict_pseudo_labels(model, unlabelled_images.to(device), p.threshold, p.ignore_index,
-                                               batch_size=cfg.consistency.batch_size, with_argmax=True,
-                                               precision=Precision.from_config(cfg.train, device))
-        pseudo, argmax = pseudo.cpu(), argmax.cpu()  # (U, H, W) each
-        stats["pseudo_coverage"] = coverage(pseudo, p.ignore_index)
-        names = class_names or [str(c) for c in range(cfg.data.num_classes)]
-        for name, share in zip(names, class_coverage(pseudo, argmax, cfg.data.num_classes)):
-            stats[f"pseudo_coverage/{name}"] = share
-        if hidden_masks is not None:
-            covered = pseudo != p.ignore_index
-            correct = (pseudo == hidden_masks) & covered
-            stats["pseudo_accuracy"] = correct.sum().item() / max(covered.sum().item(), 1)
+        pseudo, stats = label_round(model, cfg, unlabelled_images, hidden_masks=hidden_masks, class_names=class_names)
         images = torch.cat([labelled_images, unlabelled_images])
         labels = torch.cat([labelled_masks, pseudo])
     classes = list(range(1, cfg.data.num_classes))
@@ -176,27 +188,95 @@ def pass_shares(n_local: int, n_global: int, batch_size: int, rank: int, world: 
     return list(torch.randperm(n_local, generator=generator).split(sizes)) if n_local else []
 
 
+@dataclass
+class StepData:
+    """One L_tot step's inputs on one rank.
+
+    ``unlabelled`` (b, C, H, W): this rank's share of the step's L_CR batch. ``patches``
+    (P, C, s, s) and ``classes`` (P,): the step's patch pool, the class-wise windows of those
+    images (their pseudo-labels) and of a slice of D_L (ground truth), from which the step's
+    class-balanced contrastive batch is drawn; ``patches.per_image`` windows per image give the
+    paper's density (816 patches from 8 images)."""
+
+    unlabelled: Tensor
+    patches: Tensor
+    classes: Tensor
+
+
+def epoch_plan(n_unlabelled: int, cfg: Config, streams: RandomStreams,
+               collectives: Collectives | None = None) -> list[Tensor]:
+    """This rank's D_U positions of every step of one L_tot epoch (a shuffled pass over D_U in
+    global batches, ``pass_shares``; ``l_tot_steps`` steps, agreed by every rank). Draws the pass
+    from ``streams.cr``."""
+    col = collectives or Collectives()
+    n_global = int(col.sum_(torch.tensor([n_unlabelled], dtype=torch.int64)).item())
+    n_steps = col.agree_steps(l_tot_steps(n_global, cfg, col.world_size)) if n_global else 0
+    if not n_steps:
+        return []
+    return pass_shares(n_unlabelled, n_global, cfg.consistency.batch_size, col.rank, col.world_size,
+                       streams.cr)[:n_steps]
+
+
+def labelled_slices(n_labelled: int, n_steps: int) -> list[Tensor]:
+    """D_L positions whose ground-truth patches join each step's pool: D_L dealt over the steps in
+    order, ceil(n_labelled / n_steps) images a step, cycling when D_L is the smaller set (every step
+    has labelled patches, and D_L is passed about once an epoch)."""
+    if n_labelled == 0:
+        return [torch.zeros(0, dtype=torch.int64) for _ in range(n_steps)]
+    m = math.ceil(n_labelled / max(n_steps, 1))
+    return [torch.arange(k * m, (k + 1) * m) % n_labelled for k in range(n_steps)]
+
+
+def image_patches(cfg: Config, images: Tensor, labels: Tensor, indices: Tensor | list[int], round_: int,
+                  labelled: bool) -> tuple[Tensor, Tensor]:
+    """``patches.seeded_patches`` with the run's settings: the class-wise patches (P, C, s, s) and
+    classes (P,) of these images in this round, the same in every path."""
+    pt = cfg.patches
+    patches, classes, _ = seeded_patches(
+        images, labels, [int(i) for i in indices], size=pt.size, min_pixels=pt.min_pixels,
+        per_class=pt.windows_per_class(cfg.data.num_classes), classes=list(range(1, cfg.data.num_classes)),
+        seed=cfg.train.seed, round_=round_, labelled=labelled, mask=pt.mask, ignore_index=cfg.pseudo.ignore_index)
+    return patches, classes
+
+
+def local_steps(cfg: Config, round_: int, plan: list[Tensor], unlabelled: Tensor, pseudo: Tensor,
+                labelled_images: Tensor, labelled_masks: Tensor) -> Iterator[StepData]:
+    """The steps of ``plan`` in one process: step k's images, the patches of their pseudo-labels
+    (``pseudo``, labelled with the round's weights before the epoch) and of its D_L slice."""
+    slices = labelled_slices(labelled_images.shape[0], len(plan))
+    for idx, l_idx in zip(plan, slices):
+        u_p, u_c = image_patches(cfg, unlabelled[idx], pseudo[idx], idx, round_, labelled=False)
+        l_p, l_c = image_patches(cfg, labelled_images[l_idx], labelled_masks[l_idx], l_idx, round_, labelled=True)
+        yield StepData(unlabelled[idx], torch.cat([l_p, u_p]), torch.cat([l_c, u_c]))
+
+
+def pooled_steps(plan: list[Tensor], unlabelled: Tensor, patches: Tensor, classes: Tensor) -> Iterator[StepData]:
+    """Steps of ``plan`` that all draw their contrastive batch from one pool (e.g. a whole round's
+    patches from ``round_patches``): for tests and benchmarks that fix the patches."""
+    for idx in plan:
+        yield StepData(unlabelled[idx], patches, classes)
+
+
 def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim.Optimizer,
-               patches: Tensor, patch_classes: Tensor, unlabelled_images: Tensor, cfg: Config, *,
+               steps: Iterable[StepData], n_steps: int, cfg: Config, *,
                lambda_: float, streams: RandomStreams, aux: AuxiliaryGaussian | None = None,
                collectives: Collectives | None = None,
                after_step: Callable[[], None] | None = None,
                scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
-    """One epoch of L_tot = w_cl L_CL + w_cr L_CR: one pass over D_U.
+    """One epoch of L_tot = w_cl L_CL + w_cr L_CR: one pass over D_U, ``n_steps`` steps.
 
-    ``l_tot_steps`` steps; step k takes the k-th batch of ``consistency.batch_size`` images of a
-    shuffled pass over D_U for L_CR (every image once; the last batch may be smaller) and one
-    class-balanced batch of ``patches.batch_size`` patches of the round for L_CL (``patches`` holds
-    the round's ~``patches.per_image`` windows per image, so the batches pass over them about once).
-    A cell with only one of the losses runs the same steps and skips the other's input; omega
-    (silhouette of the patch embeddings) is measured at every step with patches and averaged.
+    ``steps`` yields each step's ``StepData`` (``local_steps`` in one process; the labelling
+    stream in a Ray worker, consumed as it arrives): its batch of unlabelled images for L_CR and
+    its patch pool, from which one class-balanced batch of ``patches.batch_size`` patches is drawn
+    for L_CL (``streams.patches``). A cell with only one of the losses runs the same steps and skips
+    the other's input; omega (silhouette of the patch embeddings) is measured at every step with
+    patches and averaged.
 
-    Data parallel (``collectives``, see ``cssl_ray.collectives``): each rank passes its own shard of
-    patches and its images ``[rank::world]`` of D_U; the batch sizes are global: at every step each
-    rank takes its share of the global L_CR batch (``pass_shares``) and of the global contrastive
-    batch (``rank_share``), L_CL runs on the all-gathered embeddings, the ranks agree on the step
-    count (the minimum), average gradients after every backward, and return statistics averaged
-    over ranks. None = one process.
+    Data parallel (``collectives``, see ``cssl_ray.collectives``): each rank passes its own steps
+    (its share of every global batch: ``epoch_plan``) and the same ``n_steps``; the contrastive batch
+    is global (each rank draws its ``rank_share``), L_CL runs on the all-gathered embeddings, a step
+    has patches only if every rank's pool has some, gradients are averaged after every backward, and
+    statistics are averaged over ranks. None = one process.
 
     Precision (``train.amp``, ``train.channels_last``): ``cssl_ray.precision``; ``scaler`` is fp16's
     loss scaler, kept across epochs by the caller (None under fp16: a fresh one for this epoch).
@@ -207,26 +287,18 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
     prec = Precision.from_config(t, device)
     scaler = scaler if scaler is not None else prec.grad_scaler()
     model.train()
-    n_u = unlabelled_images.shape[0]
-    n_global = int(col.sum_(torch.tensor([n_u], dtype=torch.int64)).item())  # the pass is over every rank's D_U
-    n_steps = col.agree_steps(l_tot_steps(n_global, cfg, col.world_size))
-    u_batches = pass_shares(n_u, n_global, cfg.consistency.batch_size, col.rank, col.world_size, streams.cr)
-    patch_batches: list[Tensor] = []
-    if patches.shape[0] > 0 and n_steps > 0:  # this rank's share of the global contrastive batch
-        patch_batches = class_balanced_batches(
-            patch_classes, rank_share(cfg.patches.batch_size, col.rank, col.world_size), num_batches=n_steps,
-            generator=streams.patches)
-    if col.agree_steps(len(patch_batches)) == 0:
-        patch_batches = []  # some rank has no patch: omega's collectives need every rank
+    share = rank_share(cfg.patches.batch_size, col.rank, col.world_size)  # of the global contrastive batch
     sums: dict[str, float] = {"loss": 0.0, "loss_cl": 0.0, "loss_cr": 0.0, "anchors_without_positive": 0.0}
     omegas: list[float] = []
-    done = 0
+    done, pooled = 0, 0
     with frozen_norm_statistics(model):  # patches and noisy features must not move BN statistics
-        for step in range(n_steps):
-            x_u = unlabelled_images[u_batches[step]].to(device) if (t.use_cr and u_batches) else None
+        for _, step in zip(range(n_steps), steps):
+            pooled += step.patches.shape[0]
+            x_u = step.unlabelled.to(device) if (t.use_cr and step.unlabelled.shape[0]) else None
             w = c = None
-            if patch_batches:
-                w, c = patches[patch_batches[step]].to(device), patch_classes[patch_batches[step]].to(device)
+            if col.agree_steps(int(step.patches.shape[0] > 0)):  # omega's collectives need every rank
+                idx = class_balanced_batches(step.classes, share, num_batches=1, generator=streams.patches)[0]
+                w, c = step.patches[idx].to(device), step.classes[idx].to(device)
             if not (t.use_cl and w is not None) and x_u is None:
                 continue  # nothing to learn from (no patches and no unlabelled images): the same on every rank
             w, x_u = prec.layout(w), prec.layout(x_u)
@@ -248,6 +320,7 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
     stats = {k: v / max(done, 1) for k, v in sums.items()}
     stats = col.mean_floats(stats)
     stats["steps"] = float(done)
+    stats["patches"] = float(col.sum_(torch.tensor([pooled], dtype=torch.int64)).item())  # in the steps' pools
     stats["omega"] = sum(omegas) / len(omegas) if omegas else float("nan")
     return stats
 
@@ -262,8 +335,8 @@ def measure_omega(model: nn.Module, patches: Tensor, patch_classes: Tensor, cfg:
     col = collectives or Collectives()
     batches = []
     if patches.shape[0] > 0:
-        batches = class_balanced_batches(patch_classes, cfg.patches.batch_size, num_batches=1,
-                                         generator=streams.omega)
+        batches = class_balanced_batches(patch_classes, rank_share(cfg.patches.batch_size, col.rank, col.world_size),
+                                         num_batches=1, generator=streams.omega)
     if col.agree_steps(len(batches)) == 0:
         return float("nan")
     device = next(model.parameters()).device

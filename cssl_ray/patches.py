@@ -383,3 +383,38 @@ def _foreground_classes(labels: Tensor, classes: Sequence[int] | None, ignore_in
     if low < 0:
         raise ValueError(f"labels hold {low}: class ids must be >= 0 (or ignore_index {ignore_index})")
     return [c for c in range(1, high + 1)]
+
+
+def patch_seed(seed: int, round_: int, labelled: bool, index: int) -> int:
+    """Seed of one image's window draws in one round (a 64-bit hash of the four, all >= 0): an
+    image's patches do not depend on batching, worker count or the order images are labelled in."""
+    import numpy as np  # only here: the module's sampling is pure torch
+
+    return int(np.random.SeedSequence([seed, round_, int(labelled), index]).generate_state(1, np.uint64)[0])
+
+
+def seeded_patches(images: Tensor, labels: Tensor, indices: Sequence[int], *, size: int, min_pixels: int,
+                   per_class: int, classes: Sequence[int], seed: int, round_: int, labelled: bool,
+                   mask: str = "others_all", ignore_index: int = 255) -> tuple[Tensor, Tensor, PatchWindows]:
+    """Class-wise patches of each image, its windows drawn with ``patch_seed(seed, round_, labelled,
+    index)``: the same patches in ``--local``, in any Ray worker and in the labelling stream.
+
+    images (B, C, H, W), labels (B, H, W), indices (B,) the images' dataset indices. Returns
+    patches (P, C, size, size), their classes (P,) and the windows (``sources`` = position in
+    ``images``)."""
+    if images.shape[0] != labels.shape[0] or images.shape[0] != len(indices):
+        raise ValueError(f"images ({images.shape[0]}), labels ({labels.shape[0]}) and indices ({len(indices)}) "
+                         "must have the same length")
+    parts, wins = [], []
+    for i, index in enumerate(indices):
+        gen = torch.Generator().manual_seed(patch_seed(seed, round_, labelled, int(index)))
+        w = sample_windows(labels[i:i + 1], size, min_pixels, per_class=per_class, classes=classes,
+                           ignore_index=ignore_index, generator=gen)
+        parts.append(extract_patches(images[i:i + 1], labels[i:i + 1], w, size, mask=mask, ignore_index=ignore_index))
+        wins.append(w._replace(sources=torch.full_like(w.sources, i)))
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return (images.new_zeros((0, images.shape[1], size, size)), empty,
+                PatchWindows(empty, empty.clone(), empty.clone(), empty.clone()))
+    windows = PatchWindows(*(torch.cat([getattr(w, f) for w in wins]) for f in PatchWindows._fields))
+    return torch.cat(parts), windows.classes, windows

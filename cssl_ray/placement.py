@@ -62,20 +62,21 @@ class StreamResources:
     labeller_cpus: float = 0.5  # CPUs each labeller holds for its lifetime
     labeller_gpus: float = 0.0  # GPUs each labeller holds: 0 = CPU labellers (the default), up to 1;
     #                             a fraction shares a GPU (with a Train worker: e.g. 0.5 each)
-    samplers: int = 2  # most concurrent patch-sampling tasks per branch (see above)
-    sampler_cpus: float = 0.25  # CPUs per patch-sampling task
-    labeller_batch: int = 0  # images per labeller call; 0 = consistency.batch_size
-    sampler_batch: int = 8  # images per sampling task
+    samplers: int = 2  # most concurrent stream tasks per rank (at least 2 per labeller: see tasks_per_rank)
+    sampler_cpus: float = 0.25  # CPUs per stream task (labelling a step through the pool, sampling its patches)
 
-    @property
-    def cpus(self) -> float:
-        """Logical CPUs the stream may hold at once: the labellers, and the sampling tasks of both branches."""
-        return self.labellers * self.labeller_cpus + self.sampler_cpus_held
+    def tasks_per_rank(self) -> int:
+        """Concurrent tasks of one rank's step stream: ``samplers``, and at least 2 per labeller (one
+        step labelling, the next queued at the actor)."""
+        return max(self.samplers, 2 * self.labellers)
 
-    @property
-    def sampler_cpus_held(self) -> float:
-        """CPUs of the sampling tasks of both branches at once (tasks: in no placement group)."""
-        return 2 * self.samplers * self.sampler_cpus
+    def sampler_cpus_held(self, workers: int) -> float:
+        """CPUs the stream tasks of ``workers`` ranks hold at once (tasks: in no placement group)."""
+        return workers * self.tasks_per_rank() * self.sampler_cpus
+
+    def cpus(self, workers: int) -> float:
+        """Logical CPUs the labelling may hold at once: the labellers, and every rank's stream tasks."""
+        return self.labellers * self.labeller_cpus + self.sampler_cpus_held(workers)
 
     def labeller_bundles(self) -> list[dict[str, float]]:
         """One placement-group bundle per labeller: ``{"CPU": labeller_cpus[, "GPU": labeller_gpus]}``."""
@@ -116,11 +117,11 @@ def run_demand(workers: int, cpus_per_worker: float, gpus_per_worker: float,
     parts = [f"{_plural(workers, 'Train worker')} x {cpus_per_worker:g} CPU" + (f" + {gpus_per_worker:g} GPU"
                                                                                if gpus_per_worker else "")]
     if stream is not None:
-        cpus += stream.cpus
+        cpus += stream.cpus(workers)
         gpus += [stream.labeller_gpus] * stream.labellers if stream.labeller_gpus else []
         parts.append(f"{_plural(stream.labellers, 'labeller')} x {stream.labeller_cpus:g} CPU"
                      + (f" + {stream.labeller_gpus:g} GPU" if stream.labeller_gpus else ""))
-        parts.append(f"patch sampling {stream.sampler_cpus_held:g} CPU")
+        parts.append(f"step streams {stream.sampler_cpus_held(workers):g} CPU")
     return Demand(cpus, tuple(gpus), ", ".join(parts))
 
 

@@ -1,32 +1,30 @@
-"""Ray Train: the schedule of ``cssl_ray.local`` on TorchTrainer workers fed by the Ray Data patch stream.
+"""Ray Train: the schedule of ``cssl_ray.local`` on TorchTrainer workers fed by streamed L_tot steps.
 
     driver  run_ray: config and data checks (one-line errors, before Ray starts) -> ray.init ->
-            WeightStore + LabellerPool (long-lived pseudo-labeller actors) -> the patch-stream
-            Dataset, built ONCE -> TorchTrainer.fit (one fit runs every round: a fit start costs
-            ~10 s here) -> test metrics on the best-validation weights
+            WeightStore + LabellerPool (long-lived pseudo-labeller actors, started once) ->
+            TorchTrainer.fit (one fit runs every round: a fit start costs ~10 s here) -> test
+            metrics on the best-validation weights
     worker  train_loop_per_worker: stage A (supervised epochs), then per round r
               rank 0 publishes the student as version r -> barrier
-              -> each rank reads its shard of the round's patches (get_dataset_shard("patches"); the
-                 Dataset re-executes on every iteration, labelling with version r)
-                 and sums its D_U images' pseudo-label pixel counts (all-reduced: pseudo_coverage,
-                 pseudo_accuracy as in --local)
-              -> L_tot epoch -> fine-tune epoch -> validation (counts all-reduced)
+              -> each rank plans its share of the epoch's steps (``loop.epoch_plan``) and streams
+                 them (``pipeline.RankSteps``: its step's images labelled by the pool with version
+                 r, their patches sampled, one Ray Data row per step, in step order) while it trains:
+                 the L_tot epoch steps on each step as it arrives
+              -> pseudo-label counts of the steps all-reduced (pseudo_coverage, pseudo_accuracy as in
+                 --local) -> fine-tune epoch -> validation (counts all-reduced)
               -> ray.train.report(metrics, checkpoint) on EVERY rank (rank 0 attaches the checkpoint)
 
 Design choices:
 - D_L, D_U and val: the driver reads the dataset (the prepared Parquet store, or the seeded
   synthetic set) once and puts the split's arrays (test excluded) in Ray's object store; each
   worker gets that one object and takes its rank's slice (``images[rank::world]``), so no worker
-  node needs the dataset on its disk. Not Ray Data shards: these sets are small next to the
-  round's patches, and the loop needs random access by index (``index_batches``) and, under DDP,
-  the same number of steps on every rank, which a streamed shard of unknown length does not give.
-  Only the patches, which change every round and cost a labelling pass, stream.
-- A rank collects its patch shard for the round, then sorts it by (labelled, image, class, top,
-  left): the multiset of patches is fixed by the weights (``pipeline.patch_seed``) but their arrival
-  order is not, and ``class_balanced_batches`` (the seeded, class-balanced shuffle the paper's
-  batches need) must see a reproducible order for the one-worker run to be repeatable and for a
-  resumed run to equal a straight one. So no ``local_shuffle_buffer_size``: the shuffle that matters
-  happens after collection, and it is class-balanced.
+  node needs the dataset on its disk. The supervised loop needs random access by index
+  (``index_batches``) and the same number of steps on every rank; the round's D_U images go into
+  the rank's step stream from there.
+- One stream per rank and round, not a Dataset split by Ray Train (``pipeline`` says why): every
+  row arrives, in step order, so a run is reproducible and the pseudo-label counts are complete.
+  ``data_wait_frac`` (reported every round) is the share of the epoch a rank spent waiting on its
+  next step after the first.
 - Gradients: data parallel over the process group Ray Train sets up (gloo on CPU, NCCL on GPU),
   but with one explicit all-reduce of the gradients after every backward instead of a DDP
   wrapper, because the L_tot step reaches encode/decode/project, not forward (see
@@ -55,7 +53,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from cssl_ray.collectives import Collectives, TorchCollectives, rank_share
@@ -70,6 +67,7 @@ from cssl_ray.schedule import RunState
 
 if TYPE_CHECKING:  # pipeline imports ray at module level; the CLI loads this module before Ray
     from cssl_ray.pipeline import StreamResources
+    from cssl_ray.pipeline import RankSteps
 
 STATE_FILE = "state.pt"  # inside every Train checkpoint directory
 RUN_NAME = "ray_train"  # the Train run's folder under train.out_dir
@@ -78,6 +76,19 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Sca
 # AND, since a Ray worker's sys.stdout is a wrapper (not sys.__stdout__), to tee it to stdout, so the
 # driver got every printed line twice (stdout and the root logger's console handler, both forwarded).
 log = logging.getLogger(__name__)
+
+
+def _own_log_handler() -> None:
+    """One stderr handler for the progress lines, not propagated: Ray Data, once used in a worker
+    (the step streams), adds its own handler up the logger tree and every line reached the driver twice."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    # Ray Data logs two INFO lines per execution: one stream per rank and round would flood the driver
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 @dataclass
@@ -97,6 +108,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    _own_log_handler()
     cfg = from_dict(config["config"])
     store_name: str = config["weight_store"]
     t = cfg.train
@@ -171,17 +183,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.start_round()
         record: dict[str, Any] = {"stage": "round", "round": state.round}
         if cssl_on:
-            started = time.perf_counter()
-            patches, classes, counts = _round_patch_shard(state.model, state.round, store_name, col)
-            record["patches"] = float(col.sum_(torch.tensor(float(classes.shape[0]))))
-            record["patch_wait_s"] = time.perf_counter() - started  # labelling + transfer, as the trainer saw it
-            record["patches_per_s"] = record["patches"] / max(record["patch_wait_s"], 1e-9)
-            if bundle.unlabelled_images.shape[0]:  # --local's pseudo_coverage (per class too) / _accuracy, all ranks' images
-                record.update(_pseudo_stats(counts, bundle.unlabelled_masks_hidden is not None, col, bundle.class_names))
-                state.check_coverage(record, bundle.class_names)
             if rank == 0:  # Fig. 2: pseudo-labels of the model published this round (no collective)
                 state.take_snapshot(cfg, bundle.unlabelled_images)
-            record.update(state.l_tot_epoch(cfg, patches, classes, shard.unlabelled_images, col))
+            steps = _round_steps(state, cfg, shard, config["labellers"], config["resources"], store_name, col)
+            started = time.perf_counter()
+            record.update(state.l_tot_epoch(cfg, steps, len(steps.plan), col))
+            record.update(_stream_stats(steps, time.perf_counter() - started, col))
+            if bundle.unlabelled_images.shape[0]:  # --local's pseudo_coverage (per class too) / _accuracy, all ranks' images
+                record.update(_pseudo_stats(steps.counts, bundle.unlabelled_masks_hidden is not None, col,
+                                            bundle.class_names))
+                state.check_coverage(record, bundle.class_names)
         record.update(fine_tune())
         state.track_best(validate_and_record(record))
         stop = state.should_stop(record)
@@ -198,6 +209,8 @@ class _RankShard:
         s = slice(rank, None, world)
         self.labelled_images, self.labelled_masks = bundle.labelled_images[s], bundle.labelled_masks[s]
         self.unlabelled_images = bundle.unlabelled_images[s]
+        hidden = bundle.unlabelled_masks_hidden  # pseudo-label accuracy only (synthetic data)
+        self.unlabelled_masks_hidden = hidden[s] if hidden is not None else None
         self.val_images, self.val_masks = bundle.val_images[s], bundle.val_masks[s]
 
 
@@ -216,33 +229,33 @@ def _sup_steps(cfg: Config, n_labelled: int) -> int:
     return math.ceil(n_labelled / min(cfg.train.batch_size, n_labelled)) if n_labelled else 0
 
 
-def _round_patch_shard(model: torch.nn.Module, round_: int, store_name: str,
-                       col: Collectives) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-    """Publish round ``round_``'s weights (rank 0), then read this rank's patches of the round.
-
-    Returns patches (P, C_in, s, s) float32 and classes (P,) int64, sorted into a canonical order
-    (see the module docstring), and the pseudo-label counts of this rank's D_U images
-    (``pipeline.COUNT_COLUMNS``). Raises if a row was labelled with another round's weights.
-    """
-    import ray.train
-
-    from cssl_ray.pipeline import COUNT_COLUMNS, STREAM_COLUMNS, split_stats_rows
+def _round_steps(state: RunState, cfg: Config, shard: _RankShard, actors: list[Any], resources: StreamResources,
+                 store_name: str, col: Collectives) -> RankSteps:
+    """Publish round r's weights (rank 0), then this rank's streamed steps of the round's L_tot epoch
+    (``pipeline.RankSteps``: labelled with version r by the run's labellers, consumed as they arrive)."""
+    from cssl_ray.loop import epoch_plan
+    from cssl_ray.pipeline import RankSteps
     from cssl_ray.weights import publish_weights
 
     if col.rank == 0:
-        publish_weights(store_name, model, version=round_)  # the model of round r - 1, as version r
-    col.barrier()  # no rank starts the stream before the new weights are in the store
-    batches = list(ray.train.get_dataset_shard("patches").iter_torch_batches(batch_size=256))
-    if not batches:
-        return torch.zeros(0), torch.zeros(0, dtype=torch.int64), dict.fromkeys(COUNT_COLUMNS, 0)
-    cols = {k: torch.cat([b[k] for b in batches]) for k in STREAM_COLUMNS}
-    stale = cols["weights_version"][cols["weights_version"] != round_]
-    if stale.numel():
-        raise RuntimeError(f"round {round_}: got patches labelled with weights version {int(stale[0])}")
-    cols, counts = split_stats_rows(cols)  # the D_U stats rows carry counts, not patches
-    keys = [cols[k].numpy() for k in ("left", "top", "patch_class", "index", "labelled")]  # lexsort: last key first
-    order = torch.from_numpy(np.lexsort(keys))
-    return cols["patch"][order].float(), cols["patch_class"][order].long(), counts
+        publish_weights(store_name, state.model, version=state.round)  # the model of round r - 1, as version r
+    col.barrier()  # no rank starts its stream before the new weights are in the store
+    plan = epoch_plan(shard.unlabelled_images.shape[0], cfg, state.streams, col)
+    return RankSteps(cfg, state.round, plan, rank=col.rank, world=col.world_size, unlabelled=shard.unlabelled_images,
+                     labelled_images=shard.labelled_images, labelled_masks=shard.labelled_masks, actors=actors,
+                     resources=resources, hidden=shard.unlabelled_masks_hidden)
+
+
+def _stream_stats(steps: RankSteps, epoch_s: float, col: Collectives) -> dict[str, float]:
+    """How the trainer saw the stream (means over ranks): ``data_wait_frac`` = time waiting on the
+    next step over the epoch's time, first step excluded (it includes the stream's start);
+    ``first_step_wait_s``; ``patches_per_s`` = patches the steps delivered per second of the epoch."""
+    after_first = max(epoch_s - steps.first_wait_s, 1e-9)
+    stats = col.mean_floats({"data_wait_frac": (steps.wait_s - steps.first_wait_s) / after_first,
+                             "first_step_wait_s": steps.first_wait_s, "patch_wait_s": steps.wait_s,
+                             "epoch_s": epoch_s})
+    stats["patches_per_s"] = float(col.sum_(torch.tensor([steps.patches], dtype=torch.float64)).item()) / max(epoch_s, 1e-9)
+    return stats
 
 
 def _pseudo_stats(counts: dict[str, Any], with_accuracy: bool, col: Collectives,
@@ -254,8 +267,8 @@ def _pseudo_stats(counts: dict[str, Any], with_accuracy: bool, col: Collectives,
     summed = col.sum_(torch.tensor([float(counts[k]) for k in COUNT_COLUMNS], dtype=torch.float64))
     out = pseudo_stats(dict(zip(COUNT_COLUMNS, summed.tolist())), with_accuracy)
     c = len(class_names)
-    vectors = [counts.get(k) or [0] * c for k in CLASS_COUNT_COLUMNS]  # a rank without D_U images: zeros
-    predicted, confident = col.sum_(torch.tensor(vectors, dtype=torch.float64)).tolist()  # (2, C) summed
+    vectors = [[float(v) for v in counts.get(k, [0] * c)] for k in CLASS_COUNT_COLUMNS]  # (2, C)
+    predicted, confident = col.sum_(torch.tensor(vectors, dtype=torch.float64)).tolist()  # summed over ranks
     for name, p, k in zip(class_names, predicted, confident):
         out[f"pseudo_coverage/{name}"] = k / p if p else float("nan")
     return out
@@ -390,7 +403,7 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from cssl_ray.pipeline import LabellerPool, build_patch_stream, image_rows
+    from cssl_ray.pipeline import LabellerPool
     from cssl_ray.weights import get_or_create_weight_store
 
     labelling = (cfg.train.use_cl or cfg.train.use_cr) and bundle.unlabelled_images.shape[0] > 0
@@ -409,23 +422,16 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
     try:
         if not cfg.train.progress:  # --quiet, and Tune trials: Ray Data's bars would interleave with their lines
             ray.data.DataContext.get_current().enable_progress_bars = False
-        datasets = {}
-        if cfg.train.use_cl or cfg.train.use_cr:
-            u = bundle.unlabelled_images
-            if labelling:  # long-lived, like the store: started once, not on every round's execution
-                labellers = LabellerPool(cfg, store_name, r, placement_group=labeller_group)
-            datasets["patches"] = build_patch_stream(
-                cfg, image_rows(u, hidden=bundle.unlabelled_masks_hidden) if u.shape[0] else None,
-                image_rows(bundle.labelled_images, bundle.labelled_masks), store_name=store_name, resources=r,
-                labellers=labellers)
+        if labelling:  # long-lived, like the store: started once, used by every round
+            labellers = LabellerPool(cfg, store_name, r, placement_group=labeller_group)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": to_dict(cfg), "weight_store": store_name,
-                               "bundle": ray.put(_without_test(bundle))},
+                               "bundle": ray.put(_without_test(bundle)), "resources": r,
+                               "labellers": labellers.actors if labellers is not None else []},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=workers, use_gpu=gpus_per_worker > 0, placement_strategy=placement_strategy,
                 resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}),
-            datasets=datasets,
             run_config=ray.train.RunConfig(
                 name=RUN_NAME, storage_path=storage,
                 failure_config=ray.train.FailureConfig(max_failures=max_failures), callbacks=callbacks,

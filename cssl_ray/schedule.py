@@ -19,8 +19,10 @@ the auxiliary Gaussian, omega, the best weights, the history, the Fig. 2 snapsho
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -31,7 +33,7 @@ from cssl_ray.config import Config
 from cssl_ray.consistency import Teacher, noise_variance
 from cssl_ray.contrastive import AuxiliaryGaussian
 from cssl_ray.figures import SNAPSHOT_IMAGES, pseudo_snapshot
-from cssl_ray.loop import cssl_epoch, measure_omega
+from cssl_ray.loop import StepData, cssl_epoch, measure_omega
 from cssl_ray.models import create_model
 from cssl_ray.precision import Precision
 from cssl_ray.streams import RandomStreams
@@ -216,13 +218,17 @@ class RunState:
                 log.warning("[cssl_ray] %s", line)
                 self.warnings.append(line)
 
-    def l_tot_epoch(self, cfg: Config, patches: torch.Tensor, classes: torch.Tensor, unlabelled: torch.Tensor,
+    def l_tot_epoch(self, cfg: Config, steps: Iterable[StepData], n_steps: int,
                     collectives: Any = None) -> dict[str, float]:
-        """The round's L_tot epoch: lambda_ from the last epoch's omega (round 1: omega of the
-        supervised model's own patch embeddings), the teacher, the epoch, the new omega."""
+        """The round's L_tot epoch over ``steps`` (``loop.cssl_epoch``): lambda_ from the last epoch's
+        omega (round 1: omega of the supervised model's own embeddings of the first step's patches),
+        the teacher, the epoch, the new omega."""
         record: dict[str, float] = {}
-        if self.omega is None:
-            omega0 = measure_omega(self.model, patches, classes, cfg, self.aux, self.streams, collectives)
+        steps = iter(steps)
+        if self.omega is None and n_steps:
+            first = next(steps)
+            omega0 = measure_omega(self.model, first.patches, first.classes, cfg, self.aux, self.streams, collectives)
+            steps = itertools.chain([first], steps)
             if not math.isnan(omega0):
                 self.omega = omega0
                 record["omega_before"] = omega0
@@ -232,9 +238,9 @@ class RunState:
             # previous: the network as it was at the end of the last epoch; ema: start the
             # average from the supervised model, not from the random initialisation
             self.teacher.snapshot(self.model)
-        stats = cssl_epoch(self.model, self.teacher, self.cssl_optimizer or self.optimizer, patches, classes,
-                           unlabelled, cfg, lambda_=lambda_, aux=self.aux, streams=self.streams,
-                           collectives=collectives, after_step=self.after_l_tot_step, scaler=self.cssl_scaler)
+        stats = cssl_epoch(self.model, self.teacher, self.cssl_optimizer or self.optimizer, steps, n_steps, cfg,
+                           lambda_=lambda_, aux=self.aux, streams=self.streams, collectives=collectives,
+                           after_step=self.after_l_tot_step, scaler=self.cssl_scaler)
         stats["lr_cssl"] = (self.cssl_optimizer or self.optimizer).param_groups[0]["lr"]
         if not math.isnan(stats["omega"]):
             self.omega = stats["omega"]

@@ -6,7 +6,7 @@ import torch
 from cssl_ray.config import from_dict
 from cssl_ray.consistency import Teacher
 from cssl_ray.data.synthetic import make_synthetic
-from cssl_ray.loop import cssl_epoch, frozen_norm_statistics, index_batches, round_patches
+from cssl_ray.loop import cssl_epoch, epoch_plan, frozen_norm_statistics, index_batches, pooled_steps, round_patches
 from cssl_ray.models import create_model
 from cssl_ray.streams import RandomStreams
 
@@ -42,8 +42,10 @@ def test_cssl_epoch_leaves_batchnorm_running_statistics_alone():
     assert patches.shape[0] > 0
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     params_before = [p.detach().clone() for p in model.parameters()]
-    stats = cssl_epoch(model, Teacher(model), torch.optim.Adam(model.parameters(), 1e-3), patches, classes,
-                       images[2:], cfg, lambda_=0.5, streams=RandomStreams(0))
+    streams = RandomStreams(0)
+    plan = epoch_plan(4, cfg, streams)
+    stats = cssl_epoch(model, Teacher(model), torch.optim.Adam(model.parameters(), 1e-3),
+                       pooled_steps(plan, images[2:], patches, classes), len(plan), cfg, lambda_=0.5, streams=streams)
     assert stats["steps"] == 2
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # statistics untouched

@@ -90,7 +90,7 @@ def test_two_node_cluster_runs_one_worker_per_node(two_node_cluster, tmp_path, m
                               "train.max_rounds=1"], smoke=True)
     try:
         result = ray_train.run_ray(cfg, workers=2, cpus_per_worker=WORKER_CPUS, address=two_node_cluster.address,
-                                   resources=StreamResources(labeller_batch=1))
+                                   resources=StreamResources())
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert not ray.is_initialized()  # run_ray connected to the cluster, so it disconnected too

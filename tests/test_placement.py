@@ -35,9 +35,9 @@ def test_monuseg_trial_holds_its_labeller_and_two_fit_on_two_gpus():
     r = load_space(MONUSEG).resources
     assert trial_bundles(r, labelling=True) == [{"CPU": 0.01}, {"CPU": 0.5, "GPU": 0.5}]  # driver, labeller
     d = trial_demand(r, labelling=True)
-    assert d.gpus == (0.5, 0.5) and d.cpus == pytest.approx(0.01 + 4 + 0.5 + 4 * 0.25)  # + Train worker, sampling
+    assert d.gpus == (0.5, 0.5) and d.cpus == pytest.approx(0.01 + 4 + 0.5 + 2 * 0.25)  # + Train worker, its stream
     assert trials_that_fit(d, cpus=100, gpus=2, most=8) == 2
-    assert trials_that_fit(d, cpus=11, gpus=8, most=8) == 1  # CPUs: the sum
+    assert trials_that_fit(d, cpus=10, gpus=8, most=8) == 1  # CPUs: the sum (2 x 5.01 > 10)
 
 
 @pytest.mark.parametrize("worker, labeller, gpus, expected", [
@@ -62,9 +62,9 @@ def test_in_process_trials_and_cpu_runs():
     assert (trial_demand(r, True).cpus, trial_demand(r, True).gpus) == (1.0, ())
     assert trial_bundles(Resources(workers=2), labelling=False) == [{"CPU": 0.01}]  # no CL / CR: no labellers
     run = run_demand(2, 0.5, 0.0, StreamResources(labellers=2))
-    assert run.cpus == 2 * 0.5 + 2 * 0.5 + 4 * 0.25 and run.gpus == ()
+    assert run.cpus == 2 * 0.5 + 2 * 0.5 + 2 * 4 * 0.25 and run.gpus == ()  # 2 ranks x 4 stream tasks
     assert "2 labellers x 0.5 CPU" in str(run)
-    assert fits(run, 1, cpus=3, gpus=0) and not fits(run, 1, cpus=2.5, gpus=0)
+    assert fits(run, 1, cpus=4, gpus=0) and not fits(run, 1, cpus=3.5, gpus=0)
 
 
 def test_concurrent_trials_lowers_fails_or_queues():
@@ -74,7 +74,7 @@ def test_concurrent_trials_lowers_fails_or_queues():
     assert len(lines) == 1 and "2 trial(s) at a time, not max_concurrent_trials 4" in lines[0]
     with pytest.raises(ConfigError) as info:  # a local instance without GPUs can never hold one
         concurrent_trials(2, d, {"CPU": 100}, can_grow=False, log=lines.append)
-    assert str(info.value).startswith("resources: one trial needs 2.51 CPU and 1 GPU (driver 0.01 CPU, 1 Train worker")
+    assert str(info.value).startswith("resources: one trial needs 2.01 CPU and 1 GPU (driver 0.01 CPU, 1 Train worker")
     assert "\n" not in str(info.value)
     lines.clear()  # a cluster given by address may grow: one at a time, queued for the autoscaler's nodes
     assert concurrent_trials(2, d, {"CPU": 8}, can_grow=True, log=lines.append) == 1

@@ -67,8 +67,10 @@ def run_supervised(cfg, device="cpu", scaler=None):
 def run_cssl(cfg, device="cpu", scaler=None):
     patches, classes = round_inputs(cfg)
     model = fresh_model(cfg, device)
-    stats = loop.cssl_epoch(model, Teacher(model), sgd(model), patches, classes,
-                            IMAGES[2:], cfg, lambda_=0.5, streams=RandomStreams(0), scaler=scaler)
+    streams = RandomStreams(0)
+    plan = loop.epoch_plan(IMAGES[2:].shape[0], cfg, streams)
+    stats = loop.cssl_epoch(model, Teacher(model), sgd(model), loop.pooled_steps(plan, IMAGES[2:], patches, classes),
+                            len(plan), cfg, lambda_=0.5, streams=streams, scaler=scaler)
     return model, stats
 
 
@@ -214,8 +216,11 @@ def test_bf16_cssl_epoch(monkeypatch):
     conv_dtypes = record_conv_dtypes(model)
     teacher = Teacher(model)
     before = [p.detach().clone() for p in model.parameters()]
-    stats = loop.cssl_epoch(model, teacher, torch.optim.Adam(model.parameters(), 1e-3), patches, classes,
-                            IMAGES[2:], cfg, lambda_=0.5, streams=RandomStreams(0))
+    streams = RandomStreams(0)
+    plan = loop.epoch_plan(IMAGES[2:].shape[0], cfg, streams)
+    stats = loop.cssl_epoch(model, teacher, torch.optim.Adam(model.parameters(), 1e-3),
+                            loop.pooled_steps(plan, IMAGES[2:], patches, classes), len(plan), cfg, lambda_=0.5,
+                            streams=streams)
     assert stats["steps"] == 2
     assert conv_dtypes and set(conv_dtypes) == {torch.bfloat16}  # student and teacher (a copy: hooks too)
     for out in outs:
@@ -267,7 +272,8 @@ def test_fp16_on_cuda_scales_the_loss_and_checkpoints_the_scaler():
     assert all(p.dtype == torch.float32 and p.isfinite().all() for p in state.model.parameters())
     patches, classes = round_inputs(cfg)
     state.start_round()
-    record = state.l_tot_epoch(cfg, patches, classes, IMAGES[2:])
+    plan = loop.epoch_plan(IMAGES[2:].shape[0], cfg, state.streams)
+    record = state.l_tot_epoch(cfg, loop.pooled_steps(plan, IMAGES[2:], patches, classes), len(plan))
     assert record["steps"] == 2 and math.isfinite(record["loss"])
     saved = state.state_dict()
     assert saved["scaler"]["scale"] == state.scaler.get_scale()

@@ -59,8 +59,11 @@ def spy_objective(monkeypatch):
 
 
 def run_epoch(cfg, model, patches, classes, unlabelled):
-    return loop.cssl_epoch(model, Teacher(model), torch.optim.Adam(model.parameters(), 1e-3), patches, classes,
-                           unlabelled, cfg, lambda_=0.5, streams=RandomStreams(0))
+    streams = RandomStreams(0)
+    plan = loop.epoch_plan(unlabelled.shape[0], cfg, streams)
+    return loop.cssl_epoch(model, Teacher(model), torch.optim.Adam(model.parameters(), 1e-3),
+                           loop.pooled_steps(plan, unlabelled, patches, classes), len(plan), cfg, lambda_=0.5,
+                           streams=streams)
 
 
 def test_l_tot_epoch_is_one_pass_over_d_u(monkeypatch):
@@ -216,7 +219,7 @@ def test_one_l_tot_epoch_keeps_a_converged_model():
     """Regression (issue 9): after a converged stage A at the live rate (lr 1e-3, no plateau cut), one
     L_tot epoch with the defaults (its own fresh Adam at optim.cssl_lr) keeps validation Dice within a
     few points, while it still moves the weights. The paper's letter (L_tot on the supervised Adam at
-    1e-3, stage A's moments carried) drops it far more on the same model."""
+    1e-3, stage A's moments carried) drops it more on the same model."""
     from cssl_ray.data.bundle import load_bundle
     from cssl_ray.loop import evaluate, supervised_epoch
 
@@ -254,12 +257,17 @@ def test_one_l_tot_epoch_keeps_a_converged_model():
         run = RunState(config(**optim), torch.device("cpu"))
         run.load_state_dict(converged)
         run.start_round()
-        patches, classes, _ = loop.round_patches(run.model, run.cfg, bundle.labelled_images, bundle.labelled_masks,
-                                                 bundle.unlabelled_images, generator=run.streams.patches)
+        pseudo, _ = loop.label_round(run.model, run.cfg, bundle.unlabelled_images)  # the product's round
+        plan = loop.epoch_plan(bundle.unlabelled_images.shape[0], run.cfg, run.streams)
+        steps = loop.local_steps(run.cfg, run.round, plan, bundle.unlabelled_images, pseudo, bundle.labelled_images,
+                                 bundle.labelled_masks)
         before = [p.detach().clone() for p in run.model.parameters()]
-        stats = run.l_tot_epoch(run.cfg, patches, classes, bundle.unlabelled_images)
+        stats = run.l_tot_epoch(run.cfg, steps, len(plan))
         assert stats["steps"] == 5 and stats["loss_cr"] > 0  # CR had confident targets to learn from
         assert any(not torch.equal(a, p) for a, p in zip(before, run.model.parameters()))
         drops[name] = dice0 - val_dice(run.model)
+    # Measured on this model (seed 0, 2-core CPU): default 0.032, the paper's letter 0.041. With the
+    # round's whole patch pool behind every batch (before the per-step stream) the letter dropped 0.116:
+    # docs/science.md, "Per-step patch pools".
     assert drops["default"] < 0.05, drops
-    assert drops["paper_letter"] > drops["default"] + 0.05, drops
+    assert drops["paper_letter"] > drops["default"], drops
