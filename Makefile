@@ -14,5 +14,15 @@ env:
 demo: env
 	$(PY) -m cssl_ray.demo
 
+# Two pytest processes side by side: the slow tests (Ray, Tune, an MLflow server; marked "slow") one
+# after another in one, the fast ones (no Ray) in the other, so two Ray instances never share the 2
+# cores (shared/ENVIRONMENT.md). The fast run's report follows the slow run's; exit status: both.
 test: env
-	$(PY) -m pytest -q tests
+	@$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests > .pytest-fast.log 2>&1 & fast=$$!; \
+	$(PY) -m pytest -q -m slow tests; slow=$$?; \
+	wait $$fast; fast_rc=$$?; \
+	echo "== the fast tests, run beside the slow ones:"; \
+	if [ $$fast_rc -eq 0 ]; then tail -n 3 .pytest-fast.log; else cat .pytest-fast.log; fi; \
+	rm -f .pytest-fast.log; \
+	echo "== slow tests: exit $$slow; fast tests: exit $$fast_rc"; \
+	[ $$slow -eq 0 ] && [ $$fast_rc -eq 0 ]

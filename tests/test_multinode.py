@@ -17,6 +17,7 @@ Ray 2.60 on this machine (shared/ENVIRONMENT.md): ``Cluster`` needs ``RAY_TMPDIR
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -103,6 +104,9 @@ def test_two_node_cluster_runs_one_worker_per_node(two_node_cluster, tmp_path, m
     # The real run finished across the nodes: every round reported, ranks bitwise equal.
     assert [int(m["round"]) for m in result.reports] == [0, 1]
     assert all(m["ranks_identical"] == 1.0 for m in result.reports)
+    for h in (h for h in result.history if h["stage"] == "round"):  # both ranks' streams fed the round
+        assert h["patches"] > 0 and h["steps"] > 0 and math.isfinite(h["omega"]) and math.isfinite(h["val_dice_mean"])
+        assert 0.0 <= h["data_wait_frac"] <= 1.0
     assert 0.0 <= result.test["dice_mean"] <= 1.0
     print(f"two-node run_ray: {time.perf_counter() - started:.1f} s, ranks on nodes {nodes}")
 
