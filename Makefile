@@ -15,10 +15,11 @@ demo: env
 	$(PY) -m cssl_ray.demo
 
 # Two pytest processes side by side: the slow tests (Ray, Tune, an MLflow server; marked "slow") one
-# after another in one, the fast ones (no Ray) in the other, so two Ray instances never share the 2
+# after another in one, the fast ones (no Ray) in the other at the lowest priority (they fill the
+# slow run's idle time instead of slowing it), so two Ray instances never share the 2
 # cores (shared/ENVIRONMENT.md). The fast run's report follows the slow run's; exit status: both.
 test: env
-	@$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests > .pytest-fast.log 2>&1 & fast=$$!; \
+	@nice -n 19 $(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests > .pytest-fast.log 2>&1 & fast=$$!; \
 	$(PY) -m pytest -q -m slow tests; slow=$$?; \
 	wait $$fast; fast_rc=$$?; \
 	echo "== the fast tests, run beside the slow ones:"; \
