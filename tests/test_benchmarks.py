@@ -38,3 +38,19 @@ def test_train_step_bad_geometry_is_one_line(tmp_path):
     bench = load_benchmark("train_step")
     with pytest.raises(SystemExit, match="train_step: patches.size"):
         bench.main(["--smoke", "--patch-size", "10", "--json", str(tmp_path / "x.json")])
+
+
+def test_grad_sync_smoke_writes_json(tmp_path, capsys):
+    """benchmarks/grad_sync.py: the trainer's explicit all-reduce against DDP on 2 gloo ranks."""
+    bench = load_benchmark("grad_sync")
+    out = tmp_path / "grad_sync.json"
+    result = bench.main(["--smoke", "--json", str(out)])
+    written = json.loads(out.read_text())
+    for key in ("machine", "config", "step_s", "step_times_s", "explicit_over_ddp", "target", "pass"):
+        assert key in written, key
+    assert set(written["step_s"]) == {"none", "explicit", "ddp"}
+    assert all(len(t) == 3 for t in written["step_times_s"].values())
+    assert written["explicit_over_ddp"] == pytest.approx(written["step_s"]["explicit"] / written["step_s"]["ddp"])
+    assert written["pass"] == (written["explicit_over_ddp"] <= written["target"])
+    assert result["explicit_over_ddp"] == written["explicit_over_ddp"]
+    assert "explicit / ddp" in capsys.readouterr().out
