@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"grad_sync: {e}") from None
     with tempfile.TemporaryDirectory(prefix="cssl_grad_sync_") as tmp, mp.Manager() as manager:
         out = manager.dict()
+        # spawned children import this script as __main__: run it as a script (the smoke test does)
         mp.spawn(_rank, args=(2, str(Path(tmp) / "init"), to_dict(cfg), args.batch, args.repeats, out), nprocs=2,
                  join=True)
         times = dict(out)
