@@ -145,11 +145,11 @@ def test_monuseg_trials_place_without_deadlock_and_a_third_is_queued(two_gpus):
         # both trials' groups (driver + labeller) before either trial's workers: the order that deadlocks a bad split
         trials = [placement_group(trial_bundles(r, True)) for _ in range(2)]
         groups += trials
-        assert all(g.wait(10) for g in trials)
+        assert all(g.wait(60) for g in trials)
         labellers = [_in(g, len(g.bundle_specs) - 1, 0.5, r.gpus_per_labeller) for g in trials]  # LabellerPool's bundle
         trains = [placement_group(workers) for _ in range(2)]
         groups += trains
-        assert all(g.wait(10) for g in trains)  # both trials' Train workers start: no deadlock
+        assert all(g.wait(60) for g in trains)  # both trials' Train workers start: no deadlock
         assert [len(ids) for ids in ray.get([p.gpu_ids.remote() for p in labellers])] == [1, 1]  # a GPU, not a CPU
         third = placement_group(trial_bundles(r, True))  # Tune would not start it (the cap is 2): queued, not hung
         groups.append(third)
@@ -161,7 +161,7 @@ def test_monuseg_trials_place_without_deadlock_and_a_third_is_queued(two_gpus):
         for g in (trials[0], trains[0]):  # trial 1 ends: the third is placed
             remove_placement_group(g)
             groups.remove(g)
-        assert third.wait(10)
+        assert third.wait(60)
     finally:
         for g in groups:
             remove_placement_group(g)
@@ -176,10 +176,10 @@ def test_quarter_gpu_labellers_strand_a_worker(two_gpus):
     assert trials_that_fit(trial_demand(split, True), cpus=12, gpus=2, most=2) == 1
     groups = [placement_group(trial_bundles(split, True)) for _ in range(2)]
     try:
-        assert all(g.wait(10) for g in groups)
+        assert all(g.wait(60) for g in groups)  # 60: a loaded 2-core box took over 10 s once
         trains = [placement_group([{"CPU": 1.0, "GPU": 0.75}]) for _ in range(2)]
         groups += trains
-        assert trains[0].wait(10) and not trains[1].wait(1)  # both quarters went to one GPU
+        assert trains[0].wait(60) and not trains[1].wait(1)  # both quarters went to one GPU
     finally:
         for g in groups:
             remove_placement_group(g)
