@@ -33,6 +33,7 @@ competing. ``--threads`` (default 1) is the trainer's torch threads.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -50,7 +51,9 @@ import torch.nn.functional as F
 
 from cssl_ray.config import Config, ConfigError, load_config, merge, to_dict
 from cssl_ray.consistency import Teacher, noise_variance
-from cssl_ray.data.synthetic import make_synthetic
+from cssl_ray.data.bundle import DataSource
+from cssl_ray.data.splits import Split
+from cssl_ray.data.synthetic import class_names, make_synthetic
 from cssl_ray.loop import cssl_epoch, epoch_plan, label_round, local_steps
 from cssl_ray.models import check_geometry, create_model
 from cssl_ray.streams import RandomStreams
@@ -179,6 +182,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pretrain(model, images, masks, cfg, args.pretrain_steps)
     model.eval()
     plan = epoch_plan(u_img.shape[0], cfg, RandomStreams(0))
+    # What the stream's tasks read D_U from (as in a run): the same synthetic images, made by index
+    source = DataSource(dataclasses.replace(d, seed=0), None, Split(list(range(n_l)), list(range(n_l, args.images)), [], []),
+                        class_names(d.num_classes))
 
     # The trainer alone: the epoch's steps prepared in memory (--local's path).
     t0 = time.perf_counter()
@@ -209,8 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res = StreamResources(labellers=n)
             with LabellerPool(cfg, store_name, res) as pool:
                 def rank_steps() -> RankSteps:
-                    return RankSteps(cfg, 1, plan, rank=0, world=1, unlabelled=u_img, labelled_images=l_img,
-                                     labelled_masks=l_mask, actors=pool.actors, resources=res, hidden=u_mask)
+                    return RankSteps(cfg, 1, plan, rank=0, world=1, source=source, labelled_images=l_img,
+                                     labelled_masks=l_mask, actors=pool.actors, resources=res)
                 warm = rank_steps()
                 for _ in warm:  # the labellers' start (process, torch import, model) is not a round's cost
                     pass

@@ -31,7 +31,8 @@ from typing import Any
 from cssl_ray.config import Config, ConfigError, load_config
 from cssl_ray.experiment import CELL_KEY, check_trials, experiment_folder, fail, grid_size, run_experiment, trials_label
 from cssl_ray.search_space import ABLATION_CELLS, Space, load_space
-from cssl_ray.tune import DEFAULT_STORAGE, best_config_path, data_text, trial_resources_text, with_workers
+from cssl_ray.tune import (DEFAULT_STORAGE, add_resource_flags, best_config_path, data_text, trial_resources_text,
+                           with_resources)
 
 SWEEP_CELLS = ["supervised", "cssl"]
 
@@ -83,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="experiment folder name (default <space>-ablate[-fractions])")
     p.add_argument("--resume", action="store_true", help="continue an interrupted ablation")
     p.add_argument("--threads", type=int, default=0, help="torch threads per in-process trial (0 = the config's)")
-    p.add_argument("--workers", type=int, help="override resources.workers (0 = each run trains in-process)")
+    add_resource_flags(p, "run")
     p.add_argument("--dry-run", action="store_true",
                    help="run every check made before Ray starts, print what would run, start nothing")
     return p
@@ -93,13 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     prog = "cssl_ray.ablate"
     try:
-        space = with_workers(load_space(args.space), args.workers)
+        space = with_resources(load_space(args.space), args)
         seeds = args.seeds if args.seeds is not None else space.ablation.seeds
         grid = ablation_grid(space, seeds, args.cells, args.fractions)
         source: list[str] = []  # where the fixed hyperparameters come from (printed now, or in the dry-run line)
         base = fixed_config(space, args.config, args.storage_path, log=source.append if args.dry_run else print)
         sweep = "data.labelled_fraction" in grid
-        bundle = check_trials(space, base, split_varies=sweep)  # before Ray starts, one line each
+        data = check_trials(space, base, split_varies=sweep)  # before Ray starts, one line each
         from cssl_ray.tracking import tracking_uri
         uri = tracking_uri(args.tracking_uri)
         name = args.name or f"{space.name}-ablate" + ("-fractions" if sweep else "")
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dry run: ablate {space.name}: {grid_size(grid)} run(s) ({'fractions' if sweep else 'table5'} "
                   f"grid: {shape}), up to {space.max_concurrent_trials} at a time, "
                   f"{trial_resources_text(space, trials_label(base, grid))}; "
-                  f"{source[0]}; {data_text(base, bundle)}; Ray at {args.address or 'a local instance started here'}, "
+                  f"{source[0]}; {data_text(base, data)}; Ray at {args.address or 'a local instance started here'}, "
                   f"experiment in {folder}{' (resumed)' if args.resume else ''}, MLflow at {uri}; nothing started")
             return 0
         outcomes, parent = run_experiment(

@@ -36,7 +36,7 @@ from cssl_ray.placement import concurrent_trials, stream_resources, trial_bundle
 from cssl_ray.search_space import ABLATION_CELLS, CELL_DATA, Resources, Space, cell_of, unflatten
 
 if TYPE_CHECKING:  # torch: the CLIs import this module before their arguments are checked
-    from cssl_ray.data.bundle import DataBundle
+    from cssl_ray.data.bundle import DataSource
 
 CELL_KEY = "cell"  # a trial parameter naming an ablation cell (sets the three switches)
 SESSION_FILE = "cssl_session.json"
@@ -316,16 +316,16 @@ def trials_label(base: Config, param_space: dict[str, Any]) -> bool:
             or any(ABLATION_CELLS[c]["use_cl"] or ABLATION_CELLS[c]["use_cr"] for c in cells))
 
 
-def check_trials(space: Space, base: Config, *, split_varies: bool = False) -> DataBundle:
+def check_trials(space: Space, base: Config, *, split_varies: bool = False) -> DataSource:
     """The checks before Ray starts that a trial would otherwise fail on, one line each: the base
-    config's dataset (loaded and split; also warms the cache for the trials) and, for Train trials
+    config's dataset (prepared and split; also warms the cache for the trials) and, for Train trials
     (``resources.workers >= 1``), ``ray_train.check_run`` on it (workers against labelled images).
     ``split_varies``: trials change data.* (a labelled-fraction sweep), so the base's split says
-    nothing about theirs; only the dataset is checked. Returns the base's ``DataBundle``."""
+    nothing about theirs; only the dataset is checked. Returns the base's ``DataSource``."""
     r = space.resources
     if r.workers == 0 or split_varies:
-        from cssl_ray.data.bundle import load_bundle
-        return load_bundle(base.data)
+        from cssl_ray.data.bundle import open_source
+        return open_source(base.data)
     from cssl_ray.ray_train import check_run
     return check_run(base, workers=r.workers, gpus_per_worker=r.gpus_per_worker, cpus_per_worker=r.cpus_per_worker,
                      labellers=r.labellers, gpus_per_labeller=r.gpus_per_labeller)

@@ -22,7 +22,7 @@ import torch
 
 from cssl_ray import checkpoint as ckpt
 from cssl_ray.config import Config, dump_config, to_dict, validate
-from cssl_ray.data.bundle import DataBundle, load_bundle
+from cssl_ray.data.bundle import DataBundle, DataSource, load_bundle
 from cssl_ray.data.splits import write_split
 from cssl_ray.figures import write_run_figures
 from cssl_ray.loop import epoch_plan, evaluate, label_round, local_steps, supervised_epoch
@@ -171,7 +171,7 @@ def _shared_stage_a(folder: str | Path | None, cfg: Config) -> Iterator[Path | N
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def write_run_files(cfg: Config, bundle: DataBundle) -> Path:
+def write_run_files(cfg: Config, bundle: DataBundle | DataSource) -> Path:
     """train.out_dir with the resolved config and the split (the image names too, for real data)."""
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

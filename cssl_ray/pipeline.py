@@ -1,19 +1,28 @@
 """Ray Data: the labelling side of a round, as one stream of L_tot steps per rank, consumed as it arrives.
 
     rank r, round k:  its D_U shard in the epoch's step order (``loop.epoch_plan``)
-      rows {step, index (b,), image (b, C, H, W)[, hidden_mask (b, H, W)]}, one row = one step
-      -> map_batches(label_and_sample_step)  tasks; each hands its step's images to one long-lived
+      rows {step, index (b,)}, one row = one step: the D_U positions of its images, no pixels
+      -> map_batches(label_and_sample_step)  tasks; each reads its step's images from the dataset
+                                             (``DataSource.take``: the rows of the Parquet store
+                                             that hold them, or the seeded synthetic images; the
+                                             driver never loads D_U), hands them to one long-lived
                                              PseudoLabeller of the run's LabellerPool (the weights
                                              of round k, read from the WeightStore), then samples the
                                              class-wise windows of their pseudo-labels
                                              (``loop.image_patches``: seeded per image)
-      -> rows {step, patch (P, C, s, s), patch_class (P,), weights_version, COUNT_COLUMNS,
-               CLASS_COUNT_COLUMNS}: the step's D_U patches and pseudo-label counts
+      -> rows {step, image (b, C, H, W), patch (P, C, s, s), patch_class (P,), weights_version,
+               COUNT_COLUMNS, CLASS_COUNT_COLUMNS}: the step's D_U images (for L_CR), patches and
+               pseudo-label counts
     worker: ``RankSteps`` iterates the stream (``iter_batches(prefetch_batches=...)``) and yields
             each step's ``loop.StepData`` as soon as its row arrives: the step's images for L_CR,
             their patches plus the ground-truth patches of the step's D_L slice (computed in the
             worker: nothing to label), so step 1 starts after one step's labelling, not after a
             whole pass, and labelling steps k+1.. overlaps training on step k.
+
+Why the tasks read the store by row index, not ``ray.data.read_parquet`` over it: a step is a
+seeded random draw of D_U images (the epoch's order), so a file-order read would need a shuffle or
+a group-by per round to form the steps; reading a step's rows is one Parquet row-group read per
+image at most (``Store.arrays``), in the task that needs them, and nothing passes the driver.
 
 Why per rank and in step order, not one Dataset split by Ray Train (``streaming_split``): a step
 needs ITS images' patches (the paper's batch: 816 patches from the 8 images of the step), the
@@ -58,6 +67,7 @@ import ray.data
 import torch
 
 from cssl_ray.config import Config, from_dict, to_dict
+from cssl_ray.data.bundle import DataSource
 from cssl_ray.loop import StepData, image_patches, labelled_slices
 from cssl_ray.models import create_model
 from cssl_ray.placement import StreamResources, labeller_group  # StreamResources: re-exported
@@ -196,18 +206,20 @@ def pseudo_stats(counts: Mapping[str, int | float], with_accuracy: bool) -> dict
 
 
 def label_and_sample_step(batch: Batch, *, actors: list[ray.actor.ActorHandle], config: Mapping[str, Any],
-                          round_: int) -> Batch:
-    """``map_batches`` task (one row = one step): pseudo-label the step's images on a labeller of the
-    pool, then sample their class-wise patches. Returns one row: the patches (a single placeholder
-    of class ``NO_PATCH`` when no image has a valid window: Ray 2.60 cannot store a 0-length
-    tensor column), the version the images were labelled with and the summed counts."""
+                          round_: int, source: DataSource) -> Batch:
+    """``map_batches`` task (one row = one step): read the step's D_U images from ``source``,
+    pseudo-label them on a labeller of the pool, then sample their class-wise patches. Returns one
+    row: the images, the patches (a single placeholder of class ``NO_PATCH`` when no image has a
+    valid window: Ray 2.60 cannot store a 0-length tensor column), the version the images were
+    labelled with and the summed counts."""
     torch.set_num_threads(1)
     cfg = from_dict(dict(config))
-    images = np.asarray(batch["image"][0], dtype=np.float32)  # (b, C, H, W)
-    index = np.asarray(batch["index"][0], dtype=np.int64)  # (b,)
+    index = np.asarray(batch["index"][0], dtype=np.int64)  # (b,) D_U positions
+    x, hidden = source.take("unlabelled", index)  # (b, C, H, W), (b, H, W) or None
+    images = x.numpy()
     request: Batch = {"image": images, "index": index}
-    if "hidden_mask" in batch:
-        request["hidden_mask"] = np.asarray(batch["hidden_mask"][0])
+    if source.hidden_known and hidden is not None:  # pseudo-label accuracy (diagnostics only)
+        request["hidden_mask"] = hidden.numpy()
     actor = actors[labeller_slot(int(index[0]), len(actors))]
     labelled = ray.get(actor.label.remote(request))
     pseudo = torch.from_numpy(np.asarray(labelled["pseudo"]).astype(np.int64))  # (b, H, W)
@@ -215,7 +227,7 @@ def label_and_sample_step(batch: Batch, *, actors: list[ray.actor.ActorHandle], 
     if classes.numel() == 0:
         patches = torch.zeros((1, images.shape[1], cfg.patches.size, cfg.patches.size))
         classes = torch.full((1,), NO_PATCH, dtype=torch.int64)
-    out: Batch = {"step": np.asarray(batch["step"][:1], np.int64), "patch": patches.numpy()[None],
+    out: Batch = {"step": np.asarray(batch["step"][:1], np.int64), "image": images[None], "patch": patches.numpy()[None],
                   "patch_class": classes.numpy()[None],
                   "weights_version": np.asarray([int(np.min(labelled["weights_version"]))], np.int64)}
     for k in COUNT_COLUMNS:
@@ -225,10 +237,10 @@ def label_and_sample_step(batch: Batch, *, actors: list[ray.actor.ActorHandle], 
     return out
 
 
-def step_stream(cfg: Config, steps: list[dict[str, np.ndarray]], actors: list[ray.actor.ActorHandle], round_: int,
-                resources: StreamResources = StreamResources()) -> ray.data.Dataset:
-    """The Dataset of one rank's steps: ``steps`` are rows {step, index (b,), image (b, C, H, W)
-    [, hidden_mask (b, H, W)]} in step order, one block each; labelled by ``actors``."""
+def step_stream(cfg: Config, steps: list[dict[str, Any]], actors: list[ray.actor.ActorHandle], round_: int,
+                source: DataSource, resources: StreamResources = StreamResources()) -> ray.data.Dataset:
+    """The Dataset of one rank's steps: ``steps`` are rows {step, index (b,)} (D_U positions of
+    ``source``) in step order, one block each; labelled by ``actors``."""
     if not actors:
         raise ValueError("step_stream needs the run's labeller actors")
     ds = ray.data.from_items(steps, override_num_blocks=max(len(steps), 1))
@@ -236,7 +248,7 @@ def step_stream(cfg: Config, steps: list[dict[str, np.ndarray]], actors: list[ra
                         # one step labelling, one queued at each labeller: the stream runs ahead
                         compute=ray.data.TaskPoolStrategy(size=min(max(resources.samplers, 2 * len(actors)),
                                                                    max(len(steps), 1))),
-                        fn_kwargs={"actors": actors, "config": to_dict(cfg), "round_": round_})
+                        fn_kwargs={"actors": actors, "config": to_dict(cfg), "round_": round_, "source": source})
     ds.context.execution_options.preserve_order = True  # this Dataset's own context: rows in step order
     if not cfg.train.progress:
         ds.context.enable_progress_bars = False
@@ -251,19 +263,16 @@ class RankSteps:
     start)."""
 
     def __init__(self, cfg: Config, round_: int, plan: list[torch.Tensor], *, rank: int, world: int,
-                 unlabelled: torch.Tensor, labelled_images: torch.Tensor, labelled_masks: torch.Tensor,
+                 source: DataSource, labelled_images: torch.Tensor, labelled_masks: torch.Tensor,
                  actors: list[ray.actor.ActorHandle], resources: StreamResources = StreamResources(),
-                 hidden: torch.Tensor | None = None, prefetch_steps: int = 2) -> None:
+                 prefetch_steps: int = 2) -> None:
+        """``plan``: the steps' positions in this rank's D_U shard ``[rank::world]`` of ``source``;
+        ``labelled_images`` / ``labelled_masks``: the rank's D_L shard (its patches are cut here)."""
         self.cfg, self.round, self.plan, self.rank, self.world = cfg, round_, plan, rank, world
-        self.unlabelled, self.labelled_images, self.labelled_masks = unlabelled, labelled_images, labelled_masks
+        self.labelled_images, self.labelled_masks = labelled_images, labelled_masks
         self.prefetch_steps = prefetch_steps
-        rows = []
-        for k, pos in enumerate(plan):
-            row = {"step": k, "index": (rank + world * pos).numpy(), "image": unlabelled[pos].numpy()}
-            if hidden is not None:
-                row["hidden_mask"] = hidden[pos].numpy()
-            rows.append(row)
-        self.dataset = step_stream(cfg, rows, actors, round_, resources) if rows else None
+        rows = [{"step": k, "index": (rank + world * pos).numpy()} for k, pos in enumerate(plan)]
+        self.dataset = step_stream(cfg, rows, actors, round_, source, resources) if rows else None
         c = cfg.data.num_classes
         self.counts: dict[str, Any] = {**dict.fromkeys(COUNT_COLUMNS, 0),
                                        **{k: np.zeros(c, np.int64) for k in CLASS_COUNT_COLUMNS}}
@@ -277,7 +286,7 @@ class RankSteps:
                                               batch_format="numpy"))
         n_l = self.labelled_images.shape[0]
         slices = labelled_slices(n_l, len(self.plan))
-        for k, (pos, l_pos) in enumerate(zip(self.plan, slices)):
+        for k, l_pos in enumerate(slices):
             started = time.perf_counter()
             row = next(rows)
             waited = time.perf_counter() - started
@@ -299,4 +308,5 @@ class RankSteps:
             l_p, l_c = image_patches(self.cfg, self.labelled_images[l_pos], self.labelled_masks[l_pos],
                                      self.rank + self.world * l_pos, self.round, labelled=True)
             self.patches += u_c.numel() + l_c.numel()
-            yield StepData(self.unlabelled[pos], torch.cat([l_p, u_p]), torch.cat([l_c, u_c]))
+            images = torch.from_numpy(np.array(row["image"][0], np.float32))  # (b, C, H, W)
+            yield StepData(images, torch.cat([l_p, u_p]), torch.cat([l_c, u_c]))

@@ -15,12 +15,15 @@
               -> ray.train.report(metrics, checkpoint) on EVERY rank (rank 0 attaches the checkpoint)
 
 Design choices:
-- D_L, D_U and val: the driver reads the dataset (the prepared Parquet store, or the seeded
-  synthetic set) once and puts the split's arrays (test excluded) in Ray's object store; each
-  worker gets that one object and takes its rank's slice (``images[rank::world]``), so no worker
-  node needs the dataset on its disk. The supervised loop needs random access by index
-  (``index_batches``) and the same number of steps on every rank; the round's D_U images go into
-  the rank's step stream from there.
+- No driver copy of the data: the driver computes the split from the store's index (names,
+  groups, subsets; no pixels) and sends the workers a ``DataSource`` (the store's path or URI and
+  the split's row indices). Each worker reads its rank's slice ``[rank::world]`` of D_L and val
+  (the supervised loop needs random access by index and the same number of steps on every rank);
+  D_U is read only by the rank's step tasks, a step's rows at a time (``pipeline``). Every node
+  therefore reads the store: a shared folder or an ``s3://`` / ``gs://`` / ``file://``
+  ``data.cache_dir`` on a cluster (synthetic images are generated where they are needed, each
+  seeded by its index). The driver reads test (and the figures' val and first D_U images) at the
+  end.
 - One stream per rank and round, not a Dataset split by Ray Train (``pipeline`` says why): every
   row arrives, in step order, so a run is reproducible and the pseudo-label counts are complete.
   ``data_wait_frac`` (reported every round) is the share of the epoch a rank spent waiting on its
@@ -41,7 +44,6 @@ Design choices:
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
@@ -57,7 +59,7 @@ import torch
 
 from cssl_ray.collectives import Collectives, TorchCollectives, rank_share
 from cssl_ray.config import Config, ConfigError, from_dict, to_dict, validate
-from cssl_ray.data.bundle import DataBundle, load_bundle
+from cssl_ray.data.bundle import DataSource, open_source
 from cssl_ray.local import RunResult, evaluate_best, resolve_device, write_run_files
 from cssl_ray.loop import evaluate, supervised_epoch
 from cssl_ray.models import check_geometry
@@ -104,7 +106,8 @@ class RayRunResult(RunResult):
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Train worker (rank) of a CSSL run; ``config`` = {"config": to_dict(cfg), "weight_store": name,
-    "bundle": ObjectRef of the split (D_L, D_U, val)}."""
+    "source": the split's ``DataSource`` (None: opened here), "labellers": the pool's actors,
+    "resources": ``StreamResources``}."""
     import ray.train
     import ray.train.torch
 
@@ -121,10 +124,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)  # NCCL collectives (all_gather_object too) use the current device
     col = TorchCollectives(device) if world > 1 else Collectives()
 
-    # The driver's copy of the split (see the module docstring); load_bundle is the fallback for
-    # callers that start workers without one.
-    bundle = ray.get(config["bundle"]) if config.get("bundle") is not None else load_bundle(cfg.data)
-    shard = _RankShard(bundle, rank, world)
+    source: DataSource = config.get("source") or open_source(cfg.data)
+    shard = _RankShard(source, rank, world)  # this rank's D_L and val, read here (module docstring)
     state = RunState(cfg, device, rank=rank)  # ranks draw different batches of their shards (streams per rank)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a resumed run, or a restart after a worker failure
@@ -145,7 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     col.broadcast_state(state.model)
 
     # train.batch_size is global: this rank takes its share, for the steps of one pass over all of D_L
-    sup = dict(batch_size=rank_share(t.batch_size, rank, world), steps=_sup_steps(cfg, bundle.labelled_images.shape[0]),
+    sup = dict(batch_size=rank_share(t.batch_size, rank, world), steps=_sup_steps(cfg, source.count("labelled")),
                augment=t.augment, ignore_index=cfg.pseudo.ignore_index, generator=state.streams.sup,
                precision=state.precision, scaler=state.scaler)
 
@@ -157,7 +158,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def validate_and_record(record: dict[str, Any]) -> dict[str, float]:
         val = evaluate(state.model, shard.val_images, shard.val_masks, num_classes=cfg.data.num_classes,
-                       class_names=bundle.class_names, ignore_index=cfg.pseudo.ignore_index,
+                       class_names=source.class_names, ignore_index=cfg.pseudo.ignore_index,
                        batch_size=cfg.consistency.batch_size, collectives=col, precision=state.precision)
         if not state.stage_a_done:
             state.scheduler.step(val["loss"])  # stage A only; the same all-reduced value on every rank
@@ -183,16 +184,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.start_round()
         record: dict[str, Any] = {"stage": "round", "round": state.round}
         if cssl_on:
-            if rank == 0:  # Fig. 2: pseudo-labels of the model published this round (no collective)
-                state.take_snapshot(cfg, bundle.unlabelled_images)
+            if rank == 0 and cfg.train.figures:  # Fig. 2: pseudo-labels of the model published this round
+                state.take_snapshot(cfg, shard.snapshot_images())
             steps = _round_steps(state, cfg, shard, config["labellers"], config["resources"], store_name, col)
             started = time.perf_counter()
             record.update(state.l_tot_epoch(cfg, steps, len(steps.plan), col))
             record.update(_stream_stats(steps, time.perf_counter() - started, col))
-            if bundle.unlabelled_images.shape[0]:  # --local's pseudo_coverage (per class too) / _accuracy, all ranks' images
-                record.update(_pseudo_stats(steps.counts, bundle.unlabelled_masks_hidden is not None, col,
-                                            bundle.class_names))
-                state.check_coverage(record, bundle.class_names)
+            if source.count("unlabelled"):  # --local's pseudo_coverage (per class too) / _accuracy, all ranks' images
+                record.update(_pseudo_stats(steps.counts, source.hidden_known, col, source.class_names))
+                state.check_coverage(record, source.class_names)
         record.update(fine_tune())
         state.track_best(validate_and_record(record))
         stop = state.should_stop(record)
@@ -202,22 +202,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 class _RankShard:
-    """This rank's slice ``[rank::world]`` of D_L, D_U and val (test stays with the driver); the
-    slices of D_U are what ``loop.pass_shares`` expects."""
+    """This rank's slice ``[rank::world]`` of D_L and val, read from ``source`` by this worker (test
+    stays with the driver). Of D_U it holds only the size of its slice (the slices are what
+    ``loop.pass_shares`` expects): the rank's step tasks read the images."""
 
-    def __init__(self, bundle: DataBundle, rank: int, world: int) -> None:
-        s = slice(rank, None, world)
-        self.labelled_images, self.labelled_masks = bundle.labelled_images[s], bundle.labelled_masks[s]
-        self.unlabelled_images = bundle.unlabelled_images[s]
-        hidden = bundle.unlabelled_masks_hidden  # pseudo-label accuracy only (synthetic data)
-        self.unlabelled_masks_hidden = hidden[s] if hidden is not None else None
-        self.val_images, self.val_masks = bundle.val_images[s], bundle.val_masks[s]
+    def __init__(self, source: DataSource, rank: int, world: int) -> None:
+        self.source = source
+        self.labelled_images, self.labelled_masks = source.take("labelled", range(rank, source.count("labelled"), world))
+        self.val_images, self.val_masks = source.take("val", range(rank, source.count("val"), world))
+        self.n_unlabelled = len(range(rank, source.count("unlabelled"), world))
+        self._snapshot: torch.Tensor | None = None
 
-
-def _without_test(bundle: DataBundle) -> DataBundle:
-    """What the workers need of the split: test images stay with the driver (tested once, there)."""
-    empty = bundle.test_images[:0]
-    return dataclasses.replace(bundle, test_images=empty, test_masks=bundle.test_masks[:0])
+    def snapshot_images(self) -> torch.Tensor:
+        """The first images of the whole D_U (Fig. 2 follows them; rank 0 labels them), read once."""
+        if self._snapshot is None:
+            from cssl_ray.figures import SNAPSHOT_IMAGES
+            n = min(SNAPSHOT_IMAGES, self.source.count("unlabelled"))
+            self._snapshot = self.source.take("unlabelled", range(n))[0]
+        return self._snapshot
 
 
 def _sup_steps(cfg: Config, n_labelled: int) -> int:
@@ -240,10 +242,10 @@ def _round_steps(state: RunState, cfg: Config, shard: _RankShard, actors: list[A
     if col.rank == 0:
         publish_weights(store_name, state.model, version=state.round)  # the model of round r - 1, as version r
     col.barrier()  # no rank starts its stream before the new weights are in the store
-    plan = epoch_plan(shard.unlabelled_images.shape[0], cfg, state.streams, col)
-    return RankSteps(cfg, state.round, plan, rank=col.rank, world=col.world_size, unlabelled=shard.unlabelled_images,
+    plan = epoch_plan(shard.n_unlabelled, cfg, state.streams, col)
+    return RankSteps(cfg, state.round, plan, rank=col.rank, world=col.world_size, source=shard.source,
                      labelled_images=shard.labelled_images, labelled_masks=shard.labelled_masks, actors=actors,
-                     resources=resources, hidden=shard.unlabelled_masks_hidden)
+                     resources=resources)
 
 
 def _stream_stats(steps: RankSteps, epoch_s: float, col: Collectives) -> dict[str, float]:
@@ -303,7 +305,7 @@ def _parameter_digest(model: torch.nn.Module) -> str:
 # Driver side
 
 
-def check_ray_run(cfg: Config, bundle: DataBundle, workers: int, gpus_per_worker: float,
+def check_ray_run(cfg: Config, source: DataSource, workers: int, gpus_per_worker: float,
                   cpus_per_worker: float = 0.5, placement_strategy: str = "PACK", labellers: int = 1,
                   gpus_per_labeller: float = 0.0) -> None:
     """One-line ConfigErrors for settings a Train run cannot honour (before Ray starts)."""
@@ -323,7 +325,7 @@ def check_ray_run(cfg: Config, bundle: DataBundle, workers: int, gpus_per_worker
                           "to 1 (a fraction shares a GPU)")
     if cfg.train.amp == "fp16" and gpus_per_worker == 0:
         raise ConfigError("train.amp: fp16 needs CUDA workers (--gpus-per-worker > 0); use bf16 or off on CPUs")
-    n_l, n_u = bundle.labelled_images.shape[0], bundle.unlabelled_images.shape[0]
+    n_l, n_u = source.count("labelled"), source.count("unlabelled")
     # Every rank needs >= 1 labelled image (its supervised steps) and, with L_CR, >= 1 unlabelled one:
     # a rank with nothing to step on would leave the others waiting in the gradient all-reduce.
     if workers > n_l:
@@ -344,16 +346,17 @@ def check_ray_run(cfg: Config, bundle: DataBundle, workers: int, gpus_per_worker
 
 
 def check_run(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float = 0.5,
-              placement_strategy: str = "PACK", labellers: int = 1, gpus_per_labeller: float = 0.0) -> DataBundle:
+              placement_strategy: str = "PACK", labellers: int = 1, gpus_per_labeller: float = 0.0) -> DataSource:
     """Every check ``run_ray`` makes before Ray starts (``--dry-run`` runs only these): the config's
-    ranges, the model's geometry, the dataset (loaded and split: a missing or bad dataset is one
-    line here) and ``check_ray_run``. Returns the loaded split. Writes nothing but the dataset cache."""
+    ranges, the model's geometry, the dataset (prepared and split: a missing or bad dataset is one
+    line here) and ``check_ray_run``. Returns the split's ``DataSource`` (no pixels read). Writes
+    nothing but the dataset cache."""
     validate(cfg)
     check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
-    bundle = load_bundle(cfg.data)  # data errors: one-line ConfigErrors, before Ray starts
-    check_ray_run(cfg, bundle, workers, gpus_per_worker, cpus_per_worker, placement_strategy, labellers,
+    source = open_source(cfg.data)  # data errors: one-line ConfigErrors, before Ray starts
+    check_ray_run(cfg, source, workers, gpus_per_worker, cpus_per_worker, placement_strategy, labellers,
                   gpus_per_labeller)
-    return bundle
+    return source
 
 
 def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
@@ -388,9 +391,9 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
 
     start = time.perf_counter()
     r = resources or placement.StreamResources()
-    bundle = check_run(cfg, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+    source = check_run(cfg, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                        placement_strategy=placement_strategy, labellers=r.labellers, gpus_per_labeller=r.labeller_gpus)
-    out_dir = write_run_files(cfg, bundle)
+    out_dir = write_run_files(cfg, source)
     storage = storage_path or str(out_dir.resolve())
     local_storage = "://" not in storage
     if local_storage:
@@ -406,7 +409,7 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
     from cssl_ray.pipeline import LabellerPool
     from cssl_ray.weights import get_or_create_weight_store
 
-    labelling = (cfg.train.use_cl or cfg.train.use_cr) and bundle.unlabelled_images.shape[0] > 0
+    labelling = (cfg.train.use_cl or cfg.train.use_cr) and source.count("unlabelled") > 0
     demand = placement.run_demand(workers, cpus_per_worker, gpus_per_worker, r if labelling else None)
     started_ray = init_ray(address, demand.cpus)
     if address is None and labeller_group is None:  # a local instance cannot grow: fail now, not wait forever
@@ -427,7 +430,7 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": to_dict(cfg), "weight_store": store_name,
-                               "bundle": ray.put(_without_test(bundle)), "resources": r,
+                               "source": source, "resources": r,
                                "labellers": labellers.actors if labellers is not None else []},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=workers, use_gpu=gpus_per_worker > 0, placement_strategy=placement_strategy,
@@ -451,5 +454,7 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
     device = resolve_device(cfg.train.device)  # the driver's: fp16 falls back to fp32 on its CPU
     state = RunState(cfg, device, precision=Precision.from_config(cfg.train, device, inference=True))
     state.load_state_dict(saved)
+    from cssl_ray.figures import SNAPSHOT_IMAGES
+    bundle = source.bundle(labelled=False, unlabelled=SNAPSHOT_IMAGES)  # test, and what the figures show
     done = evaluate_best(state, cfg, bundle, out_dir, start)
     return RayRunResult(**vars(done), reports=[m for _, m in (result.best_checkpoints or [])])

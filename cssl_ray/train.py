@@ -77,11 +77,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def dry_run_line(cfg: Config, args: argparse.Namespace, bundle: Any) -> str:
-    """One line: what ``args`` would run, after ``check_run`` passed on ``cfg`` (its ``bundle``)."""
+def dry_run_line(cfg: Config, args: argparse.Namespace, source: Any) -> str:
+    """One line: what ``args`` would run, after ``check_run`` passed on ``cfg`` (its ``DataSource``)."""
     d, t = cfg.data, cfg.train
-    data = (f"data ok ({d.name}: {bundle.labelled_images.shape[0]} labelled, {bundle.unlabelled_images.shape[0]} "
-            f"unlabelled, {bundle.val_images.shape[0]} val, {bundle.test_images.shape[0]} test images)")
+    data = f"data ok ({d.name}: {source.describe()})"
     if args.local:
         how = "would train in this process (--local)"
     else:
@@ -109,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(args.config, overrides, smoke=args.smoke)
         if args.dry_run:
             from cssl_ray.ray_train import check_run  # the checks run_ray makes first (a superset of --local's)
-            bundle = check_run(cfg, workers=1 if args.local else args.workers, gpus_per_worker=args.gpus_per_worker,
+            source = check_run(cfg, workers=1 if args.local else args.workers, gpus_per_worker=args.gpus_per_worker,
                                cpus_per_worker=args.cpus_per_worker, placement_strategy=args.placement_strategy,
                                labellers=args.labellers, gpus_per_labeller=args.gpus_per_labeller)
-            print(dry_run_line(cfg, args, bundle))
+            print(dry_run_line(cfg, args, source))
             return 0
         if args.local:
             from cssl_ray.local import run_local  # torch and the models load only once args are valid

@@ -40,7 +40,7 @@ from cssl_ray.experiment import (
 from cssl_ray.search_space import Space, load_space
 
 if TYPE_CHECKING:  # torch: loaded only once the arguments are valid
-    from cssl_ray.data.bundle import DataBundle
+    from cssl_ray.data.bundle import DataSource
 
 DEFAULT_STORAGE = "runs/tune"
 BEST_CONFIG = "best_config.yaml"
@@ -81,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment (finished trials are kept)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per in-process trial (0 = the config's)")
-    p.add_argument("--workers", type=int, help="override resources.workers (0 = each trial trains in-process)")
+    add_resource_flags(p, "trial")
     p.add_argument("--dry-run", action="store_true",
                    help="run every check made before Ray starts, print what would run, start nothing")
     return p
@@ -106,33 +106,50 @@ def trial_resources_text(space: Space, labelling: bool = True) -> str:
             f"(in all {demand.cpus:g} CPU and {sum(demand.gpus):g} GPU)")
 
 
-def data_text(base: Config, bundle: DataBundle) -> str:
+def data_text(base: Config, source: DataSource) -> str:
     """The base config and its split, for a dry run: ``config ok (...); data ok (3 labelled, ...)``."""
     return (f"config ok ({base.data.name} {base.data.image_size[0]}x{base.data.image_size[1]}, {base.model.name}); "
-            f"data ok ({bundle.labelled_images.shape[0]} labelled, {bundle.unlabelled_images.shape[0]} unlabelled, "
-            f"{bundle.val_images.shape[0]} val, {bundle.test_images.shape[0]} test images)")
+            f"data ok ({source.describe()})")
 
 
-def with_workers(space: Space, workers: int | None) -> Space:
-    """The space with ``--workers`` applied (None = as the space says)."""
-    if workers is None:
-        return space
-    if workers < 0:
-        raise ConfigError(f"--workers: {workers} is out of range; allowed: >= 0 (0 = in-process trials)")
-    return dataclasses.replace(space, resources=dataclasses.replace(space.resources, workers=workers))
+def add_resource_flags(p: argparse.ArgumentParser, unit: str) -> None:
+    """``--workers``, ``--labellers``, ``--gpus-per-labeller``: a space's ``resources`` from the command line."""
+    p.add_argument("--workers", type=int, help=f"override resources.workers (0 = each {unit} trains in-process)")
+    p.add_argument("--labellers", type=int, help=f"override resources.labellers (pseudo-labeller actors per {unit})")
+    p.add_argument("--gpus-per-labeller", type=float,
+                   help="override resources.gpus_per_labeller (0 = CPU labellers, a fraction up to 1 shares a GPU)")
+
+
+def with_resources(space: Space, args: argparse.Namespace) -> Space:
+    """The space with the ``add_resource_flags`` given on the command line applied (None = as it says)."""
+    changes: dict[str, Any] = {}
+    if args.workers is not None:
+        if args.workers < 0:
+            raise ConfigError(f"--workers: {args.workers} is out of range; allowed: >= 0 (0 = in-process trials)")
+        changes["workers"] = args.workers
+    if args.labellers is not None:
+        if args.labellers < 1:
+            raise ConfigError(f"--labellers: {args.labellers} is out of range; allowed: >= 1 (pseudo-labeller actors)")
+        changes["labellers"] = args.labellers
+    if args.gpus_per_labeller is not None:
+        if not 0 <= args.gpus_per_labeller <= 1:
+            raise ConfigError(f"--gpus-per-labeller: {args.gpus_per_labeller:g} is out of range; allowed: 0 (CPU "
+                              "labellers) to 1 (a fraction shares a GPU)")
+        changes["gpus_per_labeller"] = args.gpus_per_labeller
+    return dataclasses.replace(space, resources=dataclasses.replace(space.resources, **changes)) if changes else space
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     prog = "cssl_ray.tune"
     try:
-        space = with_workers(load_space(args.space), args.workers)
+        space = with_resources(load_space(args.space), args)
         if args.num_samples is not None:
             if args.num_samples < 1:
                 raise ConfigError(f"--num-samples: {args.num_samples} is out of range; allowed: >= 1")
             space = dataclasses.replace(space, num_samples=args.num_samples)
         base = space.base_config()
-        bundle = check_trials(space, base, split_varies=any(k.startswith("data.") for k in space.search))
+        data = check_trials(space, base, split_varies=any(k.startswith("data.") for k in space.search))
         from cssl_ray.tracking import tracking_uri
         uri = tracking_uri(args.tracking_uri)
         scheduler = make_scheduler(space, base.train.max_rounds)
@@ -143,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(space.search)} searched key(s), {space.scheduler.name.upper()}, up to "
                   f"{space.max_concurrent_trials} at a time, "
                   f"{trial_resources_text(space, trials_label(base, param_space))}; "
-                  f"{data_text(base, bundle)}; "
+                  f"{data_text(base, data)}; "
                   f"Ray at {args.address or 'a local instance started here'}, experiment in {folder}"
                   f"{' (resumed)' if args.resume else ''}, MLflow at {uri}; nothing started")
             return 0

@@ -8,6 +8,7 @@ the commands' ``s3://`` cache reads as ``file://``); paths they write go to a te
 """
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shlex
@@ -256,8 +257,6 @@ def _write_predict_inputs(argv: list[str]) -> None:
 @pytest.mark.parametrize("where, cli, argv, env", COMMANDS,
                          ids=[f"{w}:{cli}:{i}" for i, (w, cli, _, _) in enumerate(COMMANDS)])
 def test_documented_command_passes_dry_run(where, cli, argv, env, fake_cache, tmp_path, monkeypatch, capsys):
-    import importlib
-
     monkeypatch.chdir(REPO)  # `ray job submit --working-dir .`: the repository is the working folder
     monkeypatch.setenv("CSSL_RAY_CACHE", str(fake_cache))  # never the user's cache, never the network
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -289,3 +288,19 @@ def test_dry_run_reports_the_labelled_images_rule_in_one_line(fake_cache, monkey
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("cssl_ray.train: error: --workers: 4 ranks but only 3 labelled images")
     assert "\n" not in err
+
+
+@pytest.mark.parametrize("cli", ["tune", "ablate"])
+def test_labeller_flags_override_the_space(cli, fake_cache, monkeypatch, tmp_path, capsys):
+    """--labellers / --gpus-per-labeller set a space's resources from the command line, checked in one line."""
+    monkeypatch.setenv("CSSL_RAY_CACHE", str(fake_cache))
+    main = importlib.import_module(f"cssl_ray.{cli}").main
+    common = ["--space", str(REPO / "tune_spaces" / "nuclei.yaml"), "--storage-path", str(tmp_path), "--workers", "1",
+              "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--dry-run"]
+    assert main(common + ["--labellers", "3", "--gpus-per-labeller", "0.25"]) == 0
+    assert "3 pseudo-labeller(s) x 0.25 GPU" in capsys.readouterr().out
+    assert main(common + ["--labellers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--labellers: 0 is out of range; allowed: >= 1" in err
+    assert main(common + ["--gpus-per-labeller", "2"]) == 2
+    assert "--gpus-per-labeller: 2 is out of range" in capsys.readouterr().err

@@ -8,6 +8,7 @@ with equal shapes and one thread both sides are bitwise equal, so the comparison
 """
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import pytest
@@ -16,7 +17,9 @@ import torch
 
 from conftest_ray import local_ray
 from cssl_ray.config import ConfigError, from_dict
-from cssl_ray.data.synthetic import make_synthetic
+from cssl_ray.data.bundle import DataSource
+from cssl_ray.data.splits import Split
+from cssl_ray.data.synthetic import class_names, make_synthetic
 from cssl_ray.models import create_model
 from cssl_ray.loop import StepData, epoch_plan, image_patches, local_steps
 from cssl_ray.pipeline import COUNT_COLUMNS, LabellerPool, RankSteps, StreamResources, labeller_slot, pseudo_stats
@@ -40,6 +43,9 @@ CFG = from_dict({
 RES = StreamResources(labellers=2)
 IMAGES, MASKS = make_synthetic(10, (32, 32), seed=3)
 L_IDX, U_IDX = [0, 1], list(range(2, 10))  # D_L, D_U (image indices)
+# What the step tasks read D_U from: the synthetic images above, generated again by index in the task
+SOURCE = DataSource(dataclasses.replace(CFG.data, seed=3), None, Split(L_IDX, U_IDX, [], []),
+                    class_names(CFG.data.num_classes))
 CLASSES = list(range(1, CFG.data.num_classes))
 
 
@@ -91,14 +97,14 @@ def rounds(ray_session):
     with LabellerPool(CFG, "test_pipeline_weights", RES) as pool:
         for version, model in models.items():
             publish_weights(store, model, version)
-            stream = RankSteps(CFG, version, plan, rank=0, world=1, unlabelled=IMAGES[U_IDX],
+            stream = RankSteps(CFG, version, plan, rank=0, world=1, source=SOURCE,
                                labelled_images=IMAGES[L_IDX], labelled_masks=MASKS[L_IDX], actors=pool.actors,
-                               resources=RES, hidden=MASKS[U_IDX])
+                               resources=RES)
             steps[version], counts[version] = list(stream), stream.counts
             assert stream.first_wait_s > 0 and stream.wait_s >= stream.first_wait_s
             loaded[version] = ray.get([a.loaded_version.remote() for a in pool.actors])
         with pytest.raises(RuntimeError, match="labelled with weights version 2"):  # a stale store: refused
-            list(RankSteps(CFG, 3, plan[:1], rank=0, world=1, unlabelled=IMAGES[U_IDX], labelled_images=IMAGES[L_IDX],
+            list(RankSteps(CFG, 3, plan[:1], rank=0, world=1, source=SOURCE, labelled_images=IMAGES[L_IDX],
                            labelled_masks=MASKS[L_IDX], actors=pool.actors, resources=RES))
     return {"models": models, "plan": plan, "steps": steps, "counts": counts, "loaded": loaded}
 

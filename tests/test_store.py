@@ -2,9 +2,10 @@
 real-format data: nuclei from a fake wheel, and a folder dataset trained end to end."""
 from __future__ import annotations
 
+import dataclasses
 import json
-
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from PIL import Image
 
 from cssl_ray.config import ConfigError, from_dict
 from cssl_ray.data import nuclei
-from cssl_ray.data.bundle import load_bundle
+from cssl_ray.data.bundle import load_bundle, open_source
 from cssl_ray.data.cards import load_card
 from cssl_ray.data.readers import Reader, read_synthetic
 from cssl_ray.data.sample import DatasetError, Sample
@@ -221,6 +222,40 @@ def test_bundle_from_the_nuclei_store(tmp_path, wheel):
     assert b.val_images.shape[0] == 1 and b.test_images.shape[0] == 1 and b.unlabelled_images.shape[0] == 0
     assert b.class_names == ["background", "nucleus", "micronucleus"]
     assert [b.names[i] for i in b.split.val] == ["val/2023-05-31_misc/MAX_2022 ATF3.lif - BAY"]
+
+
+def test_source_reads_the_rows_a_worker_asks_for(tmp_path, wheel):
+    """What a Ray run sends its workers: the split without pixels (a few KB), from which a worker or a
+    stream task reads just its rows (the same arrays load_bundle stacks), locally or from a URI cache."""
+    cfg = nuclei_cfg(tmp_path, wheel).data
+    source, whole = open_source(cfg), load_bundle(cfg)
+    assert len(pickle.dumps(source)) < 16_000  # index lists and names, no image bytes
+    assert source.describe() == "1 labelled, 0 unlabelled, 1 val, 1 test images"
+    for part, images, masks in (("labelled", whole.labelled_images, whole.labelled_masks),
+                                ("test", whole.test_images, whole.test_masks)):
+        x, m = source.take(part, torch.tensor([0]))
+        assert torch.equal(x, images) and torch.equal(m, masks) and m.dtype == torch.int64
+    assert source.take("unlabelled")[0].shape == (0, 1, 8, 8)
+    remote = open_source(nuclei_cfg(tmp_path, wheel, root="", cache_dir=(tmp_path / "c").as_uri()).data)
+    assert remote.store.startswith("file://") and torch.equal(remote.take("val", [0])[0], whole.val_images)
+    part = source.bundle(labelled=False, unlabelled=1)  # the driver's end of a Ray run: test and a D_U sample
+    assert part.labelled_images.shape[0] == 0 and torch.equal(part.test_images, whole.test_images)
+    with pytest.raises(ValueError, match="part must be one of labelled, unlabelled, val, test"):
+        source.take("train")
+
+
+def test_a_node_without_the_drivers_store_prepares_its_own_or_says_how_to_share_it(tmp_path, wheel):
+    """A per-node cache: the worker's node lacks the driver's file, prepares the same dataset itself
+    and reads the same rows; when it cannot (no raw files there), one line names the fix."""
+    source = open_source(nuclei_cfg(tmp_path, wheel).data)
+    want = source.take("labelled")[0]
+    moved = dataclasses.replace(source, store=str(tmp_path / "elsewhere" / "nuclei-x.parquet"))
+    assert torch.equal(moved.take("labelled")[0], want)
+    lost = dataclasses.replace(moved, store=str(tmp_path / "gone.parquet"),
+                               data=dataclasses.replace(source.data, root=str(tmp_path / "no-wheel.whl")))
+    with pytest.raises(ConfigError) as info:
+        lost.take("labelled")
+    assert "\n" not in str(info.value) and "gone.parquet" in str(info.value) and "data.cache_dir" in str(info.value)
 
 
 @pytest.mark.parametrize("data, words", [

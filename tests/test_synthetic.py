@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cssl_ray.data.synthetic import SYNTHETIC_CLASS_NAMES, class_names, make_synthetic
+from cssl_ray.data.synthetic import SYNTHETIC_CLASS_NAMES, class_names, make_synthetic, synthetic_images
 
 
 def test_shapes_dtypes_and_ranges():
@@ -24,6 +24,17 @@ def test_image_i_does_not_depend_on_n():
     small_x, small_m = make_synthetic(3, (48, 48), seed=7)
     big_x, big_m = make_synthetic(9, (48, 48), seed=7)
     assert torch.equal(small_x, big_x[:3]) and torch.equal(small_m, big_m[:3])
+
+
+def test_images_by_index_equal_the_whole_set():
+    """What a Ray worker or stream task makes: just the images it needs, the same as the whole set's."""
+    x, m = make_synthetic(9, (24, 24), num_classes=3, seed=5, difficulty=0.5, in_channels=2)
+    some_x, some_m = synthetic_images([7, 2, 2], (24, 24), num_classes=3, seed=5, difficulty=0.5, in_channels=2)
+    assert torch.equal(some_x, x[[7, 2, 2]]) and torch.equal(some_m, m[[7, 2, 2]])
+    none_x, none_m = synthetic_images([], (24, 24), in_channels=2)
+    assert none_x.shape == (0, 2, 24, 24) and none_m.shape == (0, 24, 24)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        synthetic_images([0], seed=-1)
 
 
 def test_deterministic_and_seed_dependent():

@@ -17,8 +17,10 @@ file) become ``ConfigError`` too, one line, so every entry point reports them th
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ from cssl_ray.config import ConfigError, DataConfig
 from cssl_ray.data.cards import CardError, DatasetCard, load_card
 from cssl_ray.data.sample import DatasetError
 from cssl_ray.data.splits import Split, SplitReport, make_split, split_dataset
-from cssl_ray.data.synthetic import class_names, make_synthetic
+from cssl_ray.data.synthetic import class_names, synthetic_images
 
 
 @dataclass
@@ -47,10 +49,112 @@ class DataBundle:
     report: SplitReport | None = None  # real datasets: what the split carved, dropped, excluded
 
 
+PARTS = ("labelled", "unlabelled", "val", "test")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A split without its pixels: where the images are and which rows each part holds. Small and
+    picklable: a Ray run sends it (not the arrays) to every worker and stream task, which read just
+    the rows they need (``take``), from the prepared Parquet store (a path every node sees, or an
+    ``s3://`` / ``gs://`` / ``file://`` cache) or, for ``synthetic``, by generating exactly those
+    images (each is seeded by its index, so any process makes the same image)."""
+
+    data: DataConfig
+    store: str | None  # the prepared store's path or URI; None = synthetic
+    split: Split
+    class_names: list[str]
+    names: list[str] = field(default_factory=list)  # row names the split's indices refer to (store order)
+    report: SplitReport | None = None
+    hidden_known: bool = True  # every D_U image has a mask (the pseudo-label accuracy diagnostic)
+
+    def count(self, part: str) -> int:
+        return len(self._rows(part))
+
+    def describe(self) -> str:
+        """``3 labelled, 27 unlabelled, 3 val, 15 test images``."""
+        return ", ".join(f"{self.count(p)} {p}" for p in PARTS) + " images"
+
+    def take(self, part: str, positions: Sequence[int] | Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Images (N, C, H, W) float32 and masks (N, H, W) int64 of ``part`` at ``positions`` (all if
+        None), or masks None when some image has none (D_U of a folder dataset)."""
+        rows = self._rows(part)
+        pos = range(len(rows)) if positions is None else [int(p) for p in positions]
+        idx = [rows[p] for p in pos]
+        c, (h, w) = self.data.in_channels, self.data.image_size
+        if not idx:
+            return torch.zeros((0, c, h, w)), torch.zeros((0, h, w), dtype=torch.int64)
+        if self.store is None:
+            d = self.data
+            return synthetic_images(idx, d.image_size, d.num_classes, seed=d.seed, difficulty=d.difficulty,
+                                    in_channels=d.in_channels)
+        images, masks = _open_store(self).arrays(idx)
+        x = torch.from_numpy(np.stack(images))  # (N, C, H, W)
+        if any(m is None for m in masks):
+            return x, None
+        return x, torch.from_numpy(np.stack(masks).astype(np.int64))  # (N, H, W)
+
+    def bundle(self, *, labelled: bool = True, unlabelled: int | None = None) -> DataBundle:
+        """The split's arrays: D_L unless ``labelled`` is False, the first ``unlabelled`` D_U images
+        (all if None); val and test always."""
+        lx, ly = self.take("labelled", None if labelled else [])
+        n_u = self.count("unlabelled") if unlabelled is None else min(unlabelled, self.count("unlabelled"))
+        ux, uy = self.take("unlabelled", range(n_u))
+        vx, vy = self.take("val")
+        tx, ty = self.take("test")
+        if ly is None or vy is None or ty is None:
+            raise ConfigError(f"data ({self.data.name}): a labelled, val or test image has no mask")
+        return DataBundle(lx, ly, ux, uy if self.hidden_known else None, vx, vy, tx, ty, list(self.class_names),
+                          self.split, names=list(self.names), report=self.report)
+
+    def _rows(self, part: str) -> list[int]:
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+        return getattr(self.split, part)
+
+
+_STORES: dict[str, Any] = {}  # location -> open Store: one per process (Ray workers and stream tasks reuse it)
+
+
+def _open_store(source: DataSource) -> Any:
+    """The open ``Store`` of ``source`` in this process. A node that cannot read the driver's file (a
+    per-node cache) prepares the dataset here from the same settings (nuclei fetches itself; other
+    datasets need their files on this node) and checks that it holds the same rows and split."""
+    location = str(source.store)
+    if location in _STORES:
+        return _STORES[location]
+    from cssl_ray.data.store import Store, is_uri
+    fix = ("set data.cache_dir to a folder every node reads, or an s3:// / gs:// / file:// cache "
+           "(cluster/README.md)")
+    try:
+        store = Store(location)
+    except DatasetError as e:
+        if is_uri(location):
+            raise ConfigError(f"{e}; {fix}") from None
+        try:
+            here = open_source(source.data)
+        except ConfigError as again:
+            raise ConfigError(f"{e}, and preparing it on this node failed ({again}); {fix}") from None
+        if here.names != source.names or here.split != source.split:
+            raise ConfigError(f"{here.store}: the dataset prepared on this node differs from the driver's {location} "
+                              f"(other files or split); {fix}")
+        store = Store(str(here.store))
+    _STORES[location] = store
+    return store
+
+
 def load_bundle(cfg: DataConfig) -> DataBundle:
-    """Build the dataset named by ``cfg.name`` and cut it by the seeded split."""
+    """Build the dataset named by ``cfg.name`` and cut it by the seeded split (every part's arrays)."""
+    return open_source(cfg).bundle()
+
+
+def open_source(cfg: DataConfig) -> DataSource:
+    """The seeded split of the dataset named by ``cfg.name``, its pixels left where they are (a real
+    dataset is prepared into the store first, if it is not cached)."""
     if cfg.name == "synthetic":
-        return _synthetic_bundle(cfg)
+        split = make_split(cfg.n_train, cfg.n_val, cfg.n_test, cfg.labelled_fraction, cfg.labelled_count,
+                           seed=cfg.seed)
+        return DataSource(cfg, None, split, class_names(cfg.num_classes))
     card = check_dataset(cfg)
     from cssl_ray.data.store import prepare  # pyarrow and the readers load only for real datasets
     try:
@@ -81,30 +185,8 @@ def load_bundle(cfg: DataConfig) -> DataBundle:
     if not split.val or not split.test:
         raise ConfigError(f"data ({card.name}): the split has {len(split.val)} val and {len(split.test)} test images; "
                           f"both need >= 1 (set data.val_fraction / data.test_fraction)")
-
-    needed = sorted({*split.labelled, *split.unlabelled, *split.val, *split.test})
-    read_images, read_masks = store.arrays(needed)  # only the row groups that hold them
-    images = dict(zip(needed, read_images))
-    masks = dict(zip(needed, read_masks))
-
-    def stack_images(idx: list[int]) -> Tensor:
-        c, (h, w) = cfg.in_channels, cfg.image_size
-        if not idx:
-            return torch.zeros((0, c, h, w), dtype=torch.float32)
-        return torch.from_numpy(np.stack([images[i] for i in idx]))  # (N, C, H, W)
-
-    def stack_masks(idx: list[int]) -> Tensor:
-        if not idx:
-            return torch.zeros((0, *cfg.image_size), dtype=torch.int64)
-        return torch.from_numpy(np.stack([masks[i] for i in idx]).astype(np.int64))  # (N, H, W)
-
-    hidden = stack_masks(split.unlabelled) if all(masks[i] is not None for i in split.unlabelled) else None
-    return DataBundle(
-        stack_images(split.labelled), stack_masks(split.labelled),
-        stack_images(split.unlabelled), hidden,
-        stack_images(split.val), stack_masks(split.val),
-        stack_images(split.test), stack_masks(split.test),
-        store.classes, split, names=list(index["name"]), report=report)
+    return DataSource(cfg, str(store.path), split, store.classes, names=list(index["name"]), report=report,
+                      hidden_known=all(index["has_mask"][i] for i in split.unlabelled))
 
 
 def check_dataset(cfg: DataConfig) -> DatasetCard | None:
@@ -140,20 +222,3 @@ def check_card(cfg: DataConfig, card: DatasetCard) -> None:
     if card.channels is not None and card.channels != cfg.in_channels:
         raise ConfigError(f"data.in_channels: {cfg.in_channels} does not match dataset {card.name!r}, which has "
                           f"{card.channels} channel(s); set data.in_channels: {card.channels}")
-
-
-def _synthetic_bundle(cfg: DataConfig) -> DataBundle:
-    n = cfg.n_train + cfg.n_val + cfg.n_test
-    images, masks = make_synthetic(n, cfg.image_size, cfg.num_classes, seed=cfg.seed,
-                                   difficulty=cfg.difficulty, in_channels=cfg.in_channels)
-    split = make_split(cfg.n_train, cfg.n_val, cfg.n_test, cfg.labelled_fraction,
-                       cfg.labelled_count, seed=cfg.seed)
-
-    def take(idx: list[int]) -> tuple[Tensor, Tensor]:
-        return images[idx], masks[idx]
-
-    lx, ly = take(split.labelled)
-    ux, uy = take(split.unlabelled)
-    vx, vy = take(split.val)
-    tx, ty = take(split.test)
-    return DataBundle(lx, ly, ux, uy, vx, vy, tx, ty, class_names(cfg.num_classes), split)

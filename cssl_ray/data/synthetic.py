@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -108,6 +109,19 @@ def make_synthetic(
     for i in range(n):
         images[i], masks[i] = _make_one(i, h, w, num_classes, seed, float(difficulty), in_channels)
     return torch.from_numpy(images), torch.from_numpy(masks)
+
+
+def synthetic_images(indices: Sequence[int], size: tuple[int, int] = (128, 128), num_classes: int = 4, seed: int = 0,
+                     difficulty: float = 1.0, in_channels: int = 1) -> tuple[Tensor, Tensor]:
+    """Images ``indices`` of ``make_synthetic(n, ...)`` for any n > max(indices), without the others:
+    each image is seeded by (seed, index), so a worker makes exactly the rows it needs."""
+    images, masks = make_synthetic(0, size, num_classes, seed, difficulty, in_channels)  # validates the arguments
+    h, w = int(size[0]), int(size[1])
+    made = [_make_one(int(i), h, w, num_classes, seed, float(difficulty), in_channels) for i in indices]
+    if not made:
+        return images, masks
+    return (torch.from_numpy(np.stack([x for x, _ in made])),  # (N, C, H, W)
+            torch.from_numpy(np.stack([m for _, m in made])))  # (N, H, W)
 
 
 # ---------------------------------------------------------------------------------------------
