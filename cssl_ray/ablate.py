@@ -30,7 +30,7 @@ from typing import Any
 
 from cssl_ray.config import Config, ConfigError, load_config
 from cssl_ray.experiment import CELL_KEY, check_trials, experiment_folder, fail, grid_size, run_experiment, trials_label
-from cssl_ray.search_space import ABLATION_CELLS, Space, load_space
+from cssl_ray.search_space import ABLATION_CELLS, BASELINE_CELLS, Space, load_space
 from cssl_ray.tune import (DEFAULT_STORAGE, add_resource_flags, best_config_path, data_text, trial_resources_text,
                            with_resources)
 
@@ -46,6 +46,9 @@ def ablation_grid(space: Space, seeds: int, cells: list[str] | None, fractions: 
     for c in cells:
         if c not in ABLATION_CELLS:
             raise ConfigError(f"--cells: {c!r} is not a cell; choose from {', '.join(ABLATION_CELLS)}")
+        if c in BASELINE_CELLS and space.resources.workers > 0:
+            raise ConfigError(f"--cells: {c} runs in-process only for now; add --workers 0 (resources.workers: "
+                              f"{space.resources.workers} runs Ray Train trials)")
     if seeds < 1:
         raise ConfigError(f"--seeds: {seeds} is out of range; allowed: >= 1")
     grid: dict[str, Any] = {CELL_KEY: tune.grid_search(list(cells)), "train.seed": tune.grid_search(list(range(seeds)))}
@@ -75,7 +78,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cssl_ray.ablate", description=__doc__.split("\n\n")[0])
     p.add_argument("--space", required=True, help="a search space YAML (tune_spaces/*.yaml)")
     p.add_argument("--seeds", type=int, help="seeds per cell (default: the space's ablation.seeds)")
-    p.add_argument("--cells", nargs="+", help=f"cells to run (default all: {' '.join(ABLATION_CELLS)})")
+    p.add_argument("--cells", nargs="+", help=f"cells to run (default the space's ablation.cells; any of "
+                                              f"{' '.join(ABLATION_CELLS)})")
     p.add_argument("--fractions", type=float, nargs="+", help="labelled fractions: a Table 2 style sweep")
     p.add_argument("--config", help="a config YAML with the fixed hyperparameters")
     p.add_argument("--address", help="an existing Ray cluster, e.g. auto; default: start Ray here")

@@ -117,6 +117,17 @@ class ConsistencyConfig:
 
 
 @dataclass
+class BaselinesConfig:
+    """The semi-supervised baselines' own hyperparameters (``train.method``; cssl_ray.baselines)."""
+
+    pseudo_weight: float = 1.0  # pseudo_label: weight of the CE on D_U's confident pseudo-labels
+    mt_ema_decay: float = 0.99  # mean_teacher: EMA decay of the teacher (SSL4MIS 0.99)
+    mt_weight: float = 0.1  # mean_teacher: final consistency weight (SSL4MIS 0.1)
+    mt_rampup_rounds: int = 0  # mean_teacher: sigmoid ramp-up length in rounds; 0 = all rounds (SSL4MIS: its budget)
+    mt_noise_std: float = 0.1  # mean_teacher: the teacher's input noise N(0, std^2), clamped at 2 std
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-3  # Adam
     weight_decay: float = 0.0
@@ -156,6 +167,10 @@ class TrainConfig:
     stop: Literal["max_rounds", "loss_plateau"] = "max_rounds"
     plateau_rounds: int = 5
     plateau_delta: float = 1e-3
+    # what the rounds train on D_U: "cssl" (L_CL / L_CR by use_cl, use_cr) or a baseline with the same
+    # steps (cssl_ray.baselines.rounds: bn_mix, pseudo_label, mean_teacher); a baseline needs
+    # use_cl = use_cr = false
+    method: Literal["cssl", "bn_mix", "pseudo_label", "mean_teacher"] = "cssl"
     use_cl: bool = True
     use_cr: bool = True
     use_hard_negatives: bool = True
@@ -196,6 +211,7 @@ class Config:
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +340,14 @@ def validate(cfg: Config) -> Config:
            "auto, cpu, cuda or cuda:N", t.device)
     _check(not (t.amp == "fp16" and t.device == "cpu"), "train.amp", "off or bf16 on train.device cpu "
            "(fp16 needs CUDA)", t.amp)
+    _check(t.method == "cssl" or not (t.use_cl or t.use_cr), "train.method",
+           "cssl with train.use_cl / use_cr; a baseline needs both false", t.method)
+    b = cfg.baselines
+    _check(b.pseudo_weight >= 0, "baselines.pseudo_weight", ">= 0", b.pseudo_weight)
+    _check(0.0 <= b.mt_ema_decay < 1.0, "baselines.mt_ema_decay", "0 <= decay < 1", b.mt_ema_decay)
+    _check(b.mt_weight >= 0, "baselines.mt_weight", ">= 0", b.mt_weight)
+    _check(b.mt_rampup_rounds >= 0, "baselines.mt_rampup_rounds", ">= 0 (0 = all rounds)", b.mt_rampup_rounds)
+    _check(b.mt_noise_std >= 0, "baselines.mt_noise_std", ">= 0", b.mt_noise_std)
     return cfg
 
 

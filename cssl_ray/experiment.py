@@ -296,7 +296,15 @@ def run_tags(cfg: Config, cell: str | None = None, nominal: Config | None = None
     d, n = cfg.data, (nominal or cfg).data
     return {"cssl.dataset": d.name, "cssl.labelled_fraction": str(n.labelled_fraction),
             "cssl.labelled_count": str(n.labelled_count), "cssl.cell": cell or cell_of(cfg),
-            "cssl.seed": str(cfg.train.seed)}
+            "cssl.seed": str(cfg.train.seed), "cssl.method": _method_tag(cfg)}
+
+
+def _method_tag(cfg: Config) -> str:
+    """What the rounds train on D_U: a baseline's name, ``cssl`` with L_CL and/or L_CR, or ``supervised``."""
+    t = cfg.train
+    if t.method != "cssl":
+        return t.method
+    return "cssl" if t.use_cl or t.use_cr else "supervised"
 
 
 def trial_name(trial_id: str, params: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from cssl_ray import checkpoint as ckpt
+from cssl_ray.baselines.rounds import ROUND_METHODS, baseline_steps
 from cssl_ray.config import Config, dump_config, to_dict, validate
 from cssl_ray.data.bundle import DataBundle, DataSource, load_bundle
 from cssl_ray.data.splits import write_split
@@ -116,7 +117,9 @@ def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any
     while state.round < t.max_rounds:
         state.start_round()
         record: dict[str, Any] = {"stage": "round", "round": state.round}
-        if cssl_on:
+        if t.method in ROUND_METHODS and bundle.unlabelled_images.shape[0]:  # a baseline cell (issue 11)
+            record.update(_baseline_round(state, cfg, bundle))
+        elif cssl_on:
             state.take_snapshot(cfg, bundle.unlabelled_images)  # the model label_round labels with
             u = bundle.unlabelled_images
             pseudo, pstats = label_round(state.model, cfg, u, hidden_masks=bundle.unlabelled_masks_hidden,
@@ -136,6 +139,20 @@ def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any
     bar.close()
 
     return evaluate_best(state, cfg, bundle, out_dir, start)
+
+
+def _baseline_round(state: RunState, cfg: Config, bundle: DataBundle) -> dict[str, Any]:
+    """A baseline cell's unlabelled epoch in the steps a CSSL cell would take (``baselines.rounds``);
+    pseudo_label first labels D_U with the round's model, as CSSL does."""
+    u, record, pseudo = bundle.unlabelled_images, {}, None
+    if cfg.train.method == "pseudo_label":
+        state.take_snapshot(cfg, u)
+        pseudo, record = label_round(state.model, cfg, u, hidden_masks=bundle.unlabelled_masks_hidden,
+                                     class_names=bundle.class_names)
+        state.check_coverage(record, bundle.class_names)
+    plan = epoch_plan(u.shape[0], cfg, state.streams)
+    steps = baseline_steps(plan, u, pseudo, bundle.labelled_images, bundle.labelled_masks)
+    return {**record, **state.baseline_epoch(cfg, steps, len(plan))}
 
 
 STAGE_A_TRAIN_KEYS = ("seed", "batch_size", "supervised_epochs", "stage_a_patience", "sup_steps_per_epoch",

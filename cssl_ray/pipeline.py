@@ -4,8 +4,8 @@
       rows {step, index (b,)}, one row = one step: the D_U positions of its images, no pixels
       -> map_batches(label_and_sample_step)  tasks; each reads its step's images from the dataset
                                              (``DataSource.take``: the rows of the Parquet store
-                                             that hold them, or the seeded synthetic images; the
-                                             driver never loads D_U), hands them to one long-lived
+                                             that hold them; the driver never loads D_U), hands
+                                             them to one long-lived
                                              PseudoLabeller of the run's LabellerPool (the weights
                                              of round k, read from the WeightStore), then samples the
                                              class-wise windows of their pseudo-labels
@@ -18,6 +18,11 @@
             their patches plus the ground-truth patches of the step's D_L slice (computed in the
             worker: nothing to label), so step 1 starts after one step's labelling, not after a
             whole pass, and labelling steps k+1.. overlaps training on step k.
+
+Synthetic data has no store: the rank makes its shard's images once (each seeded by its index; the
+process keeps them) and sends each step's in its row, since Ray's short-lived task processes would
+make them again and again (measured in the patch-stream benchmark: 6 task processes made 220 of the
+258 images of 3 passes again, 5.1 s of generation on 2 cores).
 
 Why the tasks read the store by row index, not ``ray.data.read_parquet`` over it: a step is a
 seeded random draw of D_U images (the epoch's order), so a file-order read would need a shuffle or
@@ -215,11 +220,15 @@ def label_and_sample_step(batch: Batch, *, actors: list[ray.actor.ActorHandle], 
     torch.set_num_threads(1)
     cfg = from_dict(dict(config))
     index = np.asarray(batch["index"][0], dtype=np.int64)  # (b,) D_U positions
-    x, hidden = source.take("unlabelled", index)  # (b, C, H, W), (b, H, W) or None
-    images = x.numpy()
+    if "image" in batch:  # synthetic: the rank made its shard's images once and sends them in the row
+        images = np.asarray(batch["image"][0], dtype=np.float32)  # (b, C, H, W)
+        hidden = np.asarray(batch["hidden_mask"][0]) if "hidden_mask" in batch else None
+    else:  # a dataset store: this task reads the step's rows
+        x, masks = source.take("unlabelled", index)  # (b, C, H, W), (b, H, W) or None
+        images, hidden = x.numpy(), (masks.numpy() if masks is not None else None)
     request: Batch = {"image": images, "index": index}
     if source.hidden_known and hidden is not None:  # pseudo-label accuracy (diagnostics only)
-        request["hidden_mask"] = hidden.numpy()
+        request["hidden_mask"] = hidden
     actor = actors[labeller_slot(int(index[0]), len(actors))]
     labelled = ray.get(actor.label.remote(request))
     pseudo = torch.from_numpy(np.asarray(labelled["pseudo"]).astype(np.int64))  # (b, H, W)
@@ -271,7 +280,13 @@ class RankSteps:
         self.cfg, self.round, self.plan, self.rank, self.world = cfg, round_, plan, rank, world
         self.labelled_images, self.labelled_masks = labelled_images, labelled_masks
         self.prefetch_steps = prefetch_steps
-        rows = [{"step": k, "index": (rank + world * pos).numpy()} for k, pos in enumerate(plan)]
+        rows: list[dict[str, Any]] = [{"step": k, "index": (rank + world * pos).numpy()} for k, pos in enumerate(plan)]
+        if source.store is None and rows:  # synthetic: no store to read; the rank's images go in the rows
+            for row in rows:
+                x, masks = source.take("unlabelled", row["index"])  # made once per rank (the row cache)
+                row["image"] = x.numpy()
+                if masks is not None and source.hidden_known:
+                    row["hidden_mask"] = masks.numpy()
         self.dataset = step_stream(cfg, rows, actors, round_, source, resources) if rows else None
         c = cfg.data.num_classes
         self.counts: dict[str, Any] = {**dict.fromkeys(COUNT_COLUMNS, 0),

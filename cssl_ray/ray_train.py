@@ -309,6 +309,9 @@ def check_ray_run(cfg: Config, source: DataSource, workers: int, gpus_per_worker
                   cpus_per_worker: float = 0.5, placement_strategy: str = "PACK", labellers: int = 1,
                   gpus_per_labeller: float = 0.0) -> None:
     """One-line ConfigErrors for settings a Train run cannot honour (before Ray starts)."""
+    if cfg.train.method != "cssl":
+        raise ConfigError(f"train.method: {cfg.train.method} runs in one process for now (--local; in a space, "
+                          "resources.workers: 0); Ray Train runs the cssl method")
     if placement_strategy not in PLACEMENT_STRATEGIES:
         raise ConfigError(f"--placement-strategy: {placement_strategy!r} is not a placement strategy; "
                           f"allowed: {', '.join(PLACEMENT_STRATEGIES)}")

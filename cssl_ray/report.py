@@ -9,8 +9,11 @@ into ``--out`` (default ``runs/report/<experiment>``):
 
     report.md    the Markdown table: mean +- sample std (ddof=1) over seeds per group, and the
                  p-value of the main metric against the Supervised cell of the same labelled share
-                 (paired t-test over common seeds when >= 2, else Welch when both have >= 2 runs)
+                 (paired t-test over common seeds when >= 2, else Welch when both have >= 2 runs);
+                 with baselines in the grid also against CSSL and against the bn_mix control
+                 (``REFERENCES``: a column each when the table has that cell)
     report.png   the same table drawn with matplotlib
+    cells.png    the main metric of every run, a box per cell (seeds as points), per labelled share
     omega.png    omega (the silhouette score) per validation step, mean +- std over seeds, of the
                  runs without CR (cl, cl_hn) and with CR (cl_cr, cssl), when any logged omega
 
@@ -29,7 +32,8 @@ from scipy import stats
 
 from cssl_ray import tracking
 
-CELL_ORDER = ("supervised", "cl", "cl_hn", "cr", "cl_cr", "cssl", "supervised_all")
+CELL_ORDER = ("supervised", "bn_mix", "pseudo_label", "mean_teacher", "cl", "cl_hn", "cr", "cl_cr", "cssl",
+              "supervised_all")
 METHOD_NAMES = {
     "supervised": "Supervised",
     "cl": "CL",
@@ -38,7 +42,14 @@ METHOD_NAMES = {
     "cl_cr": "CL + CR",
     "cssl": "CSSL (CL + hard neg. + CR)",
     "supervised_all": "All labelled (reference)",
+    "bn_mix": "BN mix (control)",
+    "pseudo_label": "Pseudo-label",
+    "mean_teacher": "Mean Teacher",
 }
+# The cells every other row is tested against (same labelled share): supervised always, CSSL and the
+# bn_mix control (unlabelled images in the BatchNorm batches, no loss on them) when the table has them.
+REFERENCES = ("supervised", "cssl", "bn_mix")
+REFERENCE_NAMES = {"supervised": "supervised", "cssl": "CSSL", "bn_mix": "bn_mix"}
 WITHOUT_CR = ("cl", "cl_hn")
 WITH_CR = ("cl_cr", "cssl")
 NO_CELL = "(no cell)"
@@ -133,7 +144,9 @@ def build_rows(runs: list[dict], metric: str = "test_dice_mean") -> list[dict[st
 
     Each row: labelled, cell, method, n (runs), metric, runs, ``stats`` {key: (mean, std)} for
     the main metric and every per-class key, and ``p`` (float, None = n/a) with ``test``
-    ("paired" | "welch" | "n/a" | "reference" for the supervised row).
+    ("paired" | "welch" | "n/a" | "reference" for the supervised row); ``vs`` {reference cell: (p,
+    test)} for each of ``REFERENCES`` (the same against CSSL and bn_mix; absent when the table has
+    no such cell).
     """
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in runs:
@@ -152,11 +165,14 @@ def build_rows(runs: list[dict], metric: str = "test_dice_mean") -> list[dict[st
             "stats": {k: _summary(_finite_values(group, k)) for k in keys},
             "best_rounds": [int(v) for v in _finite_values(group, "best_round")],
         }
-        if cell == "supervised":
-            row["p"], row["test"] = None, "reference"
-        else:
-            sup = groups.get((labelled, "supervised"))
-            row["p"], row["test"] = p_value(group, sup, metric) if sup else (None, "n/a")
+        row["vs"] = {}
+        for ref in REFERENCES:
+            if ref != "supervised" and not any(c == ref for _, c in groups):
+                continue  # no such cell in the whole table: no column
+            other = groups.get((labelled, ref))
+            row["vs"][ref] = (None, "reference") if cell == ref else p_value(group, other, metric) if other \
+                else (None, "n/a")
+        row["p"], row["test"] = row["vs"]["supervised"]
         rows.append(row)
     return rows
 
@@ -167,12 +183,12 @@ def _fmt_stat(mean: float | None, std: float | None) -> str:
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
 
-def _fmt_p(row: dict) -> str:
-    if row["test"] == "reference":
+def _fmt_p(p: float | None, test: str) -> str:
+    if test == "reference":
         return DASH
-    if row["p"] is None:
+    if p is None:
         return "n/a"
-    return f"{row['p']:.3g}" + (" (Welch)" if row["test"] == "welch" else "")
+    return f"{p:.3g}" + (" (Welch)" if test == "welch" else "")
 
 
 def _header_name(key: str) -> str:
@@ -185,11 +201,14 @@ def table_cells(rows: list[dict], classes: list[str]) -> tuple[list[str], list[l
         return [], []
     metric = rows[0]["metric"]
     keys = [metric] + [class_prefix(metric) + c for c in classes]
-    header = ["labelled", "method", "n"] + [_header_name(k) for k in keys] + ["p vs supervised", "best round"]
+    refs = [ref for ref in REFERENCES if ref in rows[0].get("vs", {"supervised": None})]
+    header = (["labelled", "method", "n"] + [_header_name(k) for k in keys]
+              + [f"p vs {REFERENCE_NAMES[ref]}" for ref in refs] + ["best round"])
     body = [
         [row["labelled"], row["method"], str(row["n"])]
         + [_fmt_stat(*row["stats"].get(k, (None, None))) for k in keys]
-        + [_fmt_p(row), _fmt_best_rounds(row.get("best_rounds", []))]
+        + [_fmt_p(*row.get("vs", {}).get(ref, (row["p"], row["test"]))) for ref in refs]
+        + [_fmt_best_rounds(row.get("best_rounds", []))]
         for row in rows
     ]
     return header, body
@@ -250,6 +269,36 @@ def draw_table(rows: list[dict], classes: list[str], path: Path, title: str = ""
         ax.set_title(title, fontsize=10)
     fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
+
+
+def draw_cells(rows: list[dict], path: Path, title: str = "") -> bool:
+    """A box of the main metric per cell (its runs as points), one panel per labelled share; False
+    (nothing drawn) when no row has a value."""
+    shares = sorted({row["labelled"] for row in rows}, key=_num)
+    panels = [[row for row in rows if row["labelled"] == s and _finite_values(row["runs"], row["metric"])]
+              for s in shares]
+    panels = [(s, p) for s, p in zip(shares, panels) if p]
+    if not panels:
+        return False
+    plt = _plt()
+    width = max(4.0, 1.1 * max(len(p) for _, p in panels) + 1.5)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, 3.2 * len(panels)), squeeze=False)
+    for ax, (share, panel) in zip(axes[:, 0], panels):
+        values = [_finite_values(row["runs"], row["metric"]) for row in panel]
+        ax.boxplot(values, showmeans=True)
+        for i, v in enumerate(values, start=1):
+            ax.scatter([i] * len(v), v, s=12, color="black", zorder=3)
+        ax.set_xticks(range(1, len(panel) + 1), [row["method"] for row in panel], rotation=25, ha="right",
+                      fontsize=8)
+        ax.set_ylabel(_header_name(panel[0]["metric"]))
+        ax.set_title(f"labelled: {share}", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return True
 
 
 def omega_curves(uri: str, rows: list[dict]) -> dict[tuple[str, str], list[tuple[int, float, float | None]]]:
@@ -362,11 +411,13 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{args.experiment} / {parent['name']} ({parent['run_id']})"
     note = (
         f"# {title}\n\n{len(runs)} finished runs; mean ± sample std over seeds; p: paired t-test "
-        f"of {args.metric} vs Supervised over common seeds (Welch where marked).\n\n"
+        f"of {args.metric} vs the named cell over common seeds (Welch where marked).\n\n"
     )
     (out / "report.md").write_text(note + table)
     draw_table(rows, classes, out / "report.png", title)
     paths = [out / "report.md", out / "report.png"]
+    if draw_cells(rows, out / "cells.png", title):
+        paths.append(out / "cells.png")
     curves = omega_curves(uri, rows)
     if curves:
         runs_of = {(r["labelled"], r["cell"]): r["runs"] for r in rows}

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cssl_ray.baselines.rounds import BaselineStep, baseline_epoch
 from cssl_ray.config import Config
 from cssl_ray.consistency import Teacher, noise_variance
 from cssl_ray.contrastive import AuxiliaryGaussian
@@ -70,6 +71,7 @@ class RunState:
         if cfg.data.num_classes == 2 and (t.use_cl or t.use_cr):
             self.aux = AuxiliaryGaussian(cfg.model.embed_dim, cfg.contrastive.aux_sigma, seed=t.seed)
         self.omega: float | None = None
+        self.ema: nn.Module | None = None  # train.method mean_teacher: the EMA teacher (from round 1)
         self.round = 0
         self.stage_a_done = False
         self.stage_a_best_epoch = -1
@@ -103,6 +105,7 @@ class RunState:
             "scheduler": self.scheduler.state_dict(), "streams": self.streams.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "teacher": self.teacher.state_dict() if self.teacher else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "aux": self.aux.state_dict() if self.aux else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "cssl_scaler": self.cssl_scaler.state_dict() if self.cssl_scaler is not None else None,
@@ -122,6 +125,10 @@ class RunState:
         torch.set_rng_state(s["torch_rng"])
         if self.teacher is not None and s["teacher"] is not None:
             self.teacher.load_state_dict(s["teacher"])
+        self.ema = None
+        if s.get("ema") is not None:
+            self.ema = self._frozen_copy()
+            self.ema.load_state_dict(s["ema"])
         if self.aux is not None and s["aux"] is not None:
             self.aux.load_state_dict(s["aux"])
         for name in ("scaler", "cssl_scaler"):  # absent from fp32 / bf16 runs and older checkpoints
@@ -159,11 +166,20 @@ class RunState:
         (0: it shares the supervised one, the paper's letter); the supervised Adam continues at
         ``optim.finetune_lr`` (0: at the rate stage A ended at). The plateau scheduler stays with
         stage A: a rate cut by validation would differ between the cells of an ablation."""
-        o = self.cfg.optim
-        if o.cssl_lr > 0 and (self.cfg.train.use_cl or self.cfg.train.use_cr):
+        o, t = self.cfg.optim, self.cfg.train
+        if o.cssl_lr > 0 and (t.use_cl or t.use_cr or t.method != "cssl"):  # a baseline's steps: the same rate
             self.cssl_optimizer = self._adam(o.cssl_lr)
+        if t.method == "mean_teacher":  # the teacher starts as the supervised model (SSL4MIS: the initial one)
+            self.ema = self._frozen_copy()
         self.finetune_base_lr = o.finetune_lr or self.optimizer.param_groups[0]["lr"]
         self.l_tot_steps = 0
+
+    def _frozen_copy(self) -> nn.Module:
+        """A copy of the student that never receives gradients (Mean Teacher's EMA teacher)."""
+        ema = copy.deepcopy(self.model)
+        for p in ema.parameters():
+            p.requires_grad_(False)
+        return ema
 
     def round_decay(self) -> float:
         """Per-round factor of both rates: 1 (constant), or cosine from round 1 towards 0 past max_rounds."""
@@ -245,6 +261,17 @@ class RunState:
         if not math.isnan(stats["omega"]):
             self.omega = stats["omega"]
         return {"lambda": lambda_, **record, **stats}
+
+    def baseline_epoch(self, cfg: Config, steps: Iterable[BaselineStep], n_steps: int) -> dict[str, float]:
+        """A baseline cell's unlabelled epoch (``baselines.rounds.baseline_epoch``; ``train.method``),
+        on L_tot's optimiser and clock: the same steps, rate and warm-up as a CSSL cell's."""
+        b = cfg.baselines
+        ramp = (b.mt_rampup_rounds or cfg.train.max_rounds) * n_steps
+        stats = baseline_epoch(self.model, self.cssl_optimizer or self.optimizer, iter(steps), cfg, teacher=self.ema,
+                               step0=self.l_tot_steps, rampup_steps=ramp, generator=self.streams.noise,
+                               precision=self.precision, scaler=self.cssl_scaler, after_step=self.after_l_tot_step)
+        stats["lr_cssl"] = (self.cssl_optimizer or self.optimizer).param_groups[0]["lr"]
+        return stats
 
     def track_best(self, val: dict[str, float]) -> bool:
         """Keep the weights of the best val dice_mean so far; True when these are they."""

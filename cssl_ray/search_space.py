@@ -69,18 +69,25 @@ from cssl_ray.data.cards import CardError, DatasetCard, card_names, datasets_dir
 from cssl_ray.data.synthetic import class_names as synthetic_class_names
 from cssl_ray.models import check_geometry, model_stride
 
-# The paper's Table 5 ablation: each cell's three switches, as TrainConfig fields (train.<key>).
-ABLATION_CELLS: dict[str, dict[str, bool]] = {
-    "supervised": {"use_cl": False, "use_cr": False, "use_hard_negatives": False},
-    "cl": {"use_cl": True, "use_cr": False, "use_hard_negatives": False},
-    "cl_hn": {"use_cl": True, "use_cr": False, "use_hard_negatives": True},
-    "cr": {"use_cl": False, "use_cr": True, "use_hard_negatives": False},
-    "cl_cr": {"use_cl": True, "use_cr": True, "use_hard_negatives": False},
-    "cssl": {"use_cl": True, "use_cr": True, "use_hard_negatives": True},  # the full method
+# The paper's Table 5 ablation: each cell's switches, as TrainConfig fields (train.<key>).
+_OFF = {"use_cl": False, "use_cr": False, "use_hard_negatives": False}
+ABLATION_CELLS: dict[str, dict[str, Any]] = {
+    "supervised": {**_OFF, "method": "cssl"},  # the rounds hold only the fine-tune epoch
+    "cl": {"use_cl": True, "use_cr": False, "use_hard_negatives": False, "method": "cssl"},
+    "cl_hn": {"use_cl": True, "use_cr": False, "use_hard_negatives": True, "method": "cssl"},
+    "cr": {"use_cl": False, "use_cr": True, "use_hard_negatives": False, "method": "cssl"},
+    "cl_cr": {"use_cl": True, "use_cr": True, "use_hard_negatives": False, "method": "cssl"},
+    "cssl": {"use_cl": True, "use_cr": True, "use_hard_negatives": True, "method": "cssl"},  # the full method
     # a reference, not a method: every training image labelled, the supervised schedule; it shows the
     # headroom semi-supervision can recover (its data overrides: CELL_DATA)
-    "supervised_all": {"use_cl": False, "use_cr": False, "use_hard_negatives": False},
+    "supervised_all": {**_OFF, "method": "cssl"},
+    # semi-supervised baselines with the same steps (cssl_ray.baselines.rounds); bn_mix is their control
+    "bn_mix": {**_OFF, "method": "bn_mix"},
+    "pseudo_label": {**_OFF, "method": "pseudo_label"},
+    "mean_teacher": {**_OFF, "method": "mean_teacher"},
 }
+BASELINE_CELLS = ("bn_mix", "pseudo_label", "mean_teacher")  # in-process only (ray_train runs the cssl method)
+DEFAULT_CELLS = [c for c in ABLATION_CELLS if c not in BASELINE_CELLS]  # the paper's Table 5 + supervised_all
 # data overrides of a cell (the rest of the split - val, test, the seed - is the experiment's)
 CELL_DATA: dict[str, dict[str, Any]] = {"supervised_all": {"labelled_fraction": 1.0, "labelled_count": 0}}
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
@@ -151,7 +158,7 @@ class Resources:
 @dataclass
 class Ablation:
     seeds: int = 3  # train.seed 0..seeds-1 per cell
-    cells: list[str] = field(default_factory=lambda: list(ABLATION_CELLS))
+    cells: list[str] = field(default_factory=lambda: list(DEFAULT_CELLS))
     label_fractions: list[float] = field(default_factory=list)  # [] = the space's own labelled setting
 
 
@@ -189,9 +196,10 @@ class Space:
 
 
 def cell_of(cfg: Config) -> str:
-    """The ABLATION_CELLS name of ``cfg``'s switches (hard negatives only count with use_cl)."""
+    """The ABLATION_CELLS name of ``cfg``'s switches and method (hard negatives only count with use_cl)."""
     t = cfg.train
-    switches = {"use_cl": t.use_cl, "use_cr": t.use_cr, "use_hard_negatives": t.use_hard_negatives and t.use_cl}
+    switches = {"use_cl": t.use_cl, "use_cr": t.use_cr, "use_hard_negatives": t.use_hard_negatives and t.use_cl,
+                "method": t.method}
     return next(name for name, cell in ABLATION_CELLS.items() if cell == switches)  # supervised before _all
 
 
@@ -548,7 +556,7 @@ def _resources(raw: Any, fail: Any) -> Resources:
 
 def _ablation(raw: Any, fail: Any) -> Ablation:
     d = _section(raw, "ablation", ("seeds", "cells", "label_fractions"), fail)
-    cells = d.get("cells", list(ABLATION_CELLS))
+    cells = d.get("cells", list(DEFAULT_CELLS))
     if not isinstance(cells, list) or not cells or len(set(map(str, cells))) != len(cells) \
             or any(c not in ABLATION_CELLS for c in cells):
         raise fail(f"ablation.cells: {cells!r} is not allowed; a list of distinct cells from "

@@ -38,6 +38,10 @@ def test_trial_config_applies_dotted_params_and_cells():
     assert ref.data.labelled_fraction == 1.0 and ref.data.labelled_count == 0 and not ref.train.use_cl
     tags = run_tags(ref, "supervised_all", trial_config(base, {}))
     assert tags["cssl.cell"] == "supervised_all" and tags["cssl.labelled_fraction"] == str(base["data"]["labelled_fraction"])
+    assert tags["cssl.method"] == "supervised"
+    methods = {cell: run_tags(trial_config(base, {"cell": cell}), cell)["cssl.method"] for cell in ABLATION_CELLS}
+    assert methods["cssl"] == methods["cl"] == "cssl" and methods["mean_teacher"] == "mean_teacher"
+    assert methods["bn_mix"] == "bn_mix" and methods["pseudo_label"] == "pseudo_label"
     with pytest.raises(ConfigError, match="contrastive.tau"):
         trial_config(base, {"contrastive.tau": -1.0})
 
@@ -111,17 +115,18 @@ def test_recorder_statuses_metrics_and_artifacts(tmp_path):
 
 def test_ablation_grids_table5_and_fraction_sweep(tmp_path):
     from cssl_ray.ablate import ablation_grid, fixed_config
-    from cssl_ray.search_space import load_space
+    from cssl_ray.search_space import DEFAULT_CELLS, load_space
 
     space = load_space(Path(__file__).resolve().parent.parent / "tune_spaces" / "smoke.yaml")
     grid = ablation_grid(space, 3, None, None)
-    assert grid["cell"] == {"grid_search": list(ABLATION_CELLS)} and grid["train.seed"] == {"grid_search": [0, 1, 2]}
+    assert grid["cell"] == {"grid_search": DEFAULT_CELLS} and grid["train.seed"] == {"grid_search": [0, 1, 2]}
     assert "data.labelled_fraction" not in grid
     sweep = ablation_grid(space, 2, None, [0.1, 0.5])  # Table 2 style: supervised vs CSSL per fraction
     assert sweep["cell"] == {"grid_search": ["supervised", "cssl"]}
     assert sweep["data.labelled_fraction"] == {"grid_search": [0.1, 0.5]} and sweep["data.labelled_count"] == 0
     for bad, match in (((0, None, None), "--seeds"), ((1, ["cl", "nope"], None), "--cells: 'nope'"),
-                       ((1, None, [0.0]), "--fractions")):
+                       ((1, None, [0.0]), "--fractions"),
+                       ((1, ["supervised", "mean_teacher"], None), "--cells: mean_teacher runs in-process only")):
         with pytest.raises(ConfigError, match=match):
             ablation_grid(space, *bad)
     # fixed hyperparameters: --config, else the tuned best config, else the space's base

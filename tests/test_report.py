@@ -51,6 +51,25 @@ def test_means_std_and_paired_p() -> None:
     assert cssl["p"] == pytest.approx(2 * stats.t.sf(t, df=2))
 
 
+def test_baselines_are_tested_against_cssl_and_the_bn_mix_control() -> None:
+    bn = [_run("bn_mix", 0, 0.73), _run("bn_mix", 1, 0.76), _run("bn_mix", 2, 0.76)]
+    mt = [_run("mean_teacher", 0, 0.74), _run("mean_teacher", 1, 0.79), _run("mean_teacher", 2, 0.77)]
+    rows = report.build_rows(SUP + CSSL + bn + mt, "test_dice_mean")
+    row = _row(rows, "mean_teacher")
+    for ref, runs in (("supervised", SUP), ("cssl", CSSL), ("bn_mix", bn)):
+        want = stats.ttest_rel([r["metrics"]["test_dice_mean"] for r in mt],
+                               [r["metrics"]["test_dice_mean"] for r in runs]).pvalue
+        assert row["vs"][ref] == (pytest.approx(want), "paired")
+    assert _row(rows, "cssl")["vs"]["cssl"] == (None, "reference")
+    assert _row(rows, "bn_mix")["vs"]["bn_mix"] == (None, "reference")
+    header, body = report.table_cells(rows, [])
+    assert header[-4:] == ["p vs supervised", "p vs CSSL", "p vs bn_mix", "best round"]
+    assert [r["cell"] for r in rows] == ["supervised", "bn_mix", "mean_teacher", "cssl"]
+    assert body[1][:2] == ["0.1", "BN mix (control)"] and body[1][-2] == "—"
+    plain = report.build_rows(SUP + CSSL, "test_dice_mean")  # no bn_mix cell: no bn_mix column
+    assert report.table_cells(plain, [])[0][-3:] == ["p vs supervised", "p vs CSSL", "best round"]
+
+
 def test_welch_fallback_and_na() -> None:
     rows = report.build_rows(SUP + CL + CR + CL_HN, "test_dice_mean")
     cl = _row(rows, "cl")
@@ -116,7 +135,7 @@ def test_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     assert report.main(["--experiment", "abl", "--tracking-uri", uri, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    for name in ("report.md", "report.png", "omega.png"):
+    for name in ("report.md", "report.png", "omega.png", "cells.png"):
         assert (out / name).stat().st_size > 0
     md = (out / "report.md").read_text()
     assert "| 0.1 | Supervised | 3 | 0.720 ± 0.020 | 0.820 ± 0.020 | — |" in md

@@ -10,7 +10,7 @@ import yaml
 
 from cssl_ray.config import Config, ConfigError
 from cssl_ray.search_space import (
-    ABLATION_CELLS, CELL_DATA, Domain, SpaceError, cell_of, load_space, unflatten,
+    ABLATION_CELLS, BASELINE_CELLS, CELL_DATA, DEFAULT_CELLS, Domain, SpaceError, cell_of, load_space, unflatten,
 )
 
 SPACES = sorted((Path(__file__).resolve().parents[1] / "tune_spaces").glob("*.yaml"))
@@ -55,7 +55,7 @@ def test_smoke_space_settings():
     space = load_space(next(p for p in SPACES if p.stem == "smoke"))
     assert space.dataset == "synthetic" and space.num_samples == 2 and space.max_concurrent_trials == 2
     assert space.resources == type(space.resources)(workers=1, cpus_per_worker=0.5, gpus_per_worker=0.0)
-    assert space.ablation.seeds == 2 and space.ablation.cells == list(ABLATION_CELLS)
+    assert space.ablation.seeds == 2 and space.ablation.cells == DEFAULT_CELLS
     assert space.base_config().train.max_rounds == 2  # from ../configs/smoke.yaml
 
 
@@ -273,12 +273,18 @@ def test_cell_of_round_trips(name: str):
 
 
 def test_cells_match_the_paper():
-    assert list(ABLATION_CELLS) == ["supervised", "cl", "cl_hn", "cr", "cl_cr", "cssl", "supervised_all"]
+    assert DEFAULT_CELLS == ["supervised", "cl", "cl_hn", "cr", "cl_cr", "cssl", "supervised_all"]
+    assert list(ABLATION_CELLS) == DEFAULT_CELLS + list(BASELINE_CELLS)
     assert CELL_DATA == {"supervised_all": {"labelled_fraction": 1.0, "labelled_count": 0}}
-    assert ABLATION_CELLS["cssl"] == {"use_cl": True, "use_cr": True, "use_hard_negatives": True}
-    assert ABLATION_CELLS["supervised"] == {"use_cl": False, "use_cr": False, "use_hard_negatives": False}
+    assert ABLATION_CELLS["cssl"] == {"use_cl": True, "use_cr": True, "use_hard_negatives": True, "method": "cssl"}
+    off = {"use_cl": False, "use_cr": False, "use_hard_negatives": False}
+    assert ABLATION_CELLS["supervised"] == {**off, "method": "cssl"}
     hn_without_cl = dataclasses.replace(Config().train, use_cl=False, use_cr=True, use_hard_negatives=True)
     assert cell_of(dataclasses.replace(Config(), train=hn_without_cl)) == "cr"  # hn is irrelevant without CL
+    for cell in BASELINE_CELLS:  # a baseline: every CSSL switch off, its method on; maps back to itself
+        assert ABLATION_CELLS[cell] == {**off, "method": cell}
+        assert cell_of(dataclasses.replace(Config(), train=dataclasses.replace(Config().train, **ABLATION_CELLS[cell]))) \
+            == cell
 
 
 BENIGN = {  # 13 keys x 2 corners = 8192 > MAX_CORNERS: the pairwise + coupled-group fallback

@@ -138,3 +138,25 @@ def test_intensity_alone_does_not_segment_at_default_difficulty():
 def test_bad_arguments_raise(kwargs, word):
     with pytest.raises(ValueError, match=word):
         make_synthetic(**kwargs)
+
+
+def test_a_source_keeps_the_rows_it_made_within_its_budget(monkeypatch):
+    """DataSource.take generates (or reads) a row once per process, then serves it from memory; the
+    least recently used rows leave when the budget is spent."""
+    from cssl_ray.config import DataConfig
+    from cssl_ray.data import bundle
+    from cssl_ray.data.splits import Split
+
+    source = bundle.DataSource(DataConfig(image_size=[16, 16], seed=2), None, Split([0], [1, 2, 3, 4], [5], [6]),
+                               class_names(4))
+    made: list[int] = []
+    read = bundle.DataSource.read_rows
+    monkeypatch.setattr(bundle.DataSource, "read_rows", lambda self, idx: made.extend(idx) or read(self, idx))
+    monkeypatch.setattr(bundle, "_ROWS", bundle._RowCache(budget=3 * (16 * 16 * 4 + 16 * 16 * 8)))  # 3 rows
+    x, m = make_synthetic(7, (16, 16), seed=2)
+    got, masks = source.take("unlabelled", [2, 0])
+    assert torch.equal(got, x[[3, 1]]) and torch.equal(masks, m[[3, 1]]) and made == [1, 3]
+    assert torch.equal(source.take("unlabelled", [0])[0], x[[1]]) and made == [1, 3]  # from memory
+    source.take("unlabelled", [1, 3])  # rows 2 and 4: row 3 (least recently used) leaves
+    assert made == [1, 3, 2, 4] and len(bundle._ROWS.rows) == 3
+    assert torch.equal(source.take("unlabelled", [2])[0], x[[3]]) and made == [1, 3, 2, 4, 3]

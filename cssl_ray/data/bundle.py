@@ -17,6 +17,7 @@ file) become ``ConfigError`` too, one line, so every entry point reports them th
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,8 @@ class DataSource:
     picklable: a Ray run sends it (not the arrays) to every worker and stream task, which read just
     the rows they need (``take``), from the prepared Parquet store (a path every node sees, or an
     ``s3://`` / ``gs://`` / ``file://`` cache) or, for ``synthetic``, by generating exactly those
-    images (each is seeded by its index, so any process makes the same image)."""
+    images (each is seeded by its index, so any process makes the same image). A process keeps the
+    rows it read (``ROW_CACHE_BYTES``), so a stream task reads an image once, not every round."""
 
     data: DataConfig
     store: str | None  # the prepared store's path or URI; None = synthetic
@@ -84,15 +86,21 @@ class DataSource:
         c, (h, w) = self.data.in_channels, self.data.image_size
         if not idx:
             return torch.zeros((0, c, h, w)), torch.zeros((0, h, w), dtype=torch.int64)
+        cached = _ROWS.get(self, idx)
+        x = torch.from_numpy(np.stack([r[0] for r in cached]))  # (N, C, H, W)
+        if any(r[1] is None for r in cached):
+            return x, None
+        return x, torch.from_numpy(np.stack([r[1] for r in cached]).astype(np.int64))  # (N, H, W)
+
+    def read_rows(self, idx: list[int]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """(image, mask or None) of dataset rows ``idx``: read from the store, or generated."""
         if self.store is None:
             d = self.data
-            return synthetic_images(idx, d.image_size, d.num_classes, seed=d.seed, difficulty=d.difficulty,
+            x, y = synthetic_images(idx, d.image_size, d.num_classes, seed=d.seed, difficulty=d.difficulty,
                                     in_channels=d.in_channels)
+            return list(zip(x.numpy(), y.numpy()))
         images, masks = _open_store(self).arrays(idx)
-        x = torch.from_numpy(np.stack(images))  # (N, C, H, W)
-        if any(m is None for m in masks):
-            return x, None
-        return x, torch.from_numpy(np.stack(masks).astype(np.int64))  # (N, H, W)
+        return list(zip(images, masks))
 
     def bundle(self, *, labelled: bool = True, unlabelled: int | None = None) -> DataBundle:
         """The split's arrays: D_L unless ``labelled`` is False, the first ``unlabelled`` D_U images
@@ -113,6 +121,33 @@ class DataSource:
         return getattr(self.split, part)
 
 
+class _RowCache:
+    """Decoded rows, kept per process up to ``budget`` bytes (least recently used out): a Ray stream
+    task reads a D_U image from the store (or generates it) once, not once per round."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.used = budget, 0
+        self.rows: OrderedDict[tuple[Any, int], tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
+
+    def get(self, source: DataSource, idx: list[int]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        d = source.data
+        where = (source.store, d.name, tuple(d.image_size), d.in_channels, d.num_classes, d.seed, d.difficulty)
+        missing = sorted({i for i in idx if (where, i) not in self.rows})
+        for i, row in zip(missing, source.read_rows(missing) if missing else []):
+            self.rows[(where, i)] = row
+            self.used += row[0].nbytes + (row[1].nbytes if row[1] is not None else 0)
+        out = []
+        for i in idx:
+            self.rows.move_to_end((where, i))
+            out.append(self.rows[(where, i)])
+        while self.used > self.budget and len(self.rows) > len(idx):
+            _, (image, mask) = self.rows.popitem(last=False)
+            self.used -= image.nbytes + (mask.nbytes if mask is not None else 0)
+        return out
+
+
+ROW_CACHE_BYTES = 256 * 2**20  # per process
+_ROWS = _RowCache(ROW_CACHE_BYTES)
 _STORES: dict[str, Any] = {}  # location -> open Store: one per process (Ray workers and stream tasks reuse it)
 
 

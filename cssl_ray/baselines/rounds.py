@@ -1,0 +1,115 @@
+"""The baselines' unlabelled epoch: what a baseline cell does where a CSSL cell runs its L_tot epoch.
+
+Every cell of one seed runs the same schedule (``cssl_ray.local``): the same stage A, the same
+rounds, and in every round the same number of unlabelled-data steps, one pass over D_U in the
+steps of ``loop.epoch_plan`` (``consistency.batch_size`` images each), followed by the same
+supervised fine-tune epoch. A step of a baseline cell sees exactly what a CSSL step sees: the
+step's D_U images and the same slice of D_L (``loop.labelled_slices``), whose ground truth CSSL
+cuts into labelled patches and a baseline trains on with cross-entropy. One forward pass of the
+concatenated batch [D_L slice; D_U images] (so BatchNorm normalises both, as SSL4MIS's scripts do),
+then
+
+    bn_mix        L = CE(D_L slice)                              a control: unlabelled images only
+                                                                 in the BatchNorm batches
+    pseudo_label  L = CE(D_L slice) + w_pl CE(D_U, pseudo-labels) (Lee 2013; the paper's softmax
+                                                                 baseline) pseudo-labels of the
+                                                                 round's model at pseudo.threshold,
+                                                                 labelled once per round as CSSL's
+    mean_teacher  L = CE(D_L slice) + w(t) MSE(softmax student(D_U), softmax teacher(D_U + noise))
+                  (Tarvainen & Valpola 2017, as SSL4MIS's train_mean_teacher_2D.py); the teacher
+                  is the EMA of the student, updated after every step; w(t) ramps up over
+                  ``baselines.mt_rampup_rounds`` rounds (0: all of them, as SSL4MIS ramps over
+                  its whole budget)
+
+Where the methods' own papers differ: they train one loop of mixed batches until an iteration
+budget, not stage A + rounds of (unlabelled pass, fine-tune epoch); the platform fixes the budget
+and the supervised batches of every cell, so a difference between cells is the unlabelled loss.
+The steps use L_tot's optimiser (a fresh Adam at ``optim.cssl_lr`` from round 1, the same rate
+and warm-up as CSSL's; ``schedule.RunState.begin_rounds``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cssl_ray.baselines.mean_teacher import consistency_weight, ema_update, mean_teacher_loss, noisy
+from cssl_ray.baselines.pseudo_label import self_training_loss
+from cssl_ray.config import Config
+from cssl_ray.loop import labelled_slices
+from cssl_ray.precision import Precision, backward_step
+
+ROUND_METHODS = ("bn_mix", "pseudo_label", "mean_teacher")  # baselines with an unlabelled epoch per round
+
+
+@dataclass
+class BaselineStep:
+    """One step's inputs: ``unlabelled`` (b, C, H, W) D_U images, ``pseudo`` (b, H, W) their
+    pseudo-labels (pseudo_label only, else None), ``labelled`` (l, C, H, W) and ``masks`` (l, H, W)
+    the step's D_L slice."""
+
+    unlabelled: Tensor
+    pseudo: Tensor | None
+    labelled: Tensor
+    masks: Tensor
+
+
+def baseline_steps(plan: list[Tensor], unlabelled: Tensor, pseudo: Tensor | None, labelled_images: Tensor,
+                   labelled_masks: Tensor) -> Iterator[BaselineStep]:
+    """The steps of ``plan`` (``loop.epoch_plan``) with the D_L slices CSSL's steps take (``labelled_slices``)."""
+    for idx, l_idx in zip(plan, labelled_slices(labelled_images.shape[0], len(plan))):
+        yield BaselineStep(unlabelled[idx], None if pseudo is None else pseudo[idx], labelled_images[l_idx],
+                           labelled_masks[l_idx])
+
+
+def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: Iterator[BaselineStep], cfg: Config,
+                   *, teacher: nn.Module | None = None, step0: int = 0, rampup_steps: int = 0,
+                   generator: torch.Generator | None = None,
+                   precision: Precision | None = None, scaler: torch.amp.GradScaler | None = None,
+                   after_step: Callable[[], None] | None = None) -> dict[str, float]:
+    """One unlabelled epoch of ``cfg.train.method`` (module docstring). ``teacher``: Mean Teacher's
+    EMA model; ``step0``: unlabelled steps taken in earlier rounds (the EMA warm-up and the ramp's
+    clock); ``rampup_steps``: the ramp's length in steps; ``generator``: the teacher's input noise. Returns the means of ``loss``, ``loss_sup_step``
+    (the D_L slice's CE) and ``loss_unsup`` (the unlabelled term, weighted), and ``steps``."""
+    method, b = cfg.train.method, cfg.baselines
+    if method not in ROUND_METHODS:
+        raise ValueError(f"baseline_epoch: train.method {method!r} has no unlabelled epoch; allowed: "
+                         f"{', '.join(ROUND_METHODS)}")
+    if method == "mean_teacher" and teacher is None:
+        raise ValueError("baseline_epoch: mean_teacher needs its EMA teacher")
+    ignore = cfg.pseudo.ignore_index
+    device = next(model.parameters()).device
+    prec = precision or Precision.from_config(cfg.train, device)
+    model.train()
+    sums = {"loss": 0.0, "loss_sup_step": 0.0, "loss_unsup": 0.0}
+    done = 0
+    for step in steps:
+        x_l, y = prec.layout(step.labelled.to(device)), step.masks.to(device)
+        x_u = prec.layout(step.unlabelled.to(device))
+        n_l = x_l.shape[0]
+        with prec.autocast():
+            logits = model(torch.cat([x_l, x_u])).float()  # (l + b, C, H, W): one BatchNorm batch
+        sup = F.cross_entropy(logits[:n_l], y, ignore_index=ignore) if n_l else logits.sum() * 0.0
+        unsup = logits.sum() * 0.0
+        if method == "pseudo_label" and step.pseudo is not None:
+            unsup = b.pseudo_weight * self_training_loss(logits[n_l:], step.pseudo.to(device), ignore)
+        elif method == "mean_teacher":
+            with torch.no_grad(), prec.autocast():
+                teacher.train()  # as SSL4MIS: the teacher's BatchNorm uses its batch's statistics
+                t_logits = teacher(prec.layout(noisy(step.unlabelled, b.mt_noise_std, generator).to(device))).float()
+            weight = consistency_weight(step0 + done, b.mt_weight, rampup_steps)
+            unsup = weight * mean_teacher_loss(logits[n_l:], t_logits)
+        loss = sup + unsup
+        backward_step(loss, optimizer, scaler)
+        if teacher is not None:
+            ema_update(teacher, model, b.mt_ema_decay, step0 + done)
+        if after_step is not None:
+            after_step()
+        done += 1
+        sums["loss"] += float(loss.detach())
+        sums["loss_sup_step"] += float(sup.detach())
+        sums["loss_unsup"] += float(unsup.detach())
+    return {**{k: v / max(done, 1) for k, v in sums.items()}, "steps": float(done)}

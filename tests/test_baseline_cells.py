@@ -1,0 +1,124 @@
+"""The baseline cells in the schedule (issue 11): the same unlabelled steps per round as CSSL's, the
+same D_L slices and D_U batches, no hidden mask read, Mean Teacher's EMA teacher checkpointed, and
+a clear line where they do not run yet (Ray Train)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import cssl_ray.local as local
+from cssl_ray.baselines.rounds import baseline_epoch, baseline_steps
+from cssl_ray.config import ConfigError, from_dict
+from cssl_ray.data.synthetic import make_synthetic
+from cssl_ray.local import run_local
+from cssl_ray.loop import epoch_plan, local_steps
+from cssl_ray.models import create_model
+from cssl_ray.search_space import ABLATION_CELLS, BASELINE_CELLS
+from cssl_ray.streams import RandomStreams
+from cssl_ray.train import build_config
+
+
+def smoke(tmp_path, cell: str, *overrides: str):
+    cfg = build_config(None, [f"train.out_dir={tmp_path / cell}", "train.progress=false", "train.figures=false",
+                              *overrides], smoke=True)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **ABLATION_CELLS[cell]))
+
+
+def rounds_of(result):
+    return [h for h in result.history if h["stage"] == "round"]
+
+
+def test_a_baseline_needs_the_cssl_switches_off():
+    with pytest.raises(ConfigError, match="train.method: 'mean_teacher' is out of range; allowed: cssl with "
+                                          "train.use_cl / use_cr; a baseline needs both false"):
+        from_dict({"train": {"method": "mean_teacher"}})
+    with pytest.raises(ConfigError, match="baselines.mt_ema_decay"):
+        from_dict({"train": {"method": "mean_teacher", "use_cl": False, "use_cr": False},
+                   "baselines": {"mt_ema_decay": 1.0}})
+
+
+def test_every_baseline_cell_takes_cssl_s_steps_at_cssl_s_rate(tmp_path):
+    cssl = rounds_of(run_local(smoke(tmp_path, "cssl", "pseudo.threshold=0.3")))
+    for cell in BASELINE_CELLS:
+        got = rounds_of(run_local(smoke(tmp_path, cell, "pseudo.threshold=0.3")))
+        assert len(got) == len(cssl) == 2
+        for mine, theirs in zip(got, cssl):
+            assert mine["steps"] == theirs["steps"] > 0, cell  # one pass over D_U, the same steps
+            assert mine["lr_cssl"] == theirs["lr_cssl"] and mine["lr"] == theirs["lr"], cell
+        if cell == "bn_mix":
+            assert all(h["loss_unsup"] == 0.0 and h["loss_sup_step"] > 0 for h in got)
+        if cell == "pseudo_label":
+            assert all(h["pseudo_coverage"] > 0 and h["loss_unsup"] > 0 for h in got)
+        if cell == "mean_teacher":
+            assert all(h["loss_unsup"] >= 0 for h in got) and any(h["loss_unsup"] > 0 for h in got)
+
+
+def test_baseline_steps_are_cssl_s_steps():
+    """The same D_U images and the same D_L slice in every step as CSSL's steps of that plan."""
+    cfg = from_dict({"data": {"image_size": [32, 32]}, "patches": {"size": 16, "min_pixels": 10},
+                     "consistency": {"batch_size": 3}})
+    images, masks = make_synthetic(9, (32, 32), 4, seed=0)
+    u, l_img, l_mask = images[2:], images[:2], masks[:2]
+    plan = epoch_plan(u.shape[0], cfg, RandomStreams(0))
+    ours = list(baseline_steps(plan, u, masks[2:], l_img, l_mask))
+    theirs = list(local_steps(cfg, 1, plan, u, masks[2:], l_img, l_mask))
+    assert len(ours) == len(theirs) == 3
+    for k, (a, b) in enumerate(zip(ours, theirs)):
+        assert torch.equal(a.unlabelled, b.unlabelled) and torch.equal(a.pseudo, masks[2:][plan[k]])
+        assert torch.equal(a.labelled, l_img[[k % 2]]) and torch.equal(a.masks, l_mask[[k % 2]])
+
+
+def test_mean_teacher_epoch_moves_the_teacher_by_ema_only():
+    cfg = from_dict({"data": {"image_size": [16, 16]}, "model": {"base_channels": 4, "depth": 2, "embed_dim": 8,
+                                                                  "proj_hidden": 8},
+                     "patches": {"size": 8, "min_pixels": 4}, "consistency": {"batch_size": 2},
+                     "train": {"method": "mean_teacher", "use_cl": False, "use_cr": False},
+                     "baselines": {"mt_ema_decay": 0.5}})
+    torch.manual_seed(0)
+    student = create_model(cfg.model, 1, 4)
+    teacher = create_model(cfg.model, 1, 4)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    images, masks = make_synthetic(6, (16, 16), 4, seed=1)
+    plan = [torch.tensor([0, 1])]
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    stats = baseline_epoch(student, torch.optim.SGD(student.parameters(), lr=0.1),
+                           baseline_steps(plan, images[2:], None, images[:2], masks[:2]), cfg, teacher=teacher,
+                           step0=10, rampup_steps=1, generator=torch.Generator().manual_seed(0))
+    assert stats["steps"] == 1 and stats["loss_unsup"] > 0
+    after_s = student.state_dict()
+    for name, p in teacher.named_parameters():  # alpha = min(1 - 1/11, 0.5) = 0.5
+        assert torch.allclose(p, 0.5 * before[name] + 0.5 * after_s[name]) and p.grad is None
+
+
+def test_pseudo_label_never_reads_the_hidden_d_u_masks(tmp_path, monkeypatch):
+    straight = run_local(smoke(tmp_path / "a", "pseudo_label", "pseudo.threshold=0.3"))  # some coverage
+    load = local.load_bundle
+
+    def scrambled(data):
+        bundle = load(data)
+        hidden = bundle.unlabelled_masks_hidden
+        return dataclasses.replace(bundle, unlabelled_masks_hidden=(hidden + 1) % data.num_classes)
+
+    monkeypatch.setattr(local, "load_bundle", scrambled)
+    other = run_local(smoke(tmp_path / "b", "pseudo_label", "pseudo.threshold=0.3"))
+    assert all(h["pseudo_coverage"] > 0 and h["loss_unsup"] > 0 for h in rounds_of(straight))
+    assert other.test == straight.test  # training never saw them (only pseudo_accuracy changes)
+    assert [h.get("pseudo_accuracy") for h in rounds_of(other)] != [h.get("pseudo_accuracy") for h in rounds_of(straight)]
+
+
+def test_mean_teacher_resume_matches_the_straight_run(tmp_path):
+    straight = run_local(smoke(tmp_path / "a", "mean_teacher"))
+    run_local(smoke(tmp_path / "b", "mean_teacher", "train.max_rounds=1"))
+    resumed = run_local(smoke(tmp_path / "b", "mean_teacher"), resume=True)
+    assert resumed.test == straight.test
+
+
+def test_baselines_run_in_one_process_only_for_now(tmp_path):
+    from cssl_ray.ray_train import run_ray
+
+    with pytest.raises(ConfigError, match="train.method: mean_teacher runs in one process for now"):
+        run_ray(smoke(tmp_path, "mean_teacher"))
