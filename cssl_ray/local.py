@@ -76,42 +76,20 @@ def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any
     bar.update((t.supervised_epochs if state.stage_a_done else len(state.history)) + state.round)  # resumed work
 
     def validate_and_record(record: dict[str, Any]) -> dict[str, float]:
-        val = evaluate(state.model, bundle.val_images, bundle.val_masks, num_classes=cfg.data.num_classes,
-                       class_names=bundle.class_names, ignore_index=cfg.pseudo.ignore_index,
-                       batch_size=cfg.consistency.batch_size, precision=state.precision)
-        if not state.stage_a_done:
-            state.scheduler.step(val["loss"])  # stage A only; the rounds' rates: RunState.begin_rounds
-        record.update({f"val_{k}": v for k, v in val.items()})
-        record["lr"] = state.optimizer.param_groups[0]["lr"]
-        state.history.append(record)
-        record["step"] = len(state.history)  # validation index: MLflow's step, equal in local and Ray runs
+        val = _validate(state, cfg, bundle, record)
         emit(record)
         bar.set_postfix(stage=record["stage"], dice=f"{val['dice_mean']:.3f}")
         bar.update(1)
         return val
 
-    sup = dict(batch_size=t.batch_size, steps=t.sup_steps_per_epoch, augment=t.augment,
-               ignore_index=cfg.pseudo.ignore_index, generator=state.streams.sup,
-               precision=state.precision, scaler=state.scaler)
+    sup = _sup_args(state, cfg)
     if not state.stage_a_done:  # stage A (skipped when resuming past it)
-        with _shared_stage_a(stage_a_cache, cfg) as shared:
-            if shared is not None and shared.exists():  # another run trained this exact stage A
-                state.load_state_dict(ckpt.load(shared, map_location="cpu"))
-                for record in state.history:
-                    emit(record)
-            else:
-                for epoch in range(len(state.history), t.supervised_epochs):
-                    stats = supervised_epoch(state.model, state.optimizer, bundle.labelled_images,
-                                             bundle.labelled_masks, **sup)
-                    val = validate_and_record({"stage": "supervised", "round": 0, "epoch": epoch, **stats})
-                    if state.after_stage_a_epoch(epoch, val):
-                        break
-                state.finish_stage_a()
-                if shared is not None:
-                    ckpt.save_atomic(state.state_dict(), shared)
+        _stage_a(state, cfg, bundle, stage_a_cache, validate_and_record, emit)
         bar.n = t.supervised_epochs  # early stopping skips the rest of the cap
         bar.refresh()
         _save_round(state, cfg, out_dir)
+    if t.method == "cps" and state.peer is None:  # network B: seed + 1's stage A (cached when shared)
+        state.peer = _trained_peer(state, bundle, stage_a_cache)
 
     cssl_on = t.use_cl or t.use_cr
     while state.round < t.max_rounds:
@@ -131,6 +109,11 @@ def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any
             record.update(state.l_tot_epoch(cfg, steps, len(plan)))
         record.update(supervised_epoch(state.model, state.optimizer, bundle.labelled_images,
                                        bundle.labelled_masks, **sup))
+        if state.peer is not None:  # CPS's network B: its own fine-tune epoch (its own batches)
+            state.peer.start_round()
+            peer = supervised_epoch(state.peer.model, state.peer.optimizer, bundle.labelled_images,
+                                    bundle.labelled_masks, **_sup_args(state.peer, state.peer.cfg))
+            record["loss_sup_peer"] = peer["loss_sup"]
         state.track_best(validate_and_record(record))
         stop = state.should_stop(record)
         _save_round(state, cfg, out_dir)
@@ -139,6 +122,61 @@ def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any
     bar.close()
 
     return evaluate_best(state, cfg, bundle, out_dir, start)
+
+
+def _sup_args(state: RunState, cfg: Config) -> dict[str, Any]:
+    """``supervised_epoch``'s settings for ``state`` (its own batch stream and scaler)."""
+    t = cfg.train
+    return dict(batch_size=t.batch_size, steps=t.sup_steps_per_epoch, augment=t.augment,
+                ignore_index=cfg.pseudo.ignore_index, generator=state.streams.sup, precision=state.precision,
+                scaler=state.scaler)
+
+
+def _validate(state: RunState, cfg: Config, bundle: DataBundle, record: dict[str, Any]) -> dict[str, float]:
+    """Validate ``state.model``, step stage A's plateau scheduler, append ``record`` (with the val
+    metrics, lr and step) to the history; returns the val metrics."""
+    val = evaluate(state.model, bundle.val_images, bundle.val_masks, num_classes=cfg.data.num_classes,
+                   class_names=bundle.class_names, ignore_index=cfg.pseudo.ignore_index,
+                   batch_size=cfg.consistency.batch_size, precision=state.precision)
+    if not state.stage_a_done:
+        state.scheduler.step(val["loss"])  # stage A only; the rounds' rates: RunState.begin_rounds
+    record.update({f"val_{k}": v for k, v in val.items()})
+    record["lr"] = state.optimizer.param_groups[0]["lr"]
+    state.history.append(record)
+    record["step"] = len(state.history)  # validation index: MLflow's step, equal in local and Ray runs
+    return val
+
+
+def _stage_a(state: RunState, cfg: Config, bundle: DataBundle, stage_a_cache: str | Path | None,
+             validate: Callable[[dict[str, Any]], dict[str, float]],
+             emit: Callable[[dict[str, Any]], None]) -> None:
+    """Stage A of ``state`` (or the shared copy another run with the same ``stage_a_key`` trained)."""
+    with _shared_stage_a(stage_a_cache, cfg) as shared:
+        if shared is not None and shared.exists():  # another run trained this exact stage A
+            state.load_state_dict(ckpt.load(shared, map_location="cpu"))
+            for record in state.history:
+                emit(record)
+            return
+        sup = _sup_args(state, cfg)
+        for epoch in range(len(state.history), cfg.train.supervised_epochs):
+            stats = supervised_epoch(state.model, state.optimizer, bundle.labelled_images, bundle.labelled_masks, **sup)
+            val = validate({"stage": "supervised", "round": 0, "epoch": epoch, **stats})
+            if state.after_stage_a_epoch(epoch, val):
+                break
+        state.finish_stage_a()
+        if shared is not None:
+            ckpt.save_atomic(state.state_dict(), shared)
+
+
+def _trained_peer(state: RunState, bundle: DataBundle, stage_a_cache: str | Path | None) -> RunState:
+    """CPS's network B after its stage A (``baselines.rounds.peer_config``), leaving this run's global
+    random state as it was."""
+    peer = state.make_peer()
+    device = next(state.model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        _stage_a(peer, peer.cfg, bundle, stage_a_cache, lambda record: _validate(peer, peer.cfg, bundle, record),
+                 lambda record: None)
+    return peer
 
 
 def _baseline_round(state: RunState, cfg: Config, bundle: DataBundle) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from scipy import stats
 
 from cssl_ray import tracking
 
-CELL_ORDER = ("supervised", "bn_mix", "pseudo_label", "mean_teacher", "cl", "cl_hn", "cr", "cl_cr", "cssl",
+CELL_ORDER = ("supervised", "bn_mix", "pseudo_label", "mean_teacher", "cps", "cl", "cl_hn", "cr", "cl_cr", "cssl",
               "supervised_all")
 METHOD_NAMES = {
     "supervised": "Supervised",
@@ -45,6 +45,7 @@ METHOD_NAMES = {
     "bn_mix": "BN mix (control)",
     "pseudo_label": "Pseudo-label",
     "mean_teacher": "Mean Teacher",
+    "cps": "CPS (network A)",
 }
 # The cells every other row is tested against (same labelled share): supervised always, CSSL and the
 # bn_mix control (unlabelled images in the BatchNorm batches, no loss on them) when the table has them.

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cssl_ray.baselines.rounds import BaselineStep, baseline_epoch
+from cssl_ray.baselines.rounds import BaselineStep, baseline_epoch, peer_config
 from cssl_ray.config import Config
 from cssl_ray.consistency import Teacher, noise_variance
 from cssl_ray.contrastive import AuxiliaryGaussian
@@ -72,6 +72,7 @@ class RunState:
             self.aux = AuxiliaryGaussian(cfg.model.embed_dim, cfg.contrastive.aux_sigma, seed=t.seed)
         self.omega: float | None = None
         self.ema: nn.Module | None = None  # train.method mean_teacher: the EMA teacher (from round 1)
+        self.peer: RunState | None = None  # train.method cps: network B, its own state (``make_peer``)
         self.round = 0
         self.stage_a_done = False
         self.stage_a_best_epoch = -1
@@ -89,8 +90,18 @@ class RunState:
         # (round, (k, H, W) uint8 pseudo-labels of the first k images of D_U): Fig. 2 (cssl_ray.figures)
         self.snapshots: list[tuple[int, np.ndarray]] = []
 
-    def _adam(self, lr: float) -> torch.optim.Adam:
-        return torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=self.cfg.optim.weight_decay)
+    def _adam(self, lr: float, with_peer: bool = False) -> torch.optim.Adam:
+        params = list(self.model.parameters())
+        if with_peer and self.peer is not None:  # CPS: one Adam steps both networks (per-parameter: as two)
+            params += list(self.peer.model.parameters())
+        return torch.optim.Adam(params, lr=lr, weight_decay=self.cfg.optim.weight_decay)
+
+    def make_peer(self) -> RunState:
+        """CPS's network B (``baselines.rounds.peer_config``), built without touching this run's
+        global random state."""
+        device = next(self.model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return RunState(peer_config(self.cfg), device, precision=self.precision)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -106,6 +117,7 @@ class RunState:
             "torch_rng": torch.get_rng_state(),
             "teacher": self.teacher.state_dict() if self.teacher else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "peer": self.peer.state_dict() if self.peer is not None else None,
             "aux": self.aux.state_dict() if self.aux else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "cssl_scaler": self.cssl_scaler.state_dict() if self.cssl_scaler is not None else None,
@@ -114,11 +126,15 @@ class RunState:
         }
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.peer = None
+        if s.get("peer") is not None:  # first: its load sets the global RNG, this run's is set below
+            self.peer = self.make_peer()
+            self.peer.load_state_dict(s["peer"])
         self.model.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.cssl_optimizer = None
         if s["cssl_optimizer"] is not None:
-            self.cssl_optimizer = self._adam(self.cfg.optim.cssl_lr)
+            self.cssl_optimizer = self._adam(self.cfg.optim.cssl_lr, with_peer=True)
             self.cssl_optimizer.load_state_dict(s["cssl_optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
         self.streams.load_state_dict(s["streams"])
@@ -167,8 +183,10 @@ class RunState:
         ``optim.finetune_lr`` (0: at the rate stage A ended at). The plateau scheduler stays with
         stage A: a rate cut by validation would differ between the cells of an ablation."""
         o, t = self.cfg.optim, self.cfg.train
+        if t.method == "cps" and self.peer is None:
+            raise RuntimeError("train.method cps: set RunState.peer (network B) before the rounds")
         if o.cssl_lr > 0 and (t.use_cl or t.use_cr or t.method != "cssl"):  # a baseline's steps: the same rate
-            self.cssl_optimizer = self._adam(o.cssl_lr)
+            self.cssl_optimizer = self._adam(o.cssl_lr, with_peer=True)
         if t.method == "mean_teacher":  # the teacher starts as the supervised model (SSL4MIS: the initial one)
             self.ema = self._frozen_copy()
         self.finetune_base_lr = o.finetune_lr or self.optimizer.param_groups[0]["lr"]
@@ -268,7 +286,7 @@ class RunState:
         b = cfg.baselines
         ramp = (b.mt_rampup_rounds or cfg.train.max_rounds) * n_steps
         stats = baseline_epoch(self.model, self.cssl_optimizer or self.optimizer, iter(steps), cfg, teacher=self.ema,
-                               step0=self.l_tot_steps, rampup_steps=ramp, generator=self.streams.noise,
+                               peer=self.peer.model if self.peer is not None else None, step0=self.l_tot_steps, rampup_steps=ramp, generator=self.streams.noise,
                                precision=self.precision, scaler=self.cssl_scaler, after_step=self.after_l_tot_step)
         stats["lr_cssl"] = (self.cssl_optimizer or self.optimizer).param_groups[0]["lr"]
         return stats

@@ -117,6 +117,29 @@ def test_mean_teacher_resume_matches_the_straight_run(tmp_path):
     assert resumed.test == straight.test
 
 
+def test_cps_trains_two_networks_from_two_stage_as(tmp_path):
+    """Network B is seed + 1's stage A (shared through the cache with that seed's supervised cell), both
+    networks move in the unlabelled steps, B has its own fine-tune epochs, and a resumed run ends as
+    the straight one."""
+    cache = tmp_path / "stage_a"
+    sup1 = smoke(tmp_path / "s1", "supervised", "train.seed=1")
+    run_local(sup1, stage_a_cache=cache)  # seed 1's stage A, cached
+    cached = sorted(p.name for p in cache.glob("stage_a_*.pt"))
+    straight = run_local(smoke(tmp_path / "a", "cps"), stage_a_cache=cache)
+    assert len(sorted(p.name for p in cache.glob("stage_a_*.pt"))) == len(cached) + 1  # seed 0's; B reused seed 1's
+    rounds = rounds_of(straight)
+    assert all(h["loss_unsup"] > 0 and h["loss_sup_peer"] > 0 and h["steps"] > 0 for h in rounds)
+    saved = torch.load(tmp_path / "a" / "cps" / "round_002.pt", weights_only=False)
+    a, b = saved["model"], saved["peer"]["model"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert saved["peer"]["round"] == 2 and saved["peer"]["stage_a_done"]
+    run_local(smoke(tmp_path / "b", "cps", "train.max_rounds=1"), stage_a_cache=cache)
+    resumed = run_local(smoke(tmp_path / "b", "cps"), resume=True, stage_a_cache=cache)
+    assert resumed.test == straight.test
+    alone = run_local(smoke(tmp_path / "c", "cps"))  # no cache: B's stage A trained here, the same
+    assert alone.test == straight.test
+
+
 def test_baselines_run_in_one_process_only_for_now(tmp_path):
     from cssl_ray.ray_train import run_ray
 

@@ -20,6 +20,12 @@ then
                   is the EMA of the student, updated after every step; w(t) ramps up over
                   ``baselines.mt_rampup_rounds`` rounds (0: all of them, as SSL4MIS ramps over
                   its whole budget)
+    cps           L = CE_A(D_L slice) + CE_B(D_L slice) + w (CE(A(D_U), argmax B) + CE(B(D_U), argmax A))
+                  (Chen et al., CVPR 2021, Cross Pseudo Supervision): network A is the cell's own
+                  model (the seed's stage A; its weights are tested), network B (the peer) the
+                  stage-A model of seed + 1 (``peer_config``: another initialisation and batch
+                  order on the same D_L, trained once and shared through the stage-A cache), each
+                  trained on the other's hard pseudo-labels; B gets its own fine-tune epochs
 
 Where the methods' own papers differ: they train one loop of mixed batches until an iteration
 budget, not stage A + rounds of (unlabelled pass, fine-tune epoch); the platform fixes the budget
@@ -29,6 +35,7 @@ and warm-up as CSSL's; ``schedule.RunState.begin_rounds``).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -36,13 +43,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cssl_ray.baselines.cps import cps_loss
 from cssl_ray.baselines.mean_teacher import consistency_weight, ema_update, mean_teacher_loss, noisy
 from cssl_ray.baselines.pseudo_label import self_training_loss
 from cssl_ray.config import Config
 from cssl_ray.loop import labelled_slices
 from cssl_ray.precision import Precision, backward_step
 
-ROUND_METHODS = ("bn_mix", "pseudo_label", "mean_teacher")  # baselines with an unlabelled epoch per round
+ROUND_METHODS = ("bn_mix", "pseudo_label", "mean_teacher", "cps")  # baselines with an unlabelled epoch per round
+PEER_SEED_OFFSET = 1  # cps: network B is the stage-A model of train.seed + this
+
+
+def peer_config(cfg: Config) -> Config:
+    """CPS's network B: the supervised configuration of seed ``train.seed + PEER_SEED_OFFSET`` (its
+    stage A is that seed's supervised cell's, so the stage-A cache shares it)."""
+    t = dataclasses.replace(cfg.train, seed=cfg.train.seed + PEER_SEED_OFFSET, method="cssl", use_cl=False,
+                            use_cr=False, use_hard_negatives=False)
+    return dataclasses.replace(cfg, train=t)
 
 
 @dataclass
@@ -66,12 +83,13 @@ def baseline_steps(plan: list[Tensor], unlabelled: Tensor, pseudo: Tensor | None
 
 
 def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: Iterator[BaselineStep], cfg: Config,
-                   *, teacher: nn.Module | None = None, step0: int = 0, rampup_steps: int = 0,
+                   *, teacher: nn.Module | None = None, peer: nn.Module | None = None, step0: int = 0,
+                   rampup_steps: int = 0,
                    generator: torch.Generator | None = None,
                    precision: Precision | None = None, scaler: torch.amp.GradScaler | None = None,
                    after_step: Callable[[], None] | None = None) -> dict[str, float]:
     """One unlabelled epoch of ``cfg.train.method`` (module docstring). ``teacher``: Mean Teacher's
-    EMA model; ``step0``: unlabelled steps taken in earlier rounds (the EMA warm-up and the ramp's
+    EMA model; ``peer``: CPS's network B (``optimizer`` steps both); ``step0``: unlabelled steps taken in earlier rounds (the EMA warm-up and the ramp's
     clock); ``rampup_steps``: the ramp's length in steps; ``generator``: the teacher's input noise. Returns the means of ``loss``, ``loss_sup_step``
     (the D_L slice's CE) and ``loss_unsup`` (the unlabelled term, weighted), and ``steps``."""
     method, b = cfg.train.method, cfg.baselines
@@ -80,10 +98,14 @@ def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: It
                          f"{', '.join(ROUND_METHODS)}")
     if method == "mean_teacher" and teacher is None:
         raise ValueError("baseline_epoch: mean_teacher needs its EMA teacher")
+    if method == "cps" and peer is None:
+        raise ValueError("baseline_epoch: cps needs its peer network")
     ignore = cfg.pseudo.ignore_index
     device = next(model.parameters()).device
     prec = precision or Precision.from_config(cfg.train, device)
     model.train()
+    if peer is not None:
+        peer.train()
     sums = {"loss": 0.0, "loss_sup_step": 0.0, "loss_unsup": 0.0}
     done = 0
     for step in steps:
@@ -96,6 +118,12 @@ def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: It
         unsup = logits.sum() * 0.0
         if method == "pseudo_label" and step.pseudo is not None:
             unsup = b.pseudo_weight * self_training_loss(logits[n_l:], step.pseudo.to(device), ignore)
+        elif method == "cps":
+            with prec.autocast():
+                peer_logits = peer(torch.cat([x_l, x_u])).float()  # (l + b, C, H, W)
+            if n_l:
+                sup = sup + F.cross_entropy(peer_logits[:n_l], y, ignore_index=ignore)
+            unsup = b.cps_weight * cps_loss(logits[n_l:], peer_logits[n_l:])
         elif method == "mean_teacher":
             with torch.no_grad(), prec.autocast():
                 teacher.train()  # as SSL4MIS: the teacher's BatchNorm uses its batch's statistics
