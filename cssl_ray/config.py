@@ -126,6 +126,9 @@ class BaselinesConfig:
     mt_rampup_rounds: int = 0  # mean_teacher: sigmoid ramp-up length in rounds; 0 = all rounds (SSL4MIS: its budget)
     mt_noise_std: float = 0.1  # mean_teacher: the teacher's input noise N(0, std^2), clamped at 2 std
     cps_weight: float = 1.5  # cps: weight of the cross pseudo supervision term (Chen et al. 2021: 1.5)
+    simclr_epochs: int = 20  # simclr_pretrain: NT-Xent passes over D_L + D_U before stage A
+    simclr_batch_size: int = 16  # simclr_pretrain: images per NT-Xent batch (2x views)
+    simclr_temperature: float = 0.5  # simclr_pretrain: NT-Xent tau (Chen et al. 2020: 0.5 on CIFAR-10)
 
 
 @dataclass
@@ -169,9 +172,10 @@ class TrainConfig:
     plateau_rounds: int = 5
     plateau_delta: float = 1e-3
     # what the rounds train on D_U: "cssl" (L_CL / L_CR by use_cl, use_cr) or a baseline with the same
-    # steps (cssl_ray.baselines.rounds: bn_mix, pseudo_label, mean_teacher, cps); a baseline needs
-    # use_cl = use_cr = false
-    method: Literal["cssl", "bn_mix", "pseudo_label", "mean_teacher", "cps"] = "cssl"
+    # steps (cssl_ray.baselines.rounds: bn_mix, pseudo_label, mean_teacher, cps), or simclr_pretrain
+    # (image-level contrastive pretraining before stage A, then the supervised schedule); a baseline
+    # needs use_cl = use_cr = false
+    method: Literal["cssl", "bn_mix", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain"] = "cssl"
     use_cl: bool = True
     use_cr: bool = True
     use_hard_negatives: bool = True
@@ -350,6 +354,10 @@ def validate(cfg: Config) -> Config:
     _check(b.mt_rampup_rounds >= 0, "baselines.mt_rampup_rounds", ">= 0 (0 = all rounds)", b.mt_rampup_rounds)
     _check(b.mt_noise_std >= 0, "baselines.mt_noise_std", ">= 0", b.mt_noise_std)
     _check(b.cps_weight >= 0, "baselines.cps_weight", ">= 0", b.cps_weight)
+    _check(b.simclr_epochs >= 1, "baselines.simclr_epochs", ">= 1", b.simclr_epochs)
+    _check(b.simclr_batch_size >= 2, "baselines.simclr_batch_size", ">= 2 (a view needs negatives)",
+           b.simclr_batch_size)
+    _check(b.simclr_temperature > 0, "baselines.simclr_temperature", "> 0", b.simclr_temperature)
     _check(t.method != "cps" or o.cssl_lr > 0, "optim.cssl_lr", "> 0 with train.method cps (one Adam steps both "
            "networks in the unlabelled epoch)", o.cssl_lr)
     return cfg

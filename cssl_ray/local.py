@@ -22,6 +22,7 @@ import torch
 
 from cssl_ray import checkpoint as ckpt
 from cssl_ray.baselines.rounds import ROUND_METHODS, baseline_steps
+from cssl_ray.baselines.simclr import simclr_pretrain
 from cssl_ray.config import Config, dump_config, to_dict, validate
 from cssl_ray.data.bundle import DataBundle, DataSource, load_bundle
 from cssl_ray.data.splits import write_split
@@ -29,6 +30,7 @@ from cssl_ray.figures import write_run_figures
 from cssl_ray.loop import epoch_plan, evaluate, label_round, local_steps, supervised_epoch
 from cssl_ray.models import check_geometry
 from cssl_ray.schedule import RunState
+from cssl_ray.streams import stream_seed
 
 
 @dataclass
@@ -158,9 +160,15 @@ def _stage_a(state: RunState, cfg: Config, bundle: DataBundle, stage_a_cache: st
                 emit(record)
             return
         sup = _sup_args(state, cfg)
+        pretrained: dict[str, float] = {}
+        if cfg.train.method == "simclr_pretrain" and not state.history:  # before stage A's first epoch
+            images = torch.cat([bundle.labelled_images, bundle.unlabelled_images])
+            generator = torch.Generator().manual_seed(stream_seed(cfg.train.seed, "simclr"))
+            pretrained = simclr_pretrain(state.model, images, cfg, generator)
         for epoch in range(len(state.history), cfg.train.supervised_epochs):
             stats = supervised_epoch(state.model, state.optimizer, bundle.labelled_images, bundle.labelled_masks, **sup)
-            val = validate({"stage": "supervised", "round": 0, "epoch": epoch, **stats})
+            val = validate({"stage": "supervised", "round": 0, "epoch": epoch, **stats, **pretrained})
+            pretrained = {}
             if state.after_stage_a_epoch(epoch, val):
                 break
         state.finish_stage_a()
@@ -205,6 +213,8 @@ def stage_a_key(cfg: Config) -> str:
     kept = {"data": d["data"], "model": d["model"], "optim": optim, "ignore_index": d["pseudo"]["ignore_index"],
             "val_batch": d["consistency"]["batch_size"], "torch": torch.__version__,
             "train": {k: d["train"][k] for k in STAGE_A_TRAIN_KEYS}}
+    if cfg.train.method == "simclr_pretrain":  # stage A starts from the pretrained weights
+        kept["simclr"] = {k: v for k, v in d["baselines"].items() if k.startswith("simclr_")}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -32,7 +32,7 @@ from scipy import stats
 
 from cssl_ray import tracking
 
-CELL_ORDER = ("supervised", "bn_mix", "pseudo_label", "mean_teacher", "cps", "cl", "cl_hn", "cr", "cl_cr", "cssl",
+CELL_ORDER = ("supervised", "bn_mix", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain", "cl", "cl_hn", "cr", "cl_cr", "cssl",
               "supervised_all")
 METHOD_NAMES = {
     "supervised": "Supervised",
@@ -46,6 +46,7 @@ METHOD_NAMES = {
     "pseudo_label": "Pseudo-label",
     "mean_teacher": "Mean Teacher",
     "cps": "CPS (network A)",
+    "simclr_pretrain": "SimCLR pretraining",
 }
 # The cells every other row is tested against (same labelled share): supervised always, CSSL and the
 # bn_mix control (unlabelled images in the BatchNorm batches, no loss on them) when the table has them.

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import cssl_ray.local as local
-from cssl_ray.baselines.rounds import baseline_epoch, baseline_steps
+from cssl_ray.baselines.rounds import ROUND_METHODS, baseline_epoch, baseline_steps
 from cssl_ray.config import ConfigError, from_dict
 from cssl_ray.data.synthetic import make_synthetic
 from cssl_ray.local import run_local
 from cssl_ray.loop import epoch_plan, local_steps
 from cssl_ray.models import create_model
-from cssl_ray.search_space import ABLATION_CELLS, BASELINE_CELLS
+from cssl_ray.search_space import ABLATION_CELLS
 from cssl_ray.streams import RandomStreams
 from cssl_ray.train import build_config
 
@@ -41,7 +41,7 @@ def test_a_baseline_needs_the_cssl_switches_off():
 
 def test_every_baseline_cell_takes_cssl_s_steps_at_cssl_s_rate(tmp_path):
     cssl = rounds_of(run_local(smoke(tmp_path, "cssl", "pseudo.threshold=0.3")))
-    for cell in BASELINE_CELLS:
+    for cell in ROUND_METHODS:  # the baselines with an unlabelled epoch per round (simclr_pretrain: none)
         got = rounds_of(run_local(smoke(tmp_path, cell, "pseudo.threshold=0.3")))
         assert len(got) == len(cssl) == 2
         for mine, theirs in zip(got, cssl):
@@ -138,6 +138,24 @@ def test_cps_trains_two_networks_from_two_stage_as(tmp_path):
     assert resumed.test == straight.test
     alone = run_local(smoke(tmp_path / "c", "cps"))  # no cache: B's stage A trained here, the same
     assert alone.test == straight.test
+
+
+def test_simclr_pretrains_before_its_own_stage_a(tmp_path):
+    """NT-Xent epochs on D_L + D_U before stage A (whose cache key they enter), then the supervised
+    schedule: no unlabelled steps in the rounds."""
+    from cssl_ray.local import stage_a_key
+
+    cfg = smoke(tmp_path, "simclr_pretrain", "baselines.simclr_epochs=2", "baselines.simclr_batch_size=4")
+    sup = smoke(tmp_path, "supervised")
+    assert stage_a_key(cfg) != stage_a_key(sup)
+    assert stage_a_key(cfg) != stage_a_key(dataclasses.replace(
+        cfg, baselines=dataclasses.replace(cfg.baselines, simclr_temperature=0.1)))
+    result = run_local(cfg)
+    first = result.history[0]
+    assert first["stage"] == "supervised" and first["simclr_loss_first"] > 0 and first["simclr_loss_last"] > 0
+    assert all("simclr_loss_first" not in h for h in result.history[1:])
+    assert all("steps" not in h for h in rounds_of(result))  # the rounds: fine-tune epochs only
+    assert result.history[0]["val_loss"] != run_local(sup).history[0]["val_loss"]  # other starting weights
 
 
 def test_baselines_run_in_one_process_only_for_now(tmp_path):

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cssl_ray.augment import flip_rotate
+from cssl_ray.config import Config
+from cssl_ray.loop import index_batches
 from cssl_ray.models.heads import ProjectionHead
 
 CROP_SCALE = (0.5, 1.0)  # share of the image area a crop keeps
@@ -146,3 +148,32 @@ def image_embedding(model: nn.Module, x: Tensor, head: nn.Module | None = None) 
     if head is None:
         return net.project(h)  # (B, D)
     return head(h.mean(dim=(2, 3)))  # (B, C_h) -> (B, D)
+
+
+def simclr_pretrain(model: nn.Module, images: Tensor, cfg: Config, generator: torch.Generator) -> dict[str, float]:
+    """Image-level contrastive pretraining of ``model`` (the ``simclr_pretrain`` cell, before stage A):
+    ``baselines.simclr_epochs`` shuffled passes over ``images`` (N, C, H, W), D_L and D_U, in batches
+    of ``baselines.simclr_batch_size``; each batch's two views (``two_views``) are embedded by the
+    encoder, global pooling and the model's projection head (``image_embedding``) and trained with
+    ``nt_xent`` at ``baselines.simclr_temperature`` on a fresh Adam at ``optim.lr``. The decoder
+    does not move (it gets no gradient); stage A then trains the whole network. ``generator``:
+    batches and views. Returns the NT-Xent loss of the first and of the last epoch (means)."""
+    b = cfg.baselines
+    device = next(model.parameters()).device
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    model.train()
+    epochs: list[float] = []
+    for _ in range(b.simclr_epochs):
+        losses = []
+        for idx in index_batches(images.shape[0], b.simclr_batch_size, generator=generator):
+            if idx.numel() < 2:
+                continue  # one image has no negatives
+            v1, v2 = two_views(images[idx], generator)  # (n, C, H, W) each
+            z = image_embedding(model, torch.cat([v1, v2]).to(device))  # (2n, D): one BatchNorm batch
+            loss = nt_xent(z[: idx.numel()], z[idx.numel():], b.simclr_temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        epochs.append(sum(losses) / max(len(losses), 1))
+    return {"simclr_loss_first": epochs[0], "simclr_loss_last": epochs[-1]}
