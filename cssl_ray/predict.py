@@ -10,7 +10,7 @@
              ``data.in_channels``, resize to ``data.image_size``); any bad input stops here, before
              anything is written
     Ray      rows {name, image (C, H, W) float32} -> map_batches(Segmenter) over an actor pool of
-             ``--workers`` (one GPU each when the cluster has GPUs) -> rows {name, mask (H, W) uint8}
+             ``--workers`` (``--gpus-per-worker`` each; default 0: CPU) -> rows {name, mask (H, W) uint8}
     driver   each mask back to the image's own size (nearest neighbour) -> <out>/<name>_mask.png
              (uint8 class ids) and <out>/<name>_overlay.png (PALETTE blended over the image), each
              written to a temporary name and renamed
@@ -213,14 +213,13 @@ def segment_local(items: list[Prepared], cfg: Config, state: dict[str, Any], bat
 
 
 def segment_ray(items: list[Prepared], cfg: Config, state: dict[str, Any], batch_size: int, workers: int,
-                cpus_per_worker: float, address: str | None) -> dict[str, np.ndarray]:
+                cpus_per_worker: float, address: str | None, gpus_per_worker: float = 0.0) -> dict[str, np.ndarray]:
     """name -> mask (H, W) uint8 at the training size, from a Ray Data actor pool."""
     import ray
     import ray.data
 
     started = init_ray(address, workers * cpus_per_worker)
     try:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         ds = ray.data.from_items([{"name": p.name, "image": p.image} for p in items])
         out = ds.map_batches(
             Segmenter,
@@ -229,7 +228,7 @@ def segment_ray(items: list[Prepared], cfg: Config, state: dict[str, Any], batch
             batch_size=batch_size,  # an explicit int: needed with GPUs
             compute=ray.data.ActorPoolStrategy(size=workers),  # Ray 2.60: compute=, not concurrency=
             num_cpus=cpus_per_worker,
-            num_gpus=gpus,
+            num_gpus=gpus_per_worker,  # asked for, never taken from what the cluster happens to have
             udf_modifying_row_count=False,
         )
         masks: dict[str, np.ndarray] = {}
@@ -286,7 +285,8 @@ def write_outputs(items: list[Prepared], masks: dict[str, np.ndarray], out: Path
 
 
 def check_inputs(checkpoint: str | Path, images: str | Path, out: str | Path, *, workers: int = 1,
-                 batch_size: int = 8, cpus_per_worker: float = 1.0) -> tuple[Config, dict[str, Any], list[Prepared]]:
+                 batch_size: int = 8, cpus_per_worker: float = 1.0,
+                 gpus_per_worker: float = 0.0) -> tuple[Config, dict[str, Any], list[Prepared]]:
     """Every check ``predict`` makes before Ray starts or a file is written (``--dry-run`` runs only
     these): the options' ranges, ``out``, the checkpoint and its weights, every image read and
     preprocessed. Returns the run's config, the weights and the prepared images. Bad input: ``PredictError``."""
@@ -296,6 +296,8 @@ def check_inputs(checkpoint: str | Path, images: str | Path, out: str | Path, *,
         raise PredictError(f"--batch-size: {batch_size} is out of range; allowed: >= 1")
     if cpus_per_worker <= 0:
         raise PredictError(f"--cpus-per-worker: {cpus_per_worker} is out of range; allowed: > 0")
+    if gpus_per_worker < 0:
+        raise PredictError(f"--gpus-per-worker: {gpus_per_worker:g} is out of range; allowed: >= 0 (0 = CPU actors)")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PredictError(f"{out}: --out exists and is not a folder")
@@ -309,16 +311,16 @@ def check_inputs(checkpoint: str | Path, images: str | Path, out: str | Path, *,
 
 def predict(checkpoint: str | Path, images: str | Path, out: str | Path, *, local: bool = False,
             workers: int = 1, batch_size: int = 8, cpus_per_worker: float = 1.0,
-            address: str | None = None) -> dict[str, Any]:
+            address: str | None = None, gpus_per_worker: float = 0.0) -> dict[str, Any]:
     """Masks and overlays for every image in ``images``; returns a summary. Bad input: ``PredictError``."""
     start = time.perf_counter()
     cfg, state, items = check_inputs(checkpoint, images, out, workers=workers, batch_size=batch_size,
-                                     cpus_per_worker=cpus_per_worker)
+                                     cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     out = Path(out)
     if local:
         masks = segment_local(items, cfg, state, batch_size)
     else:
-        masks = segment_ray(items, cfg, state, batch_size, workers, cpus_per_worker, address)
+        masks = segment_ray(items, cfg, state, batch_size, workers, cpus_per_worker, address, gpus_per_worker)
     write_outputs(items, masks, out)
     return {"images": len(items), "out": str(out), "mode": "local" if local else "ray",
             "seconds": round(time.perf_counter() - start, 2)}
@@ -344,7 +346,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--local", action="store_true", help="run in this process, without Ray")
     ray = p.add_argument_group("Ray (without --local)")
-    ray.add_argument("--workers", type=int, default=1, help="Segmenter actors (one GPU each when the cluster has GPUs)")
+    ray.add_argument("--workers", type=int, default=1, help="Segmenter actors")
+    ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each actor holds (0 = CPU actors)")
     ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each actor holds")
     ray.add_argument("--address", help="an existing Ray cluster, e.g. auto; default: start Ray here")
     p.add_argument("--dry-run", action="store_true",
@@ -357,15 +360,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.dry_run:
             cfg, _, items = check_inputs(args.checkpoint, args.images, args.out, workers=args.workers,
-                                         batch_size=args.batch_size, cpus_per_worker=args.cpus_per_worker)
+                                         batch_size=args.batch_size, cpus_per_worker=args.cpus_per_worker,
+                                         gpus_per_worker=args.gpus_per_worker)
             how = "in this process (--local)" if args.local else \
-                f"on {args.workers} Segmenter actor(s) on Ray at {args.address or 'a local instance started here'}"
+                (f"on {args.workers} Segmenter actor(s) x {args.gpus_per_worker:g} GPU on Ray at "
+                 f"{args.address or 'a local instance started here'}")
             print(f"dry run: checkpoint ok ({cfg.data.name}, {cfg.model.name}, {cfg.data.num_classes} classes, "
                   f"{cfg.data.image_size[0]}x{cfg.data.image_size[1]}); {len(items)} image(s) ok; would segment them "
                   f"{how}, masks and overlays to {args.out}; nothing started")
             return 0
         summary = predict(args.checkpoint, args.images, args.out, local=args.local, workers=args.workers,
-                          batch_size=args.batch_size, cpus_per_worker=args.cpus_per_worker, address=args.address)
+                          batch_size=args.batch_size, cpus_per_worker=args.cpus_per_worker, address=args.address,
+                          gpus_per_worker=args.gpus_per_worker)
     except (PredictError, ConfigError) as e:
         print(f"cssl_ray.predict: error: {e}", file=sys.stderr)
         return 2

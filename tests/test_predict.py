@@ -157,3 +157,14 @@ def test_errors_are_one_line(setup, tmp_path, capsys):
     err = _error(["--checkpoint", str(setup["ckpt"]), "--images", str(bad), "--out", str(out), "--local"], capsys)
     assert str(bad / "broken.png") in err
     assert not out.exists()  # nothing written for a run that failed on its input
+    assert "--gpus-per-worker: -1 is out of range" in _error(
+        ["--checkpoint", str(setup["ckpt"]), "--images", str(setup["images"]), "--out", str(out),
+         "--gpus-per-worker", "-1"], capsys)
+
+
+def test_dry_run_names_the_actors_gpus(setup, tmp_path, capsys):
+    from cssl_ray.predict import main
+
+    assert main(["--checkpoint", str(setup["ckpt"]), "--images", str(setup["images"]), "--out", str(tmp_path / "o"),
+                 "--workers", "2", "--gpus-per-worker", "0.5", "--dry-run"]) == 0
+    assert "on 2 Segmenter actor(s) x 0.5 GPU" in capsys.readouterr().out
