@@ -179,9 +179,9 @@ def _stage_a(state: RunState, cfg: Config, bundle: DataBundle, stage_a_cache: st
 def _trained_peer(state: RunState, bundle: DataBundle, stage_a_cache: str | Path | None) -> RunState:
     """CPS's network B after its stage A (``baselines.rounds.peer_config``), leaving this run's global
     random state as it was."""
-    peer = state.make_peer()
     device = next(state.model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        peer = state.make_peer()
         _stage_a(peer, peer.cfg, bundle, stage_a_cache, lambda record: _validate(peer, peer.cfg, bundle, record),
                  lambda record: None)
     return peer

@@ -236,8 +236,8 @@ def label_and_sample_step(batch: Batch, *, actors: list[ray.actor.ActorHandle], 
     if classes.numel() == 0:
         patches = torch.zeros((1, images.shape[1], cfg.patches.size, cfg.patches.size))
         classes = torch.full((1,), NO_PATCH, dtype=torch.int64)
-    out: Batch = {"step": np.asarray(batch["step"][:1], np.int64), "image": images[None], "patch": patches.numpy()[None],
-                  "patch_class": classes.numpy()[None],
+    out: Batch = {"step": np.asarray(batch["step"][:1], np.int64), "image": images[None],
+                  "patch": patches.numpy()[None], "patch_class": classes.numpy()[None],
                   "weights_version": np.asarray([int(np.min(labelled["weights_version"]))], np.int64)}
     for k in COUNT_COLUMNS:
         out[k] = np.asarray([int(np.sum(labelled[k]))], np.int64)

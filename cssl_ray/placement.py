@@ -209,6 +209,15 @@ def concurrent_trials(most: int, demand: Demand, cluster: Mapping[str, float], c
     return k
 
 
+def check_labeller_flags(labellers: int, gpus_per_labeller: float) -> None:
+    """``--labellers`` / ``--gpus-per-labeller`` (train, tune, ablate): one-line ConfigErrors."""
+    if labellers < 1:
+        raise ConfigError(f"--labellers: {labellers} is out of range; allowed: >= 1 (pseudo-labeller actors)")
+    if not 0 <= gpus_per_labeller <= 1:
+        raise ConfigError(f"--gpus-per-labeller: {gpus_per_labeller:g} is out of range; allowed: 0 (CPU labellers) "
+                          "to 1 (a fraction shares a GPU)")
+
+
 def check_run_fits(demand: Demand, cluster: Mapping[str, float]) -> None:
     """A ``ConfigError`` when one run cannot fit a local Ray instance (it cannot grow; the run
     would wait forever)."""

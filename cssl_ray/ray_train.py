@@ -63,6 +63,7 @@ from cssl_ray.data.bundle import DataSource, open_source
 from cssl_ray.local import RunResult, evaluate_best, resolve_device, write_run_files
 from cssl_ray.loop import evaluate, supervised_epoch
 from cssl_ray.models import check_geometry
+from cssl_ray.placement import check_labeller_flags
 from cssl_ray.precision import Precision
 from cssl_ray.ray_init import init_ray
 from cssl_ray.schedule import RunState
@@ -321,11 +322,7 @@ def check_ray_run(cfg: Config, source: DataSource, workers: int, gpus_per_worker
         raise ConfigError(f"--cpus-per-worker: {cpus_per_worker} is out of range; allowed: > 0")
     if gpus_per_worker < 0:
         raise ConfigError(f"--gpus-per-worker: {gpus_per_worker} is out of range; allowed: >= 0")
-    if labellers < 1:
-        raise ConfigError(f"--labellers: {labellers} is out of range; allowed: >= 1 (pseudo-labeller actors)")
-    if not 0 <= gpus_per_labeller <= 1:
-        raise ConfigError(f"--gpus-per-labeller: {gpus_per_labeller} is out of range; allowed: 0 (CPU labellers) "
-                          "to 1 (a fraction shares a GPU)")
+    check_labeller_flags(labellers, gpus_per_labeller)
     if cfg.train.amp == "fp16" and gpus_per_worker == 0:
         raise ConfigError("train.amp: fp16 needs CUDA workers (--gpus-per-worker > 0); use bf16 or off on CPUs")
     n_l, n_u = source.count("labelled"), source.count("unlabelled")

@@ -32,8 +32,8 @@ from scipy import stats
 
 from cssl_ray import tracking
 
-CELL_ORDER = ("supervised", "bn_mix", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain", "cl", "cl_hn", "cr", "cl_cr", "cssl",
-              "supervised_all")
+CELL_ORDER = ("supervised", "bn_mix", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain", "cl", "cl_hn", "cr",
+              "cl_cr", "cssl", "supervised_all")
 METHOD_NAMES = {
     "supervised": "Supervised",
     "cl": "CL",
@@ -155,6 +155,8 @@ def build_rows(runs: list[dict], metric: str = "test_dice_mean") -> list[dict[st
         groups[(labelled_of(r), r["tags"].get("cssl.cell") or NO_CELL)].append(r)
     prefix = class_prefix(metric)
     keys = [metric] + [prefix + c for c in classes_of(runs, metric)]
+    # supervised always gets a column; CSSL and bn_mix when the table has them
+    refs = [ref for ref in REFERENCES if ref == "supervised" or any(c == ref for _, c in groups)]
     rows = []
     for (labelled, cell), group in sorted(groups.items(), key=lambda kv: (_num(kv[0][0]), _cell_rank(kv[0][1]))):
         row = {
@@ -167,16 +169,17 @@ def build_rows(runs: list[dict], metric: str = "test_dice_mean") -> list[dict[st
             "stats": {k: _summary(_finite_values(group, k)) for k in keys},
             "best_rounds": [int(v) for v in _finite_values(group, "best_round")],
         }
-        row["vs"] = {}
-        for ref in REFERENCES:
-            if ref != "supervised" and not any(c == ref for _, c in groups):
-                continue  # no such cell in the whole table: no column
-            other = groups.get((labelled, ref))
-            row["vs"][ref] = (None, "reference") if cell == ref else p_value(group, other, metric) if other \
-                else (None, "n/a")
+        row["vs"] = {ref: _vs(group, cell, groups.get((labelled, ref)), ref, metric) for ref in refs}
         row["p"], row["test"] = row["vs"]["supervised"]
         rows.append(row)
     return rows
+
+
+def _vs(runs: list[dict], cell: str, ref_runs: list[dict] | None, ref: str, metric: str) -> tuple[float | None, str]:
+    """(p, test) of ``runs`` against the reference cell ``ref``'s runs of the same labelled share."""
+    if cell == ref:
+        return None, "reference"
+    return p_value(runs, ref_runs, metric) if ref_runs else (None, "n/a")
 
 
 def _fmt_stat(mean: float | None, std: float | None) -> str:

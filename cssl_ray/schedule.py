@@ -97,11 +97,9 @@ class RunState:
         return torch.optim.Adam(params, lr=lr, weight_decay=self.cfg.optim.weight_decay)
 
     def make_peer(self) -> RunState:
-        """CPS's network B (``baselines.rounds.peer_config``), built without touching this run's
-        global random state."""
-        device = next(self.model.parameters()).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return RunState(peer_config(self.cfg), device, precision=self.precision)
+        """CPS's network B (``baselines.rounds.peer_config``). Its construction seeds the global RNG:
+        callers keep theirs (``local._trained_peer`` forks it; ``load_state_dict`` sets it after)."""
+        return RunState(peer_config(self.cfg), next(self.model.parameters()).device, precision=self.precision)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -286,8 +284,9 @@ class RunState:
         b = cfg.baselines
         ramp = (b.mt_rampup_rounds or cfg.train.max_rounds) * n_steps
         stats = baseline_epoch(self.model, self.cssl_optimizer or self.optimizer, iter(steps), cfg, teacher=self.ema,
-                               peer=self.peer.model if self.peer is not None else None, step0=self.l_tot_steps, rampup_steps=ramp, generator=self.streams.noise,
-                               precision=self.precision, scaler=self.cssl_scaler, after_step=self.after_l_tot_step)
+                               peer=self.peer.model if self.peer is not None else None, step0=self.l_tot_steps,
+                               rampup_steps=ramp, generator=self.streams.noise, precision=self.precision,
+                               scaler=self.cssl_scaler, after_step=self.after_l_tot_step)
         stats["lr_cssl"] = (self.cssl_optimizer or self.optimizer).param_groups[0]["lr"]
         return stats
 

@@ -88,7 +88,8 @@ ABLATION_CELLS: dict[str, dict[str, Any]] = {
     "cps": {**_OFF, "method": "cps"},
     "simclr_pretrain": {**_OFF, "method": "simclr_pretrain"},
 }
-BASELINE_CELLS = ("bn_mix", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain")  # in-process only (ray_train runs the cssl method)
+# in-process only (ray_train runs the cssl method)
+BASELINE_CELLS = ("bn_mix", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain")
 DEFAULT_CELLS = [c for c in ABLATION_CELLS if c not in BASELINE_CELLS]  # the paper's Table 5 + supervised_all
 # data overrides of a cell (the rest of the split - val, test, the seed - is the experiment's)
 CELL_DATA: dict[str, dict[str, Any]] = {"supervised_all": {"labelled_fraction": 1.0, "labelled_count": 0}}

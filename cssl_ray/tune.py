@@ -37,6 +37,7 @@ from cssl_ray.experiment import (
     trial_config,
     trials_label,
 )
+from cssl_ray.placement import check_labeller_flags
 from cssl_ray.search_space import Space, load_space
 
 if TYPE_CHECKING:  # torch: loaded only once the arguments are valid
@@ -128,15 +129,14 @@ def with_resources(space: Space, args: argparse.Namespace) -> Space:
             raise ConfigError(f"--workers: {args.workers} is out of range; allowed: >= 0 (0 = in-process trials)")
         changes["workers"] = args.workers
     if args.labellers is not None:
-        if args.labellers < 1:
-            raise ConfigError(f"--labellers: {args.labellers} is out of range; allowed: >= 1 (pseudo-labeller actors)")
         changes["labellers"] = args.labellers
     if args.gpus_per_labeller is not None:
-        if not 0 <= args.gpus_per_labeller <= 1:
-            raise ConfigError(f"--gpus-per-labeller: {args.gpus_per_labeller:g} is out of range; allowed: 0 (CPU "
-                              "labellers) to 1 (a fraction shares a GPU)")
         changes["gpus_per_labeller"] = args.gpus_per_labeller
-    return dataclasses.replace(space, resources=dataclasses.replace(space.resources, **changes)) if changes else space
+    if not changes:
+        return space
+    resources = dataclasses.replace(space.resources, **changes)
+    check_labeller_flags(resources.labellers, resources.gpus_per_labeller)
+    return dataclasses.replace(space, resources=resources)
 
 
 def main(argv: list[str] | None = None) -> int:

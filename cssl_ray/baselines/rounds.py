@@ -89,9 +89,11 @@ def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: It
                    precision: Precision | None = None, scaler: torch.amp.GradScaler | None = None,
                    after_step: Callable[[], None] | None = None) -> dict[str, float]:
     """One unlabelled epoch of ``cfg.train.method`` (module docstring). ``teacher``: Mean Teacher's
-    EMA model; ``peer``: CPS's network B (``optimizer`` steps both); ``step0``: unlabelled steps taken in earlier rounds (the EMA warm-up and the ramp's
-    clock); ``rampup_steps``: the ramp's length in steps; ``generator``: the teacher's input noise. Returns the means of ``loss``, ``loss_sup_step``
-    (the D_L slice's CE) and ``loss_unsup`` (the unlabelled term, weighted), and ``steps``."""
+    EMA model; ``peer``: CPS's network B (``optimizer`` steps both); ``step0``: unlabelled steps
+    taken in earlier rounds (the EMA warm-up and the ramp's clock); ``rampup_steps``: the ramp's
+    length in steps; ``generator``: the teacher's input noise. Returns the means of ``loss``,
+    ``loss_sup_step`` (the D_L slice's CE) and ``loss_unsup`` (the unlabelled term, weighted), and
+    ``steps``."""
     method, b = cfg.train.method, cfg.baselines
     if method not in ROUND_METHODS:
         raise ValueError(f"baseline_epoch: train.method {method!r} has no unlabelled epoch; allowed: "

@@ -135,15 +135,18 @@ class _RowCache:
         missing = sorted({i for i in idx if (where, i) not in self.rows})
         for i, row in zip(missing, source.read_rows(missing) if missing else []):
             self.rows[(where, i)] = row
-            self.used += row[0].nbytes + (row[1].nbytes if row[1] is not None else 0)
+            self.used += _nbytes(row)
         out = []
         for i in idx:
             self.rows.move_to_end((where, i))
             out.append(self.rows[(where, i)])
         while self.used > self.budget and len(self.rows) > len(idx):
-            _, (image, mask) = self.rows.popitem(last=False)
-            self.used -= image.nbytes + (mask.nbytes if mask is not None else 0)
+            self.used -= _nbytes(self.rows.popitem(last=False)[1])
         return out
+
+
+def _nbytes(row: tuple[np.ndarray, np.ndarray | None]) -> int:
+    return row[0].nbytes + (row[1].nbytes if row[1] is not None else 0)
 
 
 ROW_CACHE_BYTES = 256 * 2**20  # per process
