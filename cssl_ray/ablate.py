@@ -24,15 +24,17 @@ would run and exits.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from cssl_ray.config import Config, ConfigError, load_config
-from cssl_ray.experiment import CELL_KEY, check_trials, experiment_folder, fail, grid_size, run_experiment, trials_label
+from cssl_ray.config import Config, ConfigError, dump_config, load_config
+from cssl_ray.experiment import (CELL_KEY, best_outcome, check_trials, experiment_folder, fail, grid_size,
+                                 log_parent_files, register_best, run_experiment, trials_label)
 from cssl_ray.search_space import ABLATION_CELLS, BASELINE_CELLS, Space, load_space
-from cssl_ray.tune import (DEFAULT_STORAGE, add_resource_flags, best_config_path, data_text, trial_resources_text,
-                           with_resources)
+from cssl_ray.tune import (DEFAULT_STORAGE, add_resource_flags, announce_model, best_config_path, data_text,
+                           trial_resources_text, with_resources)
 
 SWEEP_CELLS = ["supervised", "cssl"]
 
@@ -88,6 +90,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="experiment folder name (default <space>-ablate[-fractions])")
     p.add_argument("--resume", action="store_true", help="continue an interrupted ablation")
     p.add_argument("--threads", type=int, default=0, help="torch threads per in-process trial (0 = the config's)")
+    p.add_argument("--register-name", help="registered model name of the best run (default <space>-ablate)")
     add_resource_flags(p, "run")
     p.add_argument("--dry-run", action="store_true",
                    help="run every check made before Ray starts, print what would run, start nothing")
@@ -127,9 +130,17 @@ def main(argv: list[str] | None = None) -> int:
         return fail(prog, str(e))
     failed = [o for o in outcomes if o.status == "ERROR"]
     print(f"\n{len(outcomes)} runs, {len(failed)} failed")
+    folder = Path(args.storage_path) / name
+    dump_config(base, folder / "fixed_config.yaml")  # the parent run's record of the fixed hyperparameters
+    log_parent_files(uri, space.name, parent, [folder / "fixed_config.yaml"])
     from cssl_ray import report
-    return report.main(["--experiment", space.name, "--parent", parent, "--tracking-uri", uri,
-                        "--out", str(Path(args.storage_path) / name / "report")])
+    code = report.main(["--experiment", space.name, "--parent", parent, "--tracking-uri", uri,
+                        "--out", str(folder / "report")])  # also attached to the parent run
+    best = best_outcome(outcomes, space.metric, space.mode)
+    if best is not None:
+        print(f"best run by validation {space.metric} ({space.mode}): {best.trial_id} {json.dumps(best.params)}")
+        announce_model(register_best(uri, space.name, parent, best, args.register_name or f"{space.name}-ablate"))
+    return code
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from cssl_ray.config import Config, ConfigError, from_dict, merge, to_dict
 from cssl_ray.placement import concurrent_trials, stream_resources, trial_bundles, trial_demand
+from cssl_ray.run_record import read_result, record_result, runs_view
 from cssl_ray.search_space import ABLATION_CELLS, CELL_DATA, Resources, Space, cell_of, unflatten
 
 if TYPE_CHECKING:  # torch: the CLIs import this module before their arguments are checked
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # torch: the CLIs import this module before their arguments a
 
 CELL_KEY = "cell"  # a trial parameter naming an ablation cell (sets the three switches)
 SESSION_FILE = "cssl_session.json"
+VIEW_KEY = "cssl-runs"  # the experiment's shared runs-table view (run_record.runs_view)
 # Tune writes its experiment state at most this often; a killed driver loses at most that much.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
 
@@ -226,24 +228,13 @@ def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any
         def _close(self, trials, trial, status: str) -> None:
             run_id = self._open(trial)
             out_dir = runs_root / trial.trial_id
-            result = read_result(out_dir)
             step = int((trial.last_result or {}).get("step", 0))
-            if result:
-                self.tracker.log_metrics(run_id, {f"test_{k}": v for k, v in result["test"].items()}, step=step)
-                stage_a = {f"stage_a_{k}": v for k, v in result.get("stage_a", {}).items()}
-                self.tracker.log_metrics(run_id, {"best_round": float(result.get("best_round", 0)), **stage_a},
-                                         step=step)
-                if result.get("warnings"):
-                    self.tracker.set_tags(run_id, {"cssl.warning": " | ".join(result["warnings"])[:5000]})
+            cfg = trial_config(base, dict(trial.config))
+            result = record_result(self.tracker, run_id, cfg, out_dir, step, log_model=status == "FINISHED")
             early = status == "FINISHED" and not result
-            self.tracker.set_tags(run_id, {"cssl.early_stopped": str(early).lower(), "cssl.out_dir": str(out_dir)})
+            self.tracker.set_tags(run_id, {"cssl.early_stopped": str(early).lower()})
             if status == "FAILED" and trial.error_file:
                 self.tracker.set_tags(run_id, {"cssl.error": _first_error_line(trial)})
-            for name in ("config.yaml", "split.json", "split_names.json", "result.json", "best.pt"):
-                if (out_dir / name).exists():
-                    self.tracker.log_artifact(run_id, out_dir / name)
-            if (out_dir / "figures").is_dir():
-                self.tracker.log_artifacts(run_id, out_dir / "figures", "figures")
             self.tracker.end(run_id, status)
             last = trial.last_result or {}
             if status == "FAILED":
@@ -280,14 +271,6 @@ def _first_error_line(trial) -> str:
         return (text[-1] if text else "unknown error")[:500]
     except OSError:
         return "unknown error"
-
-
-def read_result(out_dir: Path) -> dict[str, Any]:
-    """A finished run's result.json ({} if the run did not finish)."""
-    path = out_dir / "result.json"
-    if not path.exists():
-        return {}
-    return json.loads(path.read_text())
 
 
 def run_tags(cfg: Config, cell: str | None = None, nominal: Config | None = None) -> dict[str, str]:
@@ -371,7 +354,7 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
     from ray import tune
 
     from cssl_ray.ray_init import init_ray
-    from cssl_ray.tracking import Tracker, git_commit, ui_command
+    from cssl_ray.tracking import Tracker, git_commit, ui_address, ui_command
 
     storage = storage.resolve()
     folder = experiment_folder(storage, tune_name, resume)
@@ -436,8 +419,32 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
             test=result.get("test", {}), best_val=result.get("best_val", {}),
             metric_analysis=dict(trial.metric_analysis or {}),
             early_stopped=trial.status == "TERMINATED" and not result))
-    (log or say)(f"MLflow: experiment {space.name!r}, parent run {parent_id}; open it with:\n  {ui_command(uri)}")
+    view = tracker.share_view(VIEW_KEY, runs_view(space.metric, parent_id))
+    (log or say)(f"MLflow: experiment {space.name!r}, parent run {parent_id}; open it with:\n  {ui_command(uri)}"
+                 f"\n  then {ui_address(uri)}{view}  (its runs: cell, seed, data, test metrics)")
     return outcomes, parent_id
+
+
+def register_best(uri: str, experiment: str, parent_id: str, best: TrialOutcome, name: str) -> str | None:
+    """Register ``best``'s logged model as a new version of ``name``; its ``models:/`` URI (None
+    when the trial logged no model)."""
+    from cssl_ray.mlflow_model import MODEL_URI_TAG, register_model
+    from cssl_ray.tracking import KEY_TAG, find_runs
+
+    runs = find_runs(uri, experiment, parent_id=parent_id, tags={KEY_TAG: best.trial_id})
+    model_uri = runs[0]["tags"].get(MODEL_URI_TAG) if runs else None
+    if model_uri is None:
+        return None
+    version = register_model(uri, model_uri, name, runs[0]["run_id"])
+    return f"models:/{name}/{version}"
+
+
+def log_parent_files(uri: str, experiment: str, parent_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
+    """Attach files (the report, the best config) to an experiment's parent run."""
+    from cssl_ray.tracking import Tracker
+    tracker = Tracker(uri, experiment)
+    for path in paths:
+        tracker.log_artifact(parent_id, path, artifact_path)
 
 
 def best_outcome(outcomes: list[TrialOutcome], metric: str, mode: str) -> TrialOutcome | None:

@@ -1,7 +1,8 @@
 """Batch inference: class masks and colour overlays for a folder of images, from a trained checkpoint.
 
-    python -m cssl_ray.predict --checkpoint runs/x/best.pt --images <folder> --out <folder>
+    python -m cssl_ray.predict --model runs/x/best.pt --images <folder> --out <folder>
                                [--address auto] [--workers N] [--batch-size B]
+    python -m cssl_ray.predict --model models:/nuclei/3 ...   # a registered model (--tracking-uri)
     python -m cssl_ray.predict ... --local       # no Ray: the same functions in this process
     python -m cssl_ray.predict ... --dry-run     # every input check (check_inputs); writes nothing
 
@@ -23,7 +24,10 @@ before writing the first file; that keeps "bad input -> nothing written" simple.
 Accepted checkpoints: ``best.pt`` and ``round_NNN.pt`` (``cssl_ray.local``; their ``model``
 weights) and a Ray Train checkpoint folder holding ``state.pt`` (``cssl_ray.ray_train``; its
 ``best_model``, the best-validation weights that ``best.pt`` would hold, e.g. copied down from the
-run's ``storage_path`` on S3 after a cluster run). Each also carries the run's ``config``.
+run's ``storage_path`` on S3 after a cluster run). Each also carries the run's ``config``. And an
+MLflow model that ``cssl_ray.train``, ``tune`` or ``ablate`` logged (``models:/<name>/<version>`` of
+a registered model, ``models:/<model id>``, ``runs:/<run id>/model``), read from ``--tracking-uri``
+(``cssl_ray.mlflow_model``). ``--checkpoint`` is the old name of ``--model``.
 """
 from __future__ import annotations
 
@@ -71,9 +75,19 @@ class Prepared:
 # Inputs
 
 
-def load_checkpoint(path: str | Path) -> tuple[Config, dict[str, Any]]:
-    """The run's Config and model state dict from ``path`` (a file or a Ray Train checkpoint folder)."""
+def load_checkpoint(path: str | Path, tracking_uri: str | None = None) -> tuple[Config, dict[str, Any]]:
+    """The run's Config and model state dict from ``path``: a file, a Ray Train checkpoint folder or
+    an MLflow model URI (read from ``tracking_uri``, default ``tracking.tracking_uri()``)."""
     import torch
+
+    from cssl_ray.mlflow_model import is_model_uri
+    if is_model_uri(str(path)):
+        from cssl_ray.mlflow_model import load_model
+        from cssl_ray.tracking import tracking_uri as default_uri
+        try:
+            return load_model(str(path), default_uri(tracking_uri))
+        except ValueError as e:
+            raise PredictError(str(e)) from None
 
     from cssl_ray.config import from_dict
     from cssl_ray.ray_train import STATE_FILE
@@ -285,8 +299,8 @@ def write_outputs(items: list[Prepared], masks: dict[str, np.ndarray], out: Path
 
 
 def check_inputs(checkpoint: str | Path, images: str | Path, out: str | Path, *, workers: int = 1,
-                 batch_size: int = 8, cpus_per_worker: float = 1.0,
-                 gpus_per_worker: float = 0.0) -> tuple[Config, dict[str, Any], list[Prepared]]:
+                 batch_size: int = 8, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
+                 tracking_uri: str | None = None) -> tuple[Config, dict[str, Any], list[Prepared]]:
     """Every check ``predict`` makes before Ray starts or a file is written (``--dry-run`` runs only
     these): the options' ranges, ``out``, the checkpoint and its weights, every image read and
     preprocessed. Returns the run's config, the weights and the prepared images. Bad input: ``PredictError``."""
@@ -301,7 +315,7 @@ def check_inputs(checkpoint: str | Path, images: str | Path, out: str | Path, *,
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PredictError(f"{out}: --out exists and is not a folder")
-    cfg, state = load_checkpoint(checkpoint)
+    cfg, state = load_checkpoint(checkpoint, tracking_uri)
     if cfg.data.num_classes > 256:
         raise PredictError(f"{checkpoint}: data.num_classes {cfg.data.num_classes} does not fit uint8 mask PNGs (<= 256)")
     _check_weights(cfg, state, checkpoint)
@@ -311,11 +325,13 @@ def check_inputs(checkpoint: str | Path, images: str | Path, out: str | Path, *,
 
 def predict(checkpoint: str | Path, images: str | Path, out: str | Path, *, local: bool = False,
             workers: int = 1, batch_size: int = 8, cpus_per_worker: float = 1.0,
-            address: str | None = None, gpus_per_worker: float = 0.0) -> dict[str, Any]:
+            address: str | None = None, gpus_per_worker: float = 0.0,
+            tracking_uri: str | None = None) -> dict[str, Any]:
     """Masks and overlays for every image in ``images``; returns a summary. Bad input: ``PredictError``."""
     start = time.perf_counter()
     cfg, state, items = check_inputs(checkpoint, images, out, workers=workers, batch_size=batch_size,
-                                     cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+                                     cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                                     tracking_uri=tracking_uri)
     out = Path(out)
     if local:
         masks = segment_local(items, cfg, state, batch_size)
@@ -340,7 +356,11 @@ def _check_weights(cfg: Config, state: dict[str, Any], checkpoint: str | Path) -
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cssl_ray.predict", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="best.pt (or round_NNN.pt, or a Ray Train checkpoint folder)")
+    p.add_argument("--model", "--checkpoint", dest="checkpoint", required=True,
+                   help="best.pt, round_NNN.pt, a Ray Train checkpoint folder, or an MLflow model URI "
+                        "(models:/<name>/<version>, runs:/<run id>/model)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI of a models:/ URI (default $MLFLOW_TRACKING_URI, "
+                                          "else ./mlflow.db)")
     p.add_argument("--images", required=True, help="folder of images (png, tif, tiff, jpg, jpeg)")
     p.add_argument("--out", required=True, help="folder for <name>_mask.png and <name>_overlay.png")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
@@ -361,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             cfg, _, items = check_inputs(args.checkpoint, args.images, args.out, workers=args.workers,
                                          batch_size=args.batch_size, cpus_per_worker=args.cpus_per_worker,
-                                         gpus_per_worker=args.gpus_per_worker)
+                                         gpus_per_worker=args.gpus_per_worker, tracking_uri=args.tracking_uri)
             how = "in this process (--local)" if args.local else \
                 (f"on {args.workers} Segmenter actor(s) x {args.gpus_per_worker:g} GPU on Ray at "
                  f"{args.address or 'a local instance started here'}")
@@ -371,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         summary = predict(args.checkpoint, args.images, args.out, local=args.local, workers=args.workers,
                           batch_size=args.batch_size, cpus_per_worker=args.cpus_per_worker, address=args.address,
-                          gpus_per_worker=args.gpus_per_worker)
+                          gpus_per_worker=args.gpus_per_worker, tracking_uri=args.tracking_uri)
     except (PredictError, ConfigError) as e:
         print(f"cssl_ray.predict: error: {e}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@
                               [--metric test_dice_mean] [--out DIR]
 
 Takes the FINISHED child runs of one parent run (default: the newest ``cssl.kind=ablate`` parent,
-else the newest parent of any kind), groups them by labelled share and ablation cell, and writes
+else the newest ``tune`` parent), groups them by labelled share and ablation cell, and writes
 into ``--out`` (default ``runs/report/<experiment>``):
 
     report.md    the Markdown table: mean +- sample std (ddof=1) over seeds per group, and the
@@ -17,7 +17,7 @@ into ``--out`` (default ``runs/report/<experiment>``):
     omega.png    omega (the silhouette score) per validation step, mean +- std over seeds, of the
                  runs without CR (cl, cl_hn) and with CR (cl_cr, cssl), when any logged omega
 
-MLflow is read only through ``cssl_ray.tracking``.
+The files are also attached to the parent run (artifacts under ``report/``). MLflow is read only through ``cssl_ray.tracking``.
 """
 from __future__ import annotations
 
@@ -386,7 +386,7 @@ def _select_runs(uri: str, args: argparse.Namespace) -> tuple[dict, list[dict]]:
         parent = tracking.get_run(uri, args.parent)
     else:
         parent = tracking.latest_parent(uri, args.experiment, kind="ablate") \
-            or tracking.latest_parent(uri, args.experiment)
+            or tracking.latest_parent(uri, args.experiment, kind="tune")
         if parent is None:
             raise ValueError(f"experiment '{args.experiment}' in {uri} has no parent run")
     children = tracking.find_runs(uri, args.experiment, parent_id=parent["run_id"])
@@ -429,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         draw_omega(curves, out / "omega.png", title, runs_of)
         paths.append(out / "omega.png")
 
+    tracking.Tracker(uri, args.experiment).log_artifacts(parent["run_id"], out, "report")  # the parent holds its report
     print(table, end="")
     if not curves:
         print("no omega history in cells cl, cl_hn, cl_cr, cssl: omega.png not written")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import numbers
 import os
@@ -39,15 +40,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+# "Creating initial MLflow database tables..." on every new store: not for the trainer's terminal
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 ENDED = ("FINISHED", "FAILED", "KILLED")
 PARENT_TAG = "mlflow.parentRunId"
 SESSION_TAG = "cssl.session"
 KEY_TAG = "cssl.trial_key"
 KIND_TAG = "cssl.kind"
+# MLflow 3's UI opens an experiment by this tag: the GenAI overview (traces) unless it says model training
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+VIEW_TAG = "mlflow.sharedViewState."  # + a key: a runs-table view the UI opens with ?viewStateShareKey=<key>
 
 _MAX_KEY = 250  # MLflow's MAX_ENTITY_KEY_LENGTH
 _MAX_PARAMS_PER_BATCH = 100  # MAX_PARAMS_TAGS_PER_BATCH
@@ -108,6 +115,13 @@ def ui_command(uri: str) -> str:
     if urlparse(uri).scheme in ("http", "https"):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri}"
+
+
+def ui_address(uri: str) -> str:
+    """The root of the UI that shows ``uri``: the server itself, else where ``mlflow ui`` listens."""
+    if urlparse(uri).scheme in ("http", "https"):
+        return uri.rstrip("/") + "/"
+    return "http://127.0.0.1:5000/"
 
 
 def flatten_config(d: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, str]:
@@ -182,8 +196,12 @@ def _chunks(items: list, n: int) -> Iterable[list]:
 
 
 @functools.lru_cache(maxsize=16)
-def _client(uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri)
+def client(uri: str) -> MlflowClient:
+    """One ``MlflowClient`` per tracking URI (with its registry at the same URI)."""
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+_client = client
 
 
 def _quote(value: str) -> str:
@@ -234,7 +252,8 @@ class Tracker:
                 folder = re.sub(r"[^A-Za-z0-9_.\-]", "_", self.experiment)
                 location = (store.resolve().parent / "mlartifacts" / folder).as_uri()
             try:
-                return self.client.create_experiment(self.experiment, artifact_location=location)
+                return self.client.create_experiment(self.experiment, artifact_location=location,
+                                                     tags=dict([EXPERIMENT_KIND]))
             except MlflowException:  # created meanwhile by another process
                 exp = self.client.get_experiment_by_name(self.experiment)
                 if exp is None:
@@ -244,6 +263,8 @@ class Tracker:
                 f"experiment '{self.experiment}' is deleted in {self.uri}; restore it "
                 f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or use another name"
             )
+        if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+            self.client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
 
     # -- runs -------------------------------------------------------------------------------
@@ -274,9 +295,20 @@ class Tracker:
         )
         if found:
             return self._reopen(found[0].info.run_id, tags)
+        return self.start_run(name, params, {**tags, PARENT_TAG: parent_id, KEY_TAG: key})
+
+    def start_run(self, name: str, params: dict[str, str], tags: dict[str, str],
+                  reopen: dict[str, str] | None = None) -> str:
+        """A run with ``params`` and ``tags``; with ``reopen``, the newest run carrying all of those
+        tags is reopened instead when there is one (its params are left alone)."""
+        if reopen:
+            where = " AND ".join(f"tags.`{k}` = {_quote(v)}" for k, v in reopen.items())
+            found = _search(self.client, self.experiment_id, where)
+            if found:
+                return self._reopen(found[0].info.run_id, tags)
         run = self.client.create_run(self.experiment_id, run_name=name)
         run_id = run.info.run_id
-        self.set_tags(run_id, {**tags, PARENT_TAG: parent_id, KEY_TAG: key})
+        self.set_tags(run_id, tags)
         plist = [Param(sanitize_key(k), str(v)) for k, v in params.items()]
         for chunk in _chunks(plist, _MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=chunk)
@@ -319,6 +351,26 @@ class Tracker:
         self.client.log_artifacts(run_id, str(folder), artifact_path)
         return True
 
+    def log_datasets(self, run_id: str, inputs: Iterable[Mapping[str, Any]]) -> None:
+        """Dataset inputs of a run (the runs table's Dataset column). Each input: name, digest (<= 36
+        characters), source (a JSON string), context (train, validation, test, ...), profile (a dict,
+        stored as JSON) and schema (a dict, stored as JSON)."""
+        entries = [
+            DatasetInput(
+                Dataset(name=d["name"], digest=d["digest"][:36], source_type="local", source=d["source"],
+                        schema=json.dumps(d.get("schema", {})), profile=json.dumps(d.get("profile", {}))),
+                tags=[InputTag("mlflow.data.context", d["context"])])
+            for d in inputs
+        ]
+        if entries:
+            self.client.log_inputs(run_id, datasets=entries)
+
+    def share_view(self, key: str, state: Mapping[str, Any]) -> str:
+        """Store a runs-table view of the experiment (columns shown, sort, filter, charts) under
+        ``key``; returns the UI path that opens it, relative to the server's root."""
+        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG + key, json.dumps(dict(state)))
+        return f"#/experiments/{self.experiment_id}/runs?viewStateShareKey={key}"
+
     def end(self, run_id: str, status: str) -> None:
         if status not in ENDED:
             raise ValueError(f"run status '{status}' is not one of {', '.join(ENDED)}")
@@ -343,14 +395,14 @@ class Tracker:
 # The read side: plain dicts only
 
 
-def _store_missing(uri: str) -> bool:
+def store_missing(uri: str) -> bool:
     """True for a sqlite URI whose db file does not exist (reading must not create it)."""
     path = _local_store_path(uri)
     return uri.startswith("sqlite:///") and path is not None and not path.exists()
 
 
 def _experiment(uri: str, name: str):
-    if _store_missing(uri):
+    if store_missing(uri):
         return None
     exp = _client(uri).get_experiment_by_name(name)
     return None if exp is None or exp.lifecycle_stage == "deleted" else exp
@@ -361,7 +413,7 @@ def require_experiment(uri: str, name: str) -> str:
     exp = _experiment(uri, name)
     if exp is not None:
         return exp.experiment_id
-    names = [] if _store_missing(uri) else sorted(e.name for e in _client(uri).search_experiments())
+    names = [] if store_missing(uri) else sorted(e.name for e in _client(uri).search_experiments())
     raise ValueError(
         f"experiment '{name}' not found in {uri}; experiments: {', '.join(names) or '(none)'}"
     )
@@ -398,7 +450,7 @@ def find_runs(
 
 def get_run(uri: str, run_id: str) -> dict[str, Any]:
     """One run as a plain dict; ``ValueError`` when ``run_id`` is not in ``uri``."""
-    if _store_missing(uri):
+    if store_missing(uri):
         raise ValueError(f"run '{run_id}' not found in {uri} (no database there)")
     try:
         return _as_dict(_client(uri).get_run(run_id))

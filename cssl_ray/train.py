@@ -20,12 +20,20 @@ GPUs each (default 0: on CPUs; a fraction such as 0.5 shares a GPU with a worker
 placement group of their own before training starts: a GPU labeller waits for a GPU (on an
 autoscaling cluster, for the node the autoscaler adds), and a run that a local Ray instance cannot
 hold is a one-line error.
+
+MLflow: every run is recorded like a Tune trial (``--no-track`` to opt out): the resolved config as
+params, the ``cssl.*`` tags (kind ``train``), one metric set per validation, then the test metrics,
+the data as dataset inputs, the run's files and the selected weights as an MLflow PyTorch model
+(``run_record``), in experiment ``--experiment`` (default: the dataset's name) of
+``--tracking-uri`` (default ``$MLFLOW_TRACKING_URI``, else ./mlflow.db). ``--resume`` reopens the
+run of the same ``--out``. A failed run ends FAILED, an interrupted one KILLED.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from cssl_ray.config import ConfigError, Config, from_dict, load_config, merge, parse_override
@@ -71,6 +79,10 @@ def parser() -> argparse.ArgumentParser:
     ray.add_argument("--max-failures", type=int, default=2, help="worker failures survived (restart from checkpoint)")
     ray.add_argument("--placement-strategy", default="PACK", metavar="{PACK,SPREAD,STRICT_PACK,STRICT_SPREAD}",
                      help="placement of the Train workers: PACK fills nodes in turn, SPREAD one worker per node")
+    track = p.add_argument_group("MLflow")
+    track.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    track.add_argument("--experiment", help="MLflow experiment (default: the dataset's name, data.name)")
+    track.add_argument("--no-track", action="store_true", help="record nothing in MLflow")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true",
                    help="run every check the run makes before it starts, print what would run, start nothing")
@@ -113,17 +125,11 @@ def main(argv: list[str] | None = None) -> int:
                                labellers=args.labellers, gpus_per_labeller=args.gpus_per_labeller)
             print(dry_run_line(cfg, args, source))
             return 0
-        if args.local:
-            from cssl_ray.local import run_local  # torch and the models load only once args are valid
-            result = run_local(cfg, resume=args.resume)
-        else:
-            from cssl_ray.placement import StreamResources
-            from cssl_ray.ray_train import run_ray  # ray loads only once args are valid
-            result = run_ray(cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                             cpus_per_worker=args.cpus_per_worker, address=args.address,
-                             storage_path=args.storage_path, resume=args.resume, max_failures=args.max_failures,
-                             placement_strategy=args.placement_strategy,
-                             resources=StreamResources(labellers=args.labellers, labeller_gpus=args.gpus_per_labeller))
+        from cssl_ray.config import validate
+        from cssl_ray.models import check_geometry
+        validate(cfg)  # the checks every run starts with, before an MLflow run exists for it
+        check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
+        result = tracked(cfg, args, lambda log: _run(cfg, args, log))
     except (ConfigError, FileNotFoundError) as e:
         print(f"cssl_ray.train: error: {e}", file=sys.stderr)
         return 2
@@ -131,6 +137,65 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"out_dir": str(result.out_dir), "best_round": result.best_round,
                       "seconds": round(result.seconds, 1), "test": summary}, indent=2))
     return 0
+
+
+def _run(cfg: Config, args: argparse.Namespace, log: Callable[[dict[str, Any]], None] | None) -> Any:
+    """The run itself, in this process (--local) or on Ray; ``log`` gets every validation record."""
+    if args.local:
+        from cssl_ray.local import run_local  # torch and the models load only once args are valid
+        return run_local(cfg, resume=args.resume, log=log)
+    from cssl_ray.placement import StreamResources
+    from cssl_ray.ray_train import run_ray  # ray loads only once args are valid
+    return run_ray(cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                   cpus_per_worker=args.cpus_per_worker, address=args.address,
+                   storage_path=args.storage_path, resume=args.resume, max_failures=args.max_failures,
+                   placement_strategy=args.placement_strategy,
+                   resources=StreamResources(labellers=args.labellers, labeller_gpus=args.gpus_per_labeller),
+                   callbacks=[_mlflow_forwarder(log)] if log else None)
+
+
+def tracked(cfg: Config, args: argparse.Namespace, run: Callable[[Any], Any]) -> Any:
+    """``run(log)`` recorded as one MLflow run (module docstring); ``run(None)`` with ``--no-track``."""
+    if args.no_track:
+        return run(None)
+    from pathlib import Path
+
+    from cssl_ray.config import to_dict
+    from cssl_ray.experiment import run_tags
+    from cssl_ray.run_record import RecordLogger, record_result
+    from cssl_ray.tracking import Tracker, flatten_config, git_commit, tracking_uri
+
+    out_dir = Path(cfg.train.out_dir).resolve()
+    tracker = Tracker(tracking_uri(args.tracking_uri), args.experiment or cfg.data.name)
+    tags = {**run_tags(cfg), "cssl.kind": "train", "cssl.out_dir": str(out_dir), "cssl.git_commit": git_commit(),
+            "cssl.mode": "local" if args.local else f"ray:{args.workers}"}
+    run_id = tracker.start_run(f"train:{out_dir.name}", flatten_config(to_dict(cfg)), tags,
+                               reopen={"cssl.kind": "train", "cssl.out_dir": str(out_dir)} if args.resume else None)
+    status = "KILLED"
+    try:
+        result = run(RecordLogger(tracker.uri, tracker.experiment, run_id))
+        step = int(result.history[-1].get("step", 0)) if result.history else 0
+        record_result(tracker, run_id, cfg, out_dir, step)
+        status = "FINISHED"
+        return result
+    except Exception:
+        status = "FAILED"
+        raise
+    finally:
+        tracker.end(run_id, status)
+        print(f"MLflow: run {run_id} in experiment {tracker.experiment!r} ({status})", file=sys.stderr)
+
+
+def _mlflow_forwarder(log: Callable[[dict[str, Any]], None]) -> Any:
+    """A Ray Train callback that hands rank 0's reports to ``log`` (run on Train's controller)."""
+    from ray.train import UserCallback
+
+    class Forward(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if metrics:
+                log(metrics[0])
+
+    return Forward()
 
 
 if __name__ == "__main__":

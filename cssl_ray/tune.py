@@ -33,6 +33,8 @@ from cssl_ray.experiment import (
     experiment_folder,
     fail,
     grid_size,
+    log_parent_files,
+    register_best,
     run_experiment,
     trial_config,
     trials_label,
@@ -82,6 +84,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment (finished trials are kept)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per in-process trial (0 = the config's)")
+    p.add_argument("--register-name", help="registered model name of the best trial (default: the space's name)")
     add_resource_flags(p, "trial")
     p.add_argument("--dry-run", action="store_true",
                    help="run every check made before Ray starts, print what would run, start nothing")
@@ -187,7 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     print("  params: " + json.dumps(best.params))
     print("  test:   " + json.dumps(shown))
     print(f"  config: {path}   (python -m cssl_ray.train --config {path})")
+    log_parent_files(uri, space.name, parent, [path])
+    announce_model(register_best(uri, space.name, parent, best, args.register_name or space.name))
     return 0
+
+
+def announce_model(model_uri: str | None) -> None:
+    """Print the registered best model and the command that segments a folder with it."""
+    if model_uri is None:
+        print("  model:  none registered (the best trial logged no model)")
+        return
+    print(f"  model:  {model_uri}   (python -m cssl_ray.predict --model {model_uri} --images DIR --out DIR)")
 
 
 if __name__ == "__main__":

@@ -186,8 +186,20 @@ def test_mlflow_server_rest(tmp_path: Path) -> None:
         note = tmp_path / "note.txt"
         note.write_text("x")
         assert tracker.log_artifact(child, note)
+        tracker.log_datasets(child, [{"name": "nuclei/D_L", "digest": "abc123", "source": '{"uri": "x"}',
+                                      "context": "train", "profile": {"num_rows": 3}}])
+        view = tracker.share_view("v", {"selectedColumns": ["tags.`cssl.cell`"]})
         tracker.end(child, "FINISHED")
         assert tracker.close_open_runs() == 1  # the parent
+
+        # the UI opens the experiment on its runs table (model training), with the shared view
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=rest",
+                                    timeout=10) as resp:
+            exp = json.loads(resp.read())
+        exp_tags = {t["key"]: t["value"] for t in exp["experiment"]["tags"]}
+        assert exp_tags["mlflow.experimentKind"] == "custom_model_development"
+        assert json.loads(exp_tags["mlflow.sharedViewState.v"]) == {"selectedColumns": ["tags.`cssl.cell`"]}
+        assert view == f"#/experiments/{tracker.experiment_id}/runs?viewStateShareKey=v"
 
         runs = _post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [tracker.experiment_id]})["runs"]
         by_id = {r["info"]["run_id"]: r for r in runs}
@@ -202,6 +214,9 @@ def test_mlflow_server_rest(tmp_path: Path) -> None:
         assert metrics["val_dice_mean"]["value"] == 0.6 and metrics["val_dice_mean"]["step"] == 1
         assert tracking.metric_history(base, child, "val_dice_mean") == [(0, 0.4), (1, 0.6)]
         assert math.isnan(tracking.metric_history(base, child, "omega")[0][1])
+        (data,) = c["inputs"]["dataset_inputs"]  # the runs table's Dataset column
+        assert data["dataset"]["name"] == "nuclei/D_L" and data["dataset"]["digest"] == "abc123"
+        assert data["tags"] == [{"key": "mlflow.data.context", "value": "train"}]
     finally:
         try:
             os.killpg(server.pid, signal.SIGTERM)
