@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         source: list[str] = []  # where the fixed hyperparameters come from (printed now, or in the dry-run line)
         base = fixed_config(space, args.config, args.storage_path, log=source.append if args.dry_run else print)
         sweep = "data.labelled_fraction" in grid
-        data = check_trials(space, base, split_varies=sweep)  # before Ray starts, one line each
+        warned: list[str] = []  # warnings of the checks: shown now, not again by every trial
+        data = check_trials(space, base, split_varies=sweep, warned=warned)  # before Ray starts, one line each
         from cssl_ray.tracking import tracking_uri
         uri = tracking_uri(args.tracking_uri)
         name = args.name or f"{space.name}-ablate" + ("-fractions" if sweep else "")
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         outcomes, parent = run_experiment(
             space, param_space=grid, kind="ablate", tune_name=name, base=base, uri=uri,
             storage=Path(args.storage_path), scheduler=None, num_samples=1, address=args.address,
-            resume=args.resume, threads=args.threads, parent_tags={"cssl.grid": "fractions" if sweep else "table5"})
+            resume=args.resume, threads=args.threads, parent_tags={"cssl.grid": "fractions" if sweep else "table5"},
+            warned=warned)
     except (ConfigError, FileNotFoundError) as e:
         return fail(prog, str(e))
     failed = [o for o in outcomes if o.status == "ERROR"]

@@ -26,13 +26,15 @@ import math
 import os
 import sys
 import uuid
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cssl_ray.config import Config, ConfigError, from_dict, merge, to_dict
 from cssl_ray.placement import concurrent_trials, stream_resources, trial_bundles, trial_demand
+from cssl_ray.progress import TrialProgress, record_warnings, run_warnings, warning_text
 from cssl_ray.run_record import read_result, record_result, runs_view
 from cssl_ray.search_space import ABLATION_CELLS, CELL_DATA, Resources, Space, cell_of, unflatten
 
@@ -42,8 +44,12 @@ if TYPE_CHECKING:  # torch: the CLIs import this module before their arguments a
 CELL_KEY = "cell"  # a trial parameter naming an ablation cell (sets the three switches)
 SESSION_FILE = "cssl_session.json"
 VIEW_KEY = "cssl-runs"  # the experiment's shared runs-table view (run_record.runs_view)
+TRIAL_WARNINGS = "warnings.json"  # a trial's Python warnings (cssl_ray.progress)
 # Tune writes its experiment state at most this often; a killed driver loses at most that much.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+# Tune's own output engine prints a configuration table and result paths even at verbose=0; the
+# legacy one prints nothing at verbose=0. The MLflow callback prints the experiment's lines.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 @dataclass
@@ -83,12 +89,20 @@ def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
 
     The last round's result is held back until the run has written its test metrics (result.json):
     ASHA stops any trial whose report reaches max_t, and a stop there would otherwise cut the
-    test evaluation off a trial that finished every round.
+    test evaluation off a trial that finished every round. Python warnings the trial raises go to
+    ``<run folder>/warnings.json`` as they are raised; the driver shows each once (cssl_ray.progress).
     """
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
     out_dir = Path(spec.runs_root) / trial_id
+    with record_warnings(out_dir / TRIAL_WARNINGS):
+        _run_trial(params, spec, out_dir)
+
+
+def _run_trial(params: dict[str, Any], spec: TrialSpec, out_dir: Path) -> None:
+    from ray import tune
+
     cfg = trial_config(spec.base, params)
     train = dataclasses.replace(cfg.train, out_dir=str(out_dir), progress=False,
                                 num_threads=spec.threads or cfg.train.num_threads)
@@ -167,23 +181,27 @@ def session_id(folder: Path, resume: bool) -> str:
 
 
 def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any], runs_root: Path,
-                  base_tags: dict[str, str], metric: str, mode: str, log: Callable[[str], None] | None = None):
-    """The driver-side Tune callback that records trials in MLflow (built here: ray.tune is lazy)."""
+                  base_tags: dict[str, str], metric: str, mode: str, log: Callable[[str], None] | None = None,
+                  total: int = 1, warned: Iterable[str] = (), bar: bool | None = None):
+    """The driver-side Tune callback that records trials in MLflow and prints the experiment's lines
+    (built here: ray.tune is lazy). ``total``: the experiment's trials (num_samples x grid size);
+    ``warned``: warning texts the driver has already shown; ``bar``: the bar over trials (None: when
+    stdout is a terminal and ``log`` is None). ``log`` None: print."""
     from ray import tune
-
-    log = log or say  # a module-level function: Tune pickles the callback (by value, with its closure)
 
     class MLflowRecorder(tune.Callback):
         """Every trial -> one child run: params, metrics per result, test metrics, files, status.
 
         Runs in the driver (Tune's controller), so only the driver writes to MLflow. A trial that
         errors ends FAILED; one ASHA stopped ends FINISHED with tag cssl.early_stopped=true.
-        Also prints one line per trial start and end (Tune's own tables are off: verbose=0).
+        Also prints one line per trial start and end, each new warning and the bar over trials
+        (``cssl_ray.progress``; Tune's own output is off: verbose=0).
         """
 
         def __init__(self) -> None:
             self.runs: dict[str, str] = {}
             self._tracker = None
+            self.progress = TrialProgress(total, log, bar=bar, warned=warned)
 
         @property
         def tracker(self):
@@ -193,11 +211,15 @@ def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any
             return self._tracker
 
         def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with its state
-            return {"runs": self.runs, "_tracker": None}
+            return {"runs": self.runs, "_tracker": None, "progress": self.progress}
 
         def on_trial_start(self, iteration, trials, trial, **info) -> None:
             self._open(trial)
-            log(f"[{_done(trials)}/{len(trials)}] started  {trial_name(trial.trial_id, trial.config)}")
+            self.progress.write(self.progress.start_line(trials, trial.trial_id,
+                                                         trial_name(trial.trial_id, trial.config)))
+
+        def on_experiment_end(self, trials, **info) -> None:
+            self.progress.close()
 
         def _open(self, trial) -> str:
             if trial.trial_id in self.runs:
@@ -218,6 +240,7 @@ def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any
             run_id = self._open(trial)
             metrics = {k: v for k, v in result.items() if k not in _TUNE_KEYS and k != "step"}
             self.tracker.log_metrics(run_id, metrics, step=int(result.get("step", 0)))
+            self.progress.warn(trial.trial_id, run_warnings(runs_root / trial.trial_id))
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             self._close(trials, trial, "FINISHED")
@@ -230,7 +253,10 @@ def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any
             out_dir = runs_root / trial.trial_id
             step = int((trial.last_result or {}).get("step", 0))
             cfg = trial_config(base, dict(trial.config))
-            result = record_result(self.tracker, run_id, cfg, out_dir, step, log_model=status == "FINISHED")
+            raised = run_warnings(out_dir, read_result(out_dir))
+            result = record_result(self.tracker, run_id, cfg, out_dir, step, log_model=status == "FINISHED",
+                                   warnings=raised)
+            self.progress.warn(trial.trial_id, raised)
             early = status == "FINISHED" and not result
             self.tracker.set_tags(run_id, {"cssl.early_stopped": str(early).lower()})
             if status == "FAILED" and trial.error_file:
@@ -246,7 +272,7 @@ def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any
             best = (trial.metric_analysis or {}).get(metric, {}).get(mode)
             shown = f", best {metric} {best:.4f}" if best is not None else ""
             test = f", test dice_mean {result['test']['dice_mean']:.4f}" if result and "dice_mean" in result["test"] else ""
-            log(f"[{_done(trials)}/{len(trials)}] {trial.trial_id} {what}{shown}{test}")
+            self.progress.write(self.progress.end_line(trials, trial.trial_id, f"{what}{shown}{test}"))
 
     return MLflowRecorder()
 
@@ -259,10 +285,6 @@ _TUNE_KEYS = {"training_iteration", "time_total_s", "episodes_total", "timesteps
 
 def say(line: str) -> None:
     print(line, flush=True)
-
-
-def _done(trials) -> int:
-    return sum(t.status in ("TERMINATED", "ERROR") for t in trials)
 
 
 def _first_error_line(trial) -> str:
@@ -307,12 +329,30 @@ def trials_label(base: Config, param_space: dict[str, Any]) -> bool:
             or any(ABLATION_CELLS[c]["use_cl"] or ABLATION_CELLS[c]["use_cr"] for c in cells))
 
 
-def check_trials(space: Space, base: Config, *, split_varies: bool = False) -> DataSource:
+def check_trials(space: Space, base: Config, *, split_varies: bool = False,
+                 warned: list[str] | None = None) -> DataSource:
     """The checks before Ray starts that a trial would otherwise fail on, one line each: the base
     config's dataset (prepared and split; also warms the cache for the trials) and, for Train trials
     (``resources.workers >= 1``), ``ray_train.check_run`` on it (workers against labelled images).
     ``split_varies``: trials change data.* (a labelled-fraction sweep), so the base's split says
-    nothing about theirs; only the dataset is checked. Returns the base's ``DataSource``."""
+    nothing about theirs; only the dataset is checked. Returns the base's ``DataSource``.
+
+    ``warned``: Python warnings the checks raise (e.g. duplicate images dropped from the split) are
+    printed as ``warning: <text>`` and appended, so that the experiment does not show them again
+    when every trial raises them (``run_experiment(warned=...)``)."""
+    if warned is None:
+        return _check_trials(space, base, split_varies)
+    with warnings.catch_warnings(record=True) as caught:
+        source = _check_trials(space, base, split_varies)
+    for w in caught:
+        text = warning_text(w.message, w.category)
+        if text not in warned:
+            warned.append(text)
+            say(f"warning: {text}")
+    return source
+
+
+def _check_trials(space: Space, base: Config, split_varies: bool) -> DataSource:
     r = space.resources
     if r.workers == 0 or split_varies:
         from cssl_ray.data.bundle import open_source
@@ -339,7 +379,8 @@ def grid_size(param_space: dict[str, Any]) -> int:
 def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune_name: str, base: Config,
                    uri: str, storage: Path, scheduler: Any = None, num_samples: int = 1,
                    address: str | None = None, resume: bool = False, parent_tags: dict[str, str] | None = None,
-                   threads: int = 0, log: Callable[[str], None] | None = None) -> tuple[list[TrialOutcome], str]:
+                   threads: int = 0, log: Callable[[str], None] | None = None,
+                   warned: Iterable[str] = ()) -> tuple[list[TrialOutcome], str]:
     """Run (or resume) one Tune experiment of CSSL trials; returns every trial's outcome and the parent run id.
 
     Args:
@@ -349,11 +390,16 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
         tune_name: the Tune experiment folder under ``storage``.
         base: the config every trial starts from.
         uri: MLflow tracking URI (absolute).
+        log: where the experiment's lines go (None: printed, with a bar over trials on a terminal).
+        warned: warning texts already shown (``check_trials``); trials' other warnings are shown once.
+
+    Ray's worker processes print to Ray's log files only (``init_ray(log_to_driver=False)``); a failed
+    trial's first error line is on its ``done`` line, its traceback in Tune's error file.
     """
     import ray
     from ray import tune
 
-    from cssl_ray.ray_init import init_ray
+    from cssl_ray.ray_init import init_ray, shutdown_ray
     from cssl_ray.tracking import Tracker, git_commit, ui_address, ui_command
 
     storage = storage.resolve()
@@ -362,13 +408,13 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
     # why it prevents deadlock), and a trial that never fits is one line before anything is written.
     labelling = trials_label(base, param_space)
     demand = trial_demand(space.resources, labelling)
-    started = init_ray(address, space.max_concurrent_trials * demand.cpus)
+    started = init_ray(address, space.max_concurrent_trials * demand.cpus, log_to_driver=False)
     try:
         concurrent = concurrent_trials(space.max_concurrent_trials, demand, ray.cluster_resources(),
                                        can_grow=address is not None, log=log or say)
     except ConfigError:
         if started:
-            ray.shutdown()
+            shutdown_ray()
         raise
     runs_root = folder / "runs"
     session = session_id(folder, resume)
@@ -383,7 +429,8 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
     child_kind = "trial" if kind == "tune" else "ablation"
     callback = make_callback(uri, space.name, parent_id, to_dict(base), runs_root,
                              {"cssl.kind": child_kind, "cssl.space": space.name, "cssl.git_commit": tags["cssl.git_commit"]},
-                             space.metric, space.mode, log)
+                             space.metric, space.mode, log,
+                             total=num_samples * grid_size(param_space), warned=warned)
     spec = TrialSpec(base=to_dict(base), runs_root=str(runs_root), resources=space.resources, threads=threads)
     # Train trials: the driver's 0.01 CPU and the labellers; Tune admits a trial when they fit
     trial_resources = tune.PlacementGroupFactory(trial_bundles(space.resources, labelling))
@@ -409,7 +456,7 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
         else:  # Ctrl-C or an error in the driver: nothing stays RUNNING; --resume continues
             tracker.close_open_runs("KILLED", parent_id=parent_id)
         if started:
-            ray.shutdown()
+            shutdown_ray()
     outcomes = []
     for trial in grid._experiment_analysis.trials:  # Trial objects: status, config, metric_analysis
         out_dir = runs_root / trial.trial_id

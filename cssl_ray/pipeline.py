@@ -221,7 +221,8 @@ def label_and_sample_step(batch: Batch, *, actors: list[ray.actor.ActorHandle], 
     cfg = from_dict(dict(config))
     index = np.asarray(batch["index"][0], dtype=np.int64)  # (b,) D_U positions
     if "image" in batch:  # synthetic: the rank made its shard's images once and sends them in the row
-        images = np.asarray(batch["image"][0], dtype=np.float32)  # (b, C, H, W)
+        # (b, C, H, W); a copy: Ray Data hands read-only arrays, torch.from_numpy wants writable ones
+        images = np.array(batch["image"][0], dtype=np.float32)
         hidden = np.asarray(batch["hidden_mask"][0]) if "hidden_mask" in batch else None
     else:  # a dataset store: this task reads the step's rows
         x, masks = source.take("unlabelled", index)  # (b, C, H, W), (b, H, W) or None

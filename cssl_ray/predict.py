@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from cssl_ray.config import Config, ConfigError, to_dict
-from cssl_ray.ray_init import init_ray
+from cssl_ray.ray_init import init_ray, shutdown_ray
 
 Batch = dict[str, np.ndarray]
 
@@ -252,7 +252,7 @@ def segment_ray(items: list[Prepared], cfg: Config, state: dict[str, Any], batch
         return masks
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()
 
 
 # ---------------------------------------------------------------------------------------------

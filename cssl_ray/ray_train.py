@@ -65,7 +65,8 @@ from cssl_ray.loop import evaluate, supervised_epoch
 from cssl_ray.models import check_geometry
 from cssl_ray.placement import check_labeller_flags
 from cssl_ray.precision import Precision
-from cssl_ray.ray_init import init_ray
+from cssl_ray.progress import record_warnings
+from cssl_ray.ray_init import init_ray, shutdown_ray
 from cssl_ray.schedule import RunState
 
 if TYPE_CHECKING:  # pipeline imports ray at module level; the CLI loads this module before Ray
@@ -108,7 +109,18 @@ class RayRunResult(RunResult):
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Train worker (rank) of a CSSL run; ``config`` = {"config": to_dict(cfg), "weight_store": name,
     "source": the split's ``DataSource`` (None: opened here), "labellers": the pool's actors,
-    "resources": ``StreamResources``}."""
+    "resources": ``StreamResources``}. Its Python warnings also go to ``warnings_rank<r>.json`` in
+    the run folder when that is an absolute path (Tune trials: the experiment's driver shows them)."""
+    import ray.train
+
+    out_dir = Path(config["config"]["train"]["out_dir"])
+    if not out_dir.is_absolute():  # a worker's working folder is Ray's, not the driver's
+        return _train_loop(config)
+    with record_warnings(out_dir / f"warnings_rank{ray.train.get_context().get_world_rank()}.json"):
+        return _train_loop(config)
+
+
+def _train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
@@ -417,7 +429,7 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
             placement.check_run_fits(demand, ray.cluster_resources())
         except ConfigError:
             if started_ray:
-                ray.shutdown()
+                shutdown_ray()
             raise
     store_name = f"cssl_weights_{uuid.uuid4().hex[:8]}"
     store = get_or_create_weight_store(store_name)  # lives in the driver: outlives restarted workers
@@ -446,7 +458,7 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
             labellers.close()
         ray.kill(store)
         if started_ray:
-            ray.shutdown()
+            shutdown_ray()
 
     # Test once, here, on the best-validation weights the last checkpoint carries.
     with result.checkpoint.as_directory() as d:

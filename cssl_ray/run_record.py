@@ -62,16 +62,19 @@ def data_inputs(cfg: Config, out_dir: Path) -> list[dict[str, Any]]:
 
 
 def record_result(tracker: Any, run_id: str, cfg: Config, out_dir: Path, step: int, *,
-                  log_model: bool = True) -> dict[str, Any]:
-    """Log a run's outcome (module docstring) from its folder; returns its result.json ({} if none)."""
+                  log_model: bool = True, warnings: list[str] | None = None) -> dict[str, Any]:
+    """Log a run's outcome (module docstring) from its folder; returns its result.json ({} if none).
+    ``warnings``: the run's warnings when known otherwise (a trial's, ``progress.run_warnings``);
+    default result.json's."""
     out_dir = Path(out_dir)
     result = read_result(out_dir)
     if result:
         tracker.log_metrics(run_id, {f"test_{k}": v for k, v in result["test"].items()}, step=step)
         stage_a = {f"stage_a_{k}": v for k, v in result.get("stage_a", {}).items()}
         tracker.log_metrics(run_id, {"best_round": float(result.get("best_round", 0)), **stage_a}, step=step)
-        if result.get("warnings"):
-            tracker.set_tags(run_id, {"cssl.warning": " | ".join(result["warnings"])[:5000]})
+    raised = result.get("warnings", []) if warnings is None else warnings
+    if raised:
+        tracker.set_tags(run_id, {"cssl.warning": " | ".join(raised)[:5000]})
     tracker.log_datasets(run_id, data_inputs(cfg, out_dir))
     tracker.set_tags(run_id, {"cssl.out_dir": str(out_dir)})
     for name in RUN_FILES:

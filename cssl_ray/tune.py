@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--num-samples: {args.num_samples} is out of range; allowed: >= 1")
             space = dataclasses.replace(space, num_samples=args.num_samples)
         base = space.base_config()
-        data = check_trials(space, base, split_varies=any(k.startswith("data.") for k in space.search))
+        warned: list[str] = []  # warnings of the checks: shown now, not again by every trial
+        data = check_trials(space, base, split_varies=any(k.startswith("data.") for k in space.search),
+                            warned=warned)
         from cssl_ray.tracking import tracking_uri
         uri = tracking_uri(args.tracking_uri)
         scheduler = make_scheduler(space, base.train.max_rounds)
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         outcomes, parent = run_experiment(
             space, param_space=param_space, kind="tune", tune_name=tune_folder(space), base=base,
             uri=uri, storage=Path(args.storage_path), scheduler=scheduler,
-            num_samples=space.num_samples, address=args.address, resume=args.resume, threads=args.threads)
+            num_samples=space.num_samples, address=args.address, resume=args.resume, threads=args.threads,
+            warned=warned)
     except (ConfigError, FileNotFoundError) as e:
         return fail(prog, str(e))
     stopped = sum(o.early_stopped for o in outcomes)

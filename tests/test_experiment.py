@@ -64,7 +64,8 @@ def test_best_outcome_uses_the_metric_over_rounds_and_needs_test_metrics():
 
 
 def test_recorder_statuses_metrics_and_artifacts(tmp_path):
-    """finished -> FINISHED with test metrics; stopped early -> FINISHED + tag; error -> FAILED + reason."""
+    """finished -> FINISHED with test metrics; stopped early -> FINISHED + tag; error -> FAILED + reason;
+    one line per start and end counted against the whole experiment; each warning shown once."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     from cssl_ray.tracking import Tracker
     tracker = Tracker(uri, "exp")
@@ -72,18 +73,22 @@ def test_recorder_statuses_metrics_and_artifacts(tmp_path):
     runs_root = tmp_path / "runs"
     lines: list[str] = []
     cb = make_callback(uri, "exp", parent, to_dict(from_dict({})), runs_root, {"cssl.kind": "trial"},
-                       "val_dice_mean", "max", log=lines.append)
+                       "val_dice_mean", "max", log=lines.append, total=18,
+                       warned=["UserWarning: shown by the driver's checks"])
     done = FakeTrial("t_done", {"contrastive.tau": 0.2})
     stopped = FakeTrial("t_stop", {"contrastive.tau": 0.3})
     failed = FakeTrial("t_fail", {"contrastive.tau": 0.4})
     trials = [done, stopped, failed]
     for t in trials:
         cb.on_trial_start(0, trials, t)
+        (runs_root / t.trial_id).mkdir(parents=True)  # every trial raises the dataset's warning
+        (runs_root / t.trial_id / "warnings.json").write_text(json.dumps(
+            ["UserWarning: nuclei: dropped 2 val/test image(s)", "UserWarning: shown by the driver's checks"]))
     for step, r in enumerate([{"round": 0, "val_dice_mean": 0.3, "step": 1}, {"round": 1, "val_dice_mean": 0.5,
                                                                                "step": 2, "training_iteration": 2}]):
         cb.on_trial_result(0, trials, done, r)
         cb.on_trial_result(0, trials, stopped, r)
-    (runs_root / "t_done" / "figures").mkdir(parents=True)
+    (runs_root / "t_done" / "figures").mkdir()
     (runs_root / "t_done" / "figures" / "omega.png").write_bytes(b"\x89PNG")
     (runs_root / "t_done" / "config.yaml").write_text("train: {}\n")
     (runs_root / "t_done" / "result.json").write_text(json.dumps({"test": {"dice_mean": 0.42}, "best_val": {}}))
@@ -93,9 +98,7 @@ def test_recorder_statuses_metrics_and_artifacts(tmp_path):
     for t, status in ((done, "TERMINATED"), (stopped, "TERMINATED"), (failed, "ERROR")):
         t.status = status
         t.last_result = {"round": 1, "step": 2}
-    cb.on_trial_complete(0, trials, done)
-    cb.on_trial_complete(0, trials, stopped)
-    cb.on_trial_error(0, trials, failed)
+        (cb.on_trial_error if status == "ERROR" else cb.on_trial_complete)(0, trials, t)
 
     runs = {r["tags"]["cssl.trial_key"]: r for r in find_runs(uri, "exp", parent_id=parent)}
     assert runs["t_done"]["status"] == "FINISHED" and runs["t_done"]["tags"]["cssl.early_stopped"] == "false"
@@ -110,6 +113,11 @@ def test_recorder_statuses_metrics_and_artifacts(tmp_path):
     assert {a.path for a in artifacts} >= {"config.yaml", "result.json", "figures"}
     assert any("FAILED: RuntimeError: out of memory" in line for line in lines)
     assert any("stopped early" in line for line in lines)
+    assert [line.split("] ")[0] + "]" for line in lines if line.startswith("[")] == [
+        "[start  1/18]", "[start  2/18]", "[start  3/18]", "[done   1/18]", "[done   2/18]", "[done   3/18]"]
+    assert [line for line in lines if line.startswith("warning")] == [
+        "warning (t_done): UserWarning: nuclei: dropped 2 val/test image(s)"]
+    assert runs["t_stop"]["tags"]["cssl.warning"].startswith("UserWarning: nuclei: dropped")
     assert not math.isnan(runs["t_done"]["metrics"]["val_dice_mean"])
 
 
