@@ -250,13 +250,14 @@ def write_run_files(cfg: Config, bundle: DataBundle | DataSource) -> Path:
 
 
 def evaluate_best(state: RunState, cfg: Config, bundle: DataBundle, out_dir: Path, start: float) -> RunResult:
-    """Test metrics, once, on the best-validation weights; writes best.pt, result.json and
-    (train.figures) the figures under out_dir/figures/."""
+    """Test metrics (with AUPRC and the per-image HD95 / ASD / Dice), once, on the best-validation
+    weights; writes best.pt, result.json and (train.figures) the figures under out_dir/figures/."""
     if state.best_model:  # else no validation ran (no epochs): test the weights as they are
         state.model.load_state_dict(state.best_model)
     test = evaluate(state.model, bundle.test_images, bundle.test_masks, num_classes=cfg.data.num_classes,
                     class_names=bundle.class_names, ignore_index=cfg.pseudo.ignore_index,
-                    batch_size=cfg.consistency.batch_size, auprc=True, precision=state.precision)
+                    batch_size=cfg.consistency.batch_size, auprc=True, surface=True,
+                    precision=state.precision)
     if cfg.train.figures:  # on the best weights, like the test; never fails the run
         write_run_figures(state, cfg, bundle, out_dir)
     ckpt.save_atomic({"model": state.best_model, "config": to_dict(cfg), "round": state.best_round,

@@ -26,6 +26,7 @@ from cssl_ray.precision import FP32, Precision, backward_step
 from cssl_ray.pseudo_labels import class_coverage, coverage, predict_pseudo_labels
 from cssl_ray.silhouette import silhouette
 from cssl_ray.streams import RandomStreams
+from cssl_ray.surface import SurfaceMetrics
 
 
 def index_batches(n: int, batch_size: int, steps: int = 0,
@@ -376,10 +377,12 @@ def _omega(model: nn.Module, patches: Tensor, classes: Tensor, cfg: Config, aux:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: Tensor, masks: Tensor, *, num_classes: int, class_names: list[str],
-             ignore_index: int = 255, batch_size: int = 8, auprc: bool = False,
+             ignore_index: int = 255, batch_size: int = 8, auprc: bool = False, surface: bool = False,
              collectives: Collectives | None = None, precision: Precision | None = None) -> dict[str, float]:
     """Validation / test: cross-entropy and Dice, IoU (and AUPRC) accumulated over all pixels.
 
+    ``surface``: also the per-image HD95, ASD and Dice (``cssl_ray.surface``: keys hd95_*, asd_*,
+    dice_image_*, surface_one_empty/*); CPU distance transforms per image, so for the test set only.
     With ``collectives`` each rank passes its shard of the images; the counts are summed over
     ranks before the metrics are computed, so every rank returns the whole set's metrics. Pass the
     unwrapped model: a DDP forward is a collective, and shards may hold different batch counts.
@@ -389,6 +392,7 @@ def evaluate(model: nn.Module, images: Tensor, masks: Tensor, *, num_classes: in
     model.eval()
     device = next(model.parameters()).device
     metrics = SegmentationMetrics(num_classes, ignore_index=ignore_index, class_names=class_names, auprc=auprc)
+    per_image = SurfaceMetrics(num_classes, ignore_index=ignore_index, class_names=class_names) if surface else None
     loss_sum, pixels = 0.0, 0
     for start in range(0, images.shape[0], batch_size):
         x = prec.layout(images[start:start + batch_size].to(device))
@@ -399,13 +403,18 @@ def evaluate(model: nn.Module, images: Tensor, masks: Tensor, *, num_classes: in
         loss_sum += F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum").item()
         pixels += int((y != ignore_index).sum())
         metrics.update(logits.cpu(), y.cpu())
+        if per_image is not None:
+            per_image.update(logits.argmax(1).cpu(), y.cpu())
     model.train(was_training)
     if collectives is not None:
-        summed = {k: collectives.sum_(v) for k, v in metrics.state().items()}
-        metrics.reset()
-        metrics.merge_state(summed)
+        for acc in [metrics] + ([per_image] if per_image is not None else []):
+            summed = {k: collectives.sum_(v) for k, v in acc.state().items()}
+            acc.reset()
+            acc.merge_state(summed)
         totals = collectives.sum_(torch.tensor([loss_sum, float(pixels)], dtype=torch.float64))
         loss_sum, pixels = float(totals[0]), int(totals[1])
     result = {"loss": loss_sum / max(pixels, 1)}
     result.update(metrics.compute())
+    if per_image is not None:
+        result.update(per_image.compute())
     return result

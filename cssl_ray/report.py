@@ -7,9 +7,11 @@ Takes the FINISHED child runs of one parent run (default: the newest ``cssl.kind
 else the newest ``tune`` parent), groups them by labelled share and ablation cell, and writes
 into ``--out`` (default ``runs/report/<experiment>``):
 
-    report.md    the Markdown table: mean +- sample std (ddof=1) over seeds per group, and the
-                 p-value of the main metric against the Supervised cell of the same labelled share
-                 (paired t-test over common seeds when >= 2, else Welch when both have >= 2 runs);
+    report.md    the Markdown table: mean +- sample std (ddof=1) over seeds per group of the main
+                 metric, its per-class values and the per-image metrics (``EXTRA_METRICS``: Dice per
+                 image, HD95, ASD, when the runs logged them), and the p-value of the main metric
+                 (only of it) against the Supervised cell of the same labelled share (paired t-test
+                 over common seeds when >= 2, else Welch when both have >= 2 runs);
                  with baselines in the grid also against CSSL and against the bn_mix control
                  (``REFERENCES``: a column each when the table has that cell)
     report.png   the same table drawn with matplotlib
@@ -54,6 +56,14 @@ REFERENCES = ("supervised", "cssl", "bn_mix")
 REFERENCE_NAMES = {"supervised": "supervised", "cssl": "CSSL", "bn_mix": "bn_mix"}
 WITHOUT_CR = ("cl", "cl_hn")
 WITH_CR = ("cl_cr", "cssl")
+# Columns beside the main metric when the runs logged them: mean +- std over seeds, no p-value (p is
+# for the main metric only). The per-image metrics of cssl_ray.surface; the distances are in pixels of
+# the evaluated (resized) image, lower is better.
+EXTRA_METRICS = {
+    "test_dice_image_mean": "Dice per image",
+    "test_hd95_mean": "HD95 (px) ↓",
+    "test_asd_mean": "ASD (px) ↓",
+}
 NO_CELL = "(no cell)"
 DASH = "—"
 
@@ -72,6 +82,11 @@ def classes_of(runs: list[dict], metric: str = "test_dice_mean") -> list[str]:
     prefix = class_prefix(metric)
     names = {k[len(prefix):] for r in runs for k in r["metrics"] if k.startswith(prefix)}
     return sorted(names)
+
+
+def extras_of(runs: list[dict], metric: str = "test_dice_mean") -> list[str]:
+    """The ``EXTRA_METRICS`` some run in ``runs`` logged, other than the main metric, in table order."""
+    return [k for k in EXTRA_METRICS if k != metric and any(k in r["metrics"] for r in runs)]
 
 
 def labelled_of(run: dict) -> str:
@@ -144,8 +159,9 @@ def p_value(runs: list[dict], sup_runs: list[dict], metric: str) -> tuple[float 
 def build_rows(runs: list[dict], metric: str = "test_dice_mean") -> list[dict[str, Any]]:
     """One row per (labelled share, cell) of ``runs`` (dicts as from ``tracking.find_runs``).
 
-    Each row: labelled, cell, method, n (runs), metric, runs, ``stats`` {key: (mean, std)} for
-    the main metric and every per-class key, and ``p`` (float, None = n/a) with ``test``
+    Each row: labelled, cell, method, n (runs), metric, runs, ``extras`` (``extras_of(runs)``, the
+    same for every row), ``stats`` {key: (mean, std)} for the main metric, every per-class key and
+    the extras, and ``p`` (float, None = n/a) with ``test``
     ("paired" | "welch" | "n/a" | "reference" for the supervised row); ``vs`` {reference cell: (p,
     test)} for each of ``REFERENCES`` (the same against CSSL and bn_mix; absent when the table has
     no such cell).
@@ -154,7 +170,8 @@ def build_rows(runs: list[dict], metric: str = "test_dice_mean") -> list[dict[st
     for r in runs:
         groups[(labelled_of(r), r["tags"].get("cssl.cell") or NO_CELL)].append(r)
     prefix = class_prefix(metric)
-    keys = [metric] + [prefix + c for c in classes_of(runs, metric)]
+    extras = extras_of(runs, metric)
+    keys = [metric] + [prefix + c for c in classes_of(runs, metric)] + extras
     # supervised always gets a column; CSSL and bn_mix when the table has them
     refs = [ref for ref in REFERENCES if ref == "supervised" or any(c == ref for _, c in groups)]
     rows = []
@@ -165,6 +182,7 @@ def build_rows(runs: list[dict], metric: str = "test_dice_mean") -> list[dict[st
             "method": METHOD_NAMES.get(cell, cell),
             "n": len(group),
             "metric": metric,
+            "extras": extras,
             "runs": group,
             "stats": {k: _summary(_finite_values(group, k)) for k in keys},
             "best_rounds": [int(v) for v in _finite_values(group, "best_round")],
@@ -197,6 +215,8 @@ def _fmt_p(p: float | None, test: str) -> str:
 
 
 def _header_name(key: str) -> str:
+    if key in EXTRA_METRICS:
+        return EXTRA_METRICS[key]
     return key[len("test_"):] if key.startswith("test_") else key
 
 
@@ -205,7 +225,7 @@ def table_cells(rows: list[dict], classes: list[str]) -> tuple[list[str], list[l
     if not rows:
         return [], []
     metric = rows[0]["metric"]
-    keys = [metric] + [class_prefix(metric) + c for c in classes]
+    keys = [metric] + [class_prefix(metric) + c for c in classes] + rows[0].get("extras", [])
     refs = [ref for ref in REFERENCES if ref in rows[0].get("vs", {"supervised": None})]
     header = (["labelled", "method", "n"] + [_header_name(k) for k in keys]
               + [f"p vs {REFERENCE_NAMES[ref]}" for ref in refs] + ["best round"])
@@ -232,6 +252,15 @@ def stage_a_note(rows: list[dict]) -> str:
         return ("Every run's best validation round is 0: all cells were tested on their stage-A (supervised) "
                 "weights, so this table cannot show an effect of the rounds.")
     return ""
+
+
+def extras_note(rows: list[dict]) -> str:
+    """A line on the per-image columns' conventions, for tables that have them."""
+    if not any(row.get("extras") for row in rows):
+        return ""
+    return ("Dice per image, HD95 and ASD: per image and foreground class, then the mean over images and "
+            "classes (cssl_ray/surface.py); distances in pixels of the evaluated (resized) image, lower is "
+            "better; an image where only one of prediction and target has the class scores the image diagonal.")
 
 
 def format_markdown(rows: list[dict], classes: list[str]) -> str:
@@ -414,9 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     classes = classes_of(runs, args.metric)
     table = format_markdown(rows, classes)
     title = f"{args.experiment} / {parent['name']} ({parent['run_id']})"
+    extras = extras_note(rows)
     note = (
         f"# {title}\n\n{len(runs)} finished runs; mean ± sample std over seeds; p: paired t-test "
         f"of {args.metric} vs the named cell over common seeds (Welch where marked).\n\n"
+        + (f"{extras}\n\n" if extras else "")
     )
     (out / "report.md").write_text(note + table)
     draw_table(rows, classes, out / "report.png", title)

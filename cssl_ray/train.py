@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"cssl_ray.train: error: {e}", file=sys.stderr)
         return 2
-    summary = {k: round(v, 4) for k, v in result.test.items() if k.startswith(("dice", "iou", "auprc"))}
+    summary = {k: round(v, 4) for k, v in result.test.items() if k.startswith(("dice", "iou", "auprc", "hd95", "asd"))}
     print(json.dumps({"out_dir": str(result.out_dir), "best_round": result.best_round,
                       "seconds": round(result.seconds, 1), "test": summary}, indent=2))
     return 0

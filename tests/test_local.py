@@ -32,6 +32,9 @@ def test_smoke_run_writes_config_split_checkpoints_and_metrics(tmp_path):
     assert rounds[1]["lambda"] == pytest.approx((rounds[0]["omega"] + 1) / 2 + eps)
     assert 0.0 <= result.test["dice_mean"] <= 1.0
     assert "auprc_mean" in result.test
+    for key in ("hd95_mean", "asd_mean", "dice_image_mean"):  # the test set's per-image metrics
+        assert math.isfinite(result.test[key]), key
+    assert "val_dice_mean" in rounds[0] and "val_hd95_mean" not in rounds[0]  # never at validation
 
 
 def test_supervised_arm_runs_no_cssl_epoch(tmp_path):

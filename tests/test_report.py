@@ -119,7 +119,8 @@ def _write_store(uri: str) -> str:
                 for step in range(4):
                     omega = 0.1 * step + (0.1 if cell == "cssl" else 0.0) + 0.01 * seed
                     tracker.log_metrics(run, {"omega": omega}, step=step)
-            tracker.log_metrics(run, {"test_dice_mean": v, "test_dice/liver": v + 0.1}, step=4)
+            per_image = {"test_dice_image_mean": v - 0.05, "test_hd95_mean": 10 * (1 - v), "test_asd_mean": 1.0}
+            tracker.log_metrics(run, {"test_dice_mean": v, "test_dice/liver": v + 0.1, **per_image}, step=4)
             tracker.end(run, "FINISHED")
     crashed = tracker.start_child(parent, "cr-0", "cr 0", {}, {"cssl.cell": "cr"})
     tracker.log_metrics(crashed, {"test_dice_mean": 0.1}, step=0)
@@ -138,7 +139,10 @@ def test_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for name in ("report.md", "report.png", "omega.png", "cells.png"):
         assert (out / name).stat().st_size > 0
     md = (out / "report.md").read_text()
-    assert "| 0.1 | Supervised | 3 | 0.720 ± 0.020 | 0.820 ± 0.020 | — |" in md
+    assert "| dice_mean | dice/liver | Dice per image | HD95 (px) ↓ | ASD (px) ↓ | p vs supervised |" in md
+    assert ("| 0.1 | Supervised | 3 | 0.720 ± 0.020 | 0.820 ± 0.020 | 0.670 ± 0.020 | 2.800 ± 0.200 "
+            "| 1.000 ± 0.000 | — |") in md
+    assert "lower is better" in md  # the per-image metrics' note
     assert "| 0.1 | CSSL (CL + hard neg. + CR) | 3 | 0.780 ± 0.026 |" in md
     assert "CR |" not in md.replace("+ CR", "")  # the FAILED cr run is not reported
     assert "0.720 ± 0.020" in printed and str(out / "omega.png") in printed
@@ -175,3 +179,33 @@ def test_best_round_column_and_the_stage_a_note() -> None:
     rows = report.build_rows([with_round(r, 0) for r in SUP] + [with_round(CL[0], 3)], "test_dice_mean")
     md = report.format_markdown(rows, [])
     assert "best validation round is 0" not in md and "| 3 |" in md
+
+
+def test_per_image_columns_beside_dice_without_p_values() -> None:
+    def with_surface(run: dict, hd95: float, asd: float, dice_image: float) -> dict:
+        extra = {"test_hd95_mean": hd95, "test_asd_mean": asd, "test_dice_image_mean": dice_image}
+        return {**run, "metrics": {**run["metrics"], **extra}}
+
+    sup = [with_surface(r, hd, hd / 4, 0.6) for r, hd in zip(SUP, (4.0, 6.0, 8.0))]
+    cssl = [with_surface(r, hd, hd / 4, 0.7) for r, hd in zip(CSSL, (3.0, 3.0, 6.0))]
+    rows = report.build_rows(sup + cssl + CL, "test_dice_mean")  # CL's runs predate the new metrics
+    assert rows[0]["extras"] == ["test_dice_image_mean", "test_hd95_mean", "test_asd_mean"]
+    assert _row(rows, "supervised")["stats"]["test_hd95_mean"] == pytest.approx((6.0, 2.0))
+    assert _row(rows, "cssl")["stats"]["test_asd_mean"] == pytest.approx((1.0, math.sqrt(3) / 4))
+    assert _row(rows, "cl")["stats"]["test_hd95_mean"] == (None, None)
+    md = report.format_markdown(rows, [])
+    lines = md.splitlines()
+    assert lines[0] == ("| labelled | method | n | dice_mean | Dice per image | HD95 (px) ↓ | ASD (px) ↓ "
+                        "| p vs supervised | p vs CSSL | best round |")  # p: the main metric's only
+    assert "| 0.1 | Supervised | 3 | 0.720 ± 0.020 | 0.600 ± 0.000 | 6.000 ± 2.000 | 1.500 ± 0.500 | — |" in md
+    assert "| 0.1 | CL | 2 | 0.750 ± 0.028 | n/a | n/a | n/a |" in md
+    assert "image diagonal" in report.extras_note(rows)
+    # without the metrics: no columns and no note (older runs' tables unchanged)
+    plain = report.build_rows(SUP + CSSL, "test_dice_mean")
+    assert plain[0]["extras"] == [] and report.extras_note(plain) == ""
+    assert "HD95" not in report.format_markdown(plain, [])
+    # HD95 as the main metric: its column and p-value, the other two beside it
+    by_hd = report.build_rows(sup + cssl, "test_hd95_mean")
+    header, _ = report.table_cells(by_hd, [])
+    assert header[3:6] == ["HD95 (px) ↓", "Dice per image", "ASD (px) ↓"]
+    assert _row(by_hd, "cssl")["test"] == "paired"
