@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from cssl_ray.config import Config, ConfigError, from_dict, merge, to_dict
 from cssl_ray.placement import concurrent_trials, stream_resources, trial_bundles, trial_demand
 from cssl_ray.progress import TrialProgress, record_warnings, run_warnings, warning_text
-from cssl_ray.run_record import read_result, record_result, runs_view
+from cssl_ray.run_record import cells_view, read_result, record_result, runs_view
 from cssl_ray.search_space import ABLATION_CELLS, CELL_DATA, Resources, Space, cell_of, unflatten
 
 if TYPE_CHECKING:  # torch: the CLIs import this module before their arguments are checked
@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # torch: the CLIs import this module before their arguments a
 CELL_KEY = "cell"  # a trial parameter naming an ablation cell (sets the three switches)
 SESSION_FILE = "cssl_session.json"
 VIEW_KEY = "cssl-runs"  # the experiment's shared runs-table view (run_record.runs_view)
+CELLS_VIEW_KEY = "cssl-cells"  # its chart view of the cells (run_record.cells_view)
 TRIAL_WARNINGS = "warnings.json"  # a trial's Python warnings (cssl_ray.progress)
 # Tune writes its experiment state at most this often; a killed driver loses at most that much.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
@@ -466,9 +467,11 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
             test=result.get("test", {}), best_val=result.get("best_val", {}),
             metric_analysis=dict(trial.metric_analysis or {}),
             early_stopped=trial.status == "TERMINATED" and not result))
-    view = tracker.share_view(VIEW_KEY, runs_view(space.metric, parent_id))
+    table = tracker.share_view(VIEW_KEY, runs_view(space.metric, parent_id))
+    cells = tracker.share_view(CELLS_VIEW_KEY, cells_view(space.metric))
     (log or say)(f"MLflow: experiment {space.name!r}, parent run {parent_id}; open it with:\n  {ui_command(uri)}"
-                 f"\n  then {ui_address(uri)}{view}  (its runs: cell, seed, data, test metrics)")
+                 f"\n  runs (cell, seed, data, test metrics): {ui_address(uri)}{table}"
+                 f"\n  cells side by side (mean over seeds):  {ui_address(uri)}{cells}&compareRunsMode=CHART")
     return outcomes, parent_id
 
 

@@ -87,19 +87,47 @@ def record_result(tracker: Any, run_id: str, cfg: Config, out_dir: Path, step: i
     return result
 
 
+TEST_COLUMNS = ("test_dice_mean", "test_dice_image_mean", "test_iou_mean", "test_hd95_mean", "test_asd_mean")
+
+
+def _column(kind: str, key: str) -> str:
+    return f"{kind}.`{key}`"  # a column id of MLflow's runs table
+
+
 def runs_view(metric: str, parent_id: str) -> dict[str, Any]:
     """The runs table a trainer opens first (``Tracker.share_view``): the parent expanded; columns
     dataset, model, cell, seed, method, the space's validation metric, the test metrics and the
     tested round."""
-    def column(kind: str, key: str) -> str:
-        return f"{kind}.`{key}`"  # MLflow's UI column id
-
-    tests = ["test_dice_mean", "test_dice_image_mean", "test_iou_mean", "test_hd95_mean", "test_asd_mean"]
     return {
-        "selectedColumns": [column("attributes", "Dataset"), column("attributes", "Models"),
-                            *(column("tags", t) for t in ("cssl.cell", "cssl.seed", "cssl.method")),
-                            *(column("metrics", m) for m in dict.fromkeys([metric, *tests, "best_round"]))],
+        "selectedColumns": [_column("attributes", "Dataset"), _column("attributes", "Models"),
+                            *(_column("tags", t) for t in ("cssl.cell", "cssl.seed", "cssl.method")),
+                            *(_column("metrics", m) for m in dict.fromkeys([metric, *TEST_COLUMNS, "best_round"]))],
         "runsExpanded": {parent_id: True},
+        "hideEmptyCharts": True,
+    }
+
+
+def cells_view(metric: str) -> dict[str, Any]:
+    """The chart view that compares cells: runs grouped by ``cssl.cell`` (mean over seeds), a bar
+    chart per test metric and the space's validation metric per step. Open it with
+    ``compareRunsMode=CHART``."""
+    section = {"uuid": "cssl-section", "name": "cells", "display": True, "isReordered": False,
+               "deleted": False, "isGenerated": False}
+
+    def chart(i: int, kind: str, key: str) -> dict[str, Any]:
+        card = {"uuid": f"cssl-chart-{i}", "type": kind, "runsCountToCompare": 100, "metricSectionId": "cssl-section",
+                "deleted": False, "isGenerated": False, "metricKey": key}
+        if kind == "LINE":
+            card.update({"xAxisKey": "step", "scaleType": "linear", "lineSmoothness": 0, "useGlobalXaxisKey": False})
+        return card
+
+    bars = [chart(i, "BAR", m) for i, m in enumerate(("test_dice_mean", "test_hd95_mean", "test_dice_image_mean"))]
+    return {
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "cssl.cell"}]},
+        "useGroupedValuesInCharts": True,
+        "compareRunCharts": [*bars, chart(len(bars), "LINE", metric)],
+        "compareRunSections": [section],
+        "isAccordionReordered": True,
         "hideEmptyCharts": True,
     }
 
