@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{source[0]}; {data_text(base, data)}; Ray at {args.address or 'a local instance started here'}, "
                   f"experiment in {folder}{' (resumed)' if args.resume else ''}, MLflow at {uri}; nothing started")
             return 0
+        # no search_alg, whatever the space's search_algorithm: Tune's variant generator runs every
+        # cell x seed of the grid once (a sampler such as Optuna's cannot take grids)
         outcomes, parent = run_experiment(
             space, param_space=grid, kind="ablate", tune_name=name, base=base, uri=uri,
             storage=Path(args.storage_path), scheduler=None, num_samples=1, address=args.address,

@@ -17,6 +17,9 @@ every node shares (NFS, a mounted bucket).
 Resuming: Tune keeps the experiment's state under its folder; ``resume=True`` restores it, so
 finished trials are not rerun and unfinished ones restart from their own newest round checkpoint
 (local trials) or Train checkpoint (Train trials). MLflow runs are keyed by trial id and reopened.
+The search algorithm is restored with it (Tune saves the searcher's state beside the experiment's):
+a resumed Optuna search continues its study and proposes new trials, not its first ones again; the
+algorithm stays the one the experiment started with, whatever the space says now.
 """
 from __future__ import annotations
 
@@ -354,7 +357,7 @@ def grid_size(param_space: dict[str, Any]) -> int:
 
 
 def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune_name: str, base: Config,
-                   uri: str, storage: Path, scheduler: Any = None, num_samples: int = 1,
+                   uri: str, storage: Path, scheduler: Any = None, search_alg: Any = None, num_samples: int = 1,
                    address: str | None = None, resume: bool = False, parent_tags: dict[str, str] | None = None,
                    threads: int = 0, log: Callable[[str], None] | None = None) -> tuple[list[TrialOutcome], str]:
     """Run (or resume) one Tune experiment of CSSL trials; returns every trial's outcome and the parent run id.
@@ -366,6 +369,8 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
         tune_name: the Tune experiment folder under ``storage``.
         base: the config every trial starts from.
         uri: MLflow tracking URI (absolute).
+        search_alg: a Tune searcher (``tune.make_searcher``); None = Tune's variant generator, which
+            ``ablate`` always uses (its grid of cells x seeds must run every cell).
     """
     import ray
     from ray import tune
@@ -414,7 +419,8 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=num_samples,
-                                            scheduler=scheduler, max_concurrent_trials=concurrent),
+                                            scheduler=scheduler, search_alg=search_alg,
+                                            max_concurrent_trials=concurrent),
                 run_config=tune.RunConfig(name=tune_name, storage_path=str(storage), callbacks=[callback],
                                           verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
         grid = tuner.fit()
