@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from cssl_ray.config import Config, ConfigError, load_config
-from cssl_ray.experiment import CELL_KEY, check_trials, experiment_folder, fail, grid_size, run_experiment, trials_label
+from cssl_ray.experiment import (CELL_KEY, Interrupted, check_trials, experiment_folder, fail, grid_size, run_experiment,
+                                 trials_label)
 from cssl_ray.search_space import ABLATION_CELLS, BASELINE_CELLS, Space, load_space
 from cssl_ray.tune import (DEFAULT_STORAGE, add_resource_flags, best_config_path, data_text, trial_resources_text,
                            with_resources)
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume, threads=args.threads, parent_tags={"cssl.grid": "fractions" if sweep else "table5"})
     except (ConfigError, FileNotFoundError) as e:
         return fail(prog, str(e))
+    except Interrupted as e:  # Ctrl-C: Tune saved the experiment
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 130
     failed = [o for o in outcomes if o.status == "ERROR"]
     print(f"\n{len(outcomes)} runs, {len(failed)} failed")
     from cssl_ray import report

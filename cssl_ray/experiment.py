@@ -361,6 +361,7 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
                    address: str | None = None, resume: bool = False, parent_tags: dict[str, str] | None = None,
                    threads: int = 0, log: Callable[[str], None] | None = None) -> tuple[list[TrialOutcome], str]:
     """Run (or resume) one Tune experiment of CSSL trials; returns every trial's outcome and the parent run id.
+    Raises ``Interrupted`` (after closing the MLflow runs KILLED) when Ctrl-C stopped it early.
 
     Args:
         space: the loaded search space (resources, metric/mode, max concurrent trials, name).
@@ -424,7 +425,10 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
                 run_config=tune.RunConfig(name=tune_name, storage_path=str(storage), callbacks=[callback],
                                           verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
         grid = tuner.fit()
-        interrupted = False
+        # Ctrl-C (SIGINT): Tune catches it, saves the experiment and returns early, with trials
+        # unfinished or not yet created
+        trials = grid._experiment_analysis.trials
+        interrupted = bool(unfinished(trials)) or len(trials) < num_samples * grid_size(param_space)
     finally:
         if not interrupted:
             tracker.end(parent_id, "FINISHED")
@@ -433,6 +437,10 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
             tracker.close_open_runs("KILLED", parent_id=parent_id)
         if started:
             ray.shutdown()
+    if interrupted:
+        done = len(trials) - len(unfinished(trials))
+        raise Interrupted(f"interrupted with {done} of {num_samples * grid_size(param_space)} trial(s) done; the "
+                          f"same command with --resume continues (done trials are kept)")
     outcomes = []
     for trial in grid._experiment_analysis.trials:  # Trial objects: status, config, metric_analysis
         out_dir = runs_root / trial.trial_id
@@ -444,6 +452,15 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
             early_stopped=trial.status == "TERMINATED" and not result))
     (log or say)(f"MLflow: experiment {space.name!r}, parent run {parent_id}; open it with:\n  {ui_command(uri)}")
     return outcomes, parent_id
+
+
+class Interrupted(Exception):
+    """The experiment stopped early (Ctrl-C); its state is saved and ``resume=True`` continues it."""
+
+
+def unfinished(trials: list) -> list:
+    """Tune trials that neither ended nor failed."""
+    return [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
 
 
 def best_outcome(outcomes: list[TrialOutcome], metric: str, mode: str) -> TrialOutcome | None:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from cssl_ray.config import Config, ConfigError, dump_config, to_dict
 from cssl_ray.experiment import (
+    Interrupted,
     best_outcome,
     check_trials,
     experiment_folder,
@@ -200,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
             num_samples=space.num_samples, address=args.address, resume=args.resume, threads=args.threads)
     except (ConfigError, FileNotFoundError) as e:
         return fail(prog, str(e))
+    except Interrupted as e:  # Ctrl-C: Tune saved the experiment
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 130
     stopped = sum(o.early_stopped for o in outcomes)
     errored = [o for o in outcomes if o.status == "ERROR"]
     print(f"\n{len(outcomes)} trials: {len(outcomes) - stopped - len(errored)} finished, "
