@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest_ray import descendant_processes, own_lines, ray_test_env
+from conftest_ray import descendant_processes, local_ray, own_lines, ray_test_env
 
 from cssl_ray import tune
 from cssl_ray.config import load_config
@@ -173,7 +173,9 @@ def test_missing_dataset_is_one_line(tmp_path, store, capsys, monkeypatch):
     assert code == 2 and len(err) == 1 and "monuseg" in err[0].lower()
 
 
-_INTERRUPT = {"after": 0, "finished": 0}  # module level: Tune pickles the callback's log function by reference
+# module level: the resumed run's callback is Tune's unpickled copy, whose log (this module's function,
+# pickled by reference) must see the hook disarmed
+_INTERRUPT = {"after": 0, "finished": 0}
 
 
 def _interrupt_after(line: str) -> None:
@@ -200,15 +202,18 @@ def test_optuna_search_in_range_and_resumed_without_repeats(tmp_path, store, cap
     argv = ["--space", str(path), "--storage-path", str(tmp_path / "tune"), "--tracking-uri", store]
     monkeypatch.setattr(experiment, "say", _interrupt_after)
     monkeypatch.setitem(_INTERRUPT, "after", 2)
-    assert tune.main(argv) == 130
-    assert "interrupted with 2 of 4 trial(s) done" in capsys.readouterr().err
     runs_root = tmp_path / "tune" / "opt-tune" / "runs"
-    first = {d.name: (d / "result.json").stat().st_mtime for d in runs_root.glob("*") if (d / "result.json").exists()}
-    assert len(first) == 2
-    before = {r["tags"]["cssl.trial_id"]: r for r in children(store, "opt", kind="tune")}
-    assert not (tmp_path / "tune" / "opt-tune" / "best_config.yaml").exists()
+    with local_ray():  # both commands use it (one Ray start less); the resume reads only the folder
+        assert tune.main(argv) == 130
+        assert "interrupted with 2 of 4 trial(s) done" in capsys.readouterr().err
+        first = {d.name: (d / "result.json").stat().st_mtime for d in runs_root.glob("*")
+                 if (d / "result.json").exists()}
+        assert len(first) == 2
+        before = {r["tags"]["cssl.trial_id"]: r for r in children(store, "opt", kind="tune")}
+        assert not (tmp_path / "tune" / "opt-tune" / "best_config.yaml").exists()
+        assert not [r for r in find_runs(store, "opt") if r["status"] == "RUNNING"]  # the parent and trial 3: KILLED
 
-    assert tune.main(argv + ["--resume"]) == 0
+        assert tune.main(argv + ["--resume"]) == 0
     runs = sorted(children(store, "opt", kind="tune"), key=lambda r: r["start_time"])  # one at a time: asked order
     assert len(runs) == 4 and all(r["status"] == "FINISHED" and "test_dice_mean" in r["metrics"] for r in runs)
     for trial_id, mtime in first.items():  # the finished trials did not run again
@@ -229,6 +234,7 @@ def test_optuna_search_in_range_and_resumed_without_repeats(tmp_path, store, cap
         suggested.append((s["contrastive.tau"], s["pseudo.threshold"], s["train.steps_per_round"]))
         searcher.on_trial_complete(f"t{i}", {space.metric: run["metrics"].get(space.metric, 0.0)})
     assert params == suggested and len(set(params)) == 4
+    assert latest_parent(store, "opt", kind="tune")["status"] == "FINISHED"
 
 
 @pytest.mark.parametrize("cli", ["tune", "ablate"])
