@@ -442,7 +442,7 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
         raise Interrupted(f"interrupted with {done} of {num_samples * grid_size(param_space)} trial(s) done; the "
                           f"same command with --resume continues (done trials are kept)")
     outcomes = []
-    for trial in grid._experiment_analysis.trials:  # Trial objects: status, config, metric_analysis
+    for trial in trials:  # Trial objects: status, config, metric_analysis
         out_dir = runs_root / trial.trial_id
         result = read_result(out_dir)
         outcomes.append(TrialOutcome(

@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.num_samples is not None:
             if args.num_samples < 1:
                 raise ConfigError(f"--num-samples: {args.num_samples} is out of range; allowed: >= 1")
+            if args.resume:  # Tuner.restore keeps the experiment's own count
+                raise ConfigError("--num-samples: a resumed experiment keeps the number of trials it started with; "
+                                  "drop --num-samples, or start a new experiment (another --storage-path)")
             space = dataclasses.replace(space, num_samples=args.num_samples)
         base = space.base_config()
         data = check_trials(space, base, split_varies=any(k.startswith("data.") for k in space.search))

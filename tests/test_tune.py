@@ -211,7 +211,8 @@ def test_optuna_search_in_range_and_resumed_without_repeats(tmp_path, store, cap
         assert len(first) == 2
         before = {r["tags"]["cssl.trial_id"]: r for r in children(store, "opt", kind="tune")}
         assert not (tmp_path / "tune" / "opt-tune" / "best_config.yaml").exists()
-        assert not [r for r in find_runs(store, "opt") if r["status"] == "RUNNING"]  # the parent and trial 3: KILLED
+        assert not [r for r in find_runs(store, "opt") if r["status"] == "RUNNING"]
+        assert latest_parent(store, "opt", kind="tune")["status"] == "KILLED"
 
         assert tune.main(argv + ["--resume"]) == 0
     runs = sorted(children(store, "opt", kind="tune"), key=lambda r: r["start_time"])  # one at a time: asked order
@@ -260,5 +261,8 @@ def test_optuna_space_wiring_and_dry_run(cli, tmp_path, store, capsys, monkeypat
     main.main(argv)
     if cli == "tune":
         assert type(seen["search_alg"]).__name__ == "OptunaSearch" and seen["search_alg"].metric == "val_dice_mean"
+        capsys.readouterr()
+        assert main.main(argv + ["--resume", "--num-samples", "8"]) == 2  # Tune would keep the first count
+        assert "--num-samples: a resumed experiment keeps" in capsys.readouterr().err
     else:
         assert seen.get("search_alg") is None and seen["param_space"]["cell"]["grid_search"]
