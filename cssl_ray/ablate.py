@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cssl_ray.config import Config, ConfigError, dump_config, load_config
-from cssl_ray.experiment import (CELL_KEY, best_outcome, check_trials, experiment_folder, fail, grid_size,
+from cssl_ray.experiment import (CELL_KEY, Interrupted, best_outcome, check_trials, experiment_folder, fail, grid_size,
                                  log_parent_files, register_best, run_experiment, trials_label)
 from cssl_ray.search_space import ABLATION_CELLS, BASELINE_CELLS, Space, load_space
 from cssl_ray.tune import (DEFAULT_STORAGE, add_resource_flags, announce_model, best_config_path, data_text,
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{source[0]}; {data_text(base, data)}; Ray at {args.address or 'a local instance started here'}, "
                   f"experiment in {folder}{' (resumed)' if args.resume else ''}, MLflow at {uri}; nothing started")
             return 0
+        # no search_alg, whatever the space's search_algorithm: Tune's variant generator runs every
+        # cell x seed of the grid once (a sampler such as Optuna's cannot take grids)
         outcomes, parent = run_experiment(
             space, param_space=grid, kind="ablate", tune_name=name, base=base, uri=uri,
             storage=Path(args.storage_path), scheduler=None, num_samples=1, address=args.address,
@@ -130,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             warned=warned)
     except (ConfigError, FileNotFoundError) as e:
         return fail(prog, str(e))
+    except Interrupted as e:  # Ctrl-C: Tune saved the experiment
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 130
     failed = [o for o in outcomes if o.status == "ERROR"]
     print(f"\n{len(outcomes)} runs, {len(failed)} failed")
     folder = Path(args.storage_path) / name

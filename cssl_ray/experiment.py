@@ -17,6 +17,9 @@ every node shares (NFS, a mounted bucket).
 Resuming: Tune keeps the experiment's state under its folder; ``resume=True`` restores it, so
 finished trials are not rerun and unfinished ones restart from their own newest round checkpoint
 (local trials) or Train checkpoint (Train trials). MLflow runs are keyed by trial id and reopened.
+The search algorithm is restored with it (Tune saves the searcher's state beside the experiment's):
+a resumed Optuna search continues its study and proposes new trials, not its first ones again; the
+algorithm stays the one the experiment started with, whatever the space says now.
 """
 from __future__ import annotations
 
@@ -378,11 +381,12 @@ def grid_size(param_space: dict[str, Any]) -> int:
 
 
 def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune_name: str, base: Config,
-                   uri: str, storage: Path, scheduler: Any = None, num_samples: int = 1,
+                   uri: str, storage: Path, scheduler: Any = None, search_alg: Any = None, num_samples: int = 1,
                    address: str | None = None, resume: bool = False, parent_tags: dict[str, str] | None = None,
                    threads: int = 0, log: Callable[[str], None] | None = None,
                    warned: Iterable[str] = ()) -> tuple[list[TrialOutcome], str]:
     """Run (or resume) one Tune experiment of CSSL trials; returns every trial's outcome and the parent run id.
+    Raises ``Interrupted`` (after closing the MLflow runs KILLED) when Ctrl-C stopped it early.
 
     Args:
         space: the loaded search space (resources, metric/mode, max concurrent trials, name).
@@ -391,6 +395,8 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
         tune_name: the Tune experiment folder under ``storage``.
         base: the config every trial starts from.
         uri: MLflow tracking URI (absolute).
+        search_alg: a Tune searcher (``tune.make_searcher``); None = Tune's variant generator, which
+            ``ablate`` always uses (its grid of cells x seeds must run every cell).
         log: where the experiment's lines go (None: printed, with a bar over trials on a terminal).
         warned: warning texts already shown (``check_trials``); trials' other warnings are shown once.
 
@@ -423,6 +429,8 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
     tags = {"cssl.kind": kind, "cssl.space": str(space.path), "cssl.dataset": space.dataset,
             "cssl.git_commit": git_commit(), **(parent_tags or {})}
     parent_id = tracker.start_parent(f"{kind}:{tune_name}", tags, session=session)
+    table = tracker.share_view(VIEW_KEY, runs_view(space.metric, parent_id))  # the UI's views of it
+    cells = tracker.share_view(CELLS_VIEW_KEY, cells_view(space.metric))
     if resume:  # runs a killed driver left RUNNING: interrupted; restarted trials reopen theirs
         tracker.close_open_runs("KILLED", parent_id=parent_id)
         tracker.start_parent(f"{kind}:{tune_name}", tags, session=session)
@@ -445,11 +453,15 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=num_samples,
-                                            scheduler=scheduler, max_concurrent_trials=concurrent),
+                                            scheduler=scheduler, search_alg=search_alg,
+                                            max_concurrent_trials=concurrent),
                 run_config=tune.RunConfig(name=tune_name, storage_path=str(storage), callbacks=[callback],
                                           verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
         grid = tuner.fit()
-        interrupted = False
+        # Ctrl-C (SIGINT): Tune catches it, saves the experiment and returns early, with trials
+        # unfinished or not yet created
+        trials = grid._experiment_analysis.trials
+        interrupted = bool(unfinished(trials)) or len(trials) < num_samples * grid_size(param_space)
     finally:
         if not interrupted:
             tracker.end(parent_id, "FINISHED")
@@ -458,8 +470,12 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
             tracker.close_open_runs("KILLED", parent_id=parent_id)
         if started:
             shutdown_ray()
+    if interrupted:
+        done = len(trials) - len(unfinished(trials))
+        raise Interrupted(f"interrupted with {done} of {num_samples * grid_size(param_space)} trial(s) done; the "
+                          f"same command with --resume continues (done trials are kept)")
     outcomes = []
-    for trial in grid._experiment_analysis.trials:  # Trial objects: status, config, metric_analysis
+    for trial in trials:  # Trial objects: status, config, metric_analysis
         out_dir = runs_root / trial.trial_id
         result = read_result(out_dir)
         outcomes.append(TrialOutcome(
@@ -467,8 +483,6 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
             test=result.get("test", {}), best_val=result.get("best_val", {}),
             metric_analysis=dict(trial.metric_analysis or {}),
             early_stopped=trial.status == "TERMINATED" and not result))
-    table = tracker.share_view(VIEW_KEY, runs_view(space.metric, parent_id))
-    cells = tracker.share_view(CELLS_VIEW_KEY, cells_view(space.metric))
     (log or say)(f"MLflow: experiment {space.name!r}, parent run {parent_id}; open it with:\n  {ui_command(uri)}"
                  f"\n  runs (cell, seed, data, test metrics): {ui_address(uri)}{table}"
                  f"\n  cells side by side (mean over seeds):  {ui_address(uri)}{cells}&compareRunsMode=CHART")
@@ -495,6 +509,15 @@ def log_parent_files(uri: str, experiment: str, parent_id: str, paths: list[Path
     tracker = Tracker(uri, experiment)
     for path in paths:
         tracker.log_artifact(parent_id, path, artifact_path)
+
+
+class Interrupted(Exception):
+    """The experiment stopped early (Ctrl-C); its state is saved and ``resume=True`` continues it."""
+
+
+def unfinished(trials: list) -> list:
+    """Tune trials that neither ended nor failed."""
+    return [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
 
 
 def best_outcome(outcomes: list[TrialOutcome], metric: str, mode: str) -> TrialOutcome | None:

@@ -19,6 +19,8 @@ A space file (``tune_spaces/<name>.yaml``; every key but ``dataset`` is optional
     mode: max                    # default max; min for val_loss and loss*
     num_samples: 8               # default 1; repeats of the grid product, as in Tune
     scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # the default; or {name: fifo}
+    search_algorithm: random     # default random (Tune's variant generator); or optuna (TPE; no grid)
+    seed: 0                      # optuna only: the TPE sampler's seed (default 0); not train.seed
     resources: {workers: 1, cpus_per_worker: 1.0, gpus_per_worker: 0}  # workers 0 = in-process trial
     #          also labellers: 1, gpus_per_labeller: 0 (pseudo-labeller actors in the trial's
     #          placement group; 0 GPU = CPU labellers, a fraction up to 1 shares a GPU)
@@ -38,6 +40,13 @@ card's classes / channels). The config's constraints are monotone in each key (a
 divisibility by ``2**depth``), so the corners bound every sample. Because uniform corners include
 both ends this is conservative ON PURPOSE: alpha_min U(0, 0.2) with alpha_max U(0.2, 0.4) is
 rejected (0.2 < 0.2 fails) although Tune would almost never draw that pair; keep ranges apart.
+The same holds for ``search_algorithm: optuna``: Ray's ``OptunaSearch`` turns each Tune domain into
+the Optuna distribution with the same bounds (uniform / loguniform -> ``FloatDistribution(low, high
+[, log])``, both ends included; randint -> ``IntDistribution(low, high - 1)``; choice ->
+``CategoricalDistribution(values)``), so every TPE suggestion lies inside the domains and the corner
+check covers it (``tests/test_search_space.py`` checks the mapping). Grid domains are an error with
+optuna, not turned into choices: a grid means "every value in every sample", which a sampler
+cannot keep.
 ``patches.size`` must be searched with choice or grid (a continuous or integer range would
 draw sizes that are not multiples of the network stride).
 
@@ -94,8 +103,9 @@ DEFAULT_CELLS = [c for c in ABLATION_CELLS if c not in BASELINE_CELLS]  # the pa
 # data overrides of a cell (the rest of the split - val, test, the seed - is the experiment's)
 CELL_DATA: dict[str, dict[str, Any]] = {"supervised_all": {"labelled_fraction": 1.0, "labelled_count": 0}}
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
+SEARCH_ALGORITHMS = ("random", "optuna")  # Tune's variant generator; Ray's OptunaSearch with Optuna's TPE
 TOP_KEYS = ("name", "dataset", "labelled_fraction", "labelled_count", "base", "config", "search", "metric", "mode",
-            "num_samples", "scheduler", "resources", "max_concurrent_trials", "ablation")
+            "num_samples", "scheduler", "search_algorithm", "seed", "resources", "max_concurrent_trials", "ablation")
 # Set per trial by the tuner (or by the top-level dataset:), so never sampled.
 UNSEARCHABLE = ("data.name", "train.out_dir", "train.progress", "data.cache_dir", "data.root")
 TRAIN_METRICS = ("loss", "loss_cl", "loss_cr", "loss_sup", "omega")
@@ -176,6 +186,12 @@ class Space:
     mode: str = "max"
     num_samples: int = 1
     scheduler: Scheduler = field(default_factory=Scheduler)
+    # random: Tune's variant generator (unseeded, as Tune draws); optuna: Optuna's TPE sampler, which
+    # proposes each trial from the finished ones (cssl_ray.tune.make_searcher)
+    search_algorithm: str = "random"
+    # optuna's sampler seed, its own key so the suggestions do not change with train.seed (which a
+    # space may search, and ablate grids over); the same seed and space give the same first trials
+    seed: int = 0
     resources: Resources = field(default_factory=Resources)
     max_concurrent_trials: int = 2
     ablation: Ablation = field(default_factory=Ablation)
@@ -301,10 +317,12 @@ def load_space(path: str | Path) -> Space:
     mode = data.get("mode", "min" if metric == "val_loss" or str(metric).startswith("loss") else "max")
     if mode not in ("max", "min"):
         raise fail(f"mode: {mode!r} is not allowed; choose max or min")
+    algorithm = _search_algorithm(data, search, fail)
     return Space(
         path=path, name=name, dataset=dataset, overrides=overrides, search=search, metric=metric, mode=mode,
         num_samples=_count(data, "num_samples", 1, 1, fail),
         scheduler=_scheduler(data.get("scheduler", {}), fail),
+        search_algorithm=algorithm, seed=_count(data, "seed", 0, 0, fail),
         resources=_resources(data.get("resources", {}), fail),
         max_concurrent_trials=_count(data, "max_concurrent_trials", 2, 1, fail),
         ablation=_ablation(data.get("ablation", {}), fail),
@@ -538,6 +556,27 @@ def _scheduler(raw: Any, fail: Any) -> Scheduler:
     if not rf > 1:
         raise fail(f"scheduler.reduction_factor: {rf!r} is out of range; allowed: > 1")
     return Scheduler(name, _count(d, "grace_period", 1, 1, fail, "scheduler."), float(rf))
+
+
+def _search_algorithm(data: dict, search: dict[str, Domain], fail: Any) -> str:
+    """``search_algorithm`` (default random) and what it allows: optuna samples (no grid) and
+    needs a domain to sample; ``seed`` seeds optuna only (Tune's random search draws unseeded)."""
+    algorithm = data.get("search_algorithm", "random")
+    if algorithm not in SEARCH_ALGORITHMS:
+        raise fail(f"search_algorithm: {algorithm!r} is not allowed; choose {' or '.join(SEARCH_ALGORITHMS)}")
+    if algorithm == "random":
+        if "seed" in data:
+            raise fail("seed: seeds Optuna's sampler only and has no effect with search_algorithm: random "
+                       "(Tune's random search is unseeded); remove it or set search_algorithm: optuna")
+        return algorithm
+    grids = [key for key, d in search.items() if d.kind == "grid"]
+    if grids:
+        raise fail(f"search.{grids[0]}: grid is not allowed with search_algorithm: optuna (a grid runs every value "
+                   f"in every sample, a sampler cannot); use choice, or search_algorithm: random")
+    if not search:
+        raise fail("search: search_algorithm: optuna needs at least one searched key (uniform, loguniform, randint "
+                   "or choice)")
+    return algorithm
 
 
 def _resources(raw: Any, fail: Any) -> Resources:

@@ -6,7 +6,9 @@
     python -m cssl_ray.tune --space ... --dry-run                   # the checks only; starts nothing
 
 Each trial is one CSSL run (``cssl_ray.experiment``): in-process when the space says
-``resources.workers: 0``, else a distributed Ray Train run inside the trial. Trials report after
+``resources.workers: 0``, else a distributed Ray Train run inside the trial. The space's
+``search_algorithm`` picks the trials: ``random`` (Tune's variant generator, the default) or
+``optuna`` (Optuna's TPE sampler, seeded by the space's ``seed``; ``make_searcher``). Trials report after
 every validation; ASHA (the default scheduler) compares them by the space's metric at rounds
 ``grace_period * reduction_factor**k`` and stops the poor ones. At the end the best finished trial
 (by its best value of the metric; never by test data) is printed with its test metrics, and its
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from cssl_ray.config import Config, ConfigError, dump_config, to_dict
 from cssl_ray.experiment import (
+    Interrupted,
     best_outcome,
     check_trials,
     experiment_folder,
@@ -72,6 +75,33 @@ def make_scheduler(space: Space, max_rounds: int) -> Any:
     from ray.tune.schedulers import ASHAScheduler
     return ASHAScheduler(time_attr="round", max_t=max(max_rounds, 1), grace_period=space.scheduler.grace_period,
                          reduction_factor=space.scheduler.reduction_factor)
+
+
+def make_searcher(space: Space) -> Any:
+    """The space's search algorithm for ``TuneConfig(search_alg=...)``: None (Tune's random variant
+    generator) or Ray's OptunaSearch with Optuna's TPE sampler seeded by ``space.seed``.
+
+    OptunaSearch gets no space of its own: Tune hands it the space's ``param_space()`` and it maps each
+    domain to the Optuna distribution with the same bounds (``search_space``'s docstring; checked in
+    tests/test_search_space.py), so suggestions stay inside what ``load_space`` checked. The scheduler
+    still stops trials, and ``max_concurrent_trials`` still caps them (Tune wraps the searcher in a
+    ConcurrencyLimiter; Optuna's TPE uses the constant liar, so concurrent trials differ). On
+    ``--resume`` Tune restores the searcher from the experiment folder (Optuna's study: every told
+    trial and the sampler's random state), so the search continues where it stopped instead of
+    proposing the first trials again.
+    """
+    if space.search_algorithm == "random":
+        return None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is the MLflow callback's
+    return OptunaSearch(metric=space.metric, mode=space.mode, sampler=optuna.samplers.TPESampler(seed=space.seed))
+
+
+def search_text(space: Space) -> str:
+    """The search algorithm, for a dry run: ``random search`` or ``Optuna TPE search (seed 0)``."""
+    return "random search" if space.search_algorithm == "random" else f"Optuna TPE search (seed {space.seed})"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -150,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.num_samples is not None:
             if args.num_samples < 1:
                 raise ConfigError(f"--num-samples: {args.num_samples} is out of range; allowed: >= 1")
+            if args.resume:  # Tuner.restore keeps the experiment's own count
+                raise ConfigError("--num-samples: a resumed experiment keeps the number of trials it started with; "
+                                  "drop --num-samples, or start a new experiment (another --storage-path)")
             space = dataclasses.replace(space, num_samples=args.num_samples)
         base = space.base_config()
         warned: list[str] = []  # warnings of the checks: shown now, not again by every trial
@@ -158,12 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         from cssl_ray.tracking import tracking_uri
         uri = tracking_uri(args.tracking_uri)
         scheduler = make_scheduler(space, base.train.max_rounds)
+        search_alg = make_searcher(space)  # here, not in run_experiment: the dry run imports optuna too
         param_space = space.param_space()
         if args.dry_run:
             folder = experiment_folder(Path(args.storage_path), tune_folder(space), args.resume)
             print(f"dry run: tune {space.name}: {space.num_samples * grid_size(param_space)} trial(s) over "
-                  f"{len(space.search)} searched key(s), {space.scheduler.name.upper()}, up to "
-                  f"{space.max_concurrent_trials} at a time, "
+                  f"{len(space.search)} searched key(s), {search_text(space)}, {space.scheduler.name.upper()}, "
+                  f"up to {space.max_concurrent_trials} at a time, "
                   f"{trial_resources_text(space, trials_label(base, param_space))}; "
                   f"{data_text(base, data)}; "
                   f"Ray at {args.address or 'a local instance started here'}, experiment in {folder}"
@@ -171,11 +205,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         outcomes, parent = run_experiment(
             space, param_space=param_space, kind="tune", tune_name=tune_folder(space), base=base,
-            uri=uri, storage=Path(args.storage_path), scheduler=scheduler,
+            uri=uri, storage=Path(args.storage_path), scheduler=scheduler, search_alg=search_alg,
             num_samples=space.num_samples, address=args.address, resume=args.resume, threads=args.threads,
             warned=warned)
     except (ConfigError, FileNotFoundError) as e:
         return fail(prog, str(e))
+    except Interrupted as e:  # Ctrl-C: Tune saved the experiment
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 130
     stopped = sum(o.early_stopped for o in outcomes)
     errored = [o for o in outcomes if o.status == "ERROR"]
     print(f"\n{len(outcomes)} trials: {len(outcomes) - stopped - len(errored)} finished, "

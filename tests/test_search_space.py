@@ -158,6 +158,18 @@ BAD = [
     ("seeds", smoke(ablation={"seeds": 0}), "ablation.seeds: 0 is out of range"),
     ("cells", smoke(ablation={"cells": ["cssl", "mixup"]}), "ablation.cells: ['cssl', 'mixup'] is not allowed"),
     ("fractions", smoke(ablation={"label_fractions": [0.1, 0.0]}), "ablation.label_fractions: 0.0 is out of range"),
+    ("search_algorithm typo", smoke(search_algorithm="optuan"),
+     "search_algorithm: 'optuan' is not allowed; choose random or optuna"),
+    ("search_algorithm case", smoke(search_algorithm="Optuna"), "search_algorithm: 'Optuna' is not allowed"),
+    ("grid with optuna", smoke(search_algorithm="optuna", search={"contrastive.tau": {"loguniform": [0.05, 0.5]},
+                                                                  "train.seed": {"grid": [0, 1]}}),
+     "search.train.seed: grid is not allowed with search_algorithm: optuna"),
+    ("optuna without search", smoke(search_algorithm="optuna", search={}),
+     "search: search_algorithm: optuna needs at least one searched key"),
+    ("seed with random", smoke(seed=3), "seed: seeds Optuna's sampler only and has no effect with search_algorithm: "
+                                        "random"),
+    ("seed negative", smoke(search_algorithm="optuna", seed=-1), "seed: -1 is out of range; allowed: >= 0"),
+    ("seed float", smoke(search_algorithm="optuna", seed=1.5), "seed: expected an integer, got 1.5"),
     ("not a mapping", "- 1\n- 2\n", "expected a mapping of keys"),
     ("invalid yaml", "dataset: [synthetic\n", "not valid YAML (line 2: "),
 ]
@@ -257,6 +269,59 @@ def test_param_space_and_trial_config(tmp_path: Path):
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match=r"unknown config key 'contrastive\.taux'"):
         space.trial_config({"contrastive.taux": 0.2})
+
+
+def test_search_algorithm_default_and_optuna(tmp_path: Path):
+    space = load_space(write(tmp_path, smoke()))
+    assert (space.search_algorithm, space.seed) == ("random", 0)
+    space = load_space(write(tmp_path, smoke(search_algorithm="optuna")))
+    assert (space.search_algorithm, space.seed) == ("optuna", 0)  # seeded by default
+    space = load_space(write(tmp_path, smoke(search_algorithm="optuna", seed=7)))
+    assert (space.search_algorithm, space.seed) == ("optuna", 7)
+    assert load_space(write(tmp_path, smoke(search_algorithm="random"))).search_algorithm == "random"
+
+
+def test_optuna_distributions_have_the_corners_bounds(tmp_path: Path):
+    """Ray's OptunaSearch maps every domain kind optuna takes to an Optuna distribution whose ends are
+    exactly the domain's corners, so the corner check covers every TPE suggestion."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = load_space(write(tmp_path, smoke(search_algorithm="optuna", search={
+        "contrastive.tau": {"loguniform": [0.05, 0.5]}, "consistency.eps": {"uniform": [0.0, 0.1]},
+        "model.depth": {"randint": [2, 4]}, "patches.size": {"choice": [8, 16]},
+        "train.use_hard_negatives": {"choice": [True, False]}})))
+    dists = OptunaSearch.convert_search_space(space.param_space())
+    assert set(dists) == set(space.search)  # dotted keys kept as they are
+    for key, dist in dists.items():
+        corners = space.search[key].corners()
+        if isinstance(dist, CategoricalDistribution):
+            assert list(dist.choices) == corners, key
+        else:
+            assert isinstance(dist, IntDistribution if space.search[key].kind == "randint" else FloatDistribution)
+            assert [dist.low, dist.high] == corners and dist.step in (None, 1), key  # both ends drawable
+    assert dists["contrastive.tau"].log and not dists["consistency.eps"].log and not dists["model.depth"].log
+    assert (dists["model.depth"].low, dists["model.depth"].high) == (2, 3)  # randint's high is exclusive
+
+
+def test_make_searcher(tmp_path: Path):
+    from cssl_ray.tune import make_searcher, search_text
+
+    random = load_space(write(tmp_path, smoke()))
+    assert make_searcher(random) is None and search_text(random) == "random search"  # Tune's variant generator
+    space = load_space(write(tmp_path, smoke(search_algorithm="optuna", seed=5, metric="val_loss")))
+    searcher = make_searcher(space)
+    assert type(searcher).__name__ == "OptunaSearch" and (searcher.metric, searcher.mode) == ("val_loss", "min")
+    assert type(searcher._sampler).__name__ == "TPESampler" and search_text(space) == "Optuna TPE search (seed 5)"
+
+    def first_suggestions(seed: int) -> list[float]:
+        s = make_searcher(dataclasses.replace(space, seed=seed))
+        s.set_search_properties(space.metric, space.mode, space.param_space())
+        return [s.suggest(f"t{i}")["contrastive.tau"] for i in range(3)]
+
+    first = first_suggestions(5)
+    assert first == first_suggestions(5) != first_suggestions(6)  # seeded
+    assert all(0.05 <= tau <= 0.5 for tau in first)
 
 
 def test_unflatten():

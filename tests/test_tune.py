@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest_ray import descendant_processes, own_lines, ray_test_env
+from conftest_ray import descendant_processes, local_ray, own_lines, ray_test_env
 
 from cssl_ray import tune
 from cssl_ray.config import load_config
@@ -173,36 +173,6 @@ def test_missing_dataset_is_one_line(tmp_path, store, capsys, monkeypatch):
     assert code == 2 and len(err) == 1 and "monuseg" in err[0].lower()
 
 
-def test_init_ray_pins_its_address_for_every_process_of_it(monkeypatch):
-    """Ray code that looks its cluster up without an address (Train V2's PlacementGroupCleaner:
-    ray.util.state.get_actor every second) raised "Found multiple active Ray instances" beside another
-    experiment's Ray; init_ray pins RAY_ADDRESS in the processes of the instance it starts, detached
-    actors of actors with their own runtime env included, and shutdown_ray restores the driver's."""
-    import ray
-
-    from cssl_ray.ray_init import init_ray, shutdown_ray
-
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:1")  # someone else's; a local start must not join it
-    assert init_ray(None, 1, log_to_driver=False)
-    try:
-        gcs = ray.get_runtime_context().gcs_address
-        assert os.environ["RAY_ADDRESS"] == gcs
-
-        @ray.remote(num_cpus=0)
-        class Detached:
-            def address(self) -> str | None:
-                return os.environ.get("RAY_ADDRESS")
-
-        @ray.remote(num_cpus=0, runtime_env={"env_vars": {"CSSL_X": "1"}})  # as Train's controller
-        class Controller:
-            def cleaner_address(self) -> tuple[str | None, str | None]:
-                a = Detached.options(lifetime="detached").remote()
-                try:
-                    return ray.get(a.address.remote()), os.environ.get("CSSL_X")
-                finally:
-                    ray.kill(a)
-
-        assert ray.get(Controller.remote().cleaner_address.remote()) == (gcs, "1")
-    finally:
-        shutdown_ray()
-    assert os.environ["RAY_ADDRESS"] == "10.0.0.1:1"
+            uri=uri, storage=Path(args.storage_path), scheduler=scheduler, search_alg=search_alg,
+            num_samples=space.num_samples, address=args.address, resume=args.resume, threads=args.threads,
+            warned=warned)
