@@ -19,7 +19,9 @@ Fixed hyperparameters: ``--config`` if given, else the best config a finished
 one Ray Tune experiment (no early stopping), as concurrent as the space's resources allow; at the
 end the report table (``cssl_ray.report``) is read back from MLflow and printed. ``--dry-run``
 runs the checks made before Ray starts (as ``python -m cssl_ray.tune --dry-run``), prints what
-would run and exits.
+would run and exits. Every run keeps its best weights (its test metrics) by the space's metric and
+mode where that is a validation key, whatever the fixed config says; ``--select-metric`` /
+``--select-mode`` choose another (``search_space.Space.select``).
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ from typing import Any
 from cssl_ray.config import Config, ConfigError, load_config
 from cssl_ray.experiment import CELL_KEY, check_trials, experiment_folder, fail, grid_size, run_experiment, trials_label
 from cssl_ray.search_space import ABLATION_CELLS, BASELINE_CELLS, Space, load_space
-from cssl_ray.tune import (DEFAULT_STORAGE, add_resource_flags, best_config_path, data_text, trial_resources_text,
-                           with_resources)
+from cssl_ray.tune import (DEFAULT_STORAGE, add_resource_flags, add_selection_flags, best_config_path, data_text,
+                           trial_resources_text, with_resources)
 
 SWEEP_CELLS = ["supervised", "cssl"]
 
@@ -89,6 +91,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted ablation")
     p.add_argument("--threads", type=int, default=0, help="torch threads per in-process trial (0 = the config's)")
     add_resource_flags(p, "run")
+    add_selection_flags(p)
     p.add_argument("--dry-run", action="store_true",
                    help="run every check made before Ray starts, print what would run, start nothing")
     return p
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         grid = ablation_grid(space, seeds, args.cells, args.fractions)
         source: list[str] = []  # where the fixed hyperparameters come from (printed now, or in the dry-run line)
         base = fixed_config(space, args.config, args.storage_path, log=source.append if args.dry_run else print)
+        base = space.select(base, args.select_metric, args.select_mode)  # every cell: the space's selection
         sweep = "data.labelled_fraction" in grid
         data = check_trials(space, base, split_varies=sweep)  # before Ray starts, one line each
         from cssl_ray.tracking import tracking_uri

@@ -3,6 +3,7 @@
     python -m cssl_ray.train --config configs/demo_synthetic.yaml [--workers N] [--gpus-per-worker G]
                              [--labellers N] [--gpus-per-labeller G] [--address auto]
                              [--placement-strategy SPREAD] [--out DIR] [--resume] [--set train.seed=1 ...]
+                             [--select-metric val_iou_mean [--select-mode max]]
     python -m cssl_ray.train --smoke                  # Ray, tiny: ~30 s on a CPU (Ray's start-up)
     python -m cssl_ray.train --local --smoke          # one process, no Ray: seconds
     python -m cssl_ray.train ... --dry-run            # every check the run makes first; starts nothing
@@ -58,6 +59,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny images and model: finishes in seconds")
     p.add_argument("--out", help="output folder (train.out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the newest round checkpoint in --out")
+    p.add_argument("--select-metric", metavar="METRIC",
+                   help="train.select_metric: the validation key the run keeps its best weights by (val_dice_mean, "
+                        "val_iou_mean, val_loss, val_dice/<class>, val_iou/<class>); default: the config's")
+    p.add_argument("--select-mode", choices=("max", "min", "auto"),
+                   help="train.select_mode: better = larger (max) or smaller (min); auto = min for val_loss; "
+                        "default: the config's, auto with --select-metric")
     ray = p.add_argument_group("Ray (without --local)")
     ray.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel ranks)")
     ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; 0 = CPU (gloo)")
@@ -104,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.out_dir={args.out}")
     if args.quiet:
         overrides.append("train.progress=false")
+    if args.select_metric:
+        overrides += [f"train.select_metric={args.select_metric}", f"train.select_mode={args.select_mode or 'auto'}"]
+    elif args.select_mode:
+        overrides.append(f"train.select_mode={args.select_mode}")
     try:
         cfg = build_config(args.config, overrides, smoke=args.smoke)
         if args.dry_run:

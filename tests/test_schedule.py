@@ -148,7 +148,7 @@ def test_stage_a_stops_early_and_goes_on_from_its_best_weights(tmp_path):
     result = run_local(cfg)
     stage_a = [h for h in result.history if h["stage"] == "supervised"]
     dice = [h["val_dice_mean"] for h in stage_a]
-    best = max(range(len(dice)), key=lambda i: (dice[i], i))  # ties: the later epoch is kept
+    best = max(range(len(dice)), key=lambda i: (dice[i], -i))  # ties: the earlier epoch is kept
     assert len(stage_a) < 40, "patience 2 never stopped 40 epochs on 8 smoke images"
     assert len(stage_a) - 1 - best == 2  # stopped exactly `patience` epochs after the best
     assert result.best_round == 0 and result.best_val["dice_mean"] == dice[best]
