@@ -102,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     prog = "cssl_ray.ablate"
     try:
         space = with_resources(load_space(args.space), args)
-        seeds = args.seeds if args.seeds is not None else space.ablation.seeds
-        grid = ablation_grid(space, seeds, args.cells, args.fractions)
         source: list[str] = []  # where the fixed hyperparameters come from (printed now, or in the dry-run line)
         base = fixed_config(space, args.config, args.storage_path, log=source.append if args.dry_run else print)
         base = space.select(base, args.select_metric, args.select_mode)  # every cell: the space's selection
+        seeds = args.seeds if args.seeds is not None else space.ablation.seeds
+        grid = ablation_grid(space, seeds, args.cells, args.fractions)  # imports Ray: after the one-line checks
         sweep = "data.labelled_fraction" in grid
         data = check_trials(space, base, split_varies=sweep)  # before Ray starts, one line each
         from cssl_ray.tracking import tracking_uri

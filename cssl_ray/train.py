@@ -50,6 +50,15 @@ def build_config(config: str | None, overrides: list[str], smoke: bool = False) 
     return from_dict(extra)
 
 
+def selection_overrides(metric: str | None, mode: str | None) -> list[str]:
+    """``--select-metric`` / ``--select-mode`` as ``--set`` overrides; a metric without a mode gets
+    ``auto`` (min for val_loss), not the config's mode, which was chosen for its own metric."""
+    out = [f"train.select_metric={metric}"] if metric else []
+    if metric or mode:
+        out.append(f"train.select_mode={mode or 'auto'}")
+    return out
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cssl_ray.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML file of overrides of cssl_ray.config.Config")
@@ -111,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.out_dir={args.out}")
     if args.quiet:
         overrides.append("train.progress=false")
-    if args.select_metric:
-        overrides += [f"train.select_metric={args.select_metric}", f"train.select_mode={args.select_mode or 'auto'}"]
-    elif args.select_mode:
-        overrides.append(f"train.select_mode={args.select_mode}")
+    overrides += selection_overrides(args.select_metric, args.select_mode)
     try:
         cfg = build_config(args.config, overrides, smoke=args.smoke)
         if args.dry_run:
