@@ -92,15 +92,19 @@ def test_one_worker_matches_local(straight, tmp_path):
     # Reports: one per stage-A epoch and one per round, with --local's keys and steps (the same MLflow
     # curves, and ASHA sees round 0 for stage A, whatever resources.workers); only stage A's end and
     # the rounds carry a checkpoint
-    reports = [json.loads(line) for line in straight.report_log.read_text().splitlines()]
-    epochs = straight.history[0:6]
+    # (a worker restarted by FailureConfig, as a loaded box's failed health check does, repeats its steps
+    # since the last checkpoint: MLflow keeps a step's last value, so does this)
+    reports = list({r["step"]: r for r in map(json.loads, straight.report_log.read_text().splitlines())}.values())
+    epochs = straight.history[:6]
     assert [r["stage"] for r in reports] == ["supervised"] * 6 + ["round"] * 2 == [r["stage"] for r in records]
     assert [r["step"] for r in reports] == [r["step"] for r in records] == list(range(1, 9))
     assert [r["round"] for r in reports] == [r["round"] for r in records] == [0] * 6 + [1, 2]
     assert [r["epoch"] for r in reports[:6]] == [h["epoch"] for h in epochs] == list(range(6))
     assert [r["checkpoint"] for r in reports] == [False] * 5 + [True] * 3
-    for ray_report, local_record in zip(reports, records, strict=True):
-        assert set(ray_report) - {"ranks_identical", "checkpoint"} == set(local_record), local_record["step"]
+    for ray_report, local_record in zip(reports, records, strict=True):  # rounds add the stream's statistics
+        extra = set(ray_report) - set(local_record)
+        assert set(local_record) <= set(ray_report) and (extra == {"ranks_identical", "checkpoint"}
+                                                         or local_record["stage"] == "round"), local_record["step"]
     # Stage A runs the same supervised steps with the same seed on one rank: identical.
     sup_ray = [h["val_dice_mean"] for h in straight.history if h["stage"] == "supervised"]
     sup_local = [h["val_dice_mean"] for h in local.history if h["stage"] == "supervised"]
