@@ -19,7 +19,9 @@ Fixed hyperparameters: ``--config`` if given, else the best config a finished
 one Ray Tune experiment (no early stopping), as concurrent as the space's resources allow; at the
 end the report table (``cssl_ray.report``) is read back from MLflow and printed. ``--dry-run``
 runs the checks made before Ray starts (as ``python -m cssl_ray.tune --dry-run``), prints what
-would run and exits.
+would run and exits. Every run keeps its best weights (its test metrics) by the space's metric and
+mode where that is a validation key, whatever the fixed config says; ``--select-metric`` /
+``--select-mode`` choose another (``search_space.Space.select``).
 """
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ from cssl_ray.config import Config, ConfigError, dump_config, load_config
 from cssl_ray.experiment import (CELL_KEY, Interrupted, best_outcome, check_trials, experiment_folder, fail, grid_size,
                                  log_parent_files, register_best, run_experiment, trials_label)
 from cssl_ray.search_space import ABLATION_CELLS, BASELINE_CELLS, Space, load_space
-from cssl_ray.tune import (DEFAULT_STORAGE, add_resource_flags, announce_model, best_config_path, data_text,
-                           trial_resources_text, with_resources)
+from cssl_ray.tune import (DEFAULT_STORAGE, add_resource_flags, add_selection_flags, announce_model, best_config_path,
+                           data_text, trial_resources_text, with_resources)
 
 SWEEP_CELLS = ["supervised", "cssl"]
 
@@ -92,6 +94,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads per in-process trial (0 = the config's)")
     p.add_argument("--register-name", help="registered model name of the best run (default <space>-ablate)")
     add_resource_flags(p, "run")
+    add_selection_flags(p)
     p.add_argument("--dry-run", action="store_true",
                    help="run every check made before Ray starts, print what would run, start nothing")
     return p
@@ -102,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     prog = "cssl_ray.ablate"
     try:
         space = with_resources(load_space(args.space), args)
-        seeds = args.seeds if args.seeds is not None else space.ablation.seeds
-        grid = ablation_grid(space, seeds, args.cells, args.fractions)
         source: list[str] = []  # where the fixed hyperparameters come from (printed now, or in the dry-run line)
         base = fixed_config(space, args.config, args.storage_path, log=source.append if args.dry_run else print)
+        base = space.select(base, args.select_metric, args.select_mode)  # every cell: the space's selection
+        seeds = args.seeds if args.seeds is not None else space.ablation.seeds
+        grid = ablation_grid(space, seeds, args.cells, args.fractions)  # imports Ray: after the one-line checks
         sweep = "data.labelled_fraction" in grid
         warned: list[str] = []  # warnings of the checks: shown now, not again by every trial
         data = check_trials(space, base, split_varies=sweep, warned=warned)  # before Ray starts, one line each

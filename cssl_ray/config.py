@@ -28,6 +28,37 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the key."""
 
 
+# Validation record keys every run reports ("val_" + a ``loop.evaluate`` key): what a run can select
+# its weights by (``train.select_metric``) and a search its trials by; per class also
+# val_dice/<class> and val_iou/<class>, whose class names come with the data.
+VAL_METRICS = ("val_loss", "val_dice_mean", "val_iou_mean")
+PER_CLASS_VAL_METRICS = ("val_dice", "val_iou")
+
+
+def natural_mode(metric: str) -> str:
+    """The direction in which ``metric`` gets better: min for losses (val_loss, loss, loss_cl, ...), else max."""
+    return "min" if metric.removeprefix("val_").startswith("loss") else "max"
+
+
+def check_metric(key: str, metric: Any, classes: list[str] | None, extra: tuple[str, ...] = ()) -> None:
+    """``ConfigError`` unless ``metric`` is a validation record key (``VAL_METRICS``, val_dice/<class>,
+    val_iou/<class>) or one of ``extra``. ``classes``: the data's class names; None = not known yet,
+    then any non-empty class name passes (the run checks it once it has the data)."""
+    allowed = [*VAL_METRICS, *extra]
+    if isinstance(metric, str) and metric in allowed:
+        return
+    head, _, cls = metric.partition("/") if isinstance(metric, str) else ("", "", "")
+    if head in PER_CLASS_VAL_METRICS and cls and "/" not in cls:
+        if classes is None or cls in classes:
+            return
+    if classes is None:
+        per_class = [f"{m}/<class>" for m in PER_CLASS_VAL_METRICS]
+    else:
+        per_class = [f"{m}/{c}" for m in PER_CLASS_VAL_METRICS for c in classes]
+    what = "a key the trials report" if extra else "a validation record key"
+    raise ConfigError(f"{key}: {metric!r} is not {what}; allowed: {', '.join(allowed + per_class)}")
+
+
 @dataclass
 class DataConfig:
     name: str = "synthetic"  # a dataset card in datasets/ (synthetic, nuclei, monuseg, chaos, jsrt, idrid, folder)
@@ -155,9 +186,14 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 16  # supervised batch (paper: 16 at 320x256)
     supervised_epochs: int = 50  # stage A: at most this many epochs (early stopping below)
-    # stage A stops after this many epochs without a better validation dice_mean and goes on from its
-    # best weights (the paper trains the supervised model to convergence); 0 = every epoch, the last
+    # stage A stops after this many epochs without a better select_metric and goes on from its best
+    # weights (the paper trains the supervised model to convergence); 0 = every epoch, the last
     stage_a_patience: int = 10
+    # the validation key the run keeps its best weights by (stage A's best epoch, the best round,
+    # best.pt, the test): "val_" + a loop.evaluate key, i.e. one of VAL_METRICS or val_dice/<class>,
+    # val_iou/<class>. Tune and ablate set it to the space's metric (search_space.Space.select)
+    select_metric: str = "val_dice_mean"
+    select_mode: Literal["auto", "max", "min"] = "auto"  # better = larger / smaller; auto = min for val_loss, else max
     max_rounds: int = 20  # CSSL rounds (pseudo-label -> L_tot epoch -> fine-tune epoch -> validate)
     # an L_tot epoch is one pass over D_U: ceil(|D_U| / consistency.batch_size) steps for every cell
     # with L_CL or L_CR; if > 0, this caps the steps of one round (CPU budgets)
@@ -203,6 +239,10 @@ class TrainConfig:
     # out_dir/figures/ at the end (cssl_ray.figures); costs a forward of 2 images per round and, on smoke
     # sizes, ~0.2 s at the end (+0.5 s for importing matplotlib, once per process)
     figures: bool = True
+
+    def selection(self) -> tuple[str, str]:
+        """``(select_metric, "max" | "min")``: the selection with ``select_mode: auto`` resolved."""
+        return self.select_metric, natural_mode(self.select_metric) if self.select_mode == "auto" else self.select_mode
 
 
 @dataclass
@@ -328,6 +368,7 @@ def validate(cfg: Config) -> Config:
     _check(o.finetune_lr >= 0, "optim.finetune_lr", ">= 0 (0 = the rate stage A ended at)", o.finetune_lr)
     _check(o.round_warmup_steps >= 0, "optim.round_warmup_steps", ">= 0", o.round_warmup_steps)
     _check(t.stage_a_patience >= 0, "train.stage_a_patience", ">= 0 (0 = no early stopping)", t.stage_a_patience)
+    check_metric("train.select_metric", t.select_metric, None)  # the class name: once the data is known
     _check(o.lr > 0, "optim.lr", "> 0", o.lr)
     _check(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
     _check(0.0 < o.plateau_factor < 1.0, "optim.plateau_factor", "0 < factor < 1", o.plateau_factor)

@@ -6,7 +6,10 @@
              workers == 0 trains in the trial's own process (cssl_ray.local), workers >= 1 builds
              and fits a TorchTrainer inside the trial (Ray Train V2's Train-inside-Tune pattern)
              whose rank-0 reports reach Tune through TuneReportCallback. Either way Tune sees one
-             result per validation, with ``round`` (ASHA's time attribute) and ``step``.
+             result per validation (every stage-A epoch as round 0, then every round), with
+             ``round`` (ASHA's time attribute) and ``step``; the base config carries the space's
+             metric as ``train.select_metric`` (``Space.select``), so each trial's best weights
+             and test metrics follow the criterion that ranks it.
 
 A trial writes its run folder (config.yaml, split.json, round checkpoints, best.pt, result.json,
 figures/) under ``<storage>/<experiment>/runs/<trial id>``; test metrics are computed once, on

@@ -23,13 +23,13 @@ import torch
 from cssl_ray import checkpoint as ckpt
 from cssl_ray.baselines.rounds import ROUND_METHODS, baseline_steps
 from cssl_ray.baselines.simclr import simclr_pretrain
-from cssl_ray.config import Config, dump_config, to_dict, validate
+from cssl_ray.config import Config, check_metric, dump_config, to_dict, validate
 from cssl_ray.data.bundle import DataBundle, DataSource, load_bundle
 from cssl_ray.data.splits import write_split
 from cssl_ray.figures import write_run_figures
 from cssl_ray.loop import epoch_plan, evaluate, label_round, local_steps, supervised_epoch
 from cssl_ray.models import check_geometry
-from cssl_ray.schedule import RunState
+from cssl_ray.schedule import RunState, is_better
 from cssl_ray.streams import stream_seed
 
 
@@ -67,6 +67,7 @@ def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any
         torch.set_num_threads(t.num_threads)
     device = resolve_device(t.device)
     bundle = load_bundle(cfg.data)
+    check_metric("train.select_metric", t.select_metric, bundle.class_names)  # its class, now that it is known
     out_dir = write_run_files(cfg, bundle)
     state = RunState(cfg, device)
     if resume and (last := ckpt.latest_checkpoint(out_dir)) is not None:
@@ -203,16 +204,21 @@ def _baseline_round(state: RunState, cfg: Config, bundle: DataBundle) -> dict[st
 
 STAGE_A_TRAIN_KEYS = ("seed", "batch_size", "supervised_epochs", "stage_a_patience", "sup_steps_per_epoch",
                       "augment", "device", "num_threads", "amp", "channels_last")
+# + train.selection(): stage A's early stop, the weights it goes on from and the best it hands the
+# rounds (best_score, best_val, best_model) all follow the selection metric
+
+
 
 
 def stage_a_key(cfg: Config) -> str:
     """Hash of everything stage A depends on (data, model, optimiser, seed, supervised schedule, the
-    ignore label, the validation batch, torch's version); nothing of L_CL / L_CR enters it."""
+    ignore label, the validation batch, the selection metric and mode, torch's version); nothing of
+    L_CL / L_CR enters it."""
     d = to_dict(cfg)
     optim = {k: v for k, v in d["optim"].items() if not k.startswith("round_")}  # the rounds' rate: not stage A
     kept = {"data": d["data"], "model": d["model"], "optim": optim, "ignore_index": d["pseudo"]["ignore_index"],
             "val_batch": d["consistency"]["batch_size"], "torch": torch.__version__,
-            "train": {k: d["train"][k] for k in STAGE_A_TRAIN_KEYS}}
+            "train": {k: d["train"][k] for k in STAGE_A_TRAIN_KEYS}, "select": list(cfg.train.selection())}
     if cfg.train.method == "simclr_pretrain":  # stage A starts from the pretrained weights
         kept["simclr"] = {k: v for k, v in d["baselines"].items() if k.startswith("simclr_")}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:20]
@@ -266,20 +272,25 @@ def evaluate_best(state: RunState, cfg: Config, bundle: DataBundle, out_dir: Pat
                        history=state.history, out_dir=out_dir, seconds=time.perf_counter() - start)
     (out_dir / "result.json").write_text(json.dumps(
         {"test": test, "best_val": state.best_val, "best_round": state.best_round,
-         "stage_a": stage_a_summary(state.history), "warnings": state.warnings,
+         "stage_a": stage_a_summary(state.history, *cfg.train.selection()), "warnings": state.warnings,
          "seconds": result.seconds}, indent=2, allow_nan=True))
     return result
 
 
-def stage_a_summary(history: list[dict[str, Any]]) -> dict[str, float]:
-    """Stage A as the rounds found it: epochs run, the best epoch (the weights the rounds start
-    from) and its val dice_mean and loss."""
+def stage_a_summary(history: list[dict[str, Any]], metric: str = "val_dice_mean",
+                    mode: str = "max") -> dict[str, float]:
+    """Stage A as the rounds found it: epochs run, the best epoch by ``metric`` in ``mode`` (the run's
+    ``train.selection()``: the weights the rounds start from, with ``train.stage_a_patience``) and its
+    val dice_mean, val loss and ``metric``; ties: the earlier epoch, as ``RunState.track_best``."""
     epochs = [h for h in history if h.get("stage") == "supervised"]
     if not epochs:
         return {}
-    best = max(epochs, key=lambda h: h.get("val_dice_mean", -math.inf))
+    best = epochs[0]
+    for h in epochs[1:]:
+        if is_better(float(h.get(metric, math.nan)), float(best.get(metric, math.nan)), mode):
+            best = h
     return {"epochs": float(len(epochs)), "best_epoch": float(best["epoch"]),
-            "val_dice_mean": float(best.get("val_dice_mean", math.nan)), "val_loss": float(best.get("val_loss", math.nan))}
+            **{k: float(best.get(k, math.nan)) for k in ("val_dice_mean", "val_loss", metric)}}
 
 
 def _save_round(state: RunState, cfg: Config, out_dir: Path) -> None:

@@ -13,6 +13,8 @@
               -> pseudo-label counts of the steps all-reduced (pseudo_coverage, pseudo_accuracy as in
                  --local) -> fine-tune epoch -> validation (counts all-reduced)
               -> ray.train.report(metrics, checkpoint) on EVERY rank (rank 0 attaches the checkpoint)
+            stage A reports every epoch, like --local's records (same keys and ``step``); only its
+            last report (stage A's end) carries a checkpoint
 
 Design choices:
 - No driver copy of the data: the driver computes the split from the store's index (names,
@@ -58,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cssl_ray.collectives import Collectives, TorchCollectives, rank_share
-from cssl_ray.config import Config, ConfigError, from_dict, to_dict, validate
+from cssl_ray.config import Config, ConfigError, check_metric, from_dict, to_dict, validate
 from cssl_ray.data.bundle import DataSource, open_source
 from cssl_ray.local import RunResult, evaluate_best, resolve_device, write_run_files
 from cssl_ray.loop import evaluate, supervised_epoch
@@ -185,12 +187,19 @@ def _train_loop(config: dict[str, Any]) -> None:
         return val
 
     if not state.stage_a_done:  # stage A (skipped when resuming past it)
+        # one report per epoch, as --local's records (MLflow curves and ASHA's round 0 alike whatever
+        # the workers); only the last carries a checkpoint: stage A's end, from its best weights
         for epoch in range(t.supervised_epochs):
             val = validate_and_record({"stage": "supervised", "round": 0, "epoch": epoch, **fine_tune()})
-            if state.after_stage_a_epoch(epoch, val):  # the same all-reduced val on every rank
+            last = state.after_stage_a_epoch(epoch, val) or epoch == t.supervised_epochs - 1  # same val, every rank
+            if last:
+                state.finish_stage_a()
+            _report(state, cfg, state.history[-1], col, checkpoint=last)
+            if last:
                 break
-        state.finish_stage_a()
-        _report(state, cfg, state.history[-1] if state.history else {"stage": "supervised", "round": 0}, col)
+        if not state.stage_a_done:  # no supervised epoch: stage A's checkpoint alone
+            state.finish_stage_a()
+            _report(state, cfg, {"stage": "supervised", "round": 0}, col)
 
     cssl_on = t.use_cl or t.use_cr
     while state.round < t.max_rounds:
@@ -289,15 +298,16 @@ def _pseudo_stats(counts: dict[str, Any], with_accuracy: bool, col: Collectives,
     return out
 
 
-def _report(state: RunState, cfg: Config, record: dict[str, Any], col: Collectives) -> None:
-    """ray.train.report on every rank (Train V2 requires it); rank 0 attaches the checkpoint."""
+def _report(state: RunState, cfg: Config, record: dict[str, Any], col: Collectives, checkpoint: bool = True) -> None:
+    """ray.train.report on every rank (Train V2 requires it); rank 0 attaches the checkpoint
+    (``checkpoint``: a stage-A epoch before the last reports its metrics only)."""
     import ray.train
 
-    streams = col.gather_objects(state.streams.state_dict())  # a collective: every rank
+    streams = col.gather_objects(state.streams.state_dict()) if checkpoint else []  # a collective: every rank
     digests = col.gather_objects(_parameter_digest(state.model))
     metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str))}
     metrics["ranks_identical"] = float(len(set(digests)) == 1)  # data-parallel invariant, checked every report
-    if col.rank != 0:
+    if col.rank != 0 or not checkpoint:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as d:
@@ -366,6 +376,7 @@ def check_run(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, cp
     validate(cfg)
     check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
     source = open_source(cfg.data)  # data errors: one-line ConfigErrors, before Ray starts
+    check_metric("train.select_metric", cfg.train.select_metric, source.class_names)
     check_ray_run(cfg, source, workers, gpus_per_worker, cpus_per_worker, placement_strategy, labellers,
                   gpus_per_labeller)
     return source

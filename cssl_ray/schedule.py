@@ -1,15 +1,19 @@
 """The run's state machine, written once for both schedules (``cssl_ray.local``, ``cssl_ray.ray_train``).
 
     stage A   supervised epochs on D_L, validating after each (ReduceLROnPlateau on val loss), up to
-              train.supervised_epochs; stops after train.stage_a_patience epochs without a better val
-              dice_mean and goes on from its best weights (the paper's converged supervised model)
+              train.supervised_epochs; stops after train.stage_a_patience epochs without a better
+              train.select_metric and goes on from its best weights (the paper's converged supervised model)
     round r   (round 1 first gives L_tot its own Adam at optim.cssl_lr and sets the fine-tune rate to
               optim.finetune_lr: ``RunState.begin_rounds``; docs/science.md says why)
               pseudo-label D_U (B) -> class-wise patches (C) -> one L_tot epoch, a pass over D_U
               -> one supervised fine-tune epoch on D_L -> validate -> checkpoint
     stop      train.stop: after train.max_rounds (default), or when the round's training loss has
               plateaued (the paper's rule); the same rule for every cell
-    test      once, on the best-validation weights (val dice_mean); never tuned on test data
+    test      once, on the best-validation weights; never tuned on test data
+
+"Best" is by ``train.select_metric`` in ``train.select_mode`` (default val dice_mean, larger is
+better; ``is_better``): stage A's best epoch, the best round, ``best_val`` / ``best_round`` in
+result.json and best.pt. A NaN value is never best; a tie keeps the earlier weights.
 
 ``RunState`` holds everything a checkpoint restores: the model, the supervised optimiser and stage
 A's plateau scheduler, L_tot's optimiser, the random streams (``cssl_ray.streams``), the teacher,
@@ -79,7 +83,9 @@ class RunState:
         self.cssl_optimizer: torch.optim.Adam | None = None  # L_tot's own Adam (rounds; optim.cssl_lr)
         self.finetune_base_lr = cfg.optim.lr  # the supervised rate of the rounds, set at round 1
         self.l_tot_steps = 0  # optimiser steps of L_tot epochs since round 1 (the warm-up's clock)
-        self.best_dice = -math.inf
+        metric, self.select_mode = t.selection()
+        self.select_key = metric.removeprefix("val_")  # its key in loop.evaluate's dict
+        self.best_score = _worst(self.select_mode)  # best_val[select_key]
         self.best_round = 0
         self.best_val: dict[str, float] = {}
         self.best_model: dict[str, torch.Tensor] = {}
@@ -104,7 +110,7 @@ class RunState:
     # -- checkpoints ---------------------------------------------------------------------------
 
     _PLAIN = ("omega", "round", "stage_a_done", "stage_a_best_epoch", "finetune_base_lr",
-              "l_tot_steps", "best_dice", "best_round", "best_val", "best_model", "best_loss",
+              "l_tot_steps", "best_score", "best_round", "best_val", "best_model", "best_loss",
               "rounds_since_improvement", "warnings", "history")
 
     def state_dict(self) -> dict[str, Any]:
@@ -148,6 +154,8 @@ class RunState:
         for name in ("scaler", "cssl_scaler"):  # absent from fp32 / bf16 runs and older checkpoints
             if getattr(self, name) is not None and s.get(name) is not None:
                 getattr(self, name).load_state_dict(s[name])
+        if "best_score" not in s:  # checkpoints before train.select_metric held best_dice: rescore best_val
+            s = {**s, "best_score": _score(s["best_val"], self.select_key, self.select_mode)}
         for k in self._PLAIN:
             setattr(self, k, s[k])
         self.snapshots = [(int(r), np.asarray(a, dtype=np.uint8)) for r, a in s.get("snapshots", [])]
@@ -155,10 +163,10 @@ class RunState:
     # -- stage A -------------------------------------------------------------------------------
 
     def after_stage_a_epoch(self, epoch: int, val: dict[str, float]) -> bool:
-        """After a stage-A validation: keep the best weights (val dice_mean, the run's selection
-        metric); True when stage A should stop (``train.stage_a_patience`` epochs without a better one).
+        """After a stage-A validation: keep the best weights (``train.select_metric``, the run's
+        selection); True when stage A should stop (``train.stage_a_patience`` epochs without a better one).
 
-        Dice, not loss: the val loss of a segmentation net bottoms out early and rises as it grows
+        Dice by default, not loss: the val loss of a segmentation net bottoms out early and rises as it grows
         confident while its Dice still improves (measured on synthetic: lowest val loss at epoch 15,
         Dice still rising at 25), so a loss-based stop hands the rounds an under-trained model."""
         if self.track_best(val):
@@ -291,11 +299,12 @@ class RunState:
         return stats
 
     def track_best(self, val: dict[str, float]) -> bool:
-        """Keep the weights of the best val dice_mean so far; True when these are they."""
-        dice = val.get("dice_mean", float("nan"))
-        if math.isnan(dice) or dice < self.best_dice:
+        """Keep these weights if ``val`` (``loop.evaluate``'s dict) is better than the best so far by
+        ``train.select_metric`` (``is_better``); True when it is."""
+        score = _score(val, self.select_key, self.select_mode)
+        if not is_better(score, self.best_score, self.select_mode):
             return False
-        self.best_dice, self.best_round, self.best_val = dice, self.round, dict(val)
+        self.best_score, self.best_round, self.best_val = score, self.round, dict(val)
         self.best_model = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
         return True
 
@@ -310,3 +319,22 @@ class RunState:
         else:
             self.rounds_since_improvement += 1
         return self.rounds_since_improvement >= t.plateau_rounds
+
+
+def is_better(value: float, best: float, mode: str) -> bool:
+    """Whether ``value`` beats ``best`` in ``mode`` ("max" | "min"): strictly, so a tie keeps the
+    earlier; NaN never beats anything (and any number beats a NaN best)."""
+    if math.isnan(value):
+        return False
+    if math.isnan(best):
+        return True
+    return value > best if mode == "max" else value < best
+
+
+def _worst(mode: str) -> float:
+    return -math.inf if mode == "max" else math.inf
+
+
+def _score(val: dict[str, float], key: str, mode: str) -> float:
+    """``val[key]``; no such value (an empty ``val``) is the worst score of ``mode``."""
+    return float(val.get(key, _worst(mode)))

@@ -17,6 +17,9 @@ A space file (``tune_spaces/<name>.yaml``; every key but ``dataset`` is optional
     metric: val_dice_mean        # val_loss, val_dice_mean, val_iou_mean, val_dice/<class>,
                                  # val_iou/<class>, loss, loss_cl, loss_cr, loss_sup, omega
     mode: max                    # default max; min for val_loss and loss*
+                                 # a val_ metric is also what each trial keeps its best weights
+                                 # (and test metrics) by: train.select_metric / select_mode
+                                 # (Space.select; --select-metric / --select-mode override it)
     num_samples: 8               # default 1; repeats of the grid product, as in Tune
     scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # the default; or {name: fifo}
     search_algorithm: random     # default random (Tune's variant generator); or optuna (TPE; no grid)
@@ -72,7 +75,7 @@ from typing import Any
 
 import yaml
 
-from cssl_ray.config import Config, ConfigError, apply_overrides, merge, validate
+from cssl_ray.config import Config, ConfigError, apply_overrides, check_metric, merge, natural_mode, validate
 from cssl_ray.data.bundle import check_card
 from cssl_ray.data.cards import CardError, DatasetCard, card_names, datasets_dir, load_card
 from cssl_ray.data.synthetic import class_names as synthetic_class_names
@@ -109,7 +112,6 @@ TOP_KEYS = ("name", "dataset", "labelled_fraction", "labelled_count", "base", "c
 # Set per trial by the tuner (or by the top-level dataset:), so never sampled.
 UNSEARCHABLE = ("data.name", "train.out_dir", "train.progress", "data.cache_dir", "data.root")
 TRAIN_METRICS = ("loss", "loss_cl", "loss_cr", "loss_sup", "omega")
-VAL_METRICS = ("val_loss", "val_dice_mean", "val_iou_mean")
 MAX_CORNERS = 4096
 # Keys whose constraints couple them; checked as full products when all corners are too many.
 COUPLED_KEYS = (
@@ -208,6 +210,24 @@ class Space:
             return _checked(apply_overrides(_raw(self.overrides), unflatten(plain)), _card(self.dataset))
         except ConfigError as e:
             raise SpaceError(f"{self.path}: {e}") from None
+
+    def select(self, cfg: Config, metric: str | None = None, mode: str | None = None) -> Config:
+        """``cfg`` keeping its weights as this search picks its trials: ``train.select_metric`` =
+        ``metric`` (``--select-metric``; its mode ``mode``, else auto), else the space's ``metric:``
+        with its ``mode:`` (``mode`` overrides it) where that is a validation key; a training metric
+        (loss_cl, omega, ...) picks no weights, so then the config's own selection stays. The metric
+        is checked against the dataset's class names where its card knows them (one line)."""
+        t = cfg.train
+        if metric is not None:
+            chosen = (metric, mode or "auto")
+        elif self.metric.startswith("val_"):
+            chosen = (self.metric, mode or self.mode)
+        else:
+            chosen = (t.select_metric, mode or t.select_mode)
+        key = "--select-metric" if metric is not None else "train.select_metric"
+        check_metric(key, chosen[0], _class_names(cfg, _card(self.dataset)))
+        train = dataclasses.replace(t, select_metric=chosen[0], select_mode=chosen[1])
+        return validate(dataclasses.replace(cfg, train=train))
 
     def param_space(self) -> dict[str, Any]:
         """``{dotted key: Tune domain}`` for ``Tuner(param_space=...)``."""
@@ -314,7 +334,7 @@ def load_space(path: str | Path) -> Space:
     _check_samples(search, base_cfg, card, fail)
     metric = data.get("metric", "val_dice_mean")
     _check_metric(metric, _class_names(base_cfg, card), fail)
-    mode = data.get("mode", "min" if metric == "val_loss" or str(metric).startswith("loss") else "max")
+    mode = data.get("mode", natural_mode(metric))
     if mode not in ("max", "min"):
         raise fail(f"mode: {mode!r} is not allowed; choose max or min")
     algorithm = _search_algorithm(data, search, fail)
@@ -359,6 +379,7 @@ def _card(dataset: str) -> DatasetCard | None:
 def _checked(cfg: Config, card: DatasetCard | None) -> Config:
     validate(cfg)
     check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
+    check_metric("train.select_metric", cfg.train.select_metric, _class_names(cfg, card))
     if card is not None:
         check_card(cfg.data, card)
     return cfg
@@ -518,15 +539,10 @@ def _class_names(cfg: Config, card: DatasetCard | None) -> list[str] | None:
 
 
 def _check_metric(metric: Any, classes: list[str] | None, fail: Any) -> None:
-    allowed = list(VAL_METRICS) + list(TRAIN_METRICS)
-    if classes is not None:
-        allowed += [f"val_{m}/{c}" for m in ("dice", "iou") for c in classes]
-    elif isinstance(metric, str) and metric.split("/")[0] in ("val_dice", "val_iou") and metric.count("/") == 1 \
-            and metric.split("/")[1]:
-        return  # classes come from the dataset's own files
-    if metric not in allowed:
-        extra = "" if classes is not None else ", val_dice/<class>, val_iou/<class>"
-        raise fail(f"metric: {metric!r} is not a key the trials report; allowed: {', '.join(allowed)}{extra}")
+    try:
+        check_metric("metric", metric, classes, extra=TRAIN_METRICS)
+    except ConfigError as e:
+        raise fail(str(e)) from None
 
 
 def _count(data: dict, key: str, default: int, least: int, fail: Any, where: str = "") -> int:

@@ -3,6 +3,7 @@
     python -m cssl_ray.train --config configs/demo_synthetic.yaml [--workers N] [--gpus-per-worker G]
                              [--labellers N] [--gpus-per-labeller G] [--address auto]
                              [--placement-strategy SPREAD] [--out DIR] [--resume] [--set train.seed=1 ...]
+                             [--select-metric val_iou_mean [--select-mode max]]
     python -m cssl_ray.train --smoke                  # Ray, tiny: ~30 s on a CPU (Ray's start-up)
     python -m cssl_ray.train --local --smoke          # one process, no Ray: seconds
     python -m cssl_ray.train ... --dry-run            # every check the run makes first; starts nothing
@@ -57,6 +58,15 @@ def build_config(config: str | None, overrides: list[str], smoke: bool = False) 
     return from_dict(extra)
 
 
+def selection_overrides(metric: str | None, mode: str | None) -> list[str]:
+    """``--select-metric`` / ``--select-mode`` as ``--set`` overrides; a metric without a mode gets
+    ``auto`` (min for val_loss), not the config's mode, which was chosen for its own metric."""
+    out = [f"train.select_metric={metric}"] if metric else []
+    if metric or mode:
+        out.append(f"train.select_mode={mode or 'auto'}")
+    return out
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cssl_ray.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML file of overrides of cssl_ray.config.Config")
@@ -66,6 +76,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny images and model: finishes in seconds")
     p.add_argument("--out", help="output folder (train.out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the newest round checkpoint in --out")
+    p.add_argument("--select-metric", metavar="METRIC",
+                   help="train.select_metric: the validation key the run keeps its best weights by (val_dice_mean, "
+                        "val_iou_mean, val_loss, val_dice/<class>, val_iou/<class>); default: the config's")
+    p.add_argument("--select-mode", choices=("max", "min", "auto"),
+                   help="train.select_mode: better = larger (max) or smaller (min); auto = min for val_loss; "
+                        "default: the config's, auto with --select-metric")
     ray = p.add_argument_group("Ray (without --local)")
     ray.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel ranks)")
     ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; 0 = CPU (gloo)")
@@ -116,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.out_dir={args.out}")
     if args.quiet:
         overrides.append("train.progress=false")
+    overrides += selection_overrides(args.select_metric, args.select_mode)
     try:
         cfg = build_config(args.config, overrides, smoke=args.smoke)
         if args.dry_run:

@@ -10,7 +10,9 @@ Each trial is one CSSL run (``cssl_ray.experiment``): in-process when the space 
 ``search_algorithm`` picks the trials: ``random`` (Tune's variant generator, the default) or
 ``optuna`` (Optuna's TPE sampler, seeded by the space's ``seed``; ``make_searcher``). Trials report after
 every validation; ASHA (the default scheduler) compares them by the space's metric at rounds
-``grace_period * reduction_factor**k`` and stops the poor ones. At the end the best finished trial
+``grace_period * reduction_factor**k`` and stops the poor ones. Each trial keeps its best weights
+(and takes its test metrics from them) by the same metric and mode where it is a validation key
+(``train.select_metric``; ``--select-metric`` / ``--select-mode`` choose another). At the end the best finished trial
 (by its best value of the metric; never by test data) is printed with its test metrics, and its
 resolved config is written as a YAML that ``python -m cssl_ray.train --config`` accepts, and that
 ``python -m cssl_ray.ablate`` picks up as its fixed hyperparameters.
@@ -116,6 +118,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads per in-process trial (0 = the config's)")
     p.add_argument("--register-name", help="registered model name of the best trial (default: the space's name)")
     add_resource_flags(p, "trial")
+    add_selection_flags(p)
     p.add_argument("--dry-run", action="store_true",
                    help="run every check made before Ray starts, print what would run, start nothing")
     return p
@@ -154,6 +157,17 @@ def add_resource_flags(p: argparse.ArgumentParser, unit: str) -> None:
                    help="override resources.gpus_per_labeller (0 = CPU labellers, a fraction up to 1 shares a GPU)")
 
 
+def add_selection_flags(p: argparse.ArgumentParser) -> None:
+    """``--select-metric``, ``--select-mode``: what each run keeps its best weights (and test metrics)
+    by, instead of the space's ``metric:`` / ``mode:`` (``Space.select``)."""
+    p.add_argument("--select-metric", metavar="METRIC",
+                   help="validation key each run keeps its best weights by (val_dice_mean, val_iou_mean, val_loss, "
+                        "val_dice/<class>, val_iou/<class>); default: the space's metric")
+    p.add_argument("--select-mode", choices=("max", "min", "auto"),
+                   help="better = larger (max) or smaller (min); default: the space's mode, or with "
+                        "--select-metric auto (min for val_loss)")
+
+
 def with_resources(space: Space, args: argparse.Namespace) -> Space:
     """The space with the ``add_resource_flags`` given on the command line applied (None = as it says)."""
     changes: dict[str, Any] = {}
@@ -184,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--num-samples: a resumed experiment keeps the number of trials it started with; "
                                   "drop --num-samples, or start a new experiment (another --storage-path)")
             space = dataclasses.replace(space, num_samples=args.num_samples)
-        base = space.base_config()
+        base = space.select(space.base_config(), args.select_metric, args.select_mode)
         warned: list[str] = []  # warnings of the checks: shown now, not again by every trial
         data = check_trials(space, base, split_varies=any(k.startswith("data.") for k in space.search),
                             warned=warned)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from cssl_ray.config import Config, ConfigError, from_dict, load_config, parse_override, to_dict
+from cssl_ray.config import Config, ConfigError, check_metric, from_dict, load_config, parse_override, to_dict
 
 
 def test_paper_defaults():
@@ -61,6 +61,12 @@ def test_int_accepted_for_float():
     ({"consistency": {"noise": "loud"}}, "consistency.noise: 'loud' is not allowed"),
     ({"patches": {"per_image": 0}}, "patches.per_image"),
     ({"patches": {"per_class_per_image": 4}}, "unknown config key 'patches.per_class_per_image'"),
+    ({"train": {"select_metric": "dice_mean"}}, "train.select_metric: 'dice_mean' is not a validation record key; "
+                                                "allowed: val_loss, val_dice_mean, val_iou_mean, val_dice/<class>, "
+                                                "val_iou/<class>"),
+    ({"train": {"select_metric": "loss_cl"}}, "train.select_metric: 'loss_cl' is not a validation record key"),
+    ({"train": {"select_metric": "val_dice/"}}, "train.select_metric: 'val_dice/'"),
+    ({"train": {"select_mode": "best"}}, "train.select_mode: 'best' is not allowed; choose one of auto, max, min"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(overrides, needle):
     with pytest.raises(ConfigError) as e:
@@ -99,3 +105,15 @@ def test_round_trip_and_override_parsing(tmp_path):
     assert parse_override("train.use_cl=false") == {"train": {"use_cl": False}}
     with pytest.raises(ConfigError):
         parse_override("contrastive.tau")
+
+
+def test_selection_metric_and_mode():
+    assert Config().train.selection() == ("val_dice_mean", "max")
+    assert from_dict({"train": {"select_metric": "val_loss"}}).train.selection() == ("val_loss", "min")  # auto
+    cfg = from_dict({"train": {"select_metric": "val_iou/anything", "select_mode": "min"}})  # the class: with the data
+    assert cfg.train.selection() == ("val_iou/anything", "min")
+    with pytest.raises(ConfigError, match=r"^k: 'val_dice/liver' is not a validation record key; allowed: val_loss, "
+                                          r"val_dice_mean, val_iou_mean, val_dice/background, val_dice/blob, "
+                                          r"val_iou/background, val_iou/blob$"):
+        check_metric("k", "val_dice/liver", ["background", "blob"])
+    check_metric("k", "val_iou/blob", ["background", "blob"])

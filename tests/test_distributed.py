@@ -14,6 +14,7 @@ may flip between batch shapes, hence the tolerances.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -55,9 +56,26 @@ def ray_session():
         yield
 
 
+def _report_log(path):
+    """A Ray Train callback appending every report (rank 0's metrics, and whether it carries a
+    checkpoint) to ``path`` as JSON lines: Train's controller runs it, in another process."""
+    import ray.train
+
+    class ReportLog(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            with open(path, "a") as f:
+                f.write(json.dumps({**metrics[0], "checkpoint": checkpoint is not None}) + "\n")
+
+    return ReportLog()
+
+
 @pytest.fixture(scope="module")
 def straight(ray_session, tmp_path_factory):
-    return run_ray(cfg(tmp_path_factory.mktemp("straight")), workers=1, resources=RES)
+    reports = tmp_path_factory.mktemp("straight_reports") / "reports.jsonl"
+    result = run_ray(cfg(tmp_path_factory.mktemp("straight")), workers=1, resources=RES,
+                     callbacks=[_report_log(str(reports))])
+    result.report_log = reports  # every report of the run, as Tune's forwarder sees them
+    return result
 
 
 def _rounds(result) -> list[int]:
@@ -69,7 +87,24 @@ def _round_records(result) -> list[dict]:
 
 
 def test_one_worker_matches_local(straight, tmp_path):
-    local = run_local(cfg(tmp_path / "local"))
+    records: list[dict] = []
+    local = run_local(cfg(tmp_path / "local"), log=records.append)
+    # Reports: one per stage-A epoch and one per round, with --local's keys and steps (the same MLflow
+    # curves, and ASHA sees round 0 for stage A, whatever resources.workers); only stage A's end and
+    # the rounds carry a checkpoint
+    # (a worker restarted by FailureConfig, as a loaded box's failed health check does, repeats its steps
+    # since the last checkpoint: MLflow keeps a step's last value, so does this)
+    reports = list({r["step"]: r for r in map(json.loads, straight.report_log.read_text().splitlines())}.values())
+    epochs = straight.history[:6]
+    assert [r["stage"] for r in reports] == ["supervised"] * 6 + ["round"] * 2 == [r["stage"] for r in records]
+    assert [r["step"] for r in reports] == [r["step"] for r in records] == list(range(1, 9))
+    assert [r["round"] for r in reports] == [r["round"] for r in records] == [0] * 6 + [1, 2]
+    assert [r["epoch"] for r in reports[:6]] == [h["epoch"] for h in epochs] == list(range(6))
+    assert [r["checkpoint"] for r in reports] == [False] * 5 + [True] * 3
+    for ray_report, local_record in zip(reports, records, strict=True):  # rounds add the stream's statistics
+        extra = set(ray_report) - set(local_record)
+        assert set(local_record) <= set(ray_report) and (extra == {"ranks_identical", "checkpoint"}
+                                                         or local_record["stage"] == "round"), local_record["step"]
     # Stage A runs the same supervised steps with the same seed on one rank: identical.
     sup_ray = [h["val_dice_mean"] for h in straight.history if h["stage"] == "supervised"]
     sup_local = [h["val_dice_mean"] for h in local.history if h["stage"] == "supervised"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cssl_ray import checkpoint as ckpt
+from cssl_ray.config import ConfigError
 from cssl_ray.local import run_local
 from cssl_ray.train import build_config, main
 
@@ -86,6 +87,28 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "patches.size" in err and err.count("\n") == 0
     assert not (tmp_path / "x").exists()  # nothing written before the config is valid
+
+
+def test_selection_metric_class_is_checked_against_the_data_in_one_line(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"^train.select_metric: 'val_dice/liver' is not a validation record key; "
+                                          r"allowed: .*val_dice/blob.*val_iou/dot$"):
+        run_local(smoke(tmp_path / "a", "train.select_metric=val_dice/liver"))
+    assert not (tmp_path / "a").exists()  # nothing written: the data's class names are known before
+    assert main(["--local", "--smoke", "--select-metric", "val_dice/liver", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train.select_metric: 'val_dice/liver'" in err
+    assert main(["--local", "--smoke", "--select-metric", "loss", "--out", str(tmp_path / "c")]) == 2
+    assert "'loss' is not a validation record key" in capsys.readouterr().err
+
+
+def test_cli_select_flags_set_the_config():
+    from cssl_ray.train import parser, selection_overrides
+    args = parser().parse_args(["--select-metric", "val_loss"])
+    assert selection_overrides(args.select_metric, args.select_mode) == ["train.select_metric=val_loss",
+                                                                         "train.select_mode=auto"]
+    assert build_config(None, selection_overrides("val_loss", None), smoke=True).train.selection() == ("val_loss", "min")
+    assert build_config(None, selection_overrides("val_dice/blob", "min")).train.selection() == ("val_dice/blob", "min")
+    assert selection_overrides(None, None) == [] and selection_overrides(None, "min") == ["train.select_mode=min"]
 
 
 def test_cli_smoke_prints_test_metrics(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """The run's schedule (cssl_ray.schedule): the L_tot epoch as a pass over D_U, fair cells (equal steps,
 bit-identical supervised batches), stage A's early stop, omega before round 1, the coverage warning,
-the rounds' learning rate and the stop rule."""
+the rounds' learning rate, the stop rule and the best weights by train.select_metric."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,9 +14,9 @@ import cssl_ray.loop as loop
 from cssl_ray.config import from_dict
 from cssl_ray.consistency import Teacher
 from cssl_ray.data.synthetic import make_synthetic
-from cssl_ray.local import run_local
+from cssl_ray.local import run_local, stage_a_summary
 from cssl_ray.models import create_model
-from cssl_ray.schedule import RunState
+from cssl_ray.schedule import RunState, is_better
 from cssl_ray.search_space import ABLATION_CELLS
 from cssl_ray.streams import RandomStreams
 from cssl_ray.train import build_config
@@ -148,7 +148,7 @@ def test_stage_a_stops_early_and_goes_on_from_its_best_weights(tmp_path):
     result = run_local(cfg)
     stage_a = [h for h in result.history if h["stage"] == "supervised"]
     dice = [h["val_dice_mean"] for h in stage_a]
-    best = max(range(len(dice)), key=lambda i: (dice[i], i))  # ties: the later epoch is kept
+    best = max(range(len(dice)), key=lambda i: (dice[i], -i))  # ties: the earlier epoch is kept
     assert len(stage_a) < 40, "patience 2 never stopped 40 epochs on 8 smoke images"
     assert len(stage_a) - 1 - best == 2  # stopped exactly `patience` epochs after the best
     assert result.best_round == 0 and result.best_val["dice_mean"] == dice[best]
@@ -273,3 +273,109 @@ def test_one_l_tot_epoch_keeps_a_converged_model():
     # docs/science.md, "Per-step patch pools".
     assert drops["default"] < 0.05, drops
     assert drops["paper_letter"] > drops["default"], drops
+
+
+# -- the selection metric (train.select_metric / select_mode) -------------------------------------
+
+
+def _evaluated(**values) -> dict[str, float]:
+    """A ``loop.evaluate`` dict (no ``val_`` prefix); ``values`` replace its entries."""
+    return {"loss": 1.0, "dice_mean": 0.5, "iou_mean": 0.4, "dice/blob": 0.5, "iou/blob": 0.4, **values}
+
+
+def _track(state: RunState, vals: list[dict[str, float]]) -> list[bool]:
+    """``track_best`` on each of ``vals`` as rounds 1, 2, ... with the first weight set to the round."""
+    kept = []
+    for r, val in enumerate(vals, start=1):
+        state.round = r
+        with torch.no_grad():
+            next(state.model.parameters()).fill_(float(r))
+        kept.append(state.track_best(val))
+    return kept
+
+
+def _kept_round(state: RunState) -> float:
+    return float(next(iter(state.best_model.values())).flatten()[0])
+
+
+def test_track_best_by_val_loss_keeps_the_lowest_and_the_earlier_of_ties():
+    state = RunState(small_cfg(train={"select_metric": "val_loss"}), torch.device("cpu"))
+    assert state.cfg.train.selection() == ("val_loss", "min")  # auto: a loss gets better downwards
+    losses = [0.9, 0.7, 0.8, 0.7, math.nan, 0.75]
+    dice = [0.9, 0.1, 0.9, 0.9, 0.9, 0.9]  # Dice would pick otherwise
+    assert _track(state, [_evaluated(loss=l, dice_mean=d) for l, d in zip(losses, dice)]) == \
+        [True, True, False, False, False, False]
+    assert state.best_round == 2 and state.best_score == 0.7 and state.best_val["loss"] == 0.7
+    assert _kept_round(state) == 2.0  # the weights of round 2, not of its tie in round 4
+
+
+def test_track_best_by_a_class_metric_and_max_mode():
+    state = RunState(small_cfg(train={"select_metric": "val_dice/blob", "select_mode": "max"}), torch.device("cpu"))
+    vals = [_evaluated(**{"dice/blob": b, "dice_mean": m}) for b, m in ((0.2, 0.8), (0.6, 0.1), (0.4, 0.9))]
+    assert _track(state, vals) == [True, True, False]
+    assert state.best_round == 2 and state.best_val["dice/blob"] == 0.6 and _kept_round(state) == 2.0
+
+
+def test_nan_is_never_best():
+    state = RunState(small_cfg(), torch.device("cpu"))  # the default: val dice_mean, max
+    assert _track(state, [_evaluated(dice_mean=math.nan), _evaluated(dice_mean=0.3),
+                          _evaluated(dice_mean=math.nan), _evaluated(dice_mean=0.3)]) == [False, True, False, False]
+    assert state.best_round == 2 and state.best_score == 0.3
+    only_nan = RunState(small_cfg(), torch.device("cpu"))
+    assert _track(only_nan, [_evaluated(dice_mean=math.nan)] * 2) == [False, False]
+    assert only_nan.best_model == {} and only_nan.best_round == 0  # the test then uses the last weights
+    assert not is_better(math.nan, 0.1, "max") and is_better(0.1, math.nan, "min")
+    assert not is_better(0.5, 0.5, "max") and not is_better(0.5, 0.5, "min") and is_better(0.4, 0.5, "min")
+
+
+def test_stage_a_early_stop_counts_epochs_without_a_better_selection_metric():
+    state = RunState(small_cfg(train={"select_metric": "val_loss", "stage_a_patience": 2}), torch.device("cpu"))
+    stops = [state.after_stage_a_epoch(e, _evaluated(loss=l)) for e, l in enumerate([0.9, 0.5, 0.6, 0.5])]
+    assert stops == [False, False, False, True] and state.stage_a_best_epoch == 1  # the tie at epoch 3 is no better
+
+
+def test_checkpoints_with_best_dice_still_load():
+    """Checkpoints written before train.select_metric held ``best_dice``: the score comes from best_val."""
+    old = RunState(small_cfg(), torch.device("cpu"))
+    _track(old, [_evaluated(loss=0.4, dice_mean=0.3)])
+    saved = old.state_dict()
+    saved["best_dice"] = saved.pop("best_score")
+    new = RunState(small_cfg(train={"select_metric": "val_loss"}), torch.device("cpu"))
+    new.load_state_dict(saved)
+    assert new.best_score == 0.4 and new.best_round == 1
+    assert not new.track_best(_evaluated(loss=0.5)) and new.track_best(_evaluated(loss=0.3))
+
+
+def test_stage_a_summary_by_the_selection_metric():
+    history = [{"stage": "supervised", "round": 0, "epoch": e, "val_loss": l, "val_dice_mean": d}
+               for e, (l, d) in enumerate(((0.9, 0.1), (math.nan, 0.2), (0.5, 0.3), (0.5, 0.4), (0.6, 0.5)))]
+    history.append({"stage": "round", "round": 1, "val_loss": 0.1, "val_dice_mean": 0.9})
+    by_loss = stage_a_summary(history, "val_loss", "min")
+    assert by_loss == {"epochs": 5.0, "best_epoch": 2.0, "val_dice_mean": 0.3, "val_loss": 0.5}
+    assert stage_a_summary(history)["best_epoch"] == 4.0  # the default: val dice_mean, max
+
+
+def test_a_run_selected_by_val_loss_tests_the_lowest_val_loss_weights(tmp_path):
+    """A local smoke run with train.select_metric val_loss, select_mode min: best_val / best_round in
+    result.json and best.pt are those of the lowest val loss of its history, best.pt holds that round's weights."""
+    import json
+
+    # lr 0.03: val loss and Dice disagree here (measured: stage A's best epoch 2 by loss, 3 by Dice;
+    # best round 3 by loss, 0 by Dice)
+    cfg = build_config(None, [f"train.out_dir={tmp_path}", "train.progress=false", "train.figures=false",
+                              "train.supervised_epochs=4", "train.max_rounds=3", "train.keep_checkpoints=10",
+                              "optim.lr=0.03", "pseudo.threshold=0.33",
+                              "train.select_metric=val_loss", "train.select_mode=min"], smoke=True)
+    result = run_local(cfg)
+    losses = [h["val_loss"] for h in result.history]
+    first_min = min(range(len(losses)), key=lambda i: (losses[i], i))
+    assert result.best_val["loss"] == losses[first_min] and result.best_round == result.history[first_min]["round"]
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["best_round"] == result.best_round and saved["best_val"]["loss"] == losses[first_min]
+    stage_a = [h for h in result.history if h["stage"] == "supervised"]
+    best_epoch = min(range(len(stage_a)), key=lambda i: (stage_a[i]["val_loss"], i))
+    assert saved["stage_a"]["best_epoch"] == best_epoch and saved["stage_a"]["val_loss"] == stage_a[best_epoch]["val_loss"]
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert best["round"] == result.best_round and best["val"]["loss"] == losses[first_min]
+    kept = torch.load(tmp_path / f"round_{result.best_round:03d}.pt", weights_only=False)["model"]
+    assert all(torch.equal(kept[k], v) for k, v in best["model"].items())  # stage A (patience 10): its best epoch

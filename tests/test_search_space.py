@@ -379,3 +379,50 @@ def test_loading_never_touches_the_dataset_files(tmp_path: Path):
     body["config"]["data"]["root"] = str(tmp_path / "not-there")
     space = load_space(write(tmp_path, body))
     assert space.base_config().data.root.endswith("not-there")
+
+
+# -- the runs' selection (train.select_metric): what tune and ablate pass into the base config ------
+
+
+def test_trials_keep_their_weights_by_the_space_metric(tmp_path: Path):
+    space = load_space(write(tmp_path, smoke(metric="val_iou_mean")))
+    assert space.base_config().train.selection() == ("val_dice_mean", "max")  # the space alone: the config's
+    assert space.select(space.base_config()).train.selection() == ("val_iou_mean", "max")  # what tune / ablate run
+    by_class = load_space(write(tmp_path, smoke(metric="val_dice/blob", mode="min")))
+    assert by_class.select(by_class.base_config()).train.selection() == ("val_dice/blob", "min")
+    loss = load_space(write(tmp_path, smoke(metric="val_loss")))
+    assert loss.select(loss.base_config()).train.selection() == ("val_loss", "min")
+    # a training metric picks no weights: the config's own selection stays
+    train_metric = load_space(write(tmp_path, smoke(metric="loss_cl")))
+    assert train_metric.select(train_metric.base_config()).train.selection() == ("val_dice_mean", "max")
+
+
+def test_select_flags_override_the_space_and_any_fixed_config(tmp_path: Path):
+    space = load_space(write(tmp_path, smoke(metric="val_iou_mean")))
+    assert space.select(space.base_config(), "val_loss").train.selection() == ("val_loss", "min")  # auto
+    assert space.select(space.base_config(), None, "min").train.selection() == ("val_iou_mean", "min")
+    assert space.select(space.base_config(), "val_dice/dot", "max").train.selection() == ("val_dice/dot", "max")
+    # ablate's --config (or a tuned best config) selects as the space does, unless the flags say otherwise
+    fixed = dataclasses.replace(space.base_config(), train=dataclasses.replace(
+        space.base_config().train, select_metric="val_loss", select_mode="min"))
+    assert space.select(fixed).train.selection() == ("val_iou_mean", "max")
+    with pytest.raises(ConfigError, match=r"^--select-metric: 'val_dice/liver' is not a validation record key; "
+                                          r"allowed: val_loss, .*val_dice/blob.*val_iou/dot$"):
+        space.select(space.base_config(), "val_dice/liver")
+
+
+def test_select_metric_class_is_checked_against_the_card(tmp_path: Path):
+    with pytest.raises(SpaceError, match=r"config: train.select_metric: 'val_dice/liver' is not a validation record key"):
+        load_space(write(tmp_path, smoke(config={"train": {"select_metric": "val_dice/liver"}})))
+
+
+@pytest.mark.parametrize("cli", ["tune", "ablate"])
+def test_bad_select_metric_is_one_line_before_ray(cli: str, tmp_path: Path, capsys):
+    import importlib
+    main = importlib.import_module(f"cssl_ray.{cli}").main
+    space = write(tmp_path, smoke())
+    assert main(["--space", str(space), "--storage-path", str(tmp_path / "s"), "--select-metric", "val_dice/liver",
+                 "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--select-metric: 'val_dice/liver' is not a validation record key" in err
+    assert not (tmp_path / "s").exists()

@@ -49,7 +49,11 @@ def test_key_ignores_the_method_and_sees_the_supervised_schedule():
     same.append(dataclasses.replace(cfg, contrastive=dataclasses.replace(cfg.contrastive, tau=0.3)))
     same.append(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_rounds=9, out_dir="elsewhere")))
     assert len({stage_a_key(c) for c in same}) == 1
-    for change in ({"seed": 1}, {"supervised_epochs": 3}, {"batch_size": 2}, {"num_threads": 1}):
+    # the selection: stage A's early stop, the weights it goes on from and the best the rounds must beat
+    for change in ({"seed": 1}, {"supervised_epochs": 3}, {"batch_size": 2}, {"num_threads": 1},
+                   {"select_metric": "val_loss"}, {"select_mode": "min"}, {"select_metric": "val_dice/blob"}):
         assert stage_a_key(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **change))) != stage_a_key(cfg)
+    same_selection = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, select_mode="max"))  # = auto
+    assert stage_a_key(same_selection) == stage_a_key(cfg)
     assert stage_a_key(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=0.01))) != stage_a_key(cfg)
     assert stage_a_key(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=3))) != stage_a_key(cfg)

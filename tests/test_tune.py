@@ -76,15 +76,17 @@ def test_tune_smoke_space_train_inside_tune(tmp_path, store, capsys):
     runs = children(store, space.get("name", "smoke"), kind="tune")
     assert len(runs) == 2
     searched = list(space["search"])
-    rounds = load_config(ROOT / "configs" / "smoke.yaml").train.max_rounds
+    smoke_cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    rounds, epochs = smoke_cfg.train.max_rounds, smoke_cfg.train.supervised_epochs
     for run in runs:
         assert run["status"] == "FINISHED"
         assert run["tags"]["cssl.kind"] == "trial" and run["tags"]["cssl.early_stopped"] == "false"
         for key in searched:  # the searched value is the run's param, as the trial used it
             assert key in run["params"]
             assert run["params"][key] == run["tags"][f"param.{key}"]
-        # stage A's report + one per round, with per-round training metrics
-        assert len(metric_history(store, run["run_id"], "val_dice_mean")) == 1 + rounds
+        # one report per stage-A epoch (as in-process trials) + one per round, with per-round training metrics
+        history = metric_history(store, run["run_id"], "val_dice_mean")
+        assert [step for step, _ in history] == list(range(1, epochs + rounds + 1))
         assert len(metric_history(store, run["run_id"], "omega")) == rounds
         assert "test_dice_mean" in run["metrics"] and "patches_per_s" in run["metrics"]
     best = tmp_path / "tune" / f"{space.get('name', 'smoke')}-tune" / "best_config.yaml"
