@@ -4,7 +4,6 @@ its registration and ``predict --model models:/...``."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

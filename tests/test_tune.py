@@ -175,6 +175,131 @@ def test_missing_dataset_is_one_line(tmp_path, store, capsys, monkeypatch):
     assert code == 2 and len(err) == 1 and "monuseg" in err[0].lower()
 
 
-            uri=uri, storage=Path(args.storage_path), scheduler=scheduler, search_alg=search_alg,
-            num_samples=space.num_samples, address=args.address, resume=args.resume, threads=args.threads,
-            warned=warned)
+def test_init_ray_pins_its_address_for_every_process_of_it(monkeypatch):
+    """Ray code that looks its cluster up without an address (Train V2's PlacementGroupCleaner:
+    ray.util.state.get_actor every second) raised "Found multiple active Ray instances" beside another
+    experiment's Ray; init_ray pins RAY_ADDRESS in the processes of the instance it starts, detached
+    actors of actors with their own runtime env included, and shutdown_ray restores the driver's."""
+    import ray
+
+    from cssl_ray.ray_init import init_ray, shutdown_ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:1")  # someone else's; a local start must not join it
+    assert init_ray(None, 1, log_to_driver=False)
+    try:
+        gcs = ray.get_runtime_context().gcs_address
+        assert os.environ["RAY_ADDRESS"] == gcs
+
+        @ray.remote(num_cpus=0)
+        class Detached:
+            def address(self) -> str | None:
+                return os.environ.get("RAY_ADDRESS")
+
+        @ray.remote(num_cpus=0, runtime_env={"env_vars": {"CSSL_X": "1"}})  # as Train's controller
+        class Controller:
+            def cleaner_address(self) -> tuple[str | None, str | None]:
+                a = Detached.options(lifetime="detached").remote()
+                try:
+                    return ray.get(a.address.remote()), os.environ.get("CSSL_X")
+                finally:
+                    ray.kill(a)
+
+        assert ray.get(Controller.remote().cleaner_address.remote()) == (gcs, "1")
+    finally:
+        shutdown_ray()
+    assert os.environ["RAY_ADDRESS"] == "10.0.0.1:1"
+
+
+# module level: the resumed run's callback is Tune's unpickled copy, whose log (this module's function,
+# pickled by reference) must see the hook disarmed
+_INTERRUPT = {"after": 0, "finished": 0}
+
+
+def _interrupt_after(line: str) -> None:
+    """The MLflow callback's log: Ctrl-C (SIGINT to this driver) once ``after`` trials have finished."""
+    print(line, flush=True)
+    if _INTERRUPT["after"] and " finished round " in line:
+        _INTERRUPT["finished"] += 1
+        if _INTERRUPT["finished"] == _INTERRUPT["after"]:
+            _INTERRUPT["after"] = 0  # once: the resumed run reuses this callback
+            os.kill(os.getpid(), signal.SIGINT)  # Tune's handler saves the experiment and returns
+
+
+def test_optuna_search_in_range_and_resumed_without_repeats(tmp_path, store, capsys, monkeypatch):
+    """search_algorithm: optuna, 4 trials one at a time, Ctrl-C after 2 finished, then --resume: the
+    2 finished trials are kept (same ids, params, files), the 2 new ones continue the seeded search
+    (the restored searcher's 3rd and 4th suggestions, not its 1st and 2nd again), all in range."""
+    from cssl_ray import experiment
+    from cssl_ray.search_space import load_space
+
+    search = {"contrastive.tau": {"loguniform": [0.05, 0.5]}, "pseudo.threshold": {"choice": [0.7, 0.8, 0.9]},
+              "train.steps_per_round": {"randint": [1, 3]}}
+    path = write_space(tmp_path / "opt.yaml", search=search, num_samples=4, search_algorithm="optuna", seed=3,
+                       config={"train": {"max_rounds": 1, "supervised_epochs": 1, "num_threads": 1}})
+    argv = ["--space", str(path), "--storage-path", str(tmp_path / "tune"), "--tracking-uri", store]
+    monkeypatch.setattr(experiment, "say", _interrupt_after)
+    monkeypatch.setitem(_INTERRUPT, "after", 2)
+    runs_root = tmp_path / "tune" / "opt-tune" / "runs"
+    with local_ray():  # both commands use it (one Ray start less); the resume reads only the folder
+        assert tune.main(argv) == 130
+        assert "interrupted with 2 of 4 trial(s) done" in capsys.readouterr().err
+        first = {d.name: (d / "result.json").stat().st_mtime for d in runs_root.glob("*")
+                 if (d / "result.json").exists()}
+        assert len(first) == 2
+        before = {r["tags"]["cssl.trial_id"]: r for r in children(store, "opt", kind="tune")}
+        assert not (tmp_path / "tune" / "opt-tune" / "best_config.yaml").exists()
+        assert not [r for r in find_runs(store, "opt") if r["status"] == "RUNNING"]
+        assert latest_parent(store, "opt", kind="tune")["status"] == "KILLED"
+
+        assert tune.main(argv + ["--resume"]) == 0
+    runs = sorted(children(store, "opt", kind="tune"), key=lambda r: r["start_time"])  # one at a time: asked order
+    assert len(runs) == 4 and all(r["status"] == "FINISHED" and "test_dice_mean" in r["metrics"] for r in runs)
+    for trial_id, mtime in first.items():  # the finished trials did not run again
+        assert (runs_root / trial_id / "result.json").stat().st_mtime == mtime
+        assert {k: v for k, v in before[trial_id]["tags"].items() if k.startswith("param.")} == \
+            {k: v for k, v in next(r for r in runs if r["tags"]["cssl.trial_id"] == trial_id)["tags"].items()
+             if k.startswith("param.")}
+    params = [(float(r["tags"]["param.contrastive.tau"]), float(r["tags"]["param.pseudo.threshold"]),
+               int(r["tags"]["param.train.steps_per_round"])) for r in runs]
+    for tau, threshold, steps in params:  # inside the domains the corner check covered
+        assert 0.05 <= tau <= 0.5 and threshold in (0.7, 0.8, 0.9) and steps in (1, 2)
+    space = load_space(path)  # the same seeded searcher, driven by hand: the trials are its first 4 suggestions
+    searcher = tune.make_searcher(space)
+    searcher.set_search_properties(space.metric, space.mode, space.param_space())
+    suggested = []
+    for i, run in enumerate(runs):
+        s = searcher.suggest(f"t{i}")
+        suggested.append((s["contrastive.tau"], s["pseudo.threshold"], s["train.steps_per_round"]))
+        searcher.on_trial_complete(f"t{i}", {space.metric: run["metrics"].get(space.metric, 0.0)})
+    assert params == suggested and len(set(params)) == 4
+    assert latest_parent(store, "opt", kind="tune")["status"] == "FINISHED"
+
+
+@pytest.mark.parametrize("cli", ["tune", "ablate"])
+def test_optuna_space_wiring_and_dry_run(cli, tmp_path, store, capsys, monkeypatch):
+    """tune hands run_experiment the space's OptunaSearch and names it in its dry run; ablate keeps Tune's
+    variant generator (no search_alg) whatever the space says. No Ray: run_experiment is replaced."""
+    import importlib
+
+    main = importlib.import_module(f"cssl_ray.{cli}")
+    path = write_space(tmp_path / "opt.yaml", search_algorithm="optuna", seed=4)
+    argv = ["--space", str(path), "--storage-path", str(tmp_path / "s"), "--tracking-uri", store]
+    assert main.main(argv + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dry run: ") and out.count("\n") == 1
+    assert ("Optuna TPE search (seed 4), FIFO" in out) == (cli == "tune")
+    seen = {}
+
+    def fake_run_experiment(space, **kwargs):
+        seen.update(kwargs)
+        return [], "parent"
+
+    monkeypatch.setattr(main, "run_experiment", fake_run_experiment)
+    main.main(argv)
+    if cli == "tune":
+        assert type(seen["search_alg"]).__name__ == "OptunaSearch" and seen["search_alg"].metric == "val_dice_mean"
+        capsys.readouterr()
+        assert main.main(argv + ["--resume", "--num-samples", "8"]) == 2  # Tune would keep the first count
+        assert "--num-samples: a resumed experiment keeps" in capsys.readouterr().err
+    else:
+        assert seen.get("search_alg") is None and seen["param_space"]["cell"]["grid_search"]
