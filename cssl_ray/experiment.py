@@ -432,8 +432,8 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
     tags = {"cssl.kind": kind, "cssl.space": str(space.path), "cssl.dataset": space.dataset,
             "cssl.git_commit": git_commit(), **(parent_tags or {})}
     parent_id = tracker.start_parent(f"{kind}:{tune_name}", tags, session=session)
-    table = tracker.share_view(VIEW_KEY, runs_view(space.metric, parent_id))  # the UI's views of it
-    cells = tracker.share_view(CELLS_VIEW_KEY, cells_view(space.metric))
+    table = tracker.share_view(VIEW_KEY, "cssl: runs", runs_view(space.metric))  # the UI's views of it
+    cells = tracker.share_view(CELLS_VIEW_KEY, "cssl: cells", cells_view(space.metric))
     if resume:  # runs a killed driver left RUNNING: interrupted; restarted trials reopen theirs
         tracker.close_open_runs("KILLED", parent_id=parent_id)
         tracker.start_parent(f"{kind}:{tune_name}", tags, session=session)

@@ -94,22 +94,25 @@ def _column(kind: str, key: str) -> str:
     return f"{kind}.`{key}`"  # a column id of MLflow's runs table
 
 
-def runs_view(metric: str, parent_id: str) -> dict[str, Any]:
-    """The runs table a trainer opens first (``Tracker.share_view``): the parent expanded; columns
-    dataset, model, cell, seed, method, the space's validation metric, the test metrics and the
-    tested round."""
+def runs_view(metric: str) -> dict[str, Any]:
+    """The runs table a trainer opens first (``Tracker.share_view``): runs grouped by ``cssl.cell``
+    (groups open, a row per seed; a view cannot open a parent run's children, a group can), with
+    the columns cell, seed, method, the space's validation metric, the test metrics, the tested
+    round, then the dataset inputs and the logged model."""
+    tags = [_column("tags", t) for t in ("cssl.cell", "cssl.seed", "cssl.method")]
+    metrics = [_column("metrics", m) for m in dict.fromkeys([metric, *TEST_COLUMNS, "best_round"])]
+    shown = [*tags, *metrics, _column("attributes", "Dataset"), _column("attributes", "Models")]
     return {
-        "selectedColumns": [_column("attributes", "Dataset"), _column("attributes", "Models"),
-                            *(_column("tags", t) for t in ("cssl.cell", "cssl.seed", "cssl.method")),
-                            *(_column("metrics", m) for m in dict.fromkeys([metric, *TEST_COLUMNS, "best_round"]))],
-        "runsExpanded": {parent_id: True},
+        "selectedColumns": shown,
+        "columnOrder": shown,
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "cssl.cell"}]},
         "hideEmptyCharts": True,
     }
 
 
 def cells_view(metric: str) -> dict[str, Any]:
-    """The chart view that compares cells: runs grouped by ``cssl.cell`` (mean over seeds), a bar
-    chart per test metric and the space's validation metric per step. Open it with
+    """The chart view that compares cells: the runs view's table and groups (mean over seeds), a
+    bar chart per test metric and the space's validation metric per step. Open it with
     ``compareRunsMode=CHART``."""
     section = {"uuid": "cssl-section", "name": "cells", "display": True, "isReordered": False,
                "deleted": False, "isGenerated": False}
@@ -123,12 +126,11 @@ def cells_view(metric: str) -> dict[str, Any]:
 
     bars = [chart(i, "BAR", m) for i, m in enumerate(("test_dice_mean", "test_hd95_mean", "test_dice_image_mean"))]
     return {
-        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "cssl.cell"}]},
+        **runs_view(metric),
         "useGroupedValuesInCharts": True,
         "compareRunCharts": [*bars, chart(len(bars), "LINE", metric)],
         "compareRunSections": [section],
         "isAccordionReordered": True,
-        "hideEmptyCharts": True,
     }
 
 

@@ -365,11 +365,16 @@ class Tracker:
         if entries:
             self.client.log_inputs(run_id, datasets=entries)
 
-    def share_view(self, key: str, state: Mapping[str, Any]) -> str:
-        """Store a runs-table view of the experiment (columns shown, sort, filter, charts) under
-        ``key``; returns the UI path that opens it, relative to the server's root."""
-        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG + key, json.dumps(dict(state)))
-        return f"#/experiments/{self.experiment_id}/runs?viewStateShareKey={key}"
+    def share_view(self, key: str, name: str, state: Mapping[str, Any]) -> str:
+        """Store a saved runs-table view of the experiment (columns shown, grouping, charts) under
+        ``key``, listed as ``name`` in the UI's Views menu; returns the UI path that opens it,
+        relative to the server's root. The tag holds MLflow 3's saved-view envelope (name, times,
+        the state as a JSON string); the key is kept, so a rerun updates the view in place."""
+        now = _now_ms()
+        envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(dict(state))}
+        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG + key, json.dumps(envelope))
+        # workflowType: the UI's model-training side (its default, GenAI, opens on traces)
+        return f"#/experiments/{self.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={key}"
 
     def end(self, run_id: str, status: str) -> None:
         if status not in ENDED:

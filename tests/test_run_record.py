@@ -12,7 +12,7 @@ from PIL import Image
 from cssl_ray import train
 from cssl_ray.config import from_dict
 from cssl_ray.mlflow_model import MODEL_URI_TAG, register_model
-from cssl_ray.run_record import data_inputs, runs_view
+from cssl_ray.run_record import cells_view, data_inputs, runs_view
 from cssl_ray.tracking import client, find_runs, metric_history
 
 
@@ -117,9 +117,12 @@ def test_data_inputs_digest_the_rows(tmp_path):
     assert data_inputs(cfg, tmp_path / "missing") == []
 
 
-def test_runs_view_columns():
-    view = runs_view("val_dice/micronucleus", "p1")
+def test_views_show_cells_seeds_and_test_metrics():
+    view = runs_view("val_dice/micronucleus")
     cols = view["selectedColumns"]
-    assert cols[:2] == ["attributes.`Dataset`", "attributes.`Models`"]
-    assert "tags.`cssl.cell`" in cols and "metrics.`val_dice/micronucleus`" in cols
-    assert "metrics.`test_hd95_mean`" in cols and view["runsExpanded"] == {"p1": True}
+    assert cols[:4] == ["tags.`cssl.cell`", "tags.`cssl.seed`", "tags.`cssl.method`", "metrics.`val_dice/micronucleus`"]
+    assert "metrics.`test_hd95_mean`" in cols and cols[-2:] == ["attributes.`Dataset`", "attributes.`Models`"]
+    assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "cssl.cell"}]
+    charts = cells_view("val_dice_mean")["compareRunCharts"]
+    assert [(c["type"], c["metricKey"]) for c in charts] == [
+        ("BAR", "test_dice_mean"), ("BAR", "test_hd95_mean"), ("BAR", "test_dice_image_mean"), ("LINE", "val_dice_mean")]

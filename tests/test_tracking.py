@@ -188,7 +188,7 @@ def test_mlflow_server_rest(tmp_path: Path) -> None:
         assert tracker.log_artifact(child, note)
         tracker.log_datasets(child, [{"name": "nuclei/D_L", "digest": "abc123", "source": '{"uri": "x"}',
                                       "context": "train", "profile": {"num_rows": 3}}])
-        view = tracker.share_view("v", {"selectedColumns": ["tags.`cssl.cell`"]})
+        view = tracker.share_view("v", "cssl: runs", {"selectedColumns": ["tags.`cssl.cell`"]})
         tracker.end(child, "FINISHED")
         assert tracker.close_open_runs() == 1  # the parent
 
@@ -198,8 +198,10 @@ def test_mlflow_server_rest(tmp_path: Path) -> None:
             exp = json.loads(resp.read())
         exp_tags = {t["key"]: t["value"] for t in exp["experiment"]["tags"]}
         assert exp_tags["mlflow.experimentKind"] == "custom_model_development"
-        assert json.loads(exp_tags["mlflow.sharedViewState.v"]) == {"selectedColumns": ["tags.`cssl.cell`"]}
-        assert view == f"#/experiments/{tracker.experiment_id}/runs?viewStateShareKey=v"
+        saved = json.loads(exp_tags["mlflow.sharedViewState.v"])  # MLflow 3's saved-view envelope
+        assert saved["name"] == "cssl: runs" and isinstance(saved["createdAt"], int)
+        assert json.loads(saved["state"]) == {"selectedColumns": ["tags.`cssl.cell`"]}
+        assert view == f"#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=v"
 
         runs = _post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [tracker.experiment_id]})["runs"]
         by_id = {r["info"]["run_id"]: r for r in runs}
