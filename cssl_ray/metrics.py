@@ -176,6 +176,15 @@ def average_precision_from_histograms(pos: Tensor, neg: Tensor) -> Tensor:
     return torch.where(n_pos > 0, ap, float("nan"))
 
 
+def check_state(mine: dict[str, Tensor], other: dict[str, Tensor]) -> None:
+    """``other`` must be a ``state()`` of the same accumulator kind and size as ``mine``."""
+    if set(other) != set(mine):
+        raise ValueError(f"state keys {sorted(other)} do not match {sorted(mine)}")
+    for key, value in mine.items():
+        if other[key].shape != value.shape:
+            raise ValueError(f"state[{key!r}] has shape {tuple(other[key].shape)}, expected {tuple(value.shape)}")
+
+
 class SegmentationMetrics:
     """Dataset-level Dice, IoU and (optionally) AUPRC from a summable confusion state.
 
@@ -285,15 +294,7 @@ class SegmentationMetrics:
 
     def merge_state(self, other: dict[str, Tensor]) -> None:
         """Add another accumulator's ``state()`` (same C, bins and ``auprc`` setting)."""
-        mine = self.state()
-        if set(other) != set(mine):
-            raise ValueError(f"state keys {sorted(other)} do not match {sorted(mine)}")
-        for key, value in mine.items():
-            if other[key].shape != value.shape:
-                raise ValueError(
-                    f"state[{key!r}] has shape {tuple(other[key].shape)}, expected "
-                    f"{tuple(value.shape)}"
-                )
+        check_state(self.state(), other)
         device = self._confusion.device
         self._confusion += other["confusion"].to(device=device, dtype=torch.int64)
         if self.auprc:

@@ -42,6 +42,8 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
+from cssl_ray.metrics import check_state
+
 
 def surface(mask: np.ndarray) -> np.ndarray:
     """Boundary pixels of a binary mask: ``mask`` minus its erosion (4-connected cross, outside
@@ -190,12 +192,7 @@ class SurfaceMetrics:
 
     def merge_state(self, other: dict[str, Tensor]) -> None:
         """Add another accumulator's ``state()`` (same C)."""
-        mine = self.state()
-        if set(other) != set(mine):
-            raise ValueError(f"state keys {sorted(other)} do not match {sorted(mine)}")
-        for key, value in mine.items():
-            if other[key].shape != value.shape:
-                raise ValueError(f"state[{key!r}] has shape {tuple(other[key].shape)}, expected {tuple(value.shape)}")
+        check_state(self.state(), other)
         self._sums += other["sums"].to("cpu", torch.float64)
         self._scored += other["scored"].to("cpu", torch.int64)
         self._one_empty += other["one_empty"].to("cpu", torch.int64)

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cssl_ray.config import ConfigError, Config, from_dict, load_config, merge, parse_override
+from cssl_ray.tune import add_selection_flags
 
 SMOKE: dict[str, Any] = {
     "data": {"image_size": [32, 32], "n_train": 8, "n_val": 2, "n_test": 2, "labelled_fraction": 0.25},
@@ -76,12 +77,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny images and model: finishes in seconds")
     p.add_argument("--out", help="output folder (train.out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the newest round checkpoint in --out")
-    p.add_argument("--select-metric", metavar="METRIC",
-                   help="train.select_metric: the validation key the run keeps its best weights by (val_dice_mean, "
-                        "val_iou_mean, val_loss, val_dice/<class>, val_iou/<class>); default: the config's")
-    p.add_argument("--select-mode", choices=("max", "min", "auto"),
-                   help="train.select_mode: better = larger (max) or smaller (min); auto = min for val_loss; "
-                        "default: the config's, auto with --select-metric")
+    add_selection_flags(p, default="the config's train.select_metric")
     ray = p.add_argument_group("Ray (without --local)")
     ray.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel ranks)")
     ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; 0 = CPU (gloo)")

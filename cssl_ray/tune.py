@@ -157,15 +157,15 @@ def add_resource_flags(p: argparse.ArgumentParser, unit: str) -> None:
                    help="override resources.gpus_per_labeller (0 = CPU labellers, a fraction up to 1 shares a GPU)")
 
 
-def add_selection_flags(p: argparse.ArgumentParser) -> None:
+def add_selection_flags(p: argparse.ArgumentParser, default: str = "the space's metric") -> None:
     """``--select-metric``, ``--select-mode``: what each run keeps its best weights (and test metrics)
-    by, instead of the space's ``metric:`` / ``mode:`` (``Space.select``)."""
+    by, instead of the space's ``metric:`` / ``mode:`` (``Space.select``) or the config's."""
     p.add_argument("--select-metric", metavar="METRIC",
                    help="validation key each run keeps its best weights by (val_dice_mean, val_iou_mean, val_loss, "
-                        "val_dice/<class>, val_iou/<class>); default: the space's metric")
+                        f"val_dice/<class>, val_iou/<class>); default: {default}")
     p.add_argument("--select-mode", choices=("max", "min", "auto"),
-                   help="better = larger (max) or smaller (min); default: the space's mode, or with "
-                        "--select-metric auto (min for val_loss)")
+                   help="better = larger (max) or smaller (min); default: the space's mode (the config's for "
+                        "train), or with --select-metric auto (min for val_loss)")
 
 
 def with_resources(space: Space, args: argparse.Namespace) -> Space:
