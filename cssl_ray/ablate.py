@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     failed = [o for o in outcomes if o.status == "ERROR"]
     print(f"\n{len(outcomes)} runs, {len(failed)} failed")
+    if not outcomes:
+        return 1
     folder = Path(args.storage_path) / name
     dump_config(base, folder / "fixed_config.yaml")  # the parent run's record of the fixed hyperparameters
     log_parent_files(uri, space.name, parent, [folder / "fixed_config.yaml"])

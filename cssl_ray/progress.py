@@ -33,6 +33,11 @@ WARNINGS_GLOB = "warnings*.json"  # warnings.json (the trial), warnings_rank<r>.
 ENDED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that will not run again
 
 
+def say(line: str) -> None:
+    """Where an experiment's lines go without a bar or a ``log`` (module level: tests replace it)."""
+    print(line, flush=True)
+
+
 def warning_text(message: Warning | str, category: type[Warning]) -> str:
     """``UserWarning: <message>``: one line (the message's first line)."""
     first = str(message).strip().splitlines()
@@ -144,7 +149,7 @@ class TrialProgress:
             from tqdm import tqdm
             tqdm.write(line, file=sys.stdout)
         else:
-            print(line, flush=True)
+            say(line)
 
     def _open_bar(self) -> None:
         from tqdm import tqdm

@@ -176,27 +176,35 @@ def tracked(cfg: Config, args: argparse.Namespace, run: Callable[[Any], Any]) ->
     from cssl_ray.config import to_dict
     from cssl_ray.experiment import run_tags
     from cssl_ray.run_record import RecordLogger, record_result
-    from cssl_ray.tracking import Tracker, flatten_config, git_commit, tracking_uri
+    from cssl_ray.tracking import Tracker, find_runs, flatten_config, git_commit, tracking_uri
 
     out_dir = Path(cfg.train.out_dir).resolve()
     tracker = Tracker(tracking_uri(args.tracking_uri), args.experiment or cfg.data.name)
     tags = {**run_tags(cfg), "cssl.kind": "train", "cssl.out_dir": str(out_dir), "cssl.git_commit": git_commit(),
             "cssl.mode": "local" if args.local else f"ray:{args.workers}"}
-    run_id = tracker.start_run(f"train:{out_dir.name}", flatten_config(to_dict(cfg)), tags,
-                               reopen={"cssl.kind": "train", "cssl.out_dir": str(out_dir)} if args.resume else None)
-    status = "KILLED"
+    reopen = {"cssl.kind": "train", "cssl.out_dir": str(out_dir)} if args.resume else None
+    existing = find_runs(tracker.uri, tracker.experiment, tags=reopen) if reopen else []
+    run_id = tracker.start_run(f"train:{out_dir.name}", flatten_config(to_dict(cfg)), tags, reopen=reopen)
+    status = "KILLED"  # Ctrl-C
     try:
         result = run(RecordLogger(tracker.uri, tracker.experiment, run_id))
         step = int(result.history[-1].get("step", 0)) if result.history else 0
         record_result(tracker, run_id, cfg, out_dir, step)
         status = "FINISHED"
         return result
+    except (ConfigError, FileNotFoundError):  # a check the run makes first (the data's classes, the
+        tracker.end(run_id, "FAILED")         # cluster's resources) failed: nothing ran, so a new run
+        if not existing:                      # leaves no record and the error stays one line
+            tracker.client.delete_run(run_id)
+        status = ""
+        raise
     except Exception:
         status = "FAILED"
         raise
     finally:
-        tracker.end(run_id, status)
-        print(f"MLflow: run {run_id} in experiment {tracker.experiment!r} ({status})", file=sys.stderr)
+        if status:
+            tracker.end(run_id, status)
+            print(f"MLflow: run {run_id} in experiment {tracker.experiment!r} ({status})", file=sys.stderr)
 
 
 def _mlflow_forwarder(log: Callable[[dict[str, Any]], None]) -> Any:

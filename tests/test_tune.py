@@ -229,7 +229,7 @@ def test_optuna_search_in_range_and_resumed_without_repeats(tmp_path, store, cap
     """search_algorithm: optuna, 4 trials one at a time, Ctrl-C after 2 finished, then --resume: the
     2 finished trials are kept (same ids, params, files), the 2 new ones continue the seeded search
     (the restored searcher's 3rd and 4th suggestions, not its 1st and 2nd again), all in range."""
-    from cssl_ray import experiment
+    from cssl_ray import progress
     from cssl_ray.search_space import load_space
 
     search = {"contrastive.tau": {"loguniform": [0.05, 0.5]}, "pseudo.threshold": {"choice": [0.7, 0.8, 0.9]},
@@ -237,7 +237,7 @@ def test_optuna_search_in_range_and_resumed_without_repeats(tmp_path, store, cap
     path = write_space(tmp_path / "opt.yaml", search=search, num_samples=4, search_algorithm="optuna", seed=3,
                        config={"train": {"max_rounds": 1, "supervised_epochs": 1, "num_threads": 1}})
     argv = ["--space", str(path), "--storage-path", str(tmp_path / "tune"), "--tracking-uri", store]
-    monkeypatch.setattr(experiment, "say", _interrupt_after)
+    monkeypatch.setattr(progress, "say", _interrupt_after)
     monkeypatch.setitem(_INTERRUPT, "after", 2)
     runs_root = tmp_path / "tune" / "opt-tune" / "runs"
     with local_ray():  # both commands use it (one Ray start less); the resume reads only the folder
