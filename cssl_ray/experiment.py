@@ -524,12 +524,16 @@ def unfinished(trials: list) -> list:
 
 
 def best_outcome(outcomes: list[TrialOutcome], metric: str, mode: str) -> TrialOutcome | None:
-    """The finished trial (test metrics present) with the best value of ``metric`` over its results."""
-    def score(o: TrialOutcome) -> float:
-        v = float(o.metric_analysis.get(metric, {}).get(mode, math.nan))
-        return -math.inf if math.isnan(v) else (v if mode == "max" else -v)
+    """The finished trial (test metrics present) with the best value of ``metric`` over its results;
+    ties (a flat metric, such as nuclei's micronucleus Dice at 0) go to the best val_dice_mean, as
+    within a run (``TrainConfig.selection_order``)."""
+    def value(o: TrialOutcome, key: str, how: str) -> float:
+        v = float(o.metric_analysis.get(key, {}).get(how, math.nan))
+        return -math.inf if math.isnan(v) else (v if how == "max" else -v)
+
     finished = [o for o in outcomes if o.test]
-    return max(finished, key=score) if finished else None
+    return max(finished, key=lambda o: (value(o, metric, mode), value(o, "val_dice_mean", "max"))) \
+        if finished else None
 
 
 def fail(prog: str, message: str) -> int:

@@ -29,7 +29,7 @@ from cssl_ray.data.splits import write_split
 from cssl_ray.figures import write_run_figures
 from cssl_ray.loop import epoch_plan, evaluate, label_round, local_steps, supervised_epoch
 from cssl_ray.models import check_geometry
-from cssl_ray.schedule import RunState, is_better
+from cssl_ray.schedule import RunState, beats
 from cssl_ray.streams import stream_seed
 
 
@@ -272,25 +272,28 @@ def evaluate_best(state: RunState, cfg: Config, bundle: DataBundle, out_dir: Pat
                        history=state.history, out_dir=out_dir, seconds=time.perf_counter() - start)
     (out_dir / "result.json").write_text(json.dumps(
         {"test": test, "best_val": state.best_val, "best_round": state.best_round,
-         "stage_a": stage_a_summary(state.history, *cfg.train.selection()), "warnings": state.warnings,
+         "stage_a": stage_a_summary(state.history, cfg.train.selection_order()), "warnings": state.warnings,
          "seconds": result.seconds}, indent=2, allow_nan=True))
     return result
 
 
-def stage_a_summary(history: list[dict[str, Any]], metric: str = "val_dice_mean",
-                    mode: str = "max") -> dict[str, float]:
-    """Stage A as the rounds found it: epochs run, the best epoch by ``metric`` in ``mode`` (the run's
-    ``train.selection()``: the weights the rounds start from, with ``train.stage_a_patience``) and its
-    val dice_mean, val loss and ``metric``; ties: the earlier epoch, as ``RunState.track_best``."""
+def stage_a_summary(history: list[dict[str, Any]],
+                    order: list[tuple[str, str]] | None = None) -> dict[str, float]:
+    """Stage A as the rounds found it: epochs run, the best epoch by ``order`` (the run's
+    ``train.selection_order()``, default val_dice_mean: the weights the rounds start from, with
+    ``train.stage_a_patience``) and its val dice_mean, val loss and selection metric; ties: the
+    earlier epoch, as ``RunState.track_best``."""
+    order = order or [("val_dice_mean", "max")]
     epochs = [h for h in history if h.get("stage") == "supervised"]
     if not epochs:
         return {}
-    best = epochs[0]
-    for h in epochs[1:]:
-        if is_better(float(h.get(metric, math.nan)), float(best.get(metric, math.nan)), mode):
+    best: dict[str, Any] = {}
+    for h in epochs:
+        if beats(h, best, order):
             best = h
+    best = best or epochs[0]
     return {"epochs": float(len(epochs)), "best_epoch": float(best["epoch"]),
-            **{k: float(best.get(k, math.nan)) for k in ("val_dice_mean", "val_loss", metric)}}
+            **{k: float(best.get(k, math.nan)) for k in ("val_dice_mean", "val_loss", order[0][0])}}
 
 
 def _save_round(state: RunState, cfg: Config, out_dir: Path) -> None:

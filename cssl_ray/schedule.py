@@ -86,6 +86,8 @@ class RunState:
         metric, self.select_mode = t.selection()
         self.select_key = metric.removeprefix("val_")  # its key in loop.evaluate's dict
         self.best_score = _worst(self.select_mode)  # best_val[select_key]
+        # track_best's comparison: (key in loop.evaluate's dict, mode), the selection first (beats)
+        self.select_order = [(k.removeprefix("val_"), m) for k, m in t.selection_order()]
         self.best_round = 0
         self.best_val: dict[str, float] = {}
         self.best_model: dict[str, torch.Tensor] = {}
@@ -301,9 +303,9 @@ class RunState:
     def track_best(self, val: dict[str, float]) -> bool:
         """Keep these weights if ``val`` (``loop.evaluate``'s dict) is better than the best so far by
         ``train.select_metric`` (``is_better``); True when it is."""
-        score = _score(val, self.select_key, self.select_mode)
-        if not is_better(score, self.best_score, self.select_mode):
+        if not beats(val, self.best_val, self.select_order):
             return False
+        score = _score(val, self.select_key, self.select_mode)
         self.best_score, self.best_round, self.best_val = score, self.round, dict(val)
         self.best_model = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
         return True
@@ -329,6 +331,23 @@ def is_better(value: float, best: float, mode: str) -> bool:
     if math.isnan(best):
         return True
     return value > best if mode == "max" else value < best
+
+
+def beats(val: dict[str, float], best: dict[str, float], order: list[tuple[str, str]]) -> bool:
+    """Whether the metrics ``val`` beat ``best`` by ``order`` ((key, mode) pairs compared in turn,
+    ``TrainConfig.selection_order``): a NaN or missing first key never beats; anything else beats an
+    empty ``best``; a full tie keeps the earlier (``best``)."""
+    if math.isnan(float(val.get(order[0][0], math.nan))):
+        return False
+    if not best:
+        return True
+    for key, mode in order:
+        v, b = float(val.get(key, math.nan)), float(best.get(key, math.nan))
+        if is_better(v, b, mode):
+            return True
+        if is_better(b, v, mode):
+            return False
+    return False
 
 
 def _worst(mode: str) -> float:

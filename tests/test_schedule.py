@@ -298,15 +298,26 @@ def _kept_round(state: RunState) -> float:
     return float(next(iter(state.best_model.values())).flatten()[0])
 
 
-def test_track_best_by_val_loss_keeps_the_lowest_and_the_earlier_of_ties():
+def test_track_best_by_val_loss_keeps_the_lowest_and_breaks_ties_by_val_dice():
     state = RunState(small_cfg(train={"select_metric": "val_loss"}), torch.device("cpu"))
     assert state.cfg.train.selection() == ("val_loss", "min")  # auto: a loss gets better downwards
-    losses = [0.9, 0.7, 0.8, 0.7, math.nan, 0.75]
-    dice = [0.9, 0.1, 0.9, 0.9, 0.9, 0.9]  # Dice would pick otherwise
+    assert state.cfg.train.selection_order() == [("val_loss", "min"), ("val_dice_mean", "max")]
+    losses = [0.9, 0.7, 0.8, 0.7, math.nan, 0.75, 0.7]
+    dice = [0.9, 0.1, 0.9, 0.5, 0.9, 0.9, 0.5]  # Dice alone would pick otherwise
     assert _track(state, [_evaluated(loss=l, dice_mean=d) for l, d in zip(losses, dice)]) == \
-        [True, True, False, False, False, False]
-    assert state.best_round == 2 and state.best_score == 0.7 and state.best_val["loss"] == 0.7
-    assert _kept_round(state) == 2.0  # the weights of round 2, not of its tie in round 4
+        [True, True, False, True, False, False, False]
+    assert state.best_round == 4 and state.best_score == 0.7 and state.best_val["dice_mean"] == 0.5
+    assert _kept_round(state) == 4.0  # round 2's tie, broken by Dice; round 7 ties on both: the earlier
+
+
+def test_a_flat_selection_metric_falls_back_to_val_dice():
+    """nuclei's val_dice/micronucleus is 0.0 at every epoch: the tie-break keeps the best mean Dice,
+    not the first (barely trained) epoch."""
+    state = RunState(small_cfg(train={"select_metric": "val_dice/blob", "stage_a_patience": 2}), torch.device("cpu"))
+    dice = [0.1, 0.3, 0.5, 0.4, 0.45, 0.44]
+    stops = [state.after_stage_a_epoch(e, _evaluated(**{"dice/blob": 0.0, "dice_mean": d}))
+             for e, d in enumerate(dice)]
+    assert stops == [False, False, False, False, True, True] and state.stage_a_best_epoch == 2
 
 
 def test_track_best_by_a_class_metric_and_max_mode():
@@ -350,8 +361,8 @@ def test_stage_a_summary_by_the_selection_metric():
     history = [{"stage": "supervised", "round": 0, "epoch": e, "val_loss": l, "val_dice_mean": d}
                for e, (l, d) in enumerate(((0.9, 0.1), (math.nan, 0.2), (0.5, 0.3), (0.5, 0.4), (0.6, 0.5)))]
     history.append({"stage": "round", "round": 1, "val_loss": 0.1, "val_dice_mean": 0.9})
-    by_loss = stage_a_summary(history, "val_loss", "min")
-    assert by_loss == {"epochs": 5.0, "best_epoch": 2.0, "val_dice_mean": 0.3, "val_loss": 0.5}
+    by_loss = stage_a_summary(history, [("val_loss", "min"), ("val_dice_mean", "max")])
+    assert by_loss == {"epochs": 5.0, "best_epoch": 3.0, "val_dice_mean": 0.4, "val_loss": 0.5}  # tie: Dice
     assert stage_a_summary(history)["best_epoch"] == 4.0  # the default: val dice_mean, max
 
 
