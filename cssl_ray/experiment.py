@@ -49,8 +49,6 @@ if TYPE_CHECKING:  # torch: the CLIs import this module before their arguments a
 
 CELL_KEY = "cell"  # a trial parameter naming an ablation cell (sets the three switches)
 SESSION_FILE = "cssl_session.json"
-VIEW_KEY = "cssl-runs"  # the experiment's shared runs-table view (run_record.runs_view)
-CELLS_VIEW_KEY = "cssl-cells"  # its chart view of the cells (run_record.cells_view)
 TRIAL_WARNINGS = "warnings.json"  # a trial's Python warnings (cssl_ray.progress)
 # Tune writes its experiment state at most this often; a killed driver loses at most that much.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
@@ -432,8 +430,9 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
     tags = {"cssl.kind": kind, "cssl.space": str(space.path), "cssl.dataset": space.dataset,
             "cssl.git_commit": git_commit(), **(parent_tags or {})}
     parent_id = tracker.start_parent(f"{kind}:{tune_name}", tags, session=session)
-    table = tracker.share_view(VIEW_KEY, "cssl: runs", runs_view(space.metric))  # the UI's views of it
-    cells = tracker.share_view(CELLS_VIEW_KEY, "cssl: cells", cells_view(space.metric))
+    # the UI's views of this experiment's runs, one pair per kind (the latest search, the latest ablation)
+    table = tracker.share_view(f"cssl-{kind}-runs", f"cssl: {kind} runs", runs_view(space.metric, parent_id))
+    cells = tracker.share_view(f"cssl-{kind}-cells", f"cssl: {kind} cells", cells_view(space.metric, parent_id))
     if resume:  # runs a killed driver left RUNNING: interrupted; restarted trials reopen theirs
         tracker.close_open_runs("KILLED", parent_id=parent_id)
         tracker.start_parent(f"{kind}:{tune_name}", tags, session=session)

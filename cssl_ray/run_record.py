@@ -94,15 +94,17 @@ def _column(kind: str, key: str) -> str:
     return f"{kind}.`{key}`"  # a column id of MLflow's runs table
 
 
-def runs_view(metric: str) -> dict[str, Any]:
-    """The runs table a trainer opens first (``Tracker.share_view``): runs grouped by ``cssl.cell``
-    (groups open, a row per seed; a view cannot open a parent run's children, a group can), with
-    the columns cell, seed, method, the space's validation metric, the test metrics, the tested
-    round, then the dataset inputs and the logged model."""
+def runs_view(metric: str, parent_id: str) -> dict[str, Any]:
+    """The runs table a trainer opens first (``Tracker.share_view``): the runs of one search or
+    ablation (``parent_id``'s children) grouped by ``cssl.cell`` (groups open, a row per seed; a
+    view cannot open a parent run's children, a group can), with the columns cell, seed, method, the
+    space's validation metric, the test metrics, the tested round, then the dataset inputs and the
+    logged model."""
     tags = [_column("tags", t) for t in ("cssl.cell", "cssl.seed", "cssl.method")]
     metrics = [_column("metrics", m) for m in dict.fromkeys([metric, *TEST_COLUMNS, "best_round"])]
     shown = [*tags, *metrics, _column("attributes", "Dataset"), _column("attributes", "Models")]
     return {
+        "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_id}'",
         "selectedColumns": shown,
         "columnOrder": shown,
         "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "cssl.cell"}]},
@@ -110,7 +112,7 @@ def runs_view(metric: str) -> dict[str, Any]:
     }
 
 
-def cells_view(metric: str) -> dict[str, Any]:
+def cells_view(metric: str, parent_id: str) -> dict[str, Any]:
     """The chart view that compares cells: the runs view's table and groups (mean over seeds), a
     bar chart per test metric and the space's validation metric per step. Open it with
     ``compareRunsMode=CHART``."""
@@ -126,7 +128,7 @@ def cells_view(metric: str) -> dict[str, Any]:
 
     bars = [chart(i, "BAR", m) for i, m in enumerate(("test_dice_mean", "test_hd95_mean", "test_dice_image_mean"))]
     return {
-        **runs_view(metric),
+        **runs_view(metric, parent_id),
         "useGroupedValuesInCharts": True,
         "compareRunCharts": [*bars, chart(len(bars), "LINE", metric)],
         "compareRunSections": [section],

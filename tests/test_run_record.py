@@ -118,11 +118,12 @@ def test_data_inputs_digest_the_rows(tmp_path):
 
 
 def test_views_show_cells_seeds_and_test_metrics():
-    view = runs_view("val_dice/micronucleus")
+    view = runs_view("val_dice/micronucleus", "p1")
+    assert view["searchFilter"] == "tags.`mlflow.parentRunId` = 'p1'"  # one search's or ablation's runs
     cols = view["selectedColumns"]
     assert cols[:4] == ["tags.`cssl.cell`", "tags.`cssl.seed`", "tags.`cssl.method`", "metrics.`val_dice/micronucleus`"]
     assert "metrics.`test_hd95_mean`" in cols and cols[-2:] == ["attributes.`Dataset`", "attributes.`Models`"]
     assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "cssl.cell"}]
-    charts = cells_view("val_dice_mean")["compareRunCharts"]
+    charts = cells_view("val_dice_mean", "p1")["compareRunCharts"]
     assert [(c["type"], c["metricKey"]) for c in charts] == [
         ("BAR", "test_dice_mean"), ("BAR", "test_hd95_mean"), ("BAR", "test_dice_image_mean"), ("LINE", "val_dice_mean")]
