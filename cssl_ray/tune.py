@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = trial_config(to_dict(base), best.params)
     path = best_config_path(space, args.storage_path)
     dump_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir="runs/best")), path)
-    shown = {k: round(v, 4) for k, v in best.test.items() if k.startswith(("dice", "iou", "auprc", "hd95_mean", "asd_mean"))}
+    shown = {k: round(v, 4) for k, v in best.test.items()
+             if k.startswith(("dice", "iou", "auprc", "hd95_mean", "asd_mean"))}
     print(f"best trial {best.trial_id} ({space.metric} {space.mode} "
           f"{best.metric_analysis.get(space.metric, {}).get(space.mode, float('nan')):.4f}):")
     print("  params: " + json.dumps(best.params))
