@@ -107,7 +107,7 @@ def test_ray_up_matches_rayjob_ray_version():
 # Every documented command passes the CLI's own checks (--dry-run).
 
 DRY_RUN_CLIS = ("train", "tune", "ablate", "predict")
-PATH_OPTIONS = ("--out", "--checkpoint", "--images", "--storage-path")  # rebased under a temp folder
+PATH_OPTIONS = ("--out", "--checkpoint", "--model", "--images", "--storage-path")  # rebased under a temp folder
 SEPARATORS = ("&&", "||", ";", "|", "&")
 
 
@@ -246,7 +246,8 @@ def _write_predict_inputs(argv: list[str]) -> None:
 
     cfg = load_config(REPO / "configs" / "nuclei.yaml")
     model = create_model(cfg.model, cfg.data.in_channels, cfg.data.num_classes)
-    checkpoint = Path(argv[argv.index("--checkpoint") + 1])
+    flag = "--model" if "--model" in argv else "--checkpoint"
+    checkpoint = Path(argv[argv.index(flag) + 1])
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "config": to_dict(cfg)}, checkpoint)
     images = Path(argv[argv.index("--images") + 1])
