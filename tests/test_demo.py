@@ -53,3 +53,10 @@ def test_space_demo_smoke_tunes_ablates_and_reports(tmp_path, capsys):
     best = load_config(tmp_path / "demo" / "smoke-tune" / "best_config.yaml")  # ablate ran at the tuned config
     assert all(r["params"]["contrastive.tau"] == str(best.contrastive.tau) for r in cells)
     assert (tmp_path / "demo" / "smoke-ablate" / "report" / "report.md").exists()
+    # the ablation's parent run holds the report, its figures and the fixed config
+    from cssl_ray.tracking import client, latest_parent
+    parent = latest_parent(store, "smoke", kind="ablate")["run_id"]
+    assert {a.path for a in client(store).list_artifacts(parent, "report")} >= {
+        "report/report.md", "report/report.png", "report/cells.png"}
+    assert "fixed_config.yaml" in {a.path for a in client(store).list_artifacts(parent)}
+    assert "models:/smoke-ablate/1" in out
