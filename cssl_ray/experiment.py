@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from cssl_ray.config import Config, ConfigError, from_dict, merge, to_dict
 from cssl_ray.placement import concurrent_trials, stream_resources, trial_bundles, trial_demand
-from cssl_ray.progress import TrialProgress, record_warnings, run_warnings, warning_text
+from cssl_ray.progress import ENDED, TrialProgress, record_warnings, run_warnings, warning_text
 from cssl_ray.run_record import cells_view, read_result, record_result, runs_view
 from cssl_ray.search_space import ABLATION_CELLS, CELL_DATA, Resources, Space, cell_of, unflatten
 
@@ -519,7 +519,7 @@ class Interrupted(Exception):
 
 def unfinished(trials: list) -> list:
     """Tune trials that neither ended nor failed."""
-    return [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    return [t for t in trials if t.status not in ENDED]
 
 
 def best_outcome(outcomes: list[TrialOutcome], metric: str, mode: str) -> TrialOutcome | None:

@@ -201,8 +201,6 @@ def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-_client = client
-
 
 def _quote(value: str) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -240,7 +238,7 @@ class Tracker:
             raise ValueError("experiment name must be a non-empty string")
         self.uri = uri
         self.experiment = experiment
-        self.client = _client(uri)
+        self.client = client(uri)
         self.experiment_id = self._ensure_experiment()
 
     def _ensure_experiment(self) -> str:
@@ -276,7 +274,7 @@ class Tracker:
             if PARENT_TAG not in r.data.tags
         ]
         if found:
-            return self._reopen(found[0].info.run_id, tags)
+            return self.reopen(found[0].info.run_id, tags)
         run = self.client.create_run(self.experiment_id, run_name=name)
         self.set_tags(run.info.run_id, {**tags, SESSION_TAG: session})
         return run.info.run_id
@@ -294,18 +292,11 @@ class Tracker:
             f"tags.`{PARENT_TAG}` = {_quote(parent_id)} AND tags.`{KEY_TAG}` = {_quote(key)}",
         )
         if found:
-            return self._reopen(found[0].info.run_id, tags)
+            return self.reopen(found[0].info.run_id, tags)
         return self.start_run(name, params, {**tags, PARENT_TAG: parent_id, KEY_TAG: key})
 
-    def start_run(self, name: str, params: dict[str, str], tags: dict[str, str],
-                  reopen: dict[str, str] | None = None) -> str:
-        """A run with ``params`` and ``tags``; with ``reopen``, the newest run carrying all of those
-        tags is reopened instead when there is one (its params are left alone)."""
-        if reopen:
-            where = " AND ".join(f"tags.`{k}` = {_quote(v)}" for k, v in reopen.items())
-            found = _search(self.client, self.experiment_id, where)
-            if found:
-                return self._reopen(found[0].info.run_id, tags)
+    def start_run(self, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
+        """A new run with ``params`` and ``tags``."""
         run = self.client.create_run(self.experiment_id, run_name=name)
         run_id = run.info.run_id
         self.set_tags(run_id, tags)
@@ -314,8 +305,8 @@ class Tracker:
             self.client.log_batch(run_id, params=chunk)
         return run_id
 
-    def _reopen(self, run_id: str, tags: dict[str, str]) -> str:
-        """An interrupted experiment resumed: its run is RUNNING again, with the current tags."""
+    def reopen(self, run_id: str, tags: dict[str, str]) -> str:
+        """An interrupted run resumed: RUNNING again, with the current tags (its params are left alone)."""
         self.client.update_run(run_id, status="RUNNING")
         self.set_tags(run_id, tags)
         return run_id
@@ -409,7 +400,7 @@ def store_missing(uri: str) -> bool:
 def _experiment(uri: str, name: str):
     if store_missing(uri):
         return None
-    exp = _client(uri).get_experiment_by_name(name)
+    exp = client(uri).get_experiment_by_name(name)
     return None if exp is None or exp.lifecycle_stage == "deleted" else exp
 
 
@@ -418,7 +409,7 @@ def require_experiment(uri: str, name: str) -> str:
     exp = _experiment(uri, name)
     if exp is not None:
         return exp.experiment_id
-    names = [] if store_missing(uri) else sorted(e.name for e in _client(uri).search_experiments())
+    names = [] if store_missing(uri) else sorted(e.name for e in client(uri).search_experiments())
     raise ValueError(
         f"experiment '{name}' not found in {uri}; experiments: {', '.join(names) or '(none)'}"
     )
@@ -450,7 +441,7 @@ def find_runs(
     if parent_id is not None:
         wanted[PARENT_TAG] = parent_id
     where = " AND ".join(f"tags.`{k}` = {_quote(v)}" for k, v in wanted.items())
-    return [_as_dict(r) for r in _search(_client(uri), exp.experiment_id, where)]
+    return [_as_dict(r) for r in _search(client(uri), exp.experiment_id, where)]
 
 
 def get_run(uri: str, run_id: str) -> dict[str, Any]:
@@ -458,7 +449,7 @@ def get_run(uri: str, run_id: str) -> dict[str, Any]:
     if store_missing(uri):
         raise ValueError(f"run '{run_id}' not found in {uri} (no database there)")
     try:
-        return _as_dict(_client(uri).get_run(run_id))
+        return _as_dict(client(uri).get_run(run_id))
     except MlflowException as e:
         raise ValueError(f"run '{run_id}' not found in {uri}") from e
 
@@ -473,7 +464,7 @@ def latest_parent(uri: str, experiment: str, kind: str | None = None) -> dict[st
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     """``[(step, value), ...]`` sorted by step; a step logged twice (a resumed trial) keeps its
     last value."""
-    history = _client(uri).get_metric_history(run_id, key)
+    history = client(uri).get_metric_history(run_id, key)
     last: dict[int, tuple[int, float]] = {}
     for m in history:
         if m.step not in last or m.timestamp >= last[m.step][0]:

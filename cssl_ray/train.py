@@ -182,9 +182,10 @@ def tracked(cfg: Config, args: argparse.Namespace, run: Callable[[Any], Any]) ->
     tracker = Tracker(tracking_uri(args.tracking_uri), args.experiment or cfg.data.name)
     tags = {**run_tags(cfg), "cssl.kind": "train", "cssl.out_dir": str(out_dir), "cssl.git_commit": git_commit(),
             "cssl.mode": "local" if args.local else f"ray:{args.workers}"}
-    reopen = {"cssl.kind": "train", "cssl.out_dir": str(out_dir)} if args.resume else None
-    existing = find_runs(tracker.uri, tracker.experiment, tags=reopen) if reopen else []
-    run_id = tracker.start_run(f"train:{out_dir.name}", flatten_config(to_dict(cfg)), tags, reopen=reopen)
+    existing = find_runs(tracker.uri, tracker.experiment, tags={"cssl.kind": "train", "cssl.out_dir": str(out_dir)}) \
+        if args.resume else []
+    run_id = tracker.reopen(existing[0]["run_id"], tags) if existing else \
+        tracker.start_run(f"train:{out_dir.name}", flatten_config(to_dict(cfg)), tags)
     status = "KILLED"  # Ctrl-C
     try:
         result = run(RecordLogger(tracker.uri, tracker.experiment, run_id))
