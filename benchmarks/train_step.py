@@ -112,13 +112,12 @@ def make_batches(cfg: Config, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Te
     """CPU tensors: a class-balanced patch batch (P, C_in, s, s) and its classes (P,), unlabelled
     images (B, C_in, H, W), labelled images and masks for the supervised step."""
     d, pt = cfg.data, cfg.patches
-    per_class = pt.windows_per_class(d.num_classes)
-    per_image = per_class * (d.num_classes - 1)
+    per_image = pt.per_image
     n = max(math.ceil(pt.batch_size / per_image) + 2, cfg.consistency.batch_size, cfg.train.batch_size)
     images, masks = make_synthetic(n, d.image_size, d.num_classes, seed=seed, difficulty=d.difficulty,
                                    in_channels=d.in_channels)
     g = torch.Generator().manual_seed(seed)
-    patches, classes, _ = sample_patches(images, masks, pt.size, pt.min_pixels, per_class=per_class,
+    patches, classes, _ = sample_patches(images, masks, pt.size, pt.min_pixels, per_image=per_image,
                                          mask=pt.mask, classes=range(1, d.num_classes),
                                          ignore_index=cfg.pseudo.ignore_index, generator=g)
     if patches.shape[0] == 0:

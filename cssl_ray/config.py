@@ -94,7 +94,13 @@ class ModelConfig:
 
 @dataclass
 class PseudoConfig:
-    threshold: float = 0.9  # softmax confidence a pixel needs to get a pseudo-label
+    threshold: float = 0.9  # softmax confidence a pixel needs to get a pseudo-label (the paper's high threshold)
+    # class-wise rule (cssl_ray.pseudo_labels.confident_labels): in each image, the most confident
+    # class_fraction of the pixels predicted as a class also pass, down to the hard floor tau_conf
+    # (`floor`); 0 = the fixed threshold alone (the paper's letter). An uncalibrated model's 0.9
+    # threshold left whole classes without a pseudo-label (docs/science.md)
+    class_fraction: float = 0.0
+    floor: float = 0.5  # tau_conf: no pixel under this confidence is ever pseudo-labelled
     ignore_index: int = 255  # label of pixels below the threshold
 
 
@@ -103,15 +109,12 @@ class PatchConfig:
     size: int = 64  # side of the square class-wise patch window
     min_pixels: int = 25  # pixels of the patch's class a window must hold
     mask: Literal["others_all", "others_foreground", "none"] = "others_all"
-    # patch budget per image, split evenly over the C-1 foreground classes (windows per (image,
-    # class present) = max(1, per_image // (C-1))); paper: 816 patches from 8 images, ~100 each.
+    # windows per image, shared equally by the foreground classes that have a valid window in it
+    # (patches.dense_windows): every image gives its full budget, so a step's pool is about
+    # per_image x (its images) whichever classes they hold; paper: 816 patches from 8 images, ~100 each.
     # Re-sampled every round from the current pseudo-labels.
     per_image: int = 102
     batch_size: int = 816  # patches per contrastive batch (paper: 816)
-
-    def windows_per_class(self, num_classes: int) -> int:
-        """Windows drawn per (image, foreground class present)."""
-        return max(1, self.per_image // max(num_classes - 1, 1))
 
 
 @dataclass
@@ -166,8 +169,11 @@ class BaselinesConfig:
 class OptimConfig:
     lr: float = 1e-3  # Adam
     weight_decay: float = 0.0
-    plateau_factor: float = 0.1  # stage A only: ReduceLROnPlateau on validation loss
-    plateau_patience: int = 5
+    plateau_factor: float = 0.1  # stage A only: ReduceLROnPlateau (the paper's 0.1x)
+    plateau_patience: int = 5  # stage-A epochs without a better plateau_metric before a cut
+    # what stage A's plateau watches: the epoch's training loss (the paper: the rate falls once the
+    # supervised loss stops falling) or the validation loss (noisy on a handful of images)
+    plateau_metric: Literal["train_loss", "val_loss"] = "train_loss"
     # The rounds (the same for every cell of an ablation; docs/science.md has the measurements):
     # cssl_lr > 0: each L_tot epoch steps its own Adam (created at round 1, fresh moments) at this rate.
     #   L_CL's gradient on the encoder is 20-160x L_sup's, and stage A's tiny second moments would turn
@@ -185,10 +191,16 @@ class OptimConfig:
 class TrainConfig:
     seed: int = 0
     batch_size: int = 16  # supervised batch (paper: 16 at 320x256)
-    supervised_epochs: int = 50  # stage A: at most this many epochs (early stopping below)
-    # stage A stops after this many epochs without a better select_metric and goes on from its best
-    # weights (the paper trains the supervised model to convergence); 0 = every epoch, the last
-    stage_a_patience: int = 10
+    # stage A's budget in optimiser steps on D_L, run in full (the paper trains the supervised model
+    # to convergence): an "epoch" of stage A is sup_steps_per_epoch steps (0 = one pass over D_L), the
+    # last one shortened so the steps add up; after each, a validation, and the rate is cut by
+    # optim.plateau_factor on plateaus of optim.plateau_metric (the training loss). A config's budget is
+    # measured: where supervised-only with every image labelled stops improving (docs/science.md)
+    stage_a_steps: int = 2000
+    # 0 (default): no early stopping; the rounds start from stage A's last weights. > 0: stage A stops
+    # after this many epochs without a better select_metric and goes on from its best weights (on a
+    # handful of validation images this stops an unconverged, uncalibrated model: docs/science.md)
+    stage_a_patience: int = 0
     # the validation key the run keeps its best weights by (stage A's best epoch, the best round,
     # best.pt, the test): "val_" + a loop.evaluate key, i.e. one of VAL_METRICS or val_dice/<class>,
     # val_iou/<class>. Tune and ablate set it to the space's metric (search_space.Space.select)
@@ -214,6 +226,14 @@ class TrainConfig:
     method: Literal["cssl", "bn_mix", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain"] = "cssl"
     use_cl: bool = True
     use_cr: bool = True
+    # every L_tot step also takes a supervised batch of D_L (train.batch_size, augmented; its own random
+    # stream) and adds its L_sup: L_tot = L_sup + w_cl L_CL + w_cr L_CR. Off = the paper's letter
+    lsup_in_ltot: bool = False
+    # BatchNorm running statistics during L_tot steps: "frozen" (batch statistics normalise, running
+    # ones stay: masked patches and noisy features are not the images the net is evaluated on) or "update"
+    ltot_bn: Literal["frozen", "update"] = "frozen"
+    # passes over D_U per L_tot epoch (the round's budget; each pass reshuffled); capped by steps_per_round
+    round_passes: int = 1
     use_hard_negatives: bool = True
     w_cl: float = 1.0
     w_cr: float = 1.0
@@ -305,6 +325,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - config author error
 
 
+# keys that no longer exist, with what replaced them (an old YAML gets this line, not a bare "unknown key")
+RENAMED = {
+    "train.supervised_epochs": "train.stage_a_steps (stage A's budget in optimiser steps; epochs x "
+                               "train.sup_steps_per_epoch), run in full without early stopping by default",
+}
+
+
 def apply_overrides(cfg: Any, overrides: dict[str, Any], prefix: str = "") -> Any:
     """Return a copy of dataclass ``cfg`` with nested ``overrides`` applied and type-checked."""
     if not isinstance(overrides, dict):
@@ -314,6 +341,8 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any], prefix: str = "") -> An
     changes: dict[str, Any] = {}
     for key, value in overrides.items():
         full = f"{prefix}{key}"
+        if full in RENAMED:
+            raise ConfigError(f"{full} was replaced by {RENAMED[full]}")
         if key not in names:
             raise ConfigError(f"unknown config key {full!r}; allowed here: {', '.join(names)}")
         current = getattr(cfg, key)
@@ -355,6 +384,9 @@ def validate(cfg: Config) -> Config:
     _check(m.embed_dim >= 2, "model.embed_dim", ">= 2", m.embed_dim)
     _check(m.proj_hidden >= 1, "model.proj_hidden", ">= 1", m.proj_hidden)
     _check(0.0 < p.threshold <= 1.0, "pseudo.threshold", "0 < threshold <= 1", p.threshold)
+    _check(0.0 <= p.class_fraction <= 1.0, "pseudo.class_fraction", "0..1 (0 = the threshold alone)", p.class_fraction)
+    _check(0.0 <= p.floor <= 1.0 and (p.class_fraction == 0 or p.floor <= p.threshold), "pseudo.floor",
+           f"0..pseudo.threshold ({p.threshold}) with pseudo.class_fraction > 0", p.floor)
     _check(p.ignore_index < 0 or p.ignore_index >= d.num_classes, "pseudo.ignore_index",
            f"negative or >= data.num_classes ({d.num_classes})", p.ignore_index)
     _check(pt.size >= 1 and all(pt.size <= s for s in d.image_size), "patches.size",
@@ -384,9 +416,10 @@ def validate(cfg: Config) -> Config:
     _check(0.0 < o.plateau_factor < 1.0, "optim.plateau_factor", "0 < factor < 1", o.plateau_factor)
     _check(o.plateau_patience >= 0, "optim.plateau_patience", ">= 0", o.plateau_patience)
     _check(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
-    _check(t.supervised_epochs >= 0, "train.supervised_epochs", ">= 0", t.supervised_epochs)
+    _check(t.stage_a_steps >= 0, "train.stage_a_steps", ">= 0 (0 = no stage A)", t.stage_a_steps)
     _check(t.max_rounds >= 0, "train.max_rounds", ">= 0", t.max_rounds)
     _check(t.steps_per_round >= 0, "train.steps_per_round", ">= 0", t.steps_per_round)
+    _check(t.round_passes >= 1, "train.round_passes", ">= 1", t.round_passes)
     _check(t.sup_steps_per_epoch >= 0, "train.sup_steps_per_epoch", ">= 0", t.sup_steps_per_epoch)
     _check(t.num_threads >= 0, "train.num_threads", ">= 0 (0 = torch's default)", t.num_threads)
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", t.keep_checkpoints)

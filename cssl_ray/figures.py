@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from cssl_ray.config import Config
 from cssl_ray.objective import patch_embeddings
 from cssl_ray.patches import sample_patches
-from cssl_ray.pseudo_labels import predict_pseudo_labels
+from cssl_ray.pseudo_labels import predict_pseudo_labels, rule_of
 from cssl_ray.silhouette import silhouette
 
 if TYPE_CHECKING:
@@ -81,8 +81,7 @@ def pseudo_snapshot(model: nn.Module, images: Tensor, cfg: Config) -> np.ndarray
     if cfg.data.num_classes >= IGNORE:
         raise ValueError(f"pseudo_snapshot: uint8 labels need data.num_classes < {IGNORE}, got {cfg.data.num_classes}")
     p = cfg.pseudo
-    labels = predict_pseudo_labels(model, images, p.threshold, p.ignore_index,
-                                   batch_size=cfg.consistency.batch_size)  # (k, H, W) int64
+    labels = predict_pseudo_labels(model, images, **rule_of(p), batch_size=cfg.consistency.batch_size)  # (k, H, W) int64
     labels = torch.where(labels == p.ignore_index, torch.full_like(labels, IGNORE), labels)
     return labels.cpu().numpy().astype(np.uint8)
 
@@ -102,8 +101,7 @@ def val_patch_embeddings(model: nn.Module, cfg: Config, images: Tensor, masks: T
     """
     pt = cfg.patches
     generator = torch.Generator().manual_seed(seed)
-    per_class = pt.windows_per_class(cfg.data.num_classes)
-    patches, classes, _ = sample_patches(images, masks, pt.size, pt.min_pixels, per_class=per_class, mask=pt.mask,
+    patches, classes, _ = sample_patches(images, masks, pt.size, pt.min_pixels, per_image=pt.per_image, mask=pt.mask,
                                          classes=list(range(1, cfg.data.num_classes)),
                                          ignore_index=cfg.pseudo.ignore_index, generator=generator)
     if patches.shape[0] > max_patches:

@@ -29,7 +29,7 @@ from cssl_ray.data.splits import write_split
 from cssl_ray.figures import write_run_figures
 from cssl_ray.loop import epoch_plan, evaluate, label_round, local_steps, supervised_epoch
 from cssl_ray.models import check_geometry
-from cssl_ray.schedule import RunState, beats
+from cssl_ray.schedule import RunState, beats, stage_a_plan
 from cssl_ray.streams import stream_seed
 
 
@@ -41,6 +41,8 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     out_dir: Path | None = None
     seconds: float = 0.0
+    test_last: dict[str, float] = field(default_factory=dict)  # the last round's weights (not selected)
+    last_round: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,9 +76,9 @@ def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any
         # CPU: torch.set_rng_state needs a CPU tensor; load_state_dict moves the rest to the device
         state.load_state_dict(ckpt.load(last, map_location="cpu"))
     emit = log or (lambda record: None)
-    total_epochs = t.supervised_epochs + t.max_rounds
-    bar = _progress(total_epochs, t.progress)
-    bar.update((t.supervised_epochs if state.stage_a_done else len(state.history)) + state.round)  # resumed work
+    stage_a_epochs = len(stage_a_plan(t, bundle.labelled_images.shape[0]))
+    bar = _progress(stage_a_epochs + t.max_rounds, t.progress)
+    bar.update((stage_a_epochs if state.stage_a_done else len(state.history)) + state.round)  # resumed work
 
     def validate_and_record(record: dict[str, Any]) -> dict[str, float]:
         val = _validate(state, cfg, bundle, record)
@@ -88,7 +90,7 @@ def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any
     sup = _sup_args(state, cfg)
     if not state.stage_a_done:  # stage A (skipped when resuming past it)
         _stage_a(state, cfg, bundle, stage_a_cache, validate_and_record, emit)
-        bar.n = t.supervised_epochs  # early stopping skips the rest of the cap
+        bar.n = stage_a_epochs  # early stopping skips the rest of the budget
         bar.refresh()
         _save_round(state, cfg, out_dir)
     if t.method == "cps" and state.peer is None:  # network B: seed + 1's stage A (cached when shared)
@@ -104,12 +106,15 @@ def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any
             state.take_snapshot(cfg, bundle.unlabelled_images)  # the model label_round labels with
             u = bundle.unlabelled_images
             pseudo, pstats = label_round(state.model, cfg, u, hidden_masks=bundle.unlabelled_masks_hidden,
-                                         class_names=bundle.class_names) if u.shape[0] else (u[:, 0].long(), {})
+                                         class_names=bundle.class_names, labelled_images=bundle.labelled_images
+                                         ) if u.shape[0] else (u[:, 0].long(), {})
             record.update(pstats)
             state.check_coverage(pstats, bundle.class_names)
             plan = epoch_plan(u.shape[0], cfg, state.streams)
             steps = local_steps(cfg, state.round, plan, u, pseudo, bundle.labelled_images, bundle.labelled_masks)
-            record.update(state.l_tot_epoch(cfg, steps, len(plan)))
+            record.update(state.l_tot_epoch(cfg, steps, len(plan),
+                                            labelled=(bundle.labelled_images, bundle.labelled_masks)))
+            state.check_patches(record)
         record.update(supervised_epoch(state.model, state.optimizer, bundle.labelled_images,
                                        bundle.labelled_masks, **sup))
         if state.peer is not None:  # CPS's network B: its own fine-tune epoch (its own batches)
@@ -136,13 +141,11 @@ def _sup_args(state: RunState, cfg: Config) -> dict[str, Any]:
 
 
 def _validate(state: RunState, cfg: Config, bundle: DataBundle, record: dict[str, Any]) -> dict[str, float]:
-    """Validate ``state.model``, step stage A's plateau scheduler, append ``record`` (with the val
+    """Validate ``state.model``, append ``record`` (with the val
     metrics, lr and step) to the history; returns the val metrics."""
     val = evaluate(state.model, bundle.val_images, bundle.val_masks, num_classes=cfg.data.num_classes,
                    class_names=bundle.class_names, ignore_index=cfg.pseudo.ignore_index,
                    batch_size=cfg.consistency.batch_size, precision=state.precision)
-    if not state.stage_a_done:
-        state.scheduler.step(val["loss"])  # stage A only; the rounds' rates: RunState.begin_rounds
     record.update({f"val_{k}": v for k, v in val.items()})
     record["lr"] = state.optimizer.param_groups[0]["lr"]
     state.history.append(record)
@@ -166,11 +169,14 @@ def _stage_a(state: RunState, cfg: Config, bundle: DataBundle, stage_a_cache: st
             images = torch.cat([bundle.labelled_images, bundle.unlabelled_images])
             generator = torch.Generator().manual_seed(stream_seed(cfg.train.seed, "simclr"))
             pretrained = simclr_pretrain(state.model, images, cfg, generator)
-        for epoch in range(len(state.history), cfg.train.supervised_epochs):
-            stats = supervised_epoch(state.model, state.optimizer, bundle.labelled_images, bundle.labelled_masks, **sup)
-            val = validate({"stage": "supervised", "round": 0, "epoch": epoch, **stats, **pretrained})
+        plan = stage_a_plan(cfg.train, bundle.labelled_images.shape[0])
+        for epoch in range(len(state.history), len(plan)):
+            stats = supervised_epoch(state.model, state.optimizer, bundle.labelled_images, bundle.labelled_masks,
+                                     **{**sup, "steps": plan[epoch]})
+            val = validate({"stage": "supervised", "round": 0, "epoch": epoch, "stage_a_step": sum(plan[:epoch + 1]),
+                            **stats, **pretrained})
             pretrained = {}
-            if state.after_stage_a_epoch(epoch, val):
+            if state.after_stage_a_epoch(epoch, val, stats["loss_sup"]):  # the plateau scheduler, early stopping
                 break
         state.finish_stage_a()
         if shared is not None:
@@ -195,14 +201,14 @@ def _baseline_round(state: RunState, cfg: Config, bundle: DataBundle) -> dict[st
     if cfg.train.method == "pseudo_label":
         state.take_snapshot(cfg, u)
         pseudo, record = label_round(state.model, cfg, u, hidden_masks=bundle.unlabelled_masks_hidden,
-                                     class_names=bundle.class_names)
+                                     class_names=bundle.class_names, labelled_images=bundle.labelled_images)
         state.check_coverage(record, bundle.class_names)
     plan = epoch_plan(u.shape[0], cfg, state.streams)
     steps = baseline_steps(plan, u, pseudo, bundle.labelled_images, bundle.labelled_masks)
     return {**record, **state.baseline_epoch(cfg, steps, len(plan))}
 
 
-STAGE_A_TRAIN_KEYS = ("seed", "batch_size", "supervised_epochs", "stage_a_patience", "sup_steps_per_epoch",
+STAGE_A_TRAIN_KEYS = ("seed", "batch_size", "stage_a_steps", "stage_a_patience", "sup_steps_per_epoch",
                       "augment", "device", "num_threads", "amp", "channels_last")
 # + train.selection(): stage A's early stop, the weights it goes on from and the best it hands the
 # rounds (best_score, best_val, best_model) all follow the selection metric
@@ -228,7 +234,7 @@ def stage_a_key(cfg: Config) -> str:
 def _shared_stage_a(folder: str | Path | None, cfg: Config) -> Iterator[Path | None]:
     """The shared stage-A file for ``cfg`` (None without a folder), under an exclusive lock: a
     concurrent run with the same key waits for this one's stage A instead of repeating it."""
-    if folder is None or cfg.train.supervised_epochs == 0:
+    if folder is None or cfg.train.stage_a_steps == 0:
         yield None
         return
     folder = Path(folder)
@@ -257,7 +263,12 @@ def write_run_files(cfg: Config, bundle: DataBundle | DataSource) -> Path:
 
 def evaluate_best(state: RunState, cfg: Config, bundle: DataBundle, out_dir: Path, start: float) -> RunResult:
     """Test metrics (with AUPRC and the per-image HD95 / ASD / Dice), once, on the best-validation
-    weights; writes best.pt, result.json and (train.figures) the figures under out_dir/figures/."""
+    weights, and beside them (``test_last``: Dice, IoU) on the last round's weights, which a handful
+    of validation images cannot hide; writes best.pt, result.json and (train.figures) the figures
+    under out_dir/figures/."""
+    test_last = evaluate(state.model, bundle.test_images, bundle.test_masks, num_classes=cfg.data.num_classes,
+                         class_names=bundle.class_names, ignore_index=cfg.pseudo.ignore_index,
+                         batch_size=cfg.consistency.batch_size, precision=state.precision)
     if state.best_model:  # else no validation ran (no epochs): test the weights as they are
         state.model.load_state_dict(state.best_model)
     test = evaluate(state.model, bundle.test_images, bundle.test_masks, num_classes=cfg.data.num_classes,
@@ -269,12 +280,40 @@ def evaluate_best(state: RunState, cfg: Config, bundle: DataBundle, out_dir: Pat
     ckpt.save_atomic({"model": state.best_model, "config": to_dict(cfg), "round": state.best_round,
                       "val": state.best_val, "test": test}, out_dir / "best.pt")
     result = RunResult(test=test, best_val=state.best_val, best_round=state.best_round,
-                       history=state.history, out_dir=out_dir, seconds=time.perf_counter() - start)
+                       history=state.history, out_dir=out_dir, seconds=time.perf_counter() - start,
+                       test_last=test_last, last_round=state.round)
     (out_dir / "result.json").write_text(json.dumps(
         {"test": test, "best_val": state.best_val, "best_round": state.best_round,
-         "stage_a": stage_a_summary(state.history, cfg.train.selection_order()), "warnings": state.warnings,
+         "test_last": test_last, "last_round": state.round, "rounds": rounds_summary(state.history, state.stage_a_best_epoch),
+         "stage_a": {**stage_a_summary(state.history, cfg.train.selection_order()),
+                     "start_epoch": float(state.stage_a_best_epoch)}, "warnings": state.warnings,
          "seconds": result.seconds}, indent=2, allow_nan=True))
     return result
+
+
+ROUND1_KEYS = ("pseudo_coverage/", "confidence/", "confidence_labelled/")
+
+
+def rounds_summary(history: list[dict[str, Any]], start_epoch: int = -1) -> dict[str, float]:
+    """The instruments a table needs beside the test: round 1's pseudo-label coverage and confidence
+    per class (``round1_<key>``: the stage-A model labelling D_U), the realised contrastive batch per
+    step averaged over the rounds (``patches_per_step_mean``) and the rounds' val dice_mean change
+    (``val_dice_mean_last`` - the value the rounds started from, stage-A epoch ``start_epoch``'s:
+    ``val_dice_mean_start``; -1 = the last epoch's)."""
+    rounds = [h for h in history if h.get("stage") == "round"]
+    out: dict[str, float] = {}
+    if not rounds:
+        return out
+    out.update({f"round1_{k}": float(v) for k, v in rounds[0].items() if k.startswith(ROUND1_KEYS)})
+    realised = [float(h["patches_per_step"]) for h in rounds if "patches_per_step" in h]
+    if realised:
+        out["patches_per_step_mean"] = sum(realised) / len(realised)
+    stage_a = [h for h in history if h.get("stage") == "supervised"]
+    start = next((h for h in stage_a if h.get("epoch") == start_epoch), stage_a[-1] if stage_a else {})
+    if "val_dice_mean" in start:
+        out["val_dice_mean_start"] = float(start["val_dice_mean"])
+    out["val_dice_mean_last"] = float(rounds[-1].get("val_dice_mean", math.nan))
+    return out
 
 
 def stage_a_summary(history: list[dict[str, Any]],
@@ -293,6 +332,7 @@ def stage_a_summary(history: list[dict[str, Any]],
             best = h
     best = best or epochs[0]
     return {"epochs": float(len(epochs)), "best_epoch": float(best["epoch"]),
+            "steps": float(epochs[-1].get("stage_a_step", math.nan)), "last_lr": float(epochs[-1].get("lr", math.nan)),
             **{k: float(best.get(k, math.nan)) for k in ("val_dice_mean", "val_loss", order[0][0])}}
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +23,8 @@ from cssl_ray.metrics import SegmentationMetrics
 from cssl_ray.objective import StepInputs, cssl_objective, patch_embeddings
 from cssl_ray.patches import class_balanced_batches, sample_patches, seeded_patches
 from cssl_ray.precision import FP32, Precision, backward_step
-from cssl_ray.pseudo_labels import class_coverage, coverage, predict_pseudo_labels
+from cssl_ray.pseudo_labels import (CONFIDENCE_BINS, class_coverage, confidence_histogram, coverage,
+                                    histogram_medians, predict_pseudo_labels, rule_of)
 from cssl_ray.silhouette import silhouette
 from cssl_ray.streams import RandomStreams
 from cssl_ray.surface import SurfaceMetrics
@@ -88,26 +89,59 @@ def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
 
 @torch.no_grad()
 def label_round(model: nn.Module, cfg: Config, unlabelled_images: Tensor, *, hidden_masks: Tensor | None = None,
-                class_names: list[str] | None = None) -> tuple[Tensor, dict[str, float]]:
-    """Step B: pseudo-labels (U, H, W) of D_U with the current model, and their statistics: coverage
-    (all pixels, and per class: ``pseudo_coverage/<name>``, the share of the pixels predicted as that
-    class that pass the threshold) and, when ``hidden_masks`` is given, their accuracy on covered
-    pixels (a diagnostic only)."""
+                class_names: list[str] | None = None,
+                labelled_images: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Step B: pseudo-labels (U, H, W) of D_U with the current model (``pseudo`` rule: the threshold,
+    and the class-wise fraction down to the floor), and their statistics: coverage (all pixels, and
+    per class: ``pseudo_coverage/<name>``, the share of the pixels predicted as that class that get a
+    pseudo-label), the model's confidence (``confidence/<name>``: the median max-softmax of the D_U
+    pixels predicted as that class; ``confidence_labelled/<name>`` the same on ``labelled_images``)
+    and, when ``hidden_masks`` is given, their accuracy on covered pixels (a diagnostic only)."""
     device = next(model.parameters()).device
     p = cfg.pseudo
-    pseudo, argmax = predict_pseudo_labels(model, unlabelled_images.to(device), p.threshold, p.ignore_index,
-                                           batch_size=cfg.consistency.batch_size, with_argmax=True,
-                                           precision=Precision.from_config(cfg.train, device))
+    prec = Precision.from_config(cfg.train, device)
+    pseudo, argmax, confidence = predict_pseudo_labels(model, unlabelled_images.to(device), **rule_of(p),
+                                                       batch_size=cfg.consistency.batch_size, with_argmax=True,
+                                                       with_confidence=True, precision=prec)
     pseudo, argmax = pseudo.cpu(), argmax.cpu()  # (U, H, W) each
     stats = {"pseudo_coverage": coverage(pseudo, p.ignore_index)}
     names = class_names or [str(c) for c in range(cfg.data.num_classes)]
     for name, share in zip(names, class_coverage(pseudo, argmax, cfg.data.num_classes)):
         stats[f"pseudo_coverage/{name}"] = share
+    stats.update(confidence_stats(confidence_histogram(argmax, confidence.cpu(), cfg.data.num_classes), names))
+    if labelled_images is not None:
+        stats.update(labelled_confidence(model, cfg, labelled_images, names))
     if hidden_masks is not None:
         covered = pseudo != p.ignore_index
         correct = (pseudo == hidden_masks) & covered
         stats["pseudo_accuracy"] = correct.sum().item() / max(covered.sum().item(), 1)
     return pseudo, stats
+
+
+def confidence_stats(hist: Tensor, class_names: list[str], prefix: str = "confidence") -> dict[str, float]:
+    """``{prefix}/<name>``: the median confidence of each class's pixels from a (C, bins)
+    ``confidence_histogram`` (NaN for a class no pixel is predicted as)."""
+    return {f"{prefix}/{name}": m for name, m in zip(class_names, histogram_medians(hist))}
+
+
+@torch.no_grad()
+def labelled_confidence(model: nn.Module, cfg: Config, images: Tensor, class_names: list[str],
+                        collectives: Collectives | None = None) -> dict[str, float]:
+    """``confidence_labelled/<name>``: the model's median max-softmax per predicted class on the
+    labelled images (with ``collectives``: each rank's shard, histograms summed over ranks). A model
+    that is uncertain on its own training images cannot pass a high pseudo-label threshold on D_U."""
+    device = next(model.parameters()).device
+    c = cfg.data.num_classes
+    hist = torch.zeros(c, CONFIDENCE_BINS, dtype=torch.int64)
+    if images.shape[0]:
+        _, argmax, confidence = predict_pseudo_labels(model, images.to(device), 1.0, cfg.pseudo.ignore_index,
+                                                      batch_size=cfg.consistency.batch_size, with_argmax=True,
+                                                      with_confidence=True,
+                                                      precision=Precision.from_config(cfg.train, device))
+        hist = confidence_histogram(argmax.cpu(), confidence.cpu(), c)
+    if collectives is not None:
+        hist = collectives.sum_(hist)
+    return confidence_stats(hist, class_names, "confidence_labelled")
 
 
 @torch.no_grad()
@@ -129,7 +163,7 @@ def round_patches(model: nn.Module, cfg: Config, labelled_images: Tensor, labell
         labels = torch.cat([labelled_masks, pseudo])
     classes = list(range(1, cfg.data.num_classes))
     patches, patch_classes, _ = sample_patches(images, labels, pt.size, pt.min_pixels,
-                                               per_class=pt.windows_per_class(cfg.data.num_classes), mask=pt.mask,
+                                               per_image=pt.per_image, mask=pt.mask,
                                                classes=classes, ignore_index=p.ignore_index,
                                                generator=generator)
     stats["patches"] = float(patches.shape[0])
@@ -156,10 +190,11 @@ def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
 
 
 def l_tot_steps(n_unlabelled: int, cfg: Config, world: int = 1) -> int:
-    """Steps of one L_tot epoch: one pass over D_U (all ranks' images, ``n_unlabelled``) in global
-    batches of ``consistency.batch_size``, capped by ``train.steps_per_round`` (> 0). The same for
-    every cell with L_CL or L_CR, so the ablation compares losses, not amounts of work."""
-    n = _pass_batches(n_unlabelled, cfg.consistency.batch_size, world)
+    """Steps of one L_tot epoch: ``train.round_passes`` passes over D_U (all ranks' images,
+    ``n_unlabelled``) in global batches of ``consistency.batch_size``, capped by
+    ``train.steps_per_round`` (> 0). The same for every cell with L_CL or L_CR, so the ablation
+    compares losses, not amounts of work."""
+    n = _pass_batches(n_unlabelled, cfg.consistency.batch_size, world) * cfg.train.round_passes
     return min(n, cfg.train.steps_per_round) if cfg.train.steps_per_round > 0 else n
 
 
@@ -206,16 +241,18 @@ class StepData:
 
 def epoch_plan(n_unlabelled: int, cfg: Config, streams: RandomStreams,
                collectives: Collectives | None = None) -> list[Tensor]:
-    """This rank's D_U positions of every step of one L_tot epoch (a shuffled pass over D_U in
-    global batches, ``pass_shares``; ``l_tot_steps`` steps, agreed by every rank). Draws the pass
-    from ``streams.cr``."""
+    """This rank's D_U positions of every step of one L_tot epoch (``train.round_passes`` shuffled
+    passes over D_U in global batches, ``pass_shares``; ``l_tot_steps`` steps, agreed by every rank).
+    Draws the passes from ``streams.cr``."""
     col = collectives or Collectives()
     n_global = int(col.sum_(torch.tensor([n_unlabelled], dtype=torch.int64)).item())
     n_steps = col.agree_steps(l_tot_steps(n_global, cfg, col.world_size)) if n_global else 0
     if not n_steps:
         return []
-    return pass_shares(n_unlabelled, n_global, cfg.consistency.batch_size, col.rank, col.world_size,
-                       streams.cr)[:n_steps]
+    plan: list[Tensor] = []
+    while len(plan) < n_steps:
+        plan += pass_shares(n_unlabelled, n_global, cfg.consistency.batch_size, col.rank, col.world_size, streams.cr)
+    return plan[:n_steps]
 
 
 def labelled_slices(n_labelled: int, n_steps: int) -> list[Tensor]:
@@ -235,7 +272,7 @@ def image_patches(cfg: Config, images: Tensor, labels: Tensor, indices: Tensor |
     pt = cfg.patches
     patches, classes, _ = seeded_patches(
         images, labels, [int(i) for i in indices], size=pt.size, min_pixels=pt.min_pixels,
-        per_class=pt.windows_per_class(cfg.data.num_classes), classes=list(range(1, cfg.data.num_classes)),
+        per_image=pt.per_image, classes=list(range(1, cfg.data.num_classes)),
         seed=cfg.train.seed, round_=round_, labelled=labelled, mask=pt.mask, ignore_index=cfg.pseudo.ignore_index)
     return patches, classes
 
@@ -263,8 +300,13 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
                lambda_: float, streams: RandomStreams, aux: AuxiliaryGaussian | None = None,
                collectives: Collectives | None = None,
                after_step: Callable[[], None] | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+               scaler: torch.amp.GradScaler | None = None,
+               labelled: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
     """One epoch of L_tot = w_cl L_CL + w_cr L_CR: one pass over D_U, ``n_steps`` steps.
+
+    ``labelled`` (images, masks of this rank's D_L) with ``train.lsup_in_ltot``: every step also
+    takes a supervised batch (``train.batch_size`` global, augmented, from ``streams.ltot_sup``) and
+    L_sup joins L_tot. ``train.ltot_bn``: BatchNorm running statistics frozen (default) or updated.
 
     ``steps`` yields each step's ``StepData`` (``local_steps`` in one process; the labelling
     stream in a Ray worker, consumed as it arrives): its batch of unlabelled images for L_CR and
@@ -291,8 +333,14 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
     share = rank_share(cfg.patches.batch_size, col.rank, col.world_size)  # of the global contrastive batch
     sums: dict[str, float] = {"loss": 0.0, "loss_cl": 0.0, "loss_cr": 0.0, "anchors_without_positive": 0.0}
     omegas: list[float] = []
-    done, pooled = 0, 0
-    with frozen_norm_statistics(model):  # patches and noisy features must not move BN statistics
+    done, pooled, realised, kinds = 0, 0, 0, 0
+    sup_batches: Iterator[Tensor] = iter(())
+    if t.lsup_in_ltot and labelled is not None and labelled[0].shape[0]:
+        sup_batches = index_batches(labelled[0].shape[0], rank_share(t.batch_size, col.rank, col.world_size),
+                                    steps=n_steps, generator=streams.ltot_sup)
+        sums["loss_sup_ltot"] = 0.0
+    norms = frozen_norm_statistics(model) if t.ltot_bn == "frozen" else nullcontext()
+    with norms:  # by default patches and noisy features must not move BN statistics
         for _, step in zip(range(n_steps), steps):
             pooled += step.patches.shape[0]
             x_u = step.unlabelled.to(device) if (t.use_cr and step.unlabelled.shape[0]) else None
@@ -300,10 +348,18 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
             if col.agree_steps(int(step.patches.shape[0] > 0)):  # omega's collectives need every rank
                 idx = class_balanced_batches(step.classes, share, num_batches=1, generator=streams.patches)[0]
                 w, c = step.patches[idx].to(device), step.classes[idx].to(device)
+                realised += idx.numel()
+                kinds += int(torch.unique(step.classes[idx]).numel())
             if not (t.use_cl and w is not None) and x_u is None:
                 continue  # nothing to learn from (no patches and no unlabelled images): the same on every rank
             w, x_u = prec.layout(w), prec.layout(x_u)
             inputs = StepInputs(w if t.use_cl else None, c if t.use_cl else None, x_u)
+            sup_idx = next(sup_batches, None)
+            if sup_idx is not None:
+                x_l, y_l = labelled[0][sup_idx], labelled[1][sup_idx]
+                if t.augment:
+                    x_l, y_l = flip_rotate(x_l, y_l, streams.ltot_sup)
+                inputs.labelled, inputs.labelled_masks = prec.layout(x_l.to(device)), y_l.to(device)
             with prec.autocast():  # the losses themselves are computed in fp32
                 out = cssl_objective(model, teacher if t.use_cr else None, inputs, cfg, lambda_=lambda_,
                                      aux=aux, streams=streams, collectives=col)
@@ -322,6 +378,9 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
     stats = col.mean_floats(stats)
     stats["steps"] = float(done)
     stats["patches"] = float(col.sum_(torch.tensor([pooled], dtype=torch.int64)).item())  # in the steps' pools
+    # the realised contrastive batch (all ranks' shares) per step, and the classes it held (rank 0's)
+    stats["patches_per_step"] = float(col.sum_(torch.tensor([realised], dtype=torch.int64)).item()) / max(done, 1)
+    stats["patch_classes_per_step"] = col.broadcast_float(kinds / max(done, 1))
     stats["omega"] = sum(omegas) / len(omegas) if omegas else float("nan")
     return stats
 

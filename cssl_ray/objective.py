@@ -1,4 +1,5 @@
-"""One step of CSSL: L_tot = w_cl L_CL + w_cr L_CR, with every part returned for logging.
+"""One step of CSSL: L_tot = w_cl L_CL + w_cr L_CR (+ L_sup with train.lsup_in_ltot), with every
+part returned for logging.
 
 The model returns logits and embeddings; all loss math lives here and in the loss modules.
 """
@@ -22,12 +23,16 @@ class StepInputs:
     """What one CSSL step consumes.
 
     patches (P, C_in, s, s) class-wise patches and their classes (P,); unlabelled (B, C_in, H, W)
-    full unlabelled images for L_CR. Either may be None when its loss is switched off.
+    full unlabelled images for L_CR. Either may be None when its loss is switched off. labelled
+    (b, C_in, H, W) and labelled_masks (b, H, W): a supervised batch whose L_sup joins L_tot
+    (``train.lsup_in_ltot``), else None.
     """
 
     patches: Tensor | None
     patch_classes: Tensor | None
     unlabelled: Tensor | None
+    labelled: Tensor | None = None
+    labelled_masks: Tensor | None = None
 
 
 def patch_embeddings(model: nn.Module, patches: Tensor) -> Tensor:
@@ -59,6 +64,14 @@ def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs
     zero = torch.zeros((), device=device)
     out: dict[str, Tensor] = {"loss_cl": zero, "loss_cr": zero}
     loss = zero
+    if inputs.labelled is not None and inputs.labelled_masks is not None:  # train.lsup_in_ltot
+        y = inputs.labelled_masks
+        ignore = cfg.pseudo.ignore_index
+        logits = model(inputs.labelled)  # (b, C, H, W)
+        loss_sup = col.global_mean(F.cross_entropy(logits.float(), y, ignore_index=ignore, reduction="sum"),
+                                   (y != ignore).sum())
+        out["loss_sup_ltot"] = loss_sup
+        loss = loss + loss_sup
     if t.use_cl:
         if inputs.patches is None or inputs.patch_classes is None:
             raise ValueError("cssl_objective: use_cl needs patches and patch_classes")

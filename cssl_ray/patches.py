@@ -7,7 +7,11 @@ pixels of ``c`` are drawn; the patch keeps the image's pixels of ``c`` and zeroe
 
     size         side of the square window (config ``patches.size``, default 64)
     min_pixels   pixels of the patch's class a window must hold (default 25)
-    per_class    windows drawn per (image, foreground class present) (default 4)
+    per_image    windows drawn per image, shared equally by the foreground classes that have a valid
+                 window in it (``dense_windows``, the trainer's rule): an image gives its full
+                 budget whichever classes it holds, so a step's pool does not shrink where a class
+                 is absent (config ``patches.per_image``)
+    per_class    the older rule (``sample_windows``): windows per (image, foreground class present)
     mask         "others_all"        zero every pixel whose label is not the patch class, including
                                      background and ignore (the paper)
                  "others_foreground" zero only pixels of other foreground classes; background and
@@ -153,6 +157,55 @@ def sample_windows(
     )
 
 
+def dense_windows(
+    labels: Tensor,
+    size: int,
+    min_pixels: int,
+    *,
+    per_image: int,
+    classes: Sequence[int] | None = None,
+    ignore_index: int = 255,
+    generator: torch.Generator | None = None,
+) -> PatchWindows:
+    """``per_image`` windows from every image that has a valid window of some class: the budget is
+    shared equally by the classes present (valid windows in this image), the remainder going one
+    window each to classes chosen at random; within a class, as ``sample_windows`` (uniform without
+    replacement, cycling when it has fewer valid windows than its share).
+
+    Args:
+        labels: ``(B, H, W)`` integer labels; ``ignore_index`` marks unlabelled pixels.
+        per_image: windows per image, >= 1. Other arguments: as ``sample_windows``.
+
+    Returns ``PatchWindows`` ordered by image, then class, then draw; an image with no valid window
+    of any class contributes nothing."""
+    _check_labels(labels)
+    b, h, w = labels.shape
+    _check_size(size, h, w)
+    _check_min_pixels(min_pixels, size)
+    if per_image < 1:
+        raise ValueError(f"per_image must be >= 1, got {per_image}")
+    class_ids = _foreground_classes(labels, classes, ignore_index)
+    parts: list[PatchWindows] = []
+    for i in range(b):
+        one = labels[i:i + 1]
+        present = [c for c in class_ids if bool(valid_windows(one, c, size, min_pixels).any())]
+        if not present:
+            continue
+        share, extra = divmod(per_image, len(present))
+        lucky = set(torch.randperm(len(present), generator=generator)[:extra].tolist()) if extra else set()
+        for j, c in enumerate(present):
+            n = share + (j in lucky)
+            if n == 0:
+                continue
+            win = sample_windows(one, size, min_pixels, per_class=n, classes=[c], ignore_index=ignore_index,
+                                 generator=generator)
+            parts.append(win._replace(sources=torch.full_like(win.sources, i)))
+    if not parts:
+        empty = torch.empty(0, dtype=torch.int64, device=labels.device)
+        return PatchWindows(empty, empty, empty, empty)
+    return PatchWindows(*(torch.cat([getattr(p, f) for p in parts]) for f in PatchWindows._fields))
+
+
 def extract_patches(
     images: Tensor,
     labels: Tensor,
@@ -210,6 +263,7 @@ def sample_patches(
     classes: Sequence[int] | None = None,
     ignore_index: int = 255,
     generator: torch.Generator | None = None,
+    per_image: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Class-wise patches of a batch of images: ``sample_windows`` then ``extract_patches``.
 
@@ -218,6 +272,8 @@ def sample_patches(
         labels: ``(B, H, W)`` integer ground truth or pseudo-labels (with ``ignore_index``).
         size, min_pixels, per_class, classes, ignore_index, generator: see ``sample_windows``.
         mask: one of ``MASK_MODES``.
+        per_image: > 0: ``dense_windows`` (this many windows per image, shared by the classes
+            present) instead of ``per_class`` windows per (image, class).
 
     Returns:
         patches ``(P, C, size, size)`` (images' dtype), patch_classes ``(P,)`` int64 and sources
@@ -227,9 +283,12 @@ def sample_patches(
     _check_images_labels(images, labels)
     if mask not in MASK_MODES:
         raise ValueError(f"mask must be one of {', '.join(MASK_MODES)}, got {mask!r}")
-    windows = sample_windows(
-        labels, size, min_pixels, per_class=per_class, classes=classes, ignore_index=ignore_index, generator=generator
-    )
+    if per_image > 0:
+        windows = dense_windows(labels, size, min_pixels, per_image=per_image, classes=classes,
+                                ignore_index=ignore_index, generator=generator)
+    else:
+        windows = sample_windows(labels, size, min_pixels, per_class=per_class, classes=classes,
+                                 ignore_index=ignore_index, generator=generator)
     patches = extract_patches(images, labels, windows, size, mask=mask, ignore_index=ignore_index)
     return patches, windows.classes, windows.sources
 
@@ -394,10 +453,10 @@ def patch_seed(seed: int, round_: int, labelled: bool, index: int) -> int:
 
 
 def seeded_patches(images: Tensor, labels: Tensor, indices: Sequence[int], *, size: int, min_pixels: int,
-                   per_class: int, classes: Sequence[int], seed: int, round_: int, labelled: bool,
+                   per_image: int, classes: Sequence[int], seed: int, round_: int, labelled: bool,
                    mask: str = "others_all", ignore_index: int = 255) -> tuple[Tensor, Tensor, PatchWindows]:
-    """Class-wise patches of each image, its windows drawn with ``patch_seed(seed, round_, labelled,
-    index)``: the same patches in ``--local``, in any Ray worker and in the labelling stream.
+    """Class-wise patches of each image (``dense_windows``: ``per_image`` windows shared by the classes
+    present), its windows drawn with ``patch_seed(seed, round_, labelled, index)``: the same patches in ``--local``, in any Ray worker and in the labelling stream.
 
     images (B, C, H, W), labels (B, H, W), indices (B,) the images' dataset indices. Returns
     patches (P, C, size, size), their classes (P,) and the windows (``sources`` = position in
@@ -408,8 +467,8 @@ def seeded_patches(images: Tensor, labels: Tensor, indices: Sequence[int], *, si
     parts, wins = [], []
     for i, index in enumerate(indices):
         gen = torch.Generator().manual_seed(patch_seed(seed, round_, labelled, int(index)))
-        w = sample_windows(labels[i:i + 1], size, min_pixels, per_class=per_class, classes=classes,
-                           ignore_index=ignore_index, generator=gen)
+        w = dense_windows(labels[i:i + 1], size, min_pixels, per_image=per_image, classes=classes,
+                          ignore_index=ignore_index, generator=gen)
         parts.append(extract_patches(images[i:i + 1], labels[i:i + 1], w, size, mask=mask, ignore_index=ignore_index))
         wins.append(w._replace(sources=torch.full_like(w.sources, i)))
     if not parts:

@@ -76,12 +76,14 @@ from cssl_ray.data.bundle import DataSource
 from cssl_ray.loop import StepData, image_patches, labelled_slices
 from cssl_ray.models import create_model
 from cssl_ray.placement import StreamResources, labeller_group  # StreamResources: re-exported
-from cssl_ray.pseudo_labels import class_counts, predict_pseudo_labels
+from cssl_ray.pseudo_labels import (CONFIDENCE_BINS, class_counts, confidence_histogram, predict_pseudo_labels,
+                                    rule_of)
 from cssl_ray.weights import WeightsClient
 
 Batch = dict[str, np.ndarray]
 COUNT_COLUMNS = ("pseudo_pixels", "pseudo_covered", "pseudo_correct")  # per image, summed per step
 CLASS_COUNT_COLUMNS = ("class_predicted", "class_confident")  # (C,) per image, summed per step
+CONFIDENCE_COLUMN = "confidence_hist"  # (C * bins,) per image: pseudo_labels.confidence_histogram, summed per step
 NO_PATCH = -1  # patch_class of a step row's placeholder patch when no image had a valid window
 
 
@@ -116,8 +118,8 @@ class PseudoLabeller:
         version = self.weights.latest(self.model, self.min_version)  # reloads only when it changed
         images = torch.from_numpy(np.array(batch["image"], dtype=np.float32))  # (B, C, H, W), a writable copy
         p = self.cfg.pseudo
-        pseudo, argmax = predict_pseudo_labels(self.model, images, p.threshold, p.ignore_index,
-                                               batch_size=images.shape[0], with_argmax=True)  # (B, H, W) each
+        pseudo, argmax, confidence = predict_pseudo_labels(self.model, images, **rule_of(p), batch_size=images.shape[0],
+                                                           with_argmax=True, with_confidence=True)  # (B, H, W) each
         covered = pseudo != p.ignore_index  # (B, H, W)
         hidden = batch.pop("hidden_mask", None)
         correct = torch.zeros_like(covered)
@@ -133,6 +135,8 @@ class PseudoLabeller:
         per_image = [class_counts(pseudo[i], argmax[i], c) for i in range(b)]  # (predicted, confident) each (C,)
         for j, k in enumerate(CLASS_COUNT_COLUMNS):
             batch[k] = np.stack([counts[j].numpy() for counts in per_image]).astype(np.int64).reshape(b, c)  # (B, C)
+        batch[CONFIDENCE_COLUMN] = np.stack([confidence_histogram(argmax[i], confidence[i], c).flatten().numpy()
+                                             for i in range(b)]).astype(np.int64).reshape(b, -1)  # (B, C * bins)
         return batch
 
     def loaded_version(self) -> int:
@@ -242,8 +246,8 @@ def label_and_sample_step(batch: Batch, *, actors: list[ray.actor.ActorHandle], 
                   "weights_version": np.asarray([int(np.min(labelled["weights_version"]))], np.int64)}
     for k in COUNT_COLUMNS:
         out[k] = np.asarray([int(np.sum(labelled[k]))], np.int64)
-    for k in CLASS_COUNT_COLUMNS:
-        out[k] = np.asarray(labelled[k]).sum(0, keepdims=True).astype(np.int64)  # (1, C)
+    for k in (*CLASS_COUNT_COLUMNS, CONFIDENCE_COLUMN):
+        out[k] = np.asarray(labelled[k]).sum(0, keepdims=True).astype(np.int64)  # (1, C) / (1, C * bins)
     return out
 
 
@@ -291,7 +295,8 @@ class RankSteps:
         self.dataset = step_stream(cfg, rows, actors, round_, source, resources) if rows else None
         c = cfg.data.num_classes
         self.counts: dict[str, Any] = {**dict.fromkeys(COUNT_COLUMNS, 0),
-                                       **{k: np.zeros(c, np.int64) for k in CLASS_COUNT_COLUMNS}}
+                                       **{k: np.zeros(c, np.int64) for k in CLASS_COUNT_COLUMNS},
+                                       CONFIDENCE_COLUMN: np.zeros(c * CONFIDENCE_BINS, np.int64)}
         self.wait_s = self.first_wait_s = 0.0
         self.patches = 0
 
@@ -316,7 +321,7 @@ class RankSteps:
                                    f"{int(row['weights_version'][0])}")
             for key in COUNT_COLUMNS:
                 self.counts[key] += int(row[key][0])
-            for key in CLASS_COUNT_COLUMNS:
+            for key in (*CLASS_COUNT_COLUMNS, CONFIDENCE_COLUMN):
                 self.counts[key] = self.counts[key] + np.asarray(row[key][0], np.int64)
             u_c = torch.from_numpy(np.array(row["patch_class"][0], np.int64))  # copies: Ray's blocks are read-only
             u_p = torch.from_numpy(np.array(row["patch"][0], np.float32))[u_c != NO_PATCH]

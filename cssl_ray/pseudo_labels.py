@@ -6,10 +6,20 @@ their ground truth. The pseudo-labels are regenerated from the latest model ever
 
     threshold      softmax confidence a pixel needs, in (0, 1]; default 0.9. A probability exactly
                    equal to the threshold passes. 1.0 keeps only saturated pixels.
-    ignore_index   label of the pixels below the threshold (default 255); must not be a class id.
+    class_fraction with > 0, a class-wise rule on top (``confident_labels``): in each image, the
+                   most confident ``class_fraction`` of the pixels predicted as a class also pass,
+                   however far under ``threshold`` the class's confidence sits, so no predicted
+                   class loses all its pseudo-labels to an uncalibrated model (FixMatch's fixed
+                   threshold, made class-wise as FlexMatch / U2PL do; docs/science.md measures it)
+    floor          tau_conf, the hard floor of the class-wise rule: no pixel under it passes
+    ignore_index   label of the pixels that do not pass (default 255); must not be a class id.
+
+Confidence (an instrument, ``confidence_histogram`` / ``histogram_medians``): per class, the median
+max-softmax of the pixels predicted as that class, from summable (C, bins) histograms.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -51,6 +61,72 @@ def pseudo_labels(logits: Tensor, threshold: float, ignore_index: int = 255) -> 
     return torch.where(confidence >= threshold, labels, torch.full_like(labels, ignore_index))
 
 
+def confident_labels(argmax: Tensor, confidence: Tensor, threshold: float, ignore_index: int = 255, *,
+                     class_fraction: float = 0.0, floor: float = 0.0) -> Tensor:
+    """Pseudo-labels from a prediction: ``argmax`` where ``confidence >= threshold``, ``ignore_index``
+    elsewhere; with ``class_fraction`` > 0 also, per image and class c, the ``ceil(class_fraction *
+    n_c)`` most confident of the ``n_c`` pixels predicted as c (ties at the cut pass too) whose
+    confidence is at least ``floor``. The class-wise cut is thus ``min(threshold, max(floor, q_c))``
+    with q_c the image's (1 - class_fraction) quantile of class c's confidences.
+
+    Args:
+        argmax: ``(B, H, W)`` int64 predicted classes.
+        confidence: ``(B, H, W)`` float max-softmax of the same pixels (NaN never passes).
+        threshold: in (0, 1]; class_fraction in [0, 1]; floor in [0, 1].
+
+    Returns ``(B, H, W)`` int64."""
+    _check_threshold(threshold)
+    if argmax.shape != confidence.shape or argmax.dim() != 3:
+        raise ValueError(f"argmax {tuple(argmax.shape)} and confidence {tuple(confidence.shape)} must be equal (B, H, W)")
+    if not 0.0 <= class_fraction <= 1.0:
+        raise ValueError(f"class_fraction must be in [0, 1], got {class_fraction!r}")
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor must be in [0, 1], got {floor!r}")
+    keep = confidence >= threshold  # (B, H, W)
+    if class_fraction > 0:
+        for b in range(argmax.shape[0]):
+            for c in torch.unique(argmax[b]).tolist():
+                of_c = argmax[b] == c  # (H, W)
+                values = confidence[b][of_c]  # (n_c,)
+                k = max(1, math.ceil(class_fraction * values.numel()))
+                cut = max(float(values.topk(k).values[-1]), floor)  # the k-th largest, never under the floor
+                keep[b] |= of_c & (confidence[b] >= cut)
+    return torch.where(keep, argmax, torch.full_like(argmax, ignore_index))
+
+
+CONFIDENCE_BINS = 100  # of [0, 1]: medians to 0.01
+
+
+def confidence_histogram(argmax: Tensor, confidence: Tensor, num_classes: int, bins: int = CONFIDENCE_BINS) -> Tensor:
+    """(C, bins) int64: per predicted class, the counts of its pixels' confidence in ``bins`` equal bins
+    of [0, 1] (1.0 in the last). Summable over images, steps and ranks (``histogram_medians``)."""
+    if argmax.shape != confidence.shape:
+        raise ValueError(f"argmax {tuple(argmax.shape)} and confidence {tuple(confidence.shape)} shapes differ")
+    a, conf = argmax.flatten().long(), confidence.flatten().float()
+    ok = (a >= 0) & (a < num_classes) & ~torch.isnan(conf)
+    index = (conf[ok].clamp(0, 1) * bins).long().clamp(max=bins - 1)  # (n,)
+    return torch.bincount(a[ok] * bins + index, minlength=num_classes * bins).reshape(num_classes, bins)
+
+
+def histogram_medians(hist: Tensor) -> list[float]:
+    """Per class (row of a ``confidence_histogram``), the median confidence, linearly interpolated
+    inside its bin (within 1 / bins of the exact median); NaN for a class with no pixel."""
+    hist = torch.as_tensor(hist, dtype=torch.float64)
+    bins = hist.shape[1]
+    out = []
+    for row in hist:
+        total = float(row.sum())
+        if total == 0:
+            out.append(float("nan"))
+            continue
+        cum = torch.cumsum(row, 0)
+        j = int(torch.searchsorted(cum, torch.tensor([total / 2], dtype=torch.float64)).item())
+        before = float(cum[j - 1]) if j > 0 else 0.0
+        inside = (total / 2 - before) / float(row[j]) if row[j] > 0 else 0.0
+        out.append((j + inside) / bins)
+    return out
+
+
 def _logits_of(output: Any) -> Tensor:
     """The logits in a model's output: the tensor itself, the first element of a tuple / list, or
     the ``"logits"`` entry of a dict (models return logits and embeddings)."""
@@ -74,7 +150,11 @@ def predict_pseudo_labels(
     batch_size: int = 8,
     with_argmax: bool = False,
     precision: Precision | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+    *,
+    class_fraction: float = 0.0,
+    floor: float = 0.0,
+    with_confidence: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
     """Pseudo-label ``images`` with ``model`` in eval mode.
 
     Args:
@@ -86,10 +166,13 @@ def predict_pseudo_labels(
 
         with_argmax: also return the plain argmax labels (every pixel), for ``class_coverage``.
         precision: autocast and layout of the forward (``cssl_ray.precision``); default fp32.
+        class_fraction, floor: the class-wise rule of ``confident_labels`` (0: the threshold alone).
+        with_confidence: also return the (N, H, W) float32 max-softmax (after the argmax labels).
 
     Returns:
         ``(N, H, W)`` int64 on the images' device; ``N = 0`` gives ``(0, H, W)``. With
-        ``with_argmax``, the tuple (pseudo-labels, argmax labels).
+        ``with_argmax``, the tuple (pseudo-labels, argmax labels); with ``with_confidence`` too,
+        (pseudo-labels, argmax labels, confidence).
 
     The train/eval flag of every submodule is restored afterwards, so a model that was training
     (or had, e.g., frozen batch-norm layers in eval) comes back exactly as it was.
@@ -102,14 +185,15 @@ def predict_pseudo_labels(
     n, _, h, w = images.shape
     if n == 0:
         empty = torch.empty((0, h, w), dtype=torch.int64, device=images.device)
-        return (empty, empty.clone()) if with_argmax else empty
+        extra = [empty.clone()] * with_argmax + [torch.empty((0, h, w), device=images.device)] * with_confidence
+        return (empty, *extra) if extra else empty
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else images.device
     prec = precision or FP32
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        out, argmax = [], []
+        out, argmax, confidence = [], [], []
         for start in range(0, n, batch_size):
             batch = prec.layout(images[start : start + batch_size].to(device))
             with prec.autocast():
@@ -118,13 +202,25 @@ def predict_pseudo_labels(
                 raise ValueError(
                     f"model logits must be (b, C, H, W) = ({batch.shape[0]}, C, {h}, {w}), got shape {tuple(logits.shape)}"
                 )
-            out.append(pseudo_labels(logits, threshold, ignore_index).to(images.device))
-            if with_argmax:
-                argmax.append(logits.argmax(dim=1).to(images.device))
+            if 0 <= ignore_index < logits.shape[1]:
+                raise ValueError(f"ignore_index {ignore_index} is a class id; use a value < 0 or >= C ({logits.shape[1]})")
+            conf, labels = torch.softmax(logits.float(), dim=1).max(dim=1)  # (b, H, W) each; ties: lowest class
+            out.append(confident_labels(labels, conf, threshold, ignore_index, class_fraction=class_fraction,
+                                        floor=floor).to(images.device))
+            argmax.append(labels.to(images.device))
+            confidence.append(conf.to(images.device))
     finally:
         for m, training in modes:
             m.training = training
-    return (torch.cat(out), torch.cat(argmax)) if with_argmax else torch.cat(out)
+    extra = [torch.cat(argmax)] * with_argmax + [torch.cat(confidence)] * with_confidence
+    return (torch.cat(out), *extra) if extra else torch.cat(out)
+
+
+def rule_of(pseudo: Any) -> dict[str, Any]:
+    """``predict_pseudo_labels``' rule arguments (threshold, ignore_index, class_fraction, floor) from a
+    ``config.PseudoConfig``."""
+    return {"threshold": pseudo.threshold, "ignore_index": pseudo.ignore_index,
+            "class_fraction": pseudo.class_fraction, "floor": pseudo.floor}
 
 
 def merge_with_ground_truth(pseudo: Tensor, gt: Tensor | None) -> Tensor:

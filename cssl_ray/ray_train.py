@@ -57,19 +57,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from cssl_ray.collectives import Collectives, TorchCollectives, rank_share
 from cssl_ray.config import Config, ConfigError, check_metric, from_dict, to_dict, validate
 from cssl_ray.data.bundle import DataSource, open_source
 from cssl_ray.local import RunResult, evaluate_best, resolve_device, write_run_files
-from cssl_ray.loop import evaluate, supervised_epoch
+from cssl_ray.loop import evaluate, labelled_confidence, supervised_epoch
 from cssl_ray.models import check_geometry
 from cssl_ray.placement import check_labeller_flags
 from cssl_ray.precision import Precision
 from cssl_ray.progress import record_warnings
 from cssl_ray.ray_init import init_ray, shutdown_ray
-from cssl_ray.schedule import RunState
+from cssl_ray.schedule import RunState, stage_a_plan, sup_steps
 
 if TYPE_CHECKING:  # pipeline imports ray at module level; the CLI loads this module before Ray
     from cssl_ray.pipeline import StreamResources
@@ -161,13 +162,14 @@ def _train_loop(config: dict[str, Any]) -> None:
     col.broadcast_state(state.model)
 
     # train.batch_size is global: this rank takes its share, for the steps of one pass over all of D_L
-    sup = dict(batch_size=rank_share(t.batch_size, rank, world), steps=_sup_steps(cfg, source.count("labelled")),
+    sup = dict(batch_size=rank_share(t.batch_size, rank, world), steps=sup_steps(t, source.count("labelled")),
                augment=t.augment, ignore_index=cfg.pseudo.ignore_index, generator=state.streams.sup,
                precision=state.precision, scaler=state.scaler)
 
-    def fine_tune() -> dict[str, float]:
+    def fine_tune(steps: int = 0) -> dict[str, float]:
+        """One supervised epoch (``steps``: stage A's epoch of ``stage_a_plan``; 0 = ``sup_steps``)."""
         stats = supervised_epoch(state.model, state.optimizer, shard.labelled_images, shard.labelled_masks,
-                                 collectives=col, **sup)
+                                 collectives=col, **{**sup, "steps": steps or sup["steps"]})
         col.broadcast_buffers(state.model)  # BN statistics moved on each rank's own batches
         return stats
 
@@ -175,8 +177,6 @@ def _train_loop(config: dict[str, Any]) -> None:
         val = evaluate(state.model, shard.val_images, shard.val_masks, num_classes=cfg.data.num_classes,
                        class_names=source.class_names, ignore_index=cfg.pseudo.ignore_index,
                        batch_size=cfg.consistency.batch_size, collectives=col, precision=state.precision)
-        if not state.stage_a_done:
-            state.scheduler.step(val["loss"])  # stage A only; the same all-reduced value on every rank
         record.update({f"val_{k}": v for k, v in val.items()})
         record["lr"] = state.optimizer.param_groups[0]["lr"]
         state.history.append(record)
@@ -188,10 +188,14 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     if not state.stage_a_done:  # stage A (skipped when resuming past it)
         # one report per epoch, as --local's records (MLflow curves and ASHA's round 0 alike whatever
-        # the workers); only the last carries a checkpoint: stage A's end, from its best weights
-        for epoch in range(t.supervised_epochs):
-            val = validate_and_record({"stage": "supervised", "round": 0, "epoch": epoch, **fine_tune()})
-            last = state.after_stage_a_epoch(epoch, val) or epoch == t.supervised_epochs - 1  # same val, every rank
+        # the workers); only the last carries a checkpoint: stage A's end
+        plan = stage_a_plan(t, source.count("labelled"))
+        for epoch, n_steps in enumerate(plan):
+            stats = fine_tune(n_steps)
+            val = validate_and_record({"stage": "supervised", "round": 0, "epoch": epoch,
+                                       "stage_a_step": sum(plan[:epoch + 1]), **stats})
+            # the same loss and val on every rank: the same scheduler step and stop
+            last = state.after_stage_a_epoch(epoch, val, stats["loss_sup"]) or epoch == len(plan) - 1
             if last:
                 state.finish_stage_a()
             _report(state, cfg, state.history[-1], col, checkpoint=last)
@@ -209,11 +213,16 @@ def _train_loop(config: dict[str, Any]) -> None:
             if rank == 0 and cfg.train.figures:  # Fig. 2: pseudo-labels of the model published this round
                 state.take_snapshot(cfg, shard.snapshot_images())
             steps = _round_steps(state, cfg, shard, config["labellers"], config["resources"], store_name, col)
+            # the labelling model's confidence on D_L (as --local's label_round): before L_tot moves it
+            labelled_conf = labelled_confidence(state.model, cfg, shard.labelled_images, source.class_names, col)
             started = time.perf_counter()
-            record.update(state.l_tot_epoch(cfg, steps, len(steps.plan), col))
+            record.update(state.l_tot_epoch(cfg, steps, len(steps.plan), col,
+                                            labelled=(shard.labelled_images, shard.labelled_masks)))
+            state.check_patches(record)
             record.update(_stream_stats(steps, time.perf_counter() - started, col))
             if source.count("unlabelled"):  # --local's pseudo_coverage (per class too) / _accuracy, all ranks' images
                 record.update(_pseudo_stats(steps.counts, source.hidden_known, col, source.class_names))
+                record.update(labelled_conf)
                 state.check_coverage(record, source.class_names)
         record.update(fine_tune())
         state.track_best(validate_and_record(record))
@@ -242,15 +251,6 @@ class _RankShard:
             n = min(SNAPSHOT_IMAGES, self.source.count("unlabelled"))
             self._snapshot = self.source.take("unlabelled", range(n))[0]
         return self._snapshot
-
-
-def _sup_steps(cfg: Config, n_labelled: int) -> int:
-    """Supervised steps per epoch, equal on every rank: train.sup_steps_per_epoch, else one pass
-    over D_L in global batches of ``train.batch_size`` (``--local``'s one pass, whatever the worker
-    count: each rank takes its ``rank_share`` of every batch from its shard)."""
-    if cfg.train.sup_steps_per_epoch > 0:
-        return cfg.train.sup_steps_per_epoch
-    return math.ceil(n_labelled / min(cfg.train.batch_size, n_labelled)) if n_labelled else 0
 
 
 def _round_steps(state: RunState, cfg: Config, shard: _RankShard, actors: list[Any], resources: StreamResources,
@@ -286,7 +286,8 @@ def _pseudo_stats(counts: dict[str, Any], with_accuracy: bool, col: Collectives,
                   class_names: list[str]) -> dict[str, float]:
     """``pseudo_coverage`` (and ``pseudo_accuracy``) of the whole D_U, and ``pseudo_coverage/<class>``
     as ``pseudo_labels.class_coverage`` defines it: counts summed over ranks."""
-    from cssl_ray.pipeline import CLASS_COUNT_COLUMNS, COUNT_COLUMNS, pseudo_stats
+    from cssl_ray.loop import confidence_stats
+    from cssl_ray.pipeline import CLASS_COUNT_COLUMNS, CONFIDENCE_COLUMN, COUNT_COLUMNS, pseudo_stats
 
     summed = col.sum_(torch.tensor([float(counts[k]) for k in COUNT_COLUMNS], dtype=torch.float64))
     out = pseudo_stats(dict(zip(COUNT_COLUMNS, summed.tolist())), with_accuracy)
@@ -295,6 +296,8 @@ def _pseudo_stats(counts: dict[str, Any], with_accuracy: bool, col: Collectives,
     predicted, confident = col.sum_(torch.tensor(vectors, dtype=torch.float64)).tolist()  # summed over ranks
     for name, p, k in zip(class_names, predicted, confident):
         out[f"pseudo_coverage/{name}"] = k / p if p else float("nan")
+    hist = torch.as_tensor(np.asarray(counts[CONFIDENCE_COLUMN], np.int64)).reshape(c, -1)  # (C, bins)
+    out.update(confidence_stats(col.sum_(hist), class_names))
     return out
 
 

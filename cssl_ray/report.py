@@ -8,8 +8,12 @@ else the newest ``tune`` parent), groups them by labelled share and ablation cel
 into ``--out`` (default ``runs/report/<experiment>``):
 
     report.md    the Markdown table: mean +- sample std (ddof=1) over seeds per group of the main
-                 metric, its per-class values and the per-image metrics (``EXTRA_METRICS``: Dice per
-                 image, HD95, ASD, when the runs logged them), and the p-value of the main metric
+                 metric on the selected (best-validation) weights and on the last round's weights
+                 (``last round``, with its own p vs supervised: a handful of validation images cannot
+                 hide the rounds), its per-class values and the per-image metrics (``EXTRA_METRICS``:
+                 Dice per image, HD95, ASD, when the runs logged them), round 1's pseudo-label
+                 coverage per class and the realised contrastive patches per step (the instruments of
+                 ``local.rounds_summary``), and the p-value of the main metric
                  (only of it) against the Supervised cell of the same labelled share (paired t-test
                  over common seeds when >= 2, else Welch when both have >= 2 runs);
                  with baselines in the grid also against CSSL and against the bn_mix control
@@ -156,6 +160,21 @@ def p_value(runs: list[dict], sup_runs: list[dict], metric: str) -> tuple[float 
     return (p, test) if math.isfinite(p) else (None, "n/a")  # zero variance gives NaN
 
 
+def last_metric(metric: str) -> str:
+    """The last round's key of a test metric: test_dice_mean -> test_last_dice_mean."""
+    return "test_last_" + metric.removeprefix("test_")
+
+
+COVERAGE_PREFIX = "round1_pseudo_coverage/"
+PATCHES_KEY = "patches_per_step_mean"
+
+
+def coverage_classes(runs: list[dict]) -> list[str]:
+    """Classes with a round-1 pseudo-label coverage in some run, in the order first logged."""
+    return list(dict.fromkeys(k[len(COVERAGE_PREFIX):] for r in runs for k in r["metrics"]
+                              if k.startswith(COVERAGE_PREFIX)))
+
+
 def build_rows(runs: list[dict], metric: str = "test_dice_mean") -> list[dict[str, Any]]:
     """One row per (labelled share, cell) of ``runs`` (dicts as from ``tracking.find_runs``).
 
@@ -171,7 +190,11 @@ def build_rows(runs: list[dict], metric: str = "test_dice_mean") -> list[dict[st
         groups[(labelled_of(r), r["tags"].get("cssl.cell") or NO_CELL)].append(r)
     prefix = class_prefix(metric)
     extras = extras_of(runs, metric)
-    keys = [metric] + [prefix + c for c in classes_of(runs, metric)] + extras
+    last = last_metric(metric)
+    has_last = any(last in r["metrics"] for r in runs)
+    coverage = coverage_classes(runs)
+    keys = ([metric] + [last] * has_last + [prefix + c for c in classes_of(runs, metric)] + extras
+            + [COVERAGE_PREFIX + c for c in coverage] + [PATCHES_KEY, "val_dice_mean_start", "val_dice_mean_last"])
     # supervised always gets a column; CSSL and bn_mix when the table has them
     refs = [ref for ref in REFERENCES if ref == "supervised" or any(c == ref for _, c in groups)]
     rows = []
@@ -186,8 +209,12 @@ def build_rows(runs: list[dict], metric: str = "test_dice_mean") -> list[dict[st
             "runs": group,
             "stats": {k: _summary(_finite_values(group, k)) for k in keys},
             "best_rounds": [int(v) for v in _finite_values(group, "best_round")],
+            "has_last": has_last,
+            "coverage": coverage,
         }
         row["vs"] = {ref: _vs(group, cell, groups.get((labelled, ref)), ref, metric) for ref in refs}
+        if has_last:
+            row["vs_last"] = _vs(group, cell, groups.get((labelled, "supervised")), "supervised", last)
         row["p"], row["test"] = row["vs"]["supervised"]
         rows.append(row)
     return rows
@@ -217,6 +244,8 @@ def _fmt_p(p: float | None, test: str) -> str:
 def _header_name(key: str) -> str:
     if key in EXTRA_METRICS:
         return EXTRA_METRICS[key]
+    if key.startswith("test_last_"):
+        return key[len("test_last_"):] + ", last round"
     return key[len("test_"):] if key.startswith("test_") else key
 
 
@@ -225,18 +254,44 @@ def table_cells(rows: list[dict], classes: list[str]) -> tuple[list[str], list[l
     if not rows:
         return [], []
     metric = rows[0]["metric"]
-    keys = [metric] + [class_prefix(metric) + c for c in classes] + rows[0].get("extras", [])
+    has_last = rows[0].get("has_last", False)
+    keys = ([metric] + [last_metric(metric)] * has_last + [class_prefix(metric) + c for c in classes]
+            + rows[0].get("extras", []))
     refs = [ref for ref in REFERENCES if ref in rows[0].get("vs", {"supervised": None})]
+    coverage = rows[0].get("coverage", [])
+    patches = any(row["stats"].get(PATCHES_KEY, (None, None))[0] is not None for row in rows)
     header = (["labelled", "method", "n"] + [_header_name(k) for k in keys]
-              + [f"p vs {REFERENCE_NAMES[ref]}" for ref in refs] + ["best round"])
+              + ["coverage, round 1"] * bool(coverage) + ["patches / step"] * patches
+              + [f"p vs {REFERENCE_NAMES[ref]}" for ref in refs] + ["p (last round) vs supervised"] * has_last
+              + ["best round"])
     body = [
         [row["labelled"], row["method"], str(row["n"])]
         + [_fmt_stat(*row["stats"].get(k, (None, None))) for k in keys]
+        + [_fmt_coverage(row, coverage)] * bool(coverage)
+        + [_fmt_mean(row["stats"].get(PATCHES_KEY, (None, None))[0], "{:.0f}")] * patches
         + [_fmt_p(*row.get("vs", {}).get(ref, (row["p"], row["test"]))) for ref in refs]
+        + [_fmt_p(*row.get("vs_last", (None, "n/a")))] * has_last
         + [_fmt_best_rounds(row.get("best_rounds", []))]
         for row in rows
     ]
     return header, body
+
+
+def _fmt_mean(value: float | None, fmt: str) -> str:
+    return DASH if value is None else fmt.format(value)
+
+
+def _fmt_coverage(row: dict, classes: list[str]) -> str:
+    """Round 1's pseudo-label coverage per class, mean over seeds, e.g. "background 99%, nucleus 78%"
+    (a dash for cells that pseudo-label nothing; "none predicted" for a class no pixel was predicted as)."""
+    parts = []
+    for c in classes:
+        mean = row["stats"].get(COVERAGE_PREFIX + c, (None, None))[0]
+        if mean is not None:
+            parts.append(f"{c} {100 * mean:.0f}%")
+        elif any(COVERAGE_PREFIX + c in r["metrics"] for r in row["runs"]):
+            parts.append(f"{c} none predicted")
+    return ", ".join(parts) or DASH
 
 
 def _fmt_best_rounds(rounds: list[int]) -> str:
@@ -245,13 +300,26 @@ def _fmt_best_rounds(rounds: list[int]) -> str:
 
 
 def stage_a_note(rows: list[dict]) -> str:
-    """A line for tables in which every tested run kept stage A's weights (best round 0 everywhere):
-    then no round improved validation and the cells cannot differ through the rounds."""
-    rounds = [r for row in rows for r in row.get("best_rounds", [])]
-    if rounds and not any(rounds):
-        return ("Every run's best validation round is 0: all cells were tested on their stage-A (supervised) "
-                "weights, so this table cannot show an effect of the rounds.")
-    return ""
+    """A line for the cells whose every tested run kept stage A's weights (best round 0 in every seed):
+    no round beat stage A on validation, so their selected test metrics are the supervised model's.
+    The reason is read from the runs: their mean val Dice where the rounds started and after the last
+    round (``local.rounds_summary``); the last-round column shows what the rounds did to the test."""
+    kept = [row for row in rows if row.get("best_rounds") and not any(row["best_rounds"])
+            and row["cell"] not in ("supervised", "supervised_all")]
+    if not kept:
+        return ""
+    names = ", ".join(row["method"] for row in kept)
+    start = _summary([v for row in kept for v in _finite_values(row["runs"], "val_dice_mean_start")])[0]
+    last = _summary([v for row in kept for v in _finite_values(row["runs"], "val_dice_mean_last")])[0]
+    if start is not None and last is not None:
+        verb = "lowered" if last < start - 1e-3 else "raised" if last > start + 1e-3 else "left"
+        why = (f"their rounds {verb} validation Dice from {start:.3f} (stage A) to {last:.3f} "
+               f"(last round){' without beating it' if verb != 'lowered' else ''}")
+    else:
+        why = "no round beat stage A's validation score"
+    every = " (every cell)" if len(kept) == len([r for r in rows if r["cell"] not in ("supervised", "supervised_all")]) else ""
+    return (f"{names}{every}: stage A's weights were tested in every seed (best round 0): {why}; "
+            f"their best-validation columns are the supervised model's, the last-round column is what the rounds did.")
 
 
 def extras_note(rows: list[dict]) -> str:

@@ -1,6 +1,9 @@
 """What one finished run leaves in MLflow: the same for a Tune trial and for ``cssl_ray.train``.
 
-    metrics    test_<key> (the test metrics of the selected weights), best_round, stage_a_<key>
+    metrics    test_<key> (the test metrics of the selected weights), test_last_<key> (the last
+               round's weights: Dice, IoU), best_round, last_round, stage_a_<key>, the rounds' instruments
+               (round1_pseudo_coverage/<class>, round1_confidence/<class>, patches_per_step_mean, ...:
+               ``local.rounds_summary``)
     inputs     D_L, D_U, val and test as MLflow datasets (contexts train, unlabelled, validation,
                test), each with a digest of its rows and the data config it was cut from
     files      config.yaml, split.json, split_names.json, result.json, figures/
@@ -70,8 +73,11 @@ def record_result(tracker: Any, run_id: str, cfg: Config, out_dir: Path, step: i
     result = read_result(out_dir)
     if result:
         tracker.log_metrics(run_id, {f"test_{k}": v for k, v in result["test"].items()}, step=step)
+        tracker.log_metrics(run_id, {f"test_last_{k}": v for k, v in result.get("test_last", {}).items()}, step=step)
         stage_a = {f"stage_a_{k}": v for k, v in result.get("stage_a", {}).items()}
-        tracker.log_metrics(run_id, {"best_round": float(result.get("best_round", 0)), **stage_a}, step=step)
+        tracker.log_metrics(run_id, {"best_round": float(result.get("best_round", 0)),
+                                     "last_round": float(result.get("last_round", 0)), **stage_a,
+                                     **result.get("rounds", {})}, step=step)
     raised = result.get("warnings", []) if warnings is None else warnings
     if raised:
         tracker.set_tags(run_id, {"cssl.warning": " | ".join(raised)[:5000]})

@@ -1,8 +1,10 @@
 """The run's state machine, written once for both schedules (``cssl_ray.local``, ``cssl_ray.ray_train``).
 
-    stage A   supervised epochs on D_L, validating after each (ReduceLROnPlateau on val loss), up to
-              train.supervised_epochs; stops after train.stage_a_patience epochs without a better
-              train.select_metric and goes on from its best weights (the paper's converged supervised model)
+    stage A   train.stage_a_steps supervised steps on D_L in epochs of train.sup_steps_per_epoch
+              (``stage_a_plan``), validating after each, the rate cut 0.1x on plateaus of the training
+              loss (optim.plateau_metric); the rounds start from its last weights (the paper's converged
+              supervised model). Optional early stopping: train.stage_a_patience epochs without a
+              better train.select_metric, then on from the best weights
     round r   (round 1 first gives L_tot its own Adam at optim.cssl_lr and sets the fine-tune rate to
               optim.finetune_lr: ``RunState.begin_rounds``; docs/science.md says why)
               pseudo-label D_U (B) -> class-wise patches (C) -> one L_tot epoch, a pass over D_U
@@ -164,23 +166,37 @@ class RunState:
 
     # -- stage A -------------------------------------------------------------------------------
 
-    def after_stage_a_epoch(self, epoch: int, val: dict[str, float]) -> bool:
-        """After a stage-A validation: keep the best weights (``train.select_metric``, the run's
-        selection); True when stage A should stop (``train.stage_a_patience`` epochs without a better one).
+    def after_stage_a_epoch(self, epoch: int, val: dict[str, float], train_loss: float = math.nan) -> bool:
+        """After a stage-A epoch and its validation: step the plateau scheduler on
+        ``optim.plateau_metric`` (the epoch's mean ``train_loss``, or ``val["loss"]``), keep the best
+        weights (``train.select_metric``, the run's selection); True when stage A should stop early
+        (``train.stage_a_patience`` > 0 epochs without a better one).
 
-        Dice by default, not loss: the val loss of a segmentation net bottoms out early and rises as it grows
-        confident while its Dice still improves (measured on synthetic: lowest val loss at epoch 15,
-        Dice still rising at 25), so a loss-based stop hands the rounds an under-trained model."""
+        Early stopping is off by default: on a handful of validation images it stopped stage A at a
+        fraction of its convergence, uncalibrated (docs/science.md)."""
+        watched = train_loss if self.cfg.optim.plateau_metric == "train_loss" else val.get("loss", math.nan)
+        if not math.isnan(watched):
+            self.scheduler.step(watched)
         if self.track_best(val):
             self.stage_a_best_epoch = epoch
         patience = self.cfg.train.stage_a_patience
         return patience > 0 and epoch - self.stage_a_best_epoch >= patience
 
     def finish_stage_a(self) -> None:
-        """Go on from stage A's best weights (with patience; without, from the last epoch's): the
-        rounds start from, and must beat, the best supervised model (best_round 0)."""
+        """The rounds start from, and must beat (best_round 0), stage A's model: with early stopping
+        (``train.stage_a_patience`` > 0) its best weights; without, its last weights, which then
+        also become the best so far (the whole budget ran; an earlier epoch's better score on a
+        handful of validation images is noise, not a reason to throw the later steps away)."""
         if self.cfg.train.stage_a_patience > 0 and self.best_model:
             self.model.load_state_dict(self.best_model)
+        else:
+            last = next((h for h in reversed(self.history) if h.get("stage") == "supervised"), None)
+            if last is not None:
+                self.best_val = {k.removeprefix("val_"): v for k, v in last.items() if k.startswith("val_")}
+                self.best_score = _score(self.best_val, self.select_key, self.select_mode)
+                self.best_model = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+                self.best_round = 0
+                self.stage_a_best_epoch = int(last.get("epoch", -1))
         self.stage_a_done = True
 
     # -- the rounds ----------------------------------------------------------------------------
@@ -247,21 +263,52 @@ class RunState:
         self.snapshots = [(r, a) for r, a in self.snapshots if r != self.round] + [(self.round, snap)]
 
     def check_coverage(self, stats: dict[str, float], class_names: list[str]) -> None:
-        """Round 1: warn (log and ``warnings``, which tracking turns into a tag) about every class whose
-        pseudo-label coverage is under 1% - the threshold is too high for this model."""
+        """Round 1: warn (log and ``warnings``, which tracking turns into a tag and the report into a
+        note) about every class of D_U whose pseudo-labels are (almost) gone: under 1% coverage, or no
+        pixel predicted as it at all. The line names the class, its coverage, the model's median
+        confidence on it and what to change."""
         if self.round != 1:
             return
+        p = self.cfg.pseudo
         for name in class_names:
             share = stats.get(f"pseudo_coverage/{name}", float("nan"))
-            if not math.isnan(share) and share < LOW_COVERAGE:
+            conf = stats.get(f"confidence/{name}", float("nan"))
+            if f"pseudo_coverage/{name}" not in stats:
+                continue
+            if math.isnan(share):
+                line = (f"round 1: no pixel of D_U is predicted as {name!r}, so it has no pseudo-label, no "
+                        f"unlabelled patch and no L_CR target: stage A does not find it (raise train.stage_a_steps, "
+                        f"or label more images of it)")
+            elif share < LOW_COVERAGE:
+                fix = ("set pseudo.class_fraction (e.g. 0.5: each image's most confident half of its "
+                       f"{name} pixels, down to pseudo.floor {p.floor})" if p.class_fraction == 0 else
+                       f"lower pseudo.floor (now {p.floor}) or raise pseudo.class_fraction (now {p.class_fraction})")
                 line = (f"round 1: class {name!r} has {100 * share:.3g}% pseudo-label coverage at threshold "
-                        f"{self.cfg.pseudo.threshold} (under {100 * LOW_COVERAGE:g}%: lower pseudo.threshold, or "
-                        f"train stage A longer)")
-                log.warning("[cssl_ray] %s", line)
-                self.warnings.append(line)
+                        f"{p.threshold} (median confidence {conf:.2f} on its pixels): {fix}, or raise "
+                        f"train.stage_a_steps (an unconverged stage A is uncalibrated)")
+            else:
+                continue
+            log.warning("[cssl_ray] %s", line)
+            self.warnings.append(line)
+
+    def check_patches(self, stats: dict[str, float]) -> None:
+        """Warn once per run when L_CL's realised contrastive batch (``patches_per_step``) is under 80% of
+        ``patches.batch_size``: the steps' images hold too few valid windows."""
+        pt = self.cfg.patches
+        realised = stats.get("patches_per_step", float("nan"))
+        if (not self.cfg.train.use_cl or math.isnan(realised) or realised >= 0.8 * pt.batch_size
+                or any("patches per step" in w for w in self.warnings)):
+            return
+        line = (f"round {self.round}: L_CL's batch held {realised:.0f} patches per step, under 80% of "
+                f"patches.batch_size {pt.batch_size}: the step's images give too few windows of >= "
+                f"patches.min_pixels {pt.min_pixels} class pixels (raise patches.per_image, now {pt.per_image}, "
+                f"or consistency.batch_size; lower patches.size or min_pixels; or cover more pixels: "
+                f"pseudo.class_fraction)")
+        log.warning("[cssl_ray] %s", line)
+        self.warnings.append(line)
 
     def l_tot_epoch(self, cfg: Config, steps: Iterable[StepData], n_steps: int,
-                    collectives: Any = None) -> dict[str, float]:
+                    collectives: Any = None, labelled: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
         """The round's L_tot epoch over ``steps`` (``loop.cssl_epoch``): lambda_ from the last epoch's
         omega (round 1: omega of the supervised model's own embeddings of the first step's patches),
         the teacher, the epoch, the new omega."""
@@ -282,7 +329,7 @@ class RunState:
             self.teacher.snapshot(self.model)
         stats = cssl_epoch(self.model, self.teacher, self.cssl_optimizer or self.optimizer, steps, n_steps, cfg,
                            lambda_=lambda_, aux=self.aux, streams=self.streams, collectives=collectives,
-                           after_step=self.after_l_tot_step, scaler=self.cssl_scaler)
+                           after_step=self.after_l_tot_step, scaler=self.cssl_scaler, labelled=labelled)
         stats["lr_cssl"] = (self.cssl_optimizer or self.optimizer).param_groups[0]["lr"]
         if not math.isnan(stats["omega"]):
             self.omega = stats["omega"]
@@ -321,6 +368,24 @@ class RunState:
         else:
             self.rounds_since_improvement += 1
         return self.rounds_since_improvement >= t.plateau_rounds
+
+
+def sup_steps(train: Any, n_labelled: int) -> int:
+    """Supervised steps of one epoch (stage A's and the rounds' fine-tune): ``train.sup_steps_per_epoch``,
+    else one pass over D_L in (global) batches of ``train.batch_size``; the same on every rank."""
+    if train.sup_steps_per_epoch > 0:
+        return train.sup_steps_per_epoch
+    return math.ceil(n_labelled / min(train.batch_size, n_labelled)) if n_labelled else 0
+
+
+def stage_a_plan(train: Any, n_labelled: int) -> list[int]:
+    """Steps of each stage-A epoch: ``train.stage_a_steps`` in epochs of ``sup_steps``, the last one
+    shortened so that they add up to the budget exactly. [] without labelled images or budget."""
+    per_epoch = sup_steps(train, n_labelled)
+    if per_epoch == 0 or train.stage_a_steps == 0:
+        return []
+    full, rest = divmod(train.stage_a_steps, per_epoch)
+    return [per_epoch] * full + ([rest] if rest else [])
 
 
 def is_better(value: float, best: float, mode: str) -> bool:

@@ -12,6 +12,7 @@ much as different losses. Each purpose therefore has its own ``torch.Generator``
     noise     the consistency noise r ~ N(0, lambda_ I)
     cr        the order of D_U in the L_CR pass
     omega     the silhouette's subsample and the batch omega is measured on before round 1
+    ltot_sup  the supervised batches (and augmentation) inside L_tot steps (train.lsup_in_ltot)
 
 Each seed is a hash of ``(seed, purpose, rank)``: streams of one run are unrelated to each other and
 to other ranks, and equal across cells, workers counts aside (rank 0 of any run draws what a
@@ -26,7 +27,8 @@ import hashlib
 
 import torch
 
-PURPOSES = ("sup", "patches", "alpha", "aux", "noise", "cr", "omega")
+PURPOSES = ("sup", "patches", "alpha", "aux", "noise", "cr", "omega", "ltot_sup")
+ADDED = ("ltot_sup",)  # purposes newer than some checkpoints: a state without them keeps their fresh seed
 SHARED = ("alpha", "aux", "omega")  # equal on every rank (see the module docstring)
 
 
@@ -55,8 +57,9 @@ class RandomStreams:
         return {p: self[p].get_state() for p in PURPOSES}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = [p for p in PURPOSES if p not in state]
+        missing = [p for p in PURPOSES if p not in state and p not in ADDED]
         if missing:
             raise ValueError(f"random-stream state lacks {', '.join(missing)} (a checkpoint of an older version?)")
         for p in PURPOSES:
-            self[p].set_state(state[p])
+            if p in state:
+                self[p].set_state(state[p])

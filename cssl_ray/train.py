@@ -45,7 +45,7 @@ SMOKE: dict[str, Any] = {
     "model": {"base_channels": 4, "depth": 2, "embed_dim": 16, "proj_hidden": 16},
     "patches": {"size": 16, "min_pixels": 10, "per_image": 6, "batch_size": 24},
     "consistency": {"batch_size": 4},
-    "train": {"batch_size": 4, "supervised_epochs": 2, "max_rounds": 2, "steps_per_round": 2},
+    "train": {"batch_size": 4, "stage_a_steps": 2, "max_rounds": 2, "steps_per_round": 2},
 }
 
 

@@ -180,7 +180,7 @@ def seeded_patches_of(labels: torch.Tensor):
 
     pt = CFG.patches
     return seeded_patches(IMAGES[:labels.shape[0]], labels, list(range(labels.shape[0])), size=pt.size,
-                          min_pixels=pt.min_pixels, per_class=pt.windows_per_class(CFG.data.num_classes),
+                          min_pixels=pt.min_pixels, per_image=pt.per_image,
                           classes=CLASSES, seed=CFG.train.seed, round_=1, labelled=True)
 
 

@@ -175,10 +175,39 @@ def test_best_round_column_and_the_stage_a_note() -> None:
     rows = report.build_rows(runs, "test_dice_mean")
     md = report.format_markdown(rows, [])
     assert "| 0, 0, 0 |" in next(l for l in md.splitlines() if "| Supervised |" in l)
-    assert "best validation round is 0" in md  # every run kept stage A's weights: the table says so
+    # CL kept stage A's weights in every seed: one line names it and why (no val figures: the fallback)
+    assert "CL (every cell): stage A's weights were tested in every seed" in md
+    assert "no round beat stage A's validation score" in md
     rows = report.build_rows([with_round(r, 0) for r in SUP] + [with_round(CL[0], 3)], "test_dice_mean")
     md = report.format_markdown(rows, [])
-    assert "best validation round is 0" not in md and "| 3 |" in md
+    assert "stage A's weights were tested" not in md and "| 3 |" in md
+    # the reason, from the rounds' validation Dice where they started and after the last round
+    lowered = [{**r, "metrics": {**r["metrics"], "val_dice_mean_start": 0.80, "val_dice_mean_last": v}}
+               for r, v in zip((with_round(r, 0) for r in CL), (0.70, 0.74))]
+    md = report.format_markdown(report.build_rows(runs[:3] + lowered, "test_dice_mean"), [])
+    assert "their rounds lowered validation Dice from 0.800 (stage A) to 0.720 (last round)" in md
+
+
+def test_last_round_column_coverage_and_patches() -> None:
+    """The last round's test metric beside the selected one, with its own paired p vs supervised; round
+    1's coverage per class and the realised patches per step, means over seeds."""
+    def extra(run: dict, last: float, **more: float) -> dict:
+        return {**run, "metrics": {**run["metrics"], "test_last_dice_mean": last, **more}}
+
+    sup = [extra(r, v) for r, v in zip(SUP, (0.69, 0.70, 0.73))]
+    cssl = [extra(r, v, **{"round1_pseudo_coverage/background": c, "round1_pseudo_coverage/liver": 0.5,
+                           "patches_per_step_mean": 90.0 + i})
+            for i, (r, v, c) in enumerate(zip(CSSL, (0.72, 0.74, 0.78), (0.99, 0.97, 0.98)))]
+    rows = report.build_rows(sup + cssl, "test_dice_mean")
+    header, body = report.table_cells(rows, [])
+    assert header == ["labelled", "method", "n", "dice_mean", "dice_mean, last round", "coverage, round 1",
+                      "patches / step", "p vs supervised", "p vs CSSL", "p (last round) vs supervised", "best round"]
+    row = dict(zip(header, body[1]))
+    assert row["dice_mean, last round"] == "0.747 ± 0.031"
+    assert row["coverage, round 1"] == "background 98%, liver 50%" and row["patches / step"] == "91"
+    expected = stats.ttest_rel([0.72, 0.74, 0.78], [0.69, 0.70, 0.73]).pvalue
+    assert row["p (last round) vs supervised"] == f"{expected:.3g}"
+    assert dict(zip(header, body[0]))["coverage, round 1"] == "—"  # supervised labels nothing
 
 
 def test_per_image_columns_beside_dice_without_p_values() -> None:

@@ -82,14 +82,55 @@ def test_l_tot_epoch_is_one_pass_over_d_u(monkeypatch):
 
 
 def test_patch_budget_per_image():
-    cfg = small_cfg(patches={"per_image": 9})  # 3 foreground classes: 3 windows per (image, class)
-    assert cfg.patches.windows_per_class(cfg.data.num_classes) == 3
+    """patches.per_image windows from every image with a valid window, shared by the classes it holds:
+    the pool is exactly per_image x images, whichever classes each image lacks."""
+    cfg = small_cfg(patches={"per_image": 9})
     images, masks = make_synthetic(4, (32, 32), 4, seed=0)
+    masks[0][masks[0] == 2] = 0  # image 0 loses a class: its 9 windows go to the other classes
     model = create_model(cfg.model, 1, cfg.data.num_classes)
     patches, classes, _ = loop.round_patches(model, cfg, images, masks, images[:0],
                                              generator=torch.Generator().manual_seed(0))
-    present = sum(len(set(m.unique().tolist()) - {0}) for m in masks)  # (image, class) pairs (all have windows here)
-    assert patches.shape[0] <= 3 * present and patches.shape[0] > 0
+    assert patches.shape[0] == 9 * 4
+    for k in range(4):
+        p, c = loop.image_patches(cfg, images[k:k + 1], masks[k:k + 1], [k], 1, labelled=True)
+        present = sorted(set(masks[k].unique().tolist()) - {0})
+        assert p.shape[0] == 9 and sorted(set(c.tolist())) == present
+        counts = torch.bincount(c, minlength=4)[present]
+        assert int(counts.max() - counts.min()) <= 1  # the budget shared equally (remainder: one each)
+
+
+def test_the_realised_contrastive_batch_fills_patches_batch_size(monkeypatch):
+    """The product path (local_steps): step k's pool is its own images' windows plus its D_L slice's,
+    and L_CL's realised batch (patches_per_step) is patches.batch_size when every class is present."""
+    cfg = small_cfg(patches={"per_image": 6, "batch_size": 24}, consistency={"batch_size": 4})
+    images, masks = make_synthetic(14, (32, 32), 4, seed=0)
+    l_img, l_mask, u_img, u_mask = images[:2], masks[:2], images[2:], masks[2:]
+    streams = RandomStreams(0)
+    plan = loop.epoch_plan(u_img.shape[0], cfg, streams)
+    assert [len(p) for p in plan] == [4, 4, 4]
+    steps = list(loop.local_steps(cfg, 1, plan, u_img, u_mask, l_img, l_mask))  # pseudo-labels = the truth here
+    slices = loop.labelled_slices(2, 3)
+    for step, idx, l_idx in zip(steps, plan, slices):
+        assert step.patches.shape[0] == 6 * (len(idx) + len(l_idx))  # 4 + 1 images x 6 windows = 30 >= 24
+        assert torch.equal(step.unlabelled, u_img[idx])
+    seen = spy_objective(monkeypatch)
+    model = create_model(cfg.model, 1, cfg.data.num_classes)
+    stats = loop.cssl_epoch(model, Teacher(model), torch.optim.Adam(model.parameters(), 1e-4), iter(steps), 3, cfg,
+                            lambda_=0.5, streams=streams)
+    assert [s.patches.shape[0] for s in seen] == [24, 24, 24]
+    assert stats["patches_per_step"] == 24 and stats["patch_classes_per_step"] == 3
+    assert stats["patches"] == 3 * 30
+
+
+def test_a_thin_patch_pool_is_warned():
+    cfg = small_cfg(patches={"per_image": 1, "batch_size": 24})
+    state = RunState(cfg, torch.device("cpu"))
+    state.round = 2
+    state.check_patches({"patches_per_step": 20.0})  # >= 80%: quiet
+    assert state.warnings == []
+    state.check_patches({"patches_per_step": 5.0})
+    state.check_patches({"patches_per_step": 4.0})  # once per run
+    assert len(state.warnings) == 1 and "5 patches per step" in state.warnings[0] and "per_image" in state.warnings[0]
 
 
 @pytest.mark.parametrize("cell", ["cl", "cr", "cl_cr", "cssl"])
@@ -141,9 +182,55 @@ def test_omega_before_round_1_is_measured_on_the_supervised_model(tmp_path):
     assert first["lambda"] == pytest.approx((first["omega_before"] + 1) / 2 + cfg.consistency.eps)
 
 
+def test_stage_a_runs_its_whole_budget_and_goes_on_from_its_last_weights(tmp_path):
+    """train.stage_a_steps optimiser steps, in epochs of sup_steps_per_epoch (the last one shortened);
+    no early stopping by default; the rounds start from, and are measured against, the last weights."""
+    cfg = build_config(None, [f"train.out_dir={tmp_path}", "train.progress=false", "train.figures=false",
+                              "train.stage_a_steps=7", "train.sup_steps_per_epoch=3", "train.max_rounds=0",
+                              "optim.lr=0.05"], smoke=True)
+    steps: list[int] = []
+    orig = loop.supervised_epoch
+
+    def counting(*args, **kw):
+        out = orig(*args, **kw)
+        steps.append(kw["steps"])
+        return out
+
+    import cssl_ray.local as local
+    local_epoch = local.supervised_epoch
+    local.supervised_epoch = counting
+    try:
+        result = run_local(cfg)
+    finally:
+        local.supervised_epoch = local_epoch
+    assert steps == [3, 3, 1]  # 7 steps exactly
+    stage_a = [h for h in result.history if h["stage"] == "supervised"]
+    assert [h["stage_a_step"] for h in stage_a] == [3, 6, 7]
+    assert result.best_round == 0 and result.best_val["dice_mean"] == stage_a[-1]["val_dice_mean"]
+    import json
+    summary = json.loads((tmp_path / "result.json").read_text())["stage_a"]
+    assert summary["epochs"] == 3 and summary["steps"] == 7 and summary["start_epoch"] == 2
+    saved = torch.load(tmp_path / "round_000.pt", weights_only=False)
+    assert all(torch.equal(saved["model"][k], v) for k, v in saved["best_model"].items())  # the last weights
+
+
+def test_stage_a_cuts_the_rate_on_a_training_loss_plateau():
+    state = RunState(small_cfg(optim={"plateau_patience": 1}), torch.device("cpu"))
+    val = _evaluated()
+    lrs = []
+    for epoch, loss in enumerate([1.0, 0.9, 0.95, 0.97, 0.8]):  # no better loss after epoch 1: two epochs -> cut
+        state.after_stage_a_epoch(epoch, dict(val, loss=0.1 * epoch), train_loss=loss)  # val loss rises: ignored
+        lrs.append(state.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4, 1e-4])
+    by_val = RunState(small_cfg(optim={"plateau_patience": 1, "plateau_metric": "val_loss"}), torch.device("cpu"))
+    for epoch in range(4):
+        by_val.after_stage_a_epoch(epoch, dict(val, loss=1.0 + epoch), train_loss=1.0 / (epoch + 1))
+    assert by_val.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
 def test_stage_a_stops_early_and_goes_on_from_its_best_weights(tmp_path):
     cfg = build_config(None, [f"train.out_dir={tmp_path}", "train.progress=false", "train.figures=false",
-                              "train.supervised_epochs=40", "train.stage_a_patience=2", "train.max_rounds=0",
+                              "train.stage_a_steps=40", "train.stage_a_patience=2", "train.max_rounds=0",
                               "optim.lr=0.05"], smoke=True)
     result = run_local(cfg)
     stage_a = [h for h in result.history if h["stage"] == "supervised"]
@@ -154,7 +241,7 @@ def test_stage_a_stops_early_and_goes_on_from_its_best_weights(tmp_path):
     assert result.best_round == 0 and result.best_val["dice_mean"] == dice[best]
     import json
     summary = json.loads((tmp_path / "result.json").read_text())["stage_a"]
-    assert summary["epochs"] == len(stage_a) and summary["best_epoch"] == best
+    assert summary["epochs"] == len(stage_a) and summary["best_epoch"] == best == summary["start_epoch"]
     saved = torch.load(tmp_path / "round_000.pt", weights_only=False)
     assert all(torch.equal(saved["model"][k], v) for k, v in saved["best_model"].items())  # goes on from the best
 
@@ -362,7 +449,8 @@ def test_stage_a_summary_by_the_selection_metric():
                for e, (l, d) in enumerate(((0.9, 0.1), (math.nan, 0.2), (0.5, 0.3), (0.5, 0.4), (0.6, 0.5)))]
     history.append({"stage": "round", "round": 1, "val_loss": 0.1, "val_dice_mean": 0.9})
     by_loss = stage_a_summary(history, [("val_loss", "min"), ("val_dice_mean", "max")])
-    assert by_loss == {"epochs": 5.0, "best_epoch": 3.0, "val_dice_mean": 0.4, "val_loss": 0.5}  # tie: Dice
+    assert {k: by_loss[k] for k in ("epochs", "best_epoch", "val_dice_mean", "val_loss")} == {
+        "epochs": 5.0, "best_epoch": 3.0, "val_dice_mean": 0.4, "val_loss": 0.5}  # tie: Dice
     assert stage_a_summary(history)["best_epoch"] == 4.0  # the default: val dice_mean, max
 
 
@@ -374,8 +462,8 @@ def test_a_run_selected_by_val_loss_tests_the_lowest_val_loss_weights(tmp_path):
     # lr 0.03: val loss and Dice disagree here (measured: stage A's best epoch 2 by loss, 3 by Dice;
     # best round 3 by loss, 0 by Dice)
     cfg = build_config(None, [f"train.out_dir={tmp_path}", "train.progress=false", "train.figures=false",
-                              "train.supervised_epochs=4", "train.max_rounds=3", "train.keep_checkpoints=10",
-                              "optim.lr=0.03", "pseudo.threshold=0.33",
+                              "train.stage_a_steps=4", "train.max_rounds=3", "train.keep_checkpoints=10",
+                              "optim.lr=0.03", "pseudo.threshold=0.33", "train.stage_a_patience=10",
                               "train.select_metric=val_loss", "train.select_mode=min"], smoke=True)
     result = run_local(cfg)
     losses = [h["val_loss"] for h in result.history]

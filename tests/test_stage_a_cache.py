@@ -33,7 +33,7 @@ def test_loaded_stage_a_equals_trained_stage_a(tmp_path):
     assert shared.test == alone.test
     # the loaded stage A's validation records are reported too (MLflow, ASHA): same as a fresh run
     stage_a = [r for r in records if r["stage"] == "supervised"]
-    assert len(stage_a) == cfg.train.supervised_epochs and [r["step"] for r in stage_a] == [1, 2]
+    assert len(stage_a) == cfg.train.stage_a_steps and [r["step"] for r in stage_a] == [1, 2]
 
     again = run_local(cell(cfg, "cssl", tmp_path / "cssl_loads"), stage_a_cache=cache)
     for k, v in final_weights(first).items():
@@ -50,7 +50,7 @@ def test_key_ignores_the_method_and_sees_the_supervised_schedule():
     same.append(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_rounds=9, out_dir="elsewhere")))
     assert len({stage_a_key(c) for c in same}) == 1
     # the selection: stage A's early stop, the weights it goes on from and the best the rounds must beat
-    for change in ({"seed": 1}, {"supervised_epochs": 3}, {"batch_size": 2}, {"num_threads": 1},
+    for change in ({"seed": 1}, {"stage_a_steps": 3}, {"batch_size": 2}, {"num_threads": 1},
                    {"select_metric": "val_loss"}, {"select_mode": "min"}, {"select_metric": "val_dice/blob"}):
         assert stage_a_key(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **change))) != stage_a_key(cfg)
     same_selection = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, select_mode="max"))  # = auto
