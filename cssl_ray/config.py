@@ -77,6 +77,10 @@ class DataConfig:
     normalise: Literal["auto", "percentile", "scale", "jsrt12", "none"] = "auto"  # auto = the card's method
     val_fraction: float = -1.0  # share of training groups carved into val when the set has no val; -1 = the card's
     test_fraction: float = -1.0  # the same for test; -1 = the card's (CHAOS: 0.15, by patient)
+    # > 0: at least this many val images, training images (whole groups) moved to val, seeded, before
+    # D_L is drawn; for sets whose fixed val is a handful of images (nuclei: 3), where selecting on
+    # validation is noise. Real datasets only (synthetic: data.n_val)
+    val_count: int = 0
     labelled_by: Literal["auto", "image", "group"] = "auto"  # unit of D_L; auto = the card's (CHAOS: group)
 
 
@@ -377,6 +381,8 @@ def validate(cfg: Config) -> Config:
            d.val_fraction)
     _check(d.test_fraction == -1.0 or 0.0 <= d.test_fraction < 1.0, "data.test_fraction",
            "-1 (the card's) or 0 <= f < 1", d.test_fraction)
+    _check(d.val_count >= 0 and (d.val_count == 0 or d.name != "synthetic"), "data.val_count",
+           ">= 0, and 0 for synthetic (set data.n_val)", d.val_count)
     _check(max(d.val_fraction, 0.0) + max(d.test_fraction, 0.0) < 1.0, "data.val_fraction + data.test_fraction",
            "< 1", (d.val_fraction, d.test_fraction))
     _check(m.base_channels >= 1, "model.base_channels", ">= 1", m.base_channels)

@@ -60,3 +60,18 @@ def test_grad_sync_smoke_writes_json(tmp_path):
     assert written["explicit_over_ddp"] == pytest.approx(written["step_s"]["explicit"] / written["step_s"]["ddp"])
     assert written["pass"] == (written["explicit_over_ddp"] <= written["target"])
     assert "explicit / ddp" in run.stdout
+
+
+def test_round_probe_starts_every_variant_from_one_stage_a(tmp_path, capsys):
+    probe = load_benchmark("round_probe")
+    out = tmp_path / "probe.json"
+    assert probe.main(["--config", "configs/smoke.yaml", "--seeds", "0", "--rounds", "2", "--variants", "supervised",
+                       "cssl", "cssl+lsup", "--work", str(tmp_path / "work"), "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [r["variant"] for r in records] == ["supervised", "cssl", "cssl+lsup"]
+    assert len({r["val_start"] for r in records}) == 1  # one stage A, shared through the cache
+    assert len(list((tmp_path / "work" / "stage_a").glob("stage_a_*.pt"))) == 1
+    assert all(r["rounds"] == 2 and len(r["val_curve"]) == 2 for r in records)
+    assert records[2]["round1"]["loss_sup_ltot"] > 0 and "loss_sup_ltot" not in records[1]["round1"]
+    assert "| cssl+lsup |" in capsys.readouterr().out
+    assert probe.main(["--config", "configs/smoke.yaml", "--variants", "nope"]) == 2

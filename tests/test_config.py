@@ -67,6 +67,14 @@ def test_int_accepted_for_float():
     ({"train": {"select_metric": "loss_cl"}}, "train.select_metric: 'loss_cl' is not a validation record key"),
     ({"train": {"select_metric": "val_dice/"}}, "train.select_metric: 'val_dice/'"),
     ({"train": {"select_mode": "best"}}, "train.select_mode: 'best' is not allowed; choose one of auto, max, min"),
+    ({"train": {"supervised_epochs": 60}}, "train.supervised_epochs was replaced by train.stage_a_steps"),
+    ({"train": {"stage_a_steps": -1}}, "train.stage_a_steps"),
+    ({"train": {"round_passes": 0}}, "train.round_passes"),
+    ({"train": {"ltot_bn": "eval"}}, "train.ltot_bn: 'eval' is not allowed"),
+    ({"optim": {"plateau_metric": "val_dice"}}, "optim.plateau_metric: 'val_dice' is not allowed"),
+    ({"pseudo": {"class_fraction": 1.5}}, "pseudo.class_fraction"),
+    ({"pseudo": {"class_fraction": 0.5, "floor": 0.95}}, "pseudo.floor: 0.95 is out of range; allowed: 0..pseudo.threshold"),
+    ({"data": {"val_count": 5}}, "data.val_count: 5 is out of range; allowed: >= 0, and 0 for synthetic"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(overrides, needle):
     with pytest.raises(ConfigError) as e:

@@ -183,3 +183,82 @@ def test_predict_with_argmax_matches_plain_argmax():
     assert torch.equal(pseudo, predict_pseudo_labels(net, images, 0.5))
     empty = predict_pseudo_labels(net, images[:0], 0.5, with_argmax=True)
     assert empty[0].shape == empty[1].shape == (0, 8, 8)
+
+
+# -- the class-wise rule and the confidence instrument ---------------------------------------------
+
+from cssl_ray.pseudo_labels import confidence_histogram, confident_labels, histogram_medians  # noqa: E402
+
+
+def _naive_confident(argmax, confidence, threshold, ignore, fraction, floor):
+    """Pixel by pixel: passes the threshold, or is among its image's ceil(fraction n_c) most confident
+    pixels of its class (ties at the cut included) and at least the floor."""
+    out = torch.full_like(argmax, ignore)
+    for b in range(argmax.shape[0]):
+        for c in set(argmax[b].flatten().tolist()):
+            values = sorted(confidence[b][argmax[b] == c].tolist(), reverse=True)
+            k = max(1, math.ceil(fraction * len(values))) if fraction > 0 else 0
+            cut = max(values[k - 1], floor) if k else math.inf
+            for y in range(argmax.shape[1]):
+                for x in range(argmax.shape[2]):
+                    if argmax[b, y, x] == c and (confidence[b, y, x] >= threshold or confidence[b, y, x] >= cut):
+                        out[b, y, x] = c
+    return out
+
+
+@pytest.mark.parametrize("fraction, floor", [(0.0, 0.5), (0.3, 0.0), (0.5, 0.5), (1.0, 0.6)])
+def test_class_wise_rule_matches_a_naive_oracle(fraction, floor):
+    g = torch.Generator().manual_seed(1)
+    argmax = torch.randint(0, 3, (2, 6, 7), generator=g)
+    confidence = torch.rand(2, 6, 7, generator=g) * 0.6 + 0.4
+    got = confident_labels(argmax, confidence, 0.9, 255, class_fraction=fraction, floor=floor)
+    assert torch.equal(got, _naive_confident(argmax, confidence, 0.9, 255, fraction, floor))
+
+
+def test_class_wise_rule_by_hand():
+    argmax = torch.tensor([[[1, 1, 1, 1, 0, 0]]])
+    conf = torch.tensor([[[0.55, 0.6, 0.7, 0.8, 0.95, 0.3]]])
+    plain = confident_labels(argmax, conf, 0.9)
+    assert plain.tolist() == [[[255, 255, 255, 255, 0, 255]]]  # the paper's threshold: class 1 is gone
+    half = confident_labels(argmax, conf, 0.9, class_fraction=0.5)
+    assert half.tolist() == [[[255, 255, 1, 1, 0, 255]]]  # class 1's top half; class 0's top half is its 0.95
+    floored = confident_labels(argmax, conf, 0.9, class_fraction=0.5, floor=0.75)
+    assert floored.tolist() == [[[255, 255, 255, 1, 0, 255]]]  # tau_conf: 0.7 is under the floor
+    logits = torch.randn(2, 3, 5, 5)
+    conf_, arg_ = torch.softmax(logits, 1).max(1)
+    assert torch.equal(confident_labels(arg_, conf_, 0.6), pseudo_labels(logits, 0.6))  # fraction 0 = the threshold
+    with pytest.raises(ValueError, match="class_fraction"):
+        confident_labels(argmax, conf, 0.9, class_fraction=1.2)
+    with pytest.raises(ValueError, match="floor"):
+        confident_labels(argmax, conf, 0.9, floor=-0.1)
+
+
+def test_predict_with_the_class_wise_rule_and_confidence():
+    torch.manual_seed(0)
+    net = nn.Conv2d(1, 3, 3, padding=1)
+    images = torch.randn(3, 1, 8, 8)
+    pseudo, argmax, conf = predict_pseudo_labels(net, images, 0.99, class_fraction=0.25, floor=0.0,
+                                                 batch_size=2, with_argmax=True, with_confidence=True)
+    probs = torch.softmax(net(images), 1)
+    assert torch.allclose(conf, probs.max(1).values.detach()) and torch.equal(argmax, probs.argmax(1))
+    assert torch.equal(pseudo, confident_labels(argmax, conf, 0.99, class_fraction=0.25))
+    for b in range(3):  # every class predicted in an image keeps some pseudo-label
+        assert set(argmax[b].unique().tolist()) == set(pseudo[b].unique().tolist()) - {255}
+
+
+def test_confidence_medians_from_histograms_match_torch_median():
+    g = torch.Generator().manual_seed(0)
+    argmax = torch.randint(0, 3, (4, 16, 16), generator=g)
+    argmax[argmax == 2] = 0  # class 2 never predicted
+    confidence = torch.rand(4, 16, 16, generator=g) ** 0.5
+    hist = confidence_histogram(argmax, confidence, 3)
+    assert hist.shape == (3, 100) and int(hist.sum()) == argmax.numel() and int(hist[2].sum()) == 0
+    halves = confidence_histogram(argmax[:2], confidence[:2], 3) + confidence_histogram(argmax[2:], confidence[2:], 3)
+    assert torch.equal(hist, halves)  # summable over images (steps, ranks)
+    medians = histogram_medians(hist)
+    for c in (0, 1):
+        exact = float(confidence[argmax == c].median())
+        assert abs(medians[c] - exact) <= 0.01
+    assert math.isnan(medians[2])
+    one = confidence_histogram(torch.zeros(1, 1, 1, dtype=torch.long), torch.ones(1, 1, 1), 2)
+    assert one[0, 99] == 1  # 1.0 falls in the last bin

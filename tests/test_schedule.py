@@ -478,3 +478,34 @@ def test_a_run_selected_by_val_loss_tests_the_lowest_val_loss_weights(tmp_path):
     assert best["round"] == result.best_round and best["val"]["loss"] == losses[first_min]
     kept = torch.load(tmp_path / f"round_{result.best_round:03d}.pt", weights_only=False)["model"]
     assert all(torch.equal(kept[k], v) for k, v in best["model"].items())  # stage A (patience 10): its best epoch
+
+
+def test_best_and_last_round_test_metrics_are_both_reported(tmp_path):
+    """result.json holds the test of the selected weights and, beside it, of the last round's; the
+    instruments of round 1 (coverage and confidence per class, D_U and D_L) and the realised patches."""
+    import json
+
+    from cssl_ray.data.bundle import load_bundle
+    from cssl_ray.loop import evaluate
+
+    cfg = build_config(None, [f"train.out_dir={tmp_path}", "train.progress=false", "train.figures=false",
+                              "train.max_rounds=3", "train.keep_checkpoints=10", "pseudo.threshold=0.3"], smoke=True)
+    result = run_local(cfg)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["last_round"] == 3 and set(saved["test_last"]) >= {"dice_mean", "iou_mean"}
+    last = torch.load(tmp_path / "round_003.pt", weights_only=False)["model"]
+    model = create_model(cfg.model, 1, cfg.data.num_classes)
+    model.load_state_dict(last)
+    bundle = load_bundle(cfg.data)
+    expected = evaluate(model, bundle.test_images, bundle.test_masks, num_classes=4, class_names=bundle.class_names,
+                        batch_size=cfg.consistency.batch_size)
+    assert saved["test_last"]["dice_mean"] == pytest.approx(expected["dice_mean"])
+    assert result.test_last == saved["test_last"] and result.test == saved["test"]
+    rounds = saved["rounds"]
+    names = bundle.class_names
+    assert all(f"round1_pseudo_coverage/{n}" in rounds and f"round1_confidence/{n}" in rounds
+               and f"round1_confidence_labelled/{n}" in rounds for n in names)
+    first = next(h for h in result.history if h["stage"] == "round")
+    assert rounds["round1_confidence/background"] == first["confidence/background"]
+    assert 0 < rounds["patches_per_step_mean"] <= cfg.patches.batch_size
+    assert rounds["val_dice_mean_last"] == result.history[-1]["val_dice_mean"]

@@ -169,6 +169,22 @@ def test_duplicates_of_training_images_leave_val_and_test():
     assert s.test == [3] and s.val == [] and r.duplicates_dropped == [2, 4]
 
 
+def test_val_count_moves_training_images_to_a_fixed_val_before_d_l_is_drawn():
+    """nuclei-like: 3 fixed val images, 30 training; val_count 8 moves 5 training images, seeded, and
+    the same whatever the labelled count (its own stream)."""
+    subsets = ["train"] * 30 + ["val"] * 3 + ["test"] * 5
+    groups = [f"i{k}" for k in range(38)]
+    few, r = split_dataset(subsets, groups, [True] * 38, labelled_fraction=1.0, labelled_count=3, val_count=8, seed=4)
+    assert len(few.val) == 8 and set(range(30, 33)) < set(few.val) and len(few.labelled) == 3
+    assert len(few.unlabelled) == 22 and few.test == list(range(33, 38)) and len(r.carved_val_groups) == 5
+    every, _ = split_dataset(subsets, groups, [True] * 38, labelled_fraction=1.0, val_count=8, seed=4)
+    assert every.val == few.val and len(every.labelled) == 25
+    assert split_dataset(subsets, groups, [True] * 38, labelled_fraction=1.0, val_count=8, seed=5)[0].val != few.val
+    assert split_dataset(subsets, groups, [True] * 38, labelled_fraction=1.0, val_count=2)[0].val == [30, 31, 32]
+    tiny, _ = split_dataset(["train"] * 4, list("abcd"), [True] * 4, labelled_fraction=1.0, val_count=9)
+    assert len(tiny.val) == 2 and len(tiny.labelled) == 2  # two groups stay for training
+
+
 def test_too_few_groups_are_not_carved():
     s, r = split_dataset([None] * 4, ["a", "a", "b", "b"], [True] * 4, labelled_fraction=1.0, val_fraction=0.1,
                          test_fraction=0.1)

@@ -213,7 +213,7 @@ def open_source(cfg: DataConfig) -> DataSource:
             val_fraction=rule.val_fraction if cfg.val_fraction < 0 else cfg.val_fraction,
             test_fraction=rule.test_fraction if cfg.test_fraction < 0 else cfg.test_fraction,
             labelled_by=rule.labelled_by if cfg.labelled_by == "auto" else cfg.labelled_by,
-            seed=cfg.seed, digests=index["digest"])
+            seed=cfg.seed, digests=index["digest"], val_count=cfg.val_count)
     except ValueError as e:
         raise ConfigError(f"data ({card.name}): {e}") from None
     if report.duplicates_dropped:

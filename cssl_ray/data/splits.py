@@ -159,6 +159,7 @@ def split_dataset(
     labelled_by: str = "image",
     seed: int = 0,
     digests: list[str] | None = None,
+    val_count: int = 0,
 ) -> tuple[Split, SplitReport]:
     """Split the rows of a prepared dataset into D_L, D_U, val and test.
 
@@ -171,6 +172,10 @@ def split_dataset(
        are left for training. Rows of a moved group without masks are excluded.
     3. With ``digests``, val and test rows whose raw pixels equal a training-pool row are dropped
        (the same image shipped twice would leak it).
+    3b. ``val_count`` > 0: while val holds fewer images, whole training-pool groups with masks move
+       to val in a seeded order (their own stream): a larger validation split than the
+       distribution's, for datasets whose fixed val is a handful of images. Two groups stay for
+       training at least.
     4. D_L: ``labelled_size(units, labelled_fraction, labelled_count)`` units of the training rows
        with masks, units being images or whole groups (``labelled_by``), a prefix of one seeded
        order (so 20% labelled contains the 10% set); every other training-pool row is D_U.
@@ -231,6 +236,21 @@ def split_dataset(
             if part[i] in ("val", "test") and digests[i] in seen:
                 part[i] = None
                 report.duplicates_dropped.append(i)
+
+    if val_count > 0:
+        pool = sorted({groups[i] for i in range(n) if part[i] == "train" and has_mask[i]})
+        order = [pool[j] for j in np.random.default_rng([seed, 2]).permutation(len(pool))]
+        have = sum(p == "val" for p in part)
+        for g in order:
+            if have >= val_count or len(pool) - len(report.carved_val_groups) <= 2:
+                break
+            report.carved_val_groups.append(g)
+            for i in range(n):
+                if part[i] == "train" and groups[i] == g:
+                    part[i] = "val" if has_mask[i] else None
+                    have += has_mask[i]
+                    if part[i] is None:
+                        report.excluded.append(i)
 
     train = [i for i in range(n) if part[i] == "train"]
     labelled_rows = [i for i in train if has_mask[i]]
