@@ -159,7 +159,7 @@ def ray_run(cfg: Config, images: int, labellers: int, out: str) -> list[dict[str
 
     d = to_dict(cfg)
     d["data"].update({"name": "synthetic", "n_train": images, "n_val": 2, "n_test": 2, "labelled_fraction": 0.1})
-    d["train"].update({"supervised_epochs": 2, "max_rounds": 2, "progress": False, "num_threads": 1, "out_dir": out,
+    d["train"].update({"stage_a_steps": 2, "max_rounds": 2, "progress": False, "num_threads": 1, "out_dir": out,
                        "figures": False})
     result = run_ray(from_dict(d), workers=1, resources=StreamResources(labellers=labellers))
     keys = ("round", "steps", "data_wait_frac", "first_step_wait_s", "patch_wait_s", "epoch_s", "patches_per_s")

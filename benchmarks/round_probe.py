@@ -70,7 +70,7 @@ def probe(config: str, seed: int, variant: str, rounds: int, overrides: list[str
     from cssl_ray.local import run_local
     from cssl_ray.train import build_config
 
-    sets = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in VARIANTS[variant].items()]
+    sets = [f"{k}={json.dumps(v)}" for k, v in VARIANTS[variant].items()]
     sets += [f"train.seed={seed}", f"train.max_rounds={rounds}", "train.progress=false", "train.figures=false",
              f"train.num_threads={threads}", "train.stop=max_rounds",
              f"train.out_dir={work / f'seed{seed}' / variant.replace(' ', '_')}"]

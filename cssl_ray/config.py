@@ -500,6 +500,11 @@ def parse_override(text: str) -> dict[str, Any]:
         raise ConfigError(f"override {text!r}: expected key.path=value")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw)
+    if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string; a number is meant
+        try:
+            value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+        except ValueError:
+            pass
     out: dict[str, Any] = {}
     node = out
     parts = key.strip().split(".")

@@ -216,12 +216,15 @@ STAGE_A_TRAIN_KEYS = ("seed", "batch_size", "stage_a_steps", "stage_a_patience",
 
 
 
+ROUND_OPTIM = ("cssl_lr", "finetune_lr", "round_warmup_steps", "round_schedule")  # set at round 1 (begin_rounds)
+
+
 def stage_a_key(cfg: Config) -> str:
     """Hash of everything stage A depends on (data, model, optimiser, seed, supervised schedule, the
     ignore label, the validation batch, the selection metric and mode, torch's version); nothing of
     L_CL / L_CR enters it."""
     d = to_dict(cfg)
-    optim = {k: v for k, v in d["optim"].items() if not k.startswith("round_")}  # the rounds' rate: not stage A
+    optim = {k: v for k, v in d["optim"].items() if k not in ROUND_OPTIM}  # the rounds' rates: not stage A
     kept = {"data": d["data"], "model": d["model"], "optim": optim, "ignore_index": d["pseudo"]["ignore_index"],
             "val_batch": d["consistency"]["batch_size"], "torch": torch.__version__,
             "train": {k: d["train"][k] for k in STAGE_A_TRAIN_KEYS}, "select": list(cfg.train.selection())}

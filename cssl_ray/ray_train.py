@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import shutil
 import tempfile
 import time

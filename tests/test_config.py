@@ -111,6 +111,8 @@ def test_round_trip_and_override_parsing(tmp_path):
     assert again == cfg
     assert parse_override("contrastive.tau=0.2") == {"contrastive": {"tau": 0.2}}
     assert parse_override("train.use_cl=false") == {"train": {"use_cl": False}}
+    assert parse_override("optim.cssl_lr=1e-5") == {"optim": {"cssl_lr": 1e-5}}  # YAML 1.1 alone: a string
+    assert parse_override("data.name=nuclei") == {"data": {"name": "nuclei"}}
     with pytest.raises(ConfigError):
         parse_override("contrastive.tau")
 

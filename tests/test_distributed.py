@@ -40,9 +40,9 @@ pytestmark = [
 ]
 
 RES = StreamResources()
-# The smoke preset, plus enough supervised epochs and lr to leave Dice 0 (every method ties there);
+# The smoke preset, plus enough stage-A steps (epochs of one step: 2 labelled images) and lr to leave Dice 0 (every method ties there);
 # a smoke model is never sure (max softmax 0.31-0.36): a threshold some pixels pass.
-EXTRA = ["train.progress=false", "train.num_threads=1", "train.supervised_epochs=6", "optim.lr=0.01",
+EXTRA = ["train.progress=false", "train.num_threads=1", "train.stage_a_steps=6", "optim.lr=0.01",
          "train.keep_checkpoints=10", "pseudo.threshold=0.33"]
 
 

@@ -56,4 +56,9 @@ def test_key_ignores_the_method_and_sees_the_supervised_schedule():
     same_selection = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, select_mode="max"))  # = auto
     assert stage_a_key(same_selection) == stage_a_key(cfg)
     assert stage_a_key(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=0.01))) != stage_a_key(cfg)
+    for rounds_only in ({"cssl_lr": 1e-3}, {"finetune_lr": 1e-5}, {"round_warmup_steps": 3}, {"round_schedule": "cosine"}):
+        # set at round 1: a search over the rounds' rates shares one stage A
+        assert stage_a_key(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, **rounds_only))) == stage_a_key(cfg)
+    assert stage_a_key(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, plateau_metric="val_loss"))) != \
+        stage_a_key(cfg)
     assert stage_a_key(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=3))) != stage_a_key(cfg)

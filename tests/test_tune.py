@@ -78,7 +78,7 @@ def test_tune_smoke_space_train_inside_tune(tmp_path, store, capsys):
     assert len(runs) == 1
     searched = list(space["search"])
     smoke_cfg = load_config(ROOT / "configs" / "smoke.yaml")
-    rounds, epochs = smoke_cfg.train.max_rounds, smoke_cfg.train.supervised_epochs
+    rounds, epochs = smoke_cfg.train.max_rounds, smoke_cfg.train.stage_a_steps  # epochs of one step (2 labelled)
     for run in runs:
         assert run["status"] == "FINISHED"
         assert run["tags"]["cssl.kind"] == "trial" and run["tags"]["cssl.early_stopped"] == "false"
@@ -244,7 +244,7 @@ def test_optuna_search_in_range_and_resumed_without_repeats(tmp_path, store, cap
     search = {"contrastive.tau": {"loguniform": [0.05, 0.5]}, "pseudo.threshold": {"choice": [0.7, 0.8, 0.9]},
               "train.steps_per_round": {"randint": [1, 3]}}
     path = write_space(tmp_path / "opt.yaml", search=search, num_samples=4, search_algorithm="optuna", seed=3,
-                       config={"train": {"max_rounds": 1, "supervised_epochs": 1, "num_threads": 1}})
+                       config={"train": {"max_rounds": 1, "stage_a_steps": 1, "num_threads": 1}})
     argv = ["--space", str(path), "--storage-path", str(tmp_path / "tune"), "--tracking-uri", store]
     monkeypatch.setattr(progress, "say", _interrupt_after)
     monkeypatch.setitem(_INTERRUPT, "after", 2)
