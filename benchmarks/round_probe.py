@@ -48,6 +48,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cssl lr 1e-5": {**CELLS["cssl"], "optim.cssl_lr": 1e-5},
     "cssl w_cl 0.1": {**CELLS["cssl"], "train.w_cl": 0.1},
     "cssl x5 passes": {**CELLS["cssl"], "train.round_passes": 5},
+    # the BatchNorm question: running statistics that see D_U, with or without a loss on it
+    "bn_mix": {**CELLS["supervised"], "train.method": "bn_mix"},  # D_U only in the BN batches, no loss on it
+    "cl+bn_update": {**CELLS["cl"], "train.ltot_bn": "update"},
+    "cr+bn_update": {**CELLS["cr"], "train.ltot_bn": "update"},
+    "cssl+bn_update+lsup": {**CELLS["cssl"], "train.ltot_bn": "update", "train.lsup_in_ltot": True},
+    "cssl+bn_update x5 passes": {**CELLS["cssl"], "train.ltot_bn": "update", "train.round_passes": 5},
+    # the control of cl+bn_update: the same forward passes (BN running statistics see the patches) but
+    # L_CL's rate ~0, so the weights do not learn from it
+    "cl+bn_update x5 passes": {**CELLS["cl"], "train.ltot_bn": "update", "train.round_passes": 5},
+    "cl+bn_update, no L_CL step": {**CELLS["cl"], "train.ltot_bn": "update", "optim.cssl_lr": 1e-12},
 }
 
 

@@ -233,9 +233,12 @@ class TrainConfig:
     # every L_tot step also takes a supervised batch of D_L (train.batch_size, augmented; its own random
     # stream) and adds its L_sup: L_tot = L_sup + w_cl L_CL + w_cr L_CR. Off = the paper's letter
     lsup_in_ltot: bool = False
-    # BatchNorm running statistics during L_tot steps: "frozen" (batch statistics normalise, running
-    # ones stay: masked patches and noisy features are not the images the net is evaluated on) or "update"
-    ltot_bn: Literal["frozen", "update"] = "frozen"
+    # BatchNorm running statistics during L_tot steps: "update" (default; what the paper's framework does
+    # in training mode: the patches' and D_U's batches move them) or "frozen" (batch statistics normalise,
+    # running ones stay). Measured (benchmarks/round_probe.py, docs/science.md): with "update" the rounds
+    # raise validation Dice on synthetic and nuclei, with "frozen" they do not; much of the gain is the
+    # statistics themselves (a control with L_CL's rate ~0 keeps two thirds of it), so compare with bn_mix
+    ltot_bn: Literal["frozen", "update"] = "update"
     # passes over D_U per L_tot epoch (the round's budget; each pass reshuffled); capped by steps_per_round
     round_passes: int = 1
     use_hard_negatives: bool = True

@@ -1,6 +1,8 @@
 """Round pieces: index batches, BatchNorm statistics during L_tot, patches from pseudo-labels."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from cssl_ray.config import from_dict
@@ -32,8 +34,9 @@ def test_index_batches_one_pass_and_fixed_steps():
     assert list(index_batches(0, 4)) == []
 
 
-def test_cssl_epoch_leaves_batchnorm_running_statistics_alone():
+def test_cssl_epoch_with_ltot_bn_frozen_leaves_batchnorm_running_statistics_alone():
     cfg = small_cfg()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ltot_bn="frozen"))
     torch.manual_seed(0)
     model = create_model(cfg.model, 1, cfg.data.num_classes)
     images, masks = make_synthetic(6, (32, 32), 4, seed=0)

@@ -319,7 +319,7 @@ def test_one_l_tot_epoch_keeps_a_converged_model():
             "patches": {"size": 16, "min_pixels": 10, "per_image": 24, "batch_size": 96},
             "consistency": {"batch_size": 4}, "pseudo": {"threshold": 0.7},
             "optim": {"plateau_patience": 1000, **optim},  # the rate stays live through stage A
-            "train": {"batch_size": 4, "sup_steps_per_epoch": 5},
+            "train": {"batch_size": 4, "sup_steps_per_epoch": 5, "stage_a_patience": 10},
         })
 
     cfg = config()
@@ -509,3 +509,36 @@ def test_best_and_last_round_test_metrics_are_both_reported(tmp_path):
     assert rounds["round1_confidence/background"] == first["confidence/background"]
     assert 0 < rounds["patches_per_step_mean"] <= cfg.patches.batch_size
     assert rounds["val_dice_mean_last"] == result.history[-1]["val_dice_mean"]
+
+
+def test_round_probe_knobs_lsup_bn_and_passes(monkeypatch):
+    """train.lsup_in_ltot adds L_sup on a D_L batch to every L_tot step (its own stream: streams.sup
+    untouched); train.ltot_bn update moves BatchNorm running statistics, frozen does not;
+    train.round_passes multiplies the steps, each pass a reshuffled pass over D_U."""
+    def epoch(**train):
+        cfg = small_cfg(train=train)
+        model, patches, classes, unlabelled = epoch_inputs(cfg, n_unlabelled=7)
+        images, masks = make_synthetic(3, (32, 32), 4, seed=1)
+        streams = RandomStreams(0)
+        sup_state = streams.sup.get_state()
+        plan = loop.epoch_plan(unlabelled.shape[0], cfg, streams)
+        bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        before = bn.running_mean.clone()
+        stats = loop.cssl_epoch(model, Teacher(model), torch.optim.Adam(model.parameters(), 1e-3),
+                                loop.pooled_steps(plan, unlabelled, patches, classes), len(plan), cfg, lambda_=0.5,
+                                streams=streams, labelled=(images, masks))
+        assert torch.equal(streams.sup.get_state(), sup_state)
+        return stats, plan, not torch.equal(bn.running_mean, before)
+
+    plain, _, moved = epoch(ltot_bn="frozen")
+    assert "loss_sup_ltot" not in plain and not moved
+    with_sup, _, _ = epoch(lsup_in_ltot=True)
+    assert with_sup["loss_sup_ltot"] > 0
+    assert with_sup["loss"] == pytest.approx(with_sup["loss_cl"] + with_sup["loss_cr"] + with_sup["loss_sup_ltot"],
+                                             rel=1e-5)
+    _, _, moved = epoch()  # the default: update
+    assert moved
+    stats, plan, _ = epoch(round_passes=3)
+    assert stats["steps"] == 9 == len(plan)
+    for p in range(3):  # every pass holds every D_U image once
+        assert sorted(torch.cat(plan[3 * p:3 * p + 3]).tolist()) == list(range(7))
