@@ -57,6 +57,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the control of cl+bn_update: the same forward passes (BN running statistics see the patches) but
     # L_CL's rate ~0, so the weights do not learn from it
     "cl+bn_update x5 passes": {**CELLS["cl"], "train.ltot_bn": "update", "train.round_passes": 5},
+    "cssl+bn_update, class_fraction 0.5": {**CELLS["cssl"], "train.ltot_bn": "update", "pseudo.class_fraction": 0.5},
     "cl+bn_update, no L_CL step": {**CELLS["cl"], "train.ltot_bn": "update", "optim.cssl_lr": 1e-12},
 }
 

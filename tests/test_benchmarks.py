@@ -75,3 +75,14 @@ def test_round_probe_starts_every_variant_from_one_stage_a(tmp_path, capsys):
     assert records[2]["round1"]["loss_sup_ltot"] > 0 and "loss_sup_ltot" not in records[1]["round1"]
     assert "| cssl+lsup |" in capsys.readouterr().out
     assert probe.main(["--config", "configs/smoke.yaml", "--variants", "nope"]) == 2
+
+
+def test_stage_a_budget_curves_for_few_and_all_labels(tmp_path, capsys):
+    budget = load_benchmark("stage_a_budget")
+    out = tmp_path / "budget.json"
+    assert budget.main(["--config", "configs/smoke.yaml", "--steps", "4", "--at", "2", "4", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["labels"] for r in runs] == ["few", "all"]
+    assert all([c["stage_a_step"] for c in r["curve"]][-1] == 4 for r in runs)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| labels | 2 | 4 | first rate cut") and lines[2].startswith("| few |")
