@@ -60,3 +60,17 @@ def test_space_demo_smoke_tunes_ablates_and_reports(tmp_path, capsys):
         "report/report.md", "report/report.png", "report/cells.png"}
     assert "fixed_config.yaml" in {a.path for a in client(store).list_artifacts(parent)}
     assert "models:/smoke-ablate/1" in out
+
+
+def test_the_demo_warms_stage_a_only_when_the_search_leaves_it_alone(tmp_path):
+    """nuclei_demo searches only what comes after stage A: its ablation's seed-1 stage A can train
+    beside the search's; a space that searches the stage-A rate cannot."""
+    from cssl_ray.demo import DEMO_SPACE, searches_stage_a
+    from cssl_ray.search_space import load_space
+
+    demo = load_space(DEMO_SPACE)
+    assert not searches_stage_a(demo, demo.base_config())
+    text = DEMO_SPACE.read_text().replace("optim.cssl_lr:", "optim.lr:")
+    (tmp_path / "lr.yaml").write_text(text.replace("base: ../configs/", f"base: {DEMO_SPACE.parents[1]}/configs/"))
+    lr = load_space(tmp_path / "lr.yaml")
+    assert searches_stage_a(lr, lr.base_config())
