@@ -41,7 +41,7 @@ def test_shipped_space_loads(path: Path):
     cfg = space.base_config()
     assert space.name == path.stem and cfg.data.name == space.dataset
     assert set(space.param_space()) == set(space.search)
-    if path.stem in ("nuclei", "synthetic"):  # the CPU spaces: tau and what decides the rounds
+    if path.stem in ("nuclei", "nuclei_demo", "synthetic"):  # the CPU spaces: tau and what decides the rounds
         assert {"contrastive.tau", "pseudo.threshold", "optim.cssl_lr"} <= set(space.search)
     elif path.stem != "smoke":  # the paper's data sets: the loss's own hyperparameters, threshold, rate
         assert {"contrastive.tau", "consistency.eps", "contrastive.alpha_min", "contrastive.alpha_max",
