@@ -142,6 +142,17 @@ def test_round_records_carry_pseudo_statistics(straight):
     assert rounds_[0]["pseudo_coverage"] == pytest.approx(covered.float().mean().item(), abs=1e-3)
     assert rounds_[0]["pseudo_accuracy"] == pytest.approx(accuracy, abs=1e-3)
     assert rounds_[0]["pseudo_coverage"] > 0 and math.isfinite(rounds_[1]["pseudo_coverage"])
+    # the confidence medians: the labellers' summed histograms, and the ranks' D_L, against torch's median
+    for images, prefix in ((bundle.unlabelled_images, "confidence"), (bundle.labelled_images, "confidence_labelled")):
+        with torch.no_grad():
+            conf, argmax = torch.softmax(model.eval()(images), 1).max(1)
+        for c, name in enumerate(bundle.class_names):
+            values = conf[argmax == c]
+            got = rounds_[0][f"{prefix}/{name}"]
+            if values.numel() == 0:
+                assert math.isnan(got), (prefix, name)
+            else:
+                assert got == pytest.approx(float(values.median()), abs=0.011), (prefix, name)
 
 
 def test_resume_continues_from_the_latest_train_checkpoint(straight, capfd):
