@@ -12,9 +12,11 @@ A's), its change after round 1 and after the last round, mean +- std over seeds,
 instruments (coverage per class, realised patches per step, the loss terms).
 
 Validation only: nothing here looks at the test set. The variants (``VARIANTS``) are issue 13's:
-CL only, CR only, CL + CR (the full method, hard negatives on); L_sup in every L_tot step; BatchNorm
-statistics updated during L_tot; the L_tot rate; L_CL weighted down against L_sup; 5 passes over D_U
-per round; and the supervised rounds (fine-tune epochs only) as the reference every variant shares.
+CL only, CR only, CL + CR (the full method, hard negatives on); L_sup in every L_tot step; the
+bn_mix control; a control that runs L_CL's passes at a rate of 1e-12; 5 passes over D_U per round;
+the class-wise pseudo-label rule; and, with BatchNorm statistics frozen during L_tot (``+bn_frozen``,
+the default before issue 13), the L_tot rate and L_CL weighted down against L_sup. The supervised
+rounds (fine-tune epochs only) are the reference every variant shares.
 """
 from __future__ import annotations
 
@@ -35,30 +37,31 @@ CELLS = {  # search_space.ABLATION_CELLS, spelled out (the benchmark reads witho
     "cr": {"train.use_cl": False, "train.use_cr": True},
     "cssl": {"train.use_cl": True, "train.use_cr": True, "train.use_hard_negatives": True},
 }
-VARIANTS: dict[str, dict[str, Any]] = {
+FROZEN = {"train.ltot_bn": "frozen"}  # BatchNorm running statistics as before issue 13
+VARIANTS: dict[str, dict[str, Any]] = {  # plain names run the product's defaults (train.ltot_bn: update)
     "supervised": CELLS["supervised"],
+    "bn_mix": {**CELLS["supervised"], "train.method": "bn_mix"},  # D_U only in the BN batches, no loss on it
     "cl": CELLS["cl"],
     "cr": CELLS["cr"],
     "cssl": CELLS["cssl"],
-    "cl+lsup": {**CELLS["cl"], "train.lsup_in_ltot": True},
-    "cr+lsup": {**CELLS["cr"], "train.lsup_in_ltot": True},
     "cssl+lsup": {**CELLS["cssl"], "train.lsup_in_ltot": True},
-    "cssl+bn_update": {**CELLS["cssl"], "train.ltot_bn": "update"},
-    "cssl lr 1e-3": {**CELLS["cssl"], "optim.cssl_lr": 1e-3},
-    "cssl lr 1e-5": {**CELLS["cssl"], "optim.cssl_lr": 1e-5},
-    "cssl w_cl 0.1": {**CELLS["cssl"], "train.w_cl": 0.1},
     "cssl x5 passes": {**CELLS["cssl"], "train.round_passes": 5},
-    # the BatchNorm question: running statistics that see D_U, with or without a loss on it
-    "bn_mix": {**CELLS["supervised"], "train.method": "bn_mix"},  # D_U only in the BN batches, no loss on it
-    "cl+bn_update": {**CELLS["cl"], "train.ltot_bn": "update"},
-    "cr+bn_update": {**CELLS["cr"], "train.ltot_bn": "update"},
-    "cssl+bn_update+lsup": {**CELLS["cssl"], "train.ltot_bn": "update", "train.lsup_in_ltot": True},
-    "cssl+bn_update x5 passes": {**CELLS["cssl"], "train.ltot_bn": "update", "train.round_passes": 5},
-    # the control of cl+bn_update: the same forward passes (BN running statistics see the patches) but
-    # L_CL's rate ~0, so the weights do not learn from it
-    "cl+bn_update x5 passes": {**CELLS["cl"], "train.ltot_bn": "update", "train.round_passes": 5},
-    "cssl+bn_update, class_fraction 0.5": {**CELLS["cssl"], "train.ltot_bn": "update", "pseudo.class_fraction": 0.5},
-    "cl+bn_update, no L_CL step": {**CELLS["cl"], "train.ltot_bn": "update", "optim.cssl_lr": 1e-12},
+    "cl x5 passes": {**CELLS["cl"], "train.round_passes": 5},
+    "cssl, class_fraction 0.5": {**CELLS["cssl"], "pseudo.class_fraction": 0.5},
+    # the control of cl: the same forward passes (BN running statistics see the patches) but L_CL's
+    # rate ~0, so the weights do not learn from it
+    "cl, no L_CL step": {**CELLS["cl"], "optim.cssl_lr": 1e-12},
+    # the variants with the statistics frozen during L_tot (the default before issue 13)
+    "cl+bn_frozen": {**CELLS["cl"], **FROZEN},
+    "cr+bn_frozen": {**CELLS["cr"], **FROZEN},
+    "cssl+bn_frozen": {**CELLS["cssl"], **FROZEN},
+    "cl+lsup+bn_frozen": {**CELLS["cl"], **FROZEN, "train.lsup_in_ltot": True},
+    "cr+lsup+bn_frozen": {**CELLS["cr"], **FROZEN, "train.lsup_in_ltot": True},
+    "cssl+lsup+bn_frozen": {**CELLS["cssl"], **FROZEN, "train.lsup_in_ltot": True},
+    "cssl+bn_frozen lr 1e-3": {**CELLS["cssl"], **FROZEN, "optim.cssl_lr": 1e-3},
+    "cssl+bn_frozen lr 1e-5": {**CELLS["cssl"], **FROZEN, "optim.cssl_lr": 1e-5},
+    "cssl+bn_frozen w_cl 0.1": {**CELLS["cssl"], **FROZEN, "train.w_cl": 0.1},
+    "cssl+bn_frozen x5 passes": {**CELLS["cssl"], **FROZEN, "train.round_passes": 5},
 }
 
 

@@ -75,6 +75,8 @@ def test_round_probe_starts_every_variant_from_one_stage_a(tmp_path, capsys):
     assert records[2]["round1"]["loss_sup_ltot"] > 0 and "loss_sup_ltot" not in records[1]["round1"]
     assert "| cssl+lsup |" in capsys.readouterr().out
     assert probe.main(["--config", "configs/smoke.yaml", "--variants", "nope"]) == 2
+    # plain names run the product's defaults; +bn_frozen names pin the statistics of before issue 13
+    assert "train.ltot_bn" not in probe.VARIANTS["cssl"] and probe.VARIANTS["cssl+bn_frozen"]["train.ltot_bn"] == "frozen"
 
 
 def test_stage_a_budget_curves_for_few_and_all_labels(tmp_path, capsys):
