@@ -189,12 +189,27 @@ class OptimConfig:
     finetune_lr: float = 1e-4
     round_warmup_steps: int = 0  # linear warm-up of the L_tot rate over its first steps (round 1 on)
     round_schedule: Literal["constant", "cosine"] = "constant"  # per-round decay of both rates
+    # train.protocol joint: the rate over the budget, from optim.lr: "poly" lr (1 - t/T)^0.9 (SSL4MIS,
+    # CPS) or "cosine" (to 0 at train.total_steps)
+    joint_schedule: Literal["poly", "cosine"] = "poly"
 
 
 @dataclass
 class TrainConfig:
     seed: int = 0
     batch_size: int = 16  # supervised batch (paper: 16 at 320x256)
+    # the schedule (cssl_ray.joint has the whole of "joint"):
+    #   paper  stage A (train.stage_a_steps) on D_L, then train.max_rounds rounds of (pseudo-labels ->
+    #          one L_tot epoch over D_U -> a fine-tune epoch on D_L); baselines take L_tot's steps
+    #   joint  the semi-supervised segmentation literature's (SSL4MIS, CPS, UniMatch): train.total_steps
+    #          steps from the initial weights, each on a labelled and an unlabelled batch, loss L_sup +
+    #          w(t) L_unsup with w(t) a sigmoid ramp over train.rampup_steps, the rate decayed by
+    #          optim.joint_schedule, no early stopping; validation (and CSSL's pseudo-label refresh, a
+    #          "round") every train.pseudo_refresh_steps steps
+    protocol: Literal["paper", "joint"] = "paper"
+    total_steps: int = 2000  # joint: the whole budget in optimiser steps
+    rampup_steps: int = 0  # joint: w(t)'s sigmoid ramp length in steps; 0 = the whole budget (SSL4MIS)
+    pseudo_refresh_steps: int = 200  # joint: steps between validations and CSSL's pseudo-label refreshes
     # stage A's budget in optimiser steps on D_L, run in full (the paper trains the supervised model
     # to convergence): an "epoch" of stage A is sup_steps_per_epoch steps (0 = one pass over D_L), the
     # last one shortened so the steps add up; after each, a validation, and the rate is cut by
@@ -266,6 +281,13 @@ class TrainConfig:
     # out_dir/figures/ at the end (cssl_ray.figures); costs a forward of 2 images per round and, on smoke
     # sizes, ~0.2 s at the end (+0.5 s for importing matplotlib, once per process)
     figures: bool = True
+
+    def last_round(self) -> int:
+        """The number of the run's last round: max_rounds (paper), or ceil(total_steps /
+        pseudo_refresh_steps) (joint: a round is a refresh period, ending in a validation)."""
+        if self.protocol == "joint":
+            return -(-self.total_steps // self.pseudo_refresh_steps)
+        return self.max_rounds
 
     def selection(self) -> tuple[str, str]:
         """``(select_metric, "max" | "min")``: the selection with ``select_mode: auto`` resolved."""
@@ -427,6 +449,9 @@ def validate(cfg: Config) -> Config:
     _check(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
     _check(t.stage_a_steps >= 0, "train.stage_a_steps", ">= 0 (0 = no stage A)", t.stage_a_steps)
     _check(t.max_rounds >= 0, "train.max_rounds", ">= 0", t.max_rounds)
+    _check(t.total_steps >= 1, "train.total_steps", ">= 1 (train.protocol joint's budget)", t.total_steps)
+    _check(t.rampup_steps >= 0, "train.rampup_steps", ">= 0 (0 = the whole budget)", t.rampup_steps)
+    _check(t.pseudo_refresh_steps >= 1, "train.pseudo_refresh_steps", ">= 1", t.pseudo_refresh_steps)
     _check(t.steps_per_round >= 0, "train.steps_per_round", ">= 0", t.steps_per_round)
     _check(t.round_passes >= 1, "train.round_passes", ">= 1", t.round_passes)
     _check(t.sup_steps_per_epoch >= 0, "train.sup_steps_per_epoch", ">= 0", t.sup_steps_per_epoch)

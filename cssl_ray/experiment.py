@@ -112,7 +112,7 @@ def _run_trial(params: dict[str, Any], spec: TrialSpec, out_dir: Path) -> None:
     train = dataclasses.replace(cfg.train, out_dir=str(out_dir), progress=False,
                                 num_threads=spec.threads or cfg.train.num_threads)
     cfg = dataclasses.replace(cfg, train=train)
-    last_round = cfg.train.max_rounds
+    last_round = cfg.train.last_round()
     held: list[dict[str, Any]] = []
 
     def report(record: dict[str, Any]) -> None:

@@ -54,6 +54,7 @@ def resolve_device(name: str) -> torch.device:
 def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any]], None] | None = None,
               stage_a_cache: str | Path | None = None) -> RunResult:
     """Train one CSSL run in this process; returns test metrics on the best-validation weights.
+    ``train.protocol: joint`` runs ``cssl_ray.joint.run_joint`` instead (no stage A, no cache).
 
     ``stage_a_cache``: a folder shared by runs (an ablation's cells, a search's trials) where the
     state at the end of stage A is kept under ``stage_a_key(cfg)``: runs whose stage A would be
@@ -62,6 +63,9 @@ def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any
     ends bit-identical to one that trained stage A itself (tests/test_stage_a_cache.py).
     """
     validate(cfg)
+    if cfg.train.protocol == "joint":  # one loop from the initial weights: no stage A to share
+        from cssl_ray.joint import run_joint
+        return run_joint(cfg, resume=resume, log=log)
     check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
     start = time.perf_counter()
     t = cfg.train

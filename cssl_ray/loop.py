@@ -375,7 +375,7 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
                 if k in out:
                     sums[k] += float(out[k].detach())
             if w is not None:
-                omegas.append(_omega(model, w, c, cfg, aux, streams, col, out=out))
+                omegas.append(patch_omega(model, w, c, cfg, aux, streams, col, out=out))
     stats = {k: v / max(done, 1) for k, v in sums.items()}
     stats = col.mean_floats(stats)
     stats["steps"] = float(done)
@@ -403,11 +403,11 @@ def measure_omega(model: nn.Module, patches: Tensor, patch_classes: Tensor, cfg:
         return float("nan")
     device = next(model.parameters()).device
     idx = batches[0]
-    return _omega(model, patches[idx].to(device), patch_classes[idx].to(device), cfg, aux, streams, col)
+    return patch_omega(model, patches[idx].to(device), patch_classes[idx].to(device), cfg, aux, streams, col)
 
 
 @torch.no_grad()
-def _omega(model: nn.Module, patches: Tensor, classes: Tensor, cfg: Config, aux: AuxiliaryGaussian | None,
+def patch_omega(model: nn.Module, patches: Tensor, classes: Tensor, cfg: Config, aux: AuxiliaryGaussian | None,
            streams: RandomStreams, col: Collectives | None = None, out: dict | None = None) -> float:
     """Silhouette of a step's patch embeddings over every rank (with the auxiliary class for one-class data).
 

@@ -44,7 +44,7 @@ def patch_embeddings(model: nn.Module, patches: Tensor) -> Tensor:
 
 def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs, cfg: Config, *,
                    lambda_: float, streams: RandomStreams, aux: AuxiliaryGaussian | None = None,
-                   collectives: Collectives | None = None) -> dict[str, Tensor]:
+                   collectives: Collectives | None = None, unsup_weight: float = 1.0) -> dict[str, Tensor]:
     """Compute L_tot for one step; alpha, the auxiliary samples and the noise each draw from their own
     stream of ``streams`` (so turning one term off leaves the others' draws unchanged).
 
@@ -57,6 +57,9 @@ def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs
     come from shared streams, so every rank computes the same L_CL) and L_CR's mean runs over the
     confident pixels of every rank (``global_mean``): after the gradient average, the update of one
     process on the whole global batch.
+
+    ``unsup_weight``: w(t), multiplying w_cl L_CL + w_cr L_CR (not L_sup): ``train.protocol`` joint's
+    ramp (``cssl_ray.joint``); 1 in the paper's rounds.
     """
     col = collectives or Collectives()
     t, c = cfg.train, cfg.contrastive
@@ -94,7 +97,7 @@ def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs
         out["aux"] = aux_batch
         out["anchors"] = torch.tensor(float(stats["anchors"]))
         out["anchors_without_positive"] = torch.tensor(float(stats["anchors_without_positive"]))
-        loss = loss + t.w_cl * loss_cl
+        loss = loss + unsup_weight * t.w_cl * loss_cl
     if t.use_cr and inputs.unlabelled is not None:  # None: D_U is empty (100% labelled)
         if teacher is None:
             raise ValueError("cssl_objective: use_cr needs a teacher")
@@ -103,6 +106,6 @@ def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs
                                    mode=cfg.consistency.perturb, generator=streams.noise,
                                    scale=cfg.consistency.noise, collectives=col)
         out["loss_cr"] = loss_cr
-        loss = loss + t.w_cr * loss_cr
+        loss = loss + unsup_weight * t.w_cr * loss_cr
     out["loss"] = loss
     return out

@@ -334,6 +334,9 @@ def check_ray_run(cfg: Config, source: DataSource, workers: int, gpus_per_worker
                   cpus_per_worker: float = 0.5, placement_strategy: str = "PACK", labellers: int = 1,
                   gpus_per_labeller: float = 0.0) -> None:
     """One-line ConfigErrors for settings a Train run cannot honour (before Ray starts)."""
+    if cfg.train.protocol != "paper":
+        raise ConfigError(f"train.protocol: {cfg.train.protocol} runs in one process for now (--local; in a space, "
+                          "resources.workers: 0); Ray Train runs the paper's protocol")
     if cfg.train.method != "cssl":
         raise ConfigError(f"train.method: {cfg.train.method} runs in one process for now (--local; in a space, "
                           "resources.workers: 0); Ray Train runs the cssl method")

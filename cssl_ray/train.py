@@ -117,7 +117,7 @@ def dry_run_line(cfg: Config, args: argparse.Namespace, source: Any) -> str:
                f"({args.placement_strategy}){labellers}, on Ray at {args.address or 'a local instance started here'}, "
                f"checkpoints in {args.storage_path or t.out_dir}")
     return (f"dry run: config ok ({d.name} {d.image_size[0]}x{d.image_size[1]}, {cfg.model.name}, "
-            f"{t.max_rounds} rounds); {data}; {how}, run files in {t.out_dir}"
+            f"{t.last_round()} rounds{', joint protocol' if t.protocol == 'joint' else ''}); {data}; {how}, run files in {t.out_dir}"
             f"{' (resumed)' if args.resume else ''}; nothing started")
 
 

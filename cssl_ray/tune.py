@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                             warned=warned)
         from cssl_ray.tracking import tracking_uri
         uri = tracking_uri(args.tracking_uri)
-        scheduler = make_scheduler(space, base.train.max_rounds)
+        scheduler = make_scheduler(space, base.train.last_round())
         search_alg = make_searcher(space)  # here, not in run_experiment: the dry run imports optuna too
         param_space = space.param_space()
         if args.dry_run:
