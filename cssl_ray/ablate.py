@@ -34,15 +34,16 @@ from typing import Any
 from cssl_ray.config import Config, ConfigError, dump_config, load_config
 from cssl_ray.experiment import (CELL_KEY, Interrupted, best_outcome, check_trials, experiment_folder, fail, grid_size,
                                  log_parent_files, register_best, run_experiment, trials_label)
-from cssl_ray.search_space import ABLATION_CELLS, BASELINE_CELLS, Space, load_space
+from cssl_ray.search_space import ABLATION_CELLS, BASELINE_CELLS, PROTOCOLS, Space, load_space
 from cssl_ray.tune import (DEFAULT_STORAGE, add_resource_flags, add_selection_flags, announce_model, best_config_path,
                            data_text, trial_resources_text, with_resources)
 
 SWEEP_CELLS = ["supervised", "cssl"]
 
 
-def ablation_grid(space: Space, seeds: int, cells: list[str] | None, fractions: list[float] | None) -> dict[str, Any]:
-    """Tune param_space: grid over cells x seeds (x labelled fractions)."""
+def ablation_grid(space: Space, seeds: int, cells: list[str] | None, fractions: list[float] | None,
+                  protocols: list[str] | None = None) -> dict[str, Any]:
+    """Tune param_space: grid over cells x seeds (x labelled fractions) (x train.protocol values)."""
     from ray import tune
 
     fractions = fractions if fractions is not None else space.ablation.label_fractions
@@ -55,6 +56,13 @@ def ablation_grid(space: Space, seeds: int, cells: list[str] | None, fractions: 
                               f"{space.resources.workers} runs Ray Train trials)")
     if seeds < 1:
         raise ConfigError(f"--seeds: {seeds} is out of range; allowed: >= 1")
+    protocols = protocols if protocols is not None else space.ablation.protocols
+    for protocol in protocols:
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"--protocols: {protocol!r} is not a protocol; choose from {', '.join(PROTOCOLS)}")
+        if protocol == "joint" and space.resources.workers > 0:
+            raise ConfigError(f"--protocols: joint runs in-process only for now; add --workers 0 (resources.workers: "
+                              f"{space.resources.workers} runs Ray Train trials)")
     grid: dict[str, Any] = {CELL_KEY: tune.grid_search(list(cells)), "train.seed": tune.grid_search(list(range(seeds)))}
     if fractions:
         for f in fractions:
@@ -62,6 +70,8 @@ def ablation_grid(space: Space, seeds: int, cells: list[str] | None, fractions: 
                 raise ConfigError(f"--fractions: {f} is out of range; allowed: 0 < fraction <= 1")
         grid["data.labelled_fraction"] = tune.grid_search(list(fractions))
         grid["data.labelled_count"] = 0  # a count would override the fraction
+    if protocols:
+        grid["train.protocol"] = tune.grid_search(list(dict.fromkeys(protocols)))
     return grid
 
 
@@ -85,6 +95,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cells", nargs="+", help=f"cells to run (default the space's ablation.cells; any of "
                                               f"{' '.join(ABLATION_CELLS)})")
     p.add_argument("--fractions", type=float, nargs="+", help="labelled fractions: a Table 2 style sweep")
+    p.add_argument("--protocols", nargs="+", help="train.protocol values, each cell under each (paper joint; "
+                                                  "default the space's ablation.protocols, else the config's)")
     p.add_argument("--config", help="a config YAML with the fixed hyperparameters")
     p.add_argument("--address", help="an existing Ray cluster, e.g. auto; default: start Ray here")
     p.add_argument("--storage-path", default=DEFAULT_STORAGE, help=f"experiment folder root (default {DEFAULT_STORAGE})")
@@ -109,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         base = fixed_config(space, args.config, args.storage_path, log=source.append if args.dry_run else print)
         base = space.select(base, args.select_metric, args.select_mode)  # every cell: the space's selection
         seeds = args.seeds if args.seeds is not None else space.ablation.seeds
-        grid = ablation_grid(space, seeds, args.cells, args.fractions)  # imports Ray: after the one-line checks
+        grid = ablation_grid(space, seeds, args.cells, args.fractions, args.protocols)  # imports Ray: after the one-line checks
         sweep = "data.labelled_fraction" in grid
         warned: list[str] = []  # warnings of the checks: shown now, not again by every trial
         data = check_trials(space, base, split_varies=sweep, warned=warned)  # before Ray starts, one line each
@@ -121,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             shape = f"{', '.join(grid[CELL_KEY]['grid_search'])} x {seeds} seed(s)"
             if sweep:
                 shape += f" x {len(grid['data.labelled_fraction']['grid_search'])} fraction(s)"
+            if "train.protocol" in grid:
+                shape += f" x protocol {' / '.join(grid['train.protocol']['grid_search'])}"
             print(f"dry run: ablate {space.name}: {grid_size(grid)} run(s) ({'fractions' if sweep else 'table5'} "
                   f"grid: {shape}), up to {space.max_concurrent_trials} at a time, "
                   f"{trial_resources_text(space, trials_label(base, grid))}; "

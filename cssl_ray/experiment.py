@@ -302,11 +302,12 @@ def _first_error_line(trial) -> str:
 
 def run_tags(cfg: Config, cell: str | None = None, nominal: Config | None = None) -> dict[str, str]:
     """Tags of a trial: dataset, the experiment's labelled share (``nominal``'s, so a reference cell
-    such as supervised_all sits in its experiment's table), cell (``cell``, else from the switches)."""
+    such as supervised_all sits in its experiment's table), cell (``cell``, else from the switches),
+    the schedule (``train.protocol``: a report compares cells of one protocol only)."""
     d, n = cfg.data, (nominal or cfg).data
     return {"cssl.dataset": d.name, "cssl.labelled_fraction": str(n.labelled_fraction),
             "cssl.labelled_count": str(n.labelled_count), "cssl.cell": cell or cell_of(cfg),
-            "cssl.seed": str(cfg.train.seed), "cssl.method": _method_tag(cfg)}
+            "cssl.seed": str(cfg.train.seed), "cssl.method": _method_tag(cfg), "cssl.protocol": cfg.train.protocol}
 
 
 def _method_tag(cfg: Config) -> str:

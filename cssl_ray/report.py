@@ -94,20 +94,24 @@ def extras_of(runs: list[dict], metric: str = "test_dice_mean") -> list[str]:
 
 
 def labelled_of(run: dict) -> str:
-    """The labelled share of a run: ``cssl.labelled_count`` when positive, else the fraction."""
+    """The group a run is compared within: its labelled share (``cssl.labelled_count`` when
+    positive, else the fraction) and, for runs that record it, its ``train.protocol`` ("3 images,
+    joint"): every cell is tested against the supervised reference of its own share and protocol."""
     tags = run["tags"]
     count = tags.get("cssl.labelled_count", "")
+    share = tags.get("cssl.labelled_fraction", "?")
     try:
         if int(count) > 0:
-            return f"{int(count)} images"
+            share = f"{int(count)} images"
     except ValueError:
         pass
-    return tags.get("cssl.labelled_fraction", "?")
+    protocol = tags.get("cssl.protocol")
+    return f"{share}, {protocol}" if protocol else share
 
 
 def _num(label: str) -> tuple[int, float, str]:
     try:
-        return (0, float(label.split()[0]), label)
+        return (0, float(label.replace(",", " ").split()[0]), label)
     except (ValueError, IndexError):
         return (1, 0.0, label)
 

@@ -28,7 +28,8 @@ A space file (``tune_spaces/<name>.yaml``; every key but ``dataset`` is optional
     #          also labellers: 1, gpus_per_labeller: 0 (pseudo-labeller actors in the trial's
     #          placement group; 0 GPU = CPU labellers, a fraction up to 1 shares a GPU)
     max_concurrent_trials: 2     # default 2
-    ablation: {seeds: 3, cells: [supervised, cl, cl_hn, cr, cl_cr, cssl], label_fractions: []}
+    ablation: {seeds: 3, cells: [supervised, cl, cl_hn, cr, cl_cr, cssl], label_fractions: [],
+               protocols: []}  # protocols: [paper, joint] runs every cell under both (default: the config's)
 
 The overrides are layered base file -> ``config:`` -> ``dataset`` / ``labelled_*`` (written into
 ``data``; ``dataset`` wins over a base file's ``data.name``, a ``config.data.name`` must agree); a
@@ -105,6 +106,7 @@ BASELINE_CELLS = ("bn_mix", "pseudo_label", "mean_teacher", "cps", "simclr_pretr
 DEFAULT_CELLS = [c for c in ABLATION_CELLS if c not in BASELINE_CELLS]  # the paper's Table 5 + supervised_all
 # data overrides of a cell (the rest of the split - val, test, the seed - is the experiment's)
 CELL_DATA: dict[str, dict[str, Any]] = {"supervised_all": {"labelled_fraction": 1.0, "labelled_count": 0}}
+PROTOCOLS = ("paper", "joint")  # train.protocol
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 SEARCH_ALGORITHMS = ("random", "optuna")  # Tune's variant generator; Ray's OptunaSearch with Optuna's TPE
 TOP_KEYS = ("name", "dataset", "labelled_fraction", "labelled_count", "base", "config", "search", "metric", "mode",
@@ -175,6 +177,9 @@ class Ablation:
     seeds: int = 3  # train.seed 0..seeds-1 per cell
     cells: list[str] = field(default_factory=lambda: list(DEFAULT_CELLS))
     label_fractions: list[float] = field(default_factory=list)  # [] = the space's own labelled setting
+    # train.protocol values to grid over (paper, joint: cssl_ray.joint); [] = the config's own. Each
+    # cell is reported against the supervised cell of its own protocol
+    protocols: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -613,7 +618,7 @@ def _resources(raw: Any, fail: Any) -> Resources:
 
 
 def _ablation(raw: Any, fail: Any) -> Ablation:
-    d = _section(raw, "ablation", ("seeds", "cells", "label_fractions"), fail)
+    d = _section(raw, "ablation", ("seeds", "cells", "label_fractions", "protocols"), fail)
     cells = d.get("cells", list(DEFAULT_CELLS))
     if not isinstance(cells, list) or not cells or len(set(map(str, cells))) != len(cells) \
             or any(c not in ABLATION_CELLS for c in cells):
@@ -625,4 +630,10 @@ def _ablation(raw: Any, fail: Any) -> Ablation:
     for f in fractions:
         if not 0 < _number(f, "ablation.label_fractions", fail) <= 1:
             raise fail(f"ablation.label_fractions: {f!r} is out of range; allowed: each in (0, 1]")
-    return Ablation(_count(d, "seeds", 3, 1, fail, "ablation."), list(cells), [float(f) for f in fractions])
+    protocols = d.get("protocols", []) or []
+    if not isinstance(protocols, list) or len(set(map(str, protocols))) != len(protocols) \
+            or any(p not in PROTOCOLS for p in protocols):
+        raise fail(f"ablation.protocols: {protocols!r} is not allowed; a list of distinct values from "
+                   f"{', '.join(PROTOCOLS)}")
+    return Ablation(_count(d, "seeds", 3, 1, fail, "ablation."), list(cells), [float(f) for f in fractions],
+                    list(protocols))

@@ -1,6 +1,7 @@
 """cssl_ray.experiment without a Ray cluster: trial configs, Tune metrics, the MLflow recorder's statuses."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -134,9 +135,15 @@ def test_ablation_grids_table5_and_fraction_sweep(tmp_path):
     assert sweep["data.labelled_fraction"] == {"grid_search": [0.1, 0.5]} and sweep["data.labelled_count"] == 0
     for bad, match in (((0, None, None), "--seeds"), ((1, ["cl", "nope"], None), "--cells: 'nope'"),
                        ((1, None, [0.0]), "--fractions"),
-                       ((1, ["supervised", "mean_teacher"], None), "--cells: mean_teacher runs in-process only")):
+                       ((1, ["supervised", "mean_teacher"], None), "--cells: mean_teacher runs in-process only"),
+                       ((1, None, None, ["paper", "joint"]), "--protocols: joint runs in-process only"),
+                       ((1, None, None, ["both"]), "--protocols: 'both' is not a protocol")):
         with pytest.raises(ConfigError, match=match):
             ablation_grid(space, *bad)
+    in_process = dataclasses.replace(space, resources=dataclasses.replace(space.resources, workers=0))
+    both = ablation_grid(in_process, 1, ["supervised", "cssl"], None, ["paper", "joint"])
+    assert both["train.protocol"] == {"grid_search": ["paper", "joint"]}
+    assert "train.protocol" not in ablation_grid(in_process, 1, None, None)  # the config's own
     # fixed hyperparameters: --config, else the tuned best config, else the space's base
     assert fixed_config(space, None, str(tmp_path), log=lambda _: None) == space.base_config()
     best = tmp_path / f"{space.name}-tune" / "best_config.yaml"

@@ -106,6 +106,25 @@ def test_no_supervised_and_ordering() -> None:
     assert report.format_markdown([], []) == ""
 
 
+def test_each_protocol_is_tested_against_its_own_supervised_cell() -> None:
+    def tagged(runs: list[dict], protocol: str, shift: float = 0.0) -> list[dict]:
+        out = []
+        for r in runs:
+            m = {**r["metrics"], "test_dice_mean": r["metrics"]["test_dice_mean"] + shift}
+            out.append({**r, "run_id": f"{r['run_id']}-{protocol}", "metrics": m,
+                        "tags": {**r["tags"], "cssl.protocol": protocol}})
+        return out
+    # joint's supervised cell scores 0.1 more: against it, joint CSSL (same shift) is what paper CSSL is
+    # against paper supervised; against paper's supervised it would be far better
+    runs = tagged(SUP + CSSL, "paper") + tagged(SUP + CSSL, "joint", 0.1)
+    rows = report.build_rows(runs, "test_dice_mean")
+    assert [(r["labelled"], r["cell"]) for r in rows] == [
+        ("0.1, joint", "supervised"), ("0.1, joint", "cssl"), ("0.1, paper", "supervised"), ("0.1, paper", "cssl")]
+    paper, joint_ = _row(rows, "cssl", "0.1, paper"), _row(rows, "cssl", "0.1, joint")
+    assert joint_["p"] == pytest.approx(paper["p"])
+    assert joint_["p"] == pytest.approx(stats.ttest_rel([0.85, 0.90, 0.89], [0.80, 0.82, 0.84]).pvalue)
+
+
 def _write_store(uri: str) -> str:
     tracker = Tracker(uri, "abl")
     parent = tracker.start_parent("ablate", {"cssl.kind": "ablate"}, session="s")

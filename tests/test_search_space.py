@@ -158,6 +158,7 @@ BAD = [
     ("seeds", smoke(ablation={"seeds": 0}), "ablation.seeds: 0 is out of range"),
     ("cells", smoke(ablation={"cells": ["cssl", "mixup"]}), "ablation.cells: ['cssl', 'mixup'] is not allowed"),
     ("fractions", smoke(ablation={"label_fractions": [0.1, 0.0]}), "ablation.label_fractions: 0.0 is out of range"),
+    ("protocols", smoke(ablation={"protocols": ["paper", "jont"]}), "ablation.protocols: ['paper', 'jont'] is not allowed"),
     ("search_algorithm typo", smoke(search_algorithm="optuan"),
      "search_algorithm: 'optuan' is not allowed; choose random or optuna"),
     ("search_algorithm case", smoke(search_algorithm="Optuna"), "search_algorithm: 'Optuna' is not allowed"),
