@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         grid = ablation_grid(space, seeds, args.cells, args.fractions, args.protocols)  # imports Ray: after the one-line checks
         sweep = "data.labelled_fraction" in grid
         warned: list[str] = []  # warnings of the checks: shown now, not again by every trial
-        data = check_trials(space, base, split_varies=sweep, warned=warned)  # before Ray starts, one line each
+        data = check_trials(space, base, split_varies=sweep, warned=warned, address=args.address,  # before Ray
+                            storage=args.storage_path, labelling=trials_label(base, grid))  # starts, one line each
         from cssl_ray.tracking import tracking_uri
         uri = tracking_uri(args.tracking_uri)
         name = args.name or f"{space.name}-ablate" + ("-fractions" if sweep else "")

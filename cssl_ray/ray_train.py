@@ -49,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -67,6 +68,7 @@ from cssl_ray.loop import evaluate, labelled_confidence, supervised_epoch
 from cssl_ray.models import check_geometry
 from cssl_ray.placement import check_labeller_flags
 from cssl_ray.precision import Precision
+from cssl_ray.preflight import check_fits_here, check_shared_paths, check_worker_gpus, dataset_paths
 from cssl_ray.progress import record_warnings
 from cssl_ray.ray_init import init_ray, shutdown_ray
 from cssl_ray.schedule import RunState, stage_a_plan, sup_steps
@@ -349,6 +351,7 @@ def check_ray_run(cfg: Config, source: DataSource, workers: int, gpus_per_worker
         raise ConfigError(f"--cpus-per-worker: {cpus_per_worker} is out of range; allowed: > 0")
     if gpus_per_worker < 0:
         raise ConfigError(f"--gpus-per-worker: {gpus_per_worker} is out of range; allowed: >= 0")
+    check_worker_gpus(workers, gpus_per_worker)
     check_labeller_flags(labellers, gpus_per_labeller)
     if cfg.train.amp == "fp16" and gpus_per_worker == 0:
         raise ConfigError("train.amp: fp16 needs CUDA workers (--gpus-per-worker > 0); use bf16 or off on CPUs")
@@ -373,18 +376,33 @@ def check_ray_run(cfg: Config, source: DataSource, workers: int, gpus_per_worker
 
 
 def check_run(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float = 0.5,
-              placement_strategy: str = "PACK", labellers: int = 1, gpus_per_labeller: float = 0.0) -> DataSource:
+              placement_strategy: str = "PACK", labellers: int = 1, gpus_per_labeller: float = 0.0,
+              address: str | None = None, storage_path: str | None = None, here: bool = False) -> DataSource:
     """Every check ``run_ray`` makes before Ray starts (``--dry-run`` runs only these): the config's
     ranges, the model's geometry, the dataset (prepared and split: a missing or bad dataset is one
-    line here) and ``check_ray_run``. Returns the split's ``DataSource`` (no pixels read). Writes
-    nothing but the dataset cache."""
+    line here), ``check_ray_run``, and ``cssl_ray.preflight``'s: with a remote ``address``, the run
+    folder (``storage_path``, else train.out_dir) and the prepared dataset on shared storage;
+    ``here`` (Ray will start on this machine): the run's workers and labellers fit this machine's
+    GPUs. Returns the split's ``DataSource`` (no pixels read). Writes nothing but the dataset cache."""
     validate(cfg)
     check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
     source = open_source(cfg.data)  # data errors: one-line ConfigErrors, before Ray starts
     check_metric("train.select_metric", cfg.train.select_metric, source.class_names)
     check_ray_run(cfg, source, workers, gpus_per_worker, cpus_per_worker, placement_strategy, labellers,
                   gpus_per_labeller)
+    check_shared_paths(address, [("--storage-path" if storage_path else "train.out_dir (the default --storage-path)",
+                                  storage_path or cfg.train.out_dir), *dataset_paths(cfg.data, source.store)])
+    if here:
+        from cssl_ray.placement import StreamResources, run_demand
+        stream = StreamResources(labellers=labellers, labeller_gpus=gpus_per_labeller)
+        check_fits_here(run_demand(workers, cpus_per_worker, gpus_per_worker, stream if run_labels(cfg, source) else None),
+                        "the run", "lower --gpus-per-worker / --gpus-per-labeller")
     return source
+
+
+def run_labels(cfg: Config, source: DataSource) -> bool:
+    """Whether a Train run pseudo-labels (so starts labellers): L_CL or L_CR on, and D_U not empty."""
+    return (cfg.train.use_cl or cfg.train.use_cr) and source.count("unlabelled") > 0
 
 
 def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
@@ -419,8 +437,11 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
 
     start = time.perf_counter()
     r = resources or placement.StreamResources()
+    ray_running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     source = check_run(cfg, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                       placement_strategy=placement_strategy, labellers=r.labellers, gpus_per_labeller=r.labeller_gpus)
+                       placement_strategy=placement_strategy, labellers=r.labellers, gpus_per_labeller=r.labeller_gpus,
+                       address=address, storage_path=storage_path,
+                       here=address is None and labeller_group is None and not ray_running)
     out_dir = write_run_files(cfg, source)
     storage = storage_path or str(out_dir.resolve())
     local_storage = "://" not in storage
@@ -437,7 +458,7 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
     from cssl_ray.pipeline import LabellerPool
     from cssl_ray.weights import get_or_create_weight_store
 
-    labelling = (cfg.train.use_cl or cfg.train.use_cr) and source.count("unlabelled") > 0
+    labelling = run_labels(cfg, source)
     demand = placement.run_demand(workers, cpus_per_worker, gpus_per_worker, r if labelling else None)
     started_ray = init_ray(address, demand.cpus)
     if address is None and labeller_group is None:  # a local instance cannot grow: fail now, not wait forever

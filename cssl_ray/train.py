@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             from cssl_ray.ray_train import check_run  # the checks run_ray makes first (a superset of --local's)
             source = check_run(cfg, workers=1 if args.local else args.workers, gpus_per_worker=args.gpus_per_worker,
                                cpus_per_worker=args.cpus_per_worker, placement_strategy=args.placement_strategy,
-                               labellers=args.labellers, gpus_per_labeller=args.gpus_per_labeller)
+                               labellers=args.labellers, gpus_per_labeller=args.gpus_per_labeller,
+                               **({} if args.local else {"address": args.address, "storage_path": args.storage_path,
+                                                         "here": args.address is None}))
             print(dry_run_line(cfg, args, source))
             return 0
         from cssl_ray.config import validate

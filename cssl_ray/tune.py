@@ -200,13 +200,14 @@ def main(argv: list[str] | None = None) -> int:
             space = dataclasses.replace(space, num_samples=args.num_samples)
         base = space.select(space.base_config(), args.select_metric, args.select_mode)
         warned: list[str] = []  # warnings of the checks: shown now, not again by every trial
+        param_space = space.param_space()
         data = check_trials(space, base, split_varies=any(k.startswith("data.") for k in space.search),
-                            warned=warned)
+                            warned=warned, address=args.address, storage=args.storage_path,
+                            labelling=trials_label(base, param_space))
         from cssl_ray.tracking import tracking_uri
         uri = tracking_uri(args.tracking_uri)
         scheduler = make_scheduler(space, base.train.last_round())
         search_alg = make_searcher(space)  # here, not in run_experiment: the dry run imports optuna too
-        param_space = space.param_space()
         if args.dry_run:
             folder = experiment_folder(Path(args.storage_path), tune_folder(space), args.resume)
             print(f"dry run: tune {space.name}: {space.num_samples * grid_size(param_space)} trial(s) over "

@@ -297,7 +297,7 @@ def test_labeller_flags_override_the_space(cli, fake_cache, monkeypatch, tmp_pat
     monkeypatch.setenv("CSSL_RAY_CACHE", str(fake_cache))
     main = importlib.import_module(f"cssl_ray.{cli}").main
     common = ["--space", str(REPO / "tune_spaces" / "nuclei.yaml"), "--storage-path", str(tmp_path), "--workers", "1",
-              "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--dry-run"]
+              "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--dry-run", "--address", "auto"]  # GPUs: a cluster's
     if cli == "ablate":  # the space's grid holds bn_mix, which runs in-process only (issue 15)
         common += ["--cells", "supervised", "cssl"]
     assert main(common + ["--labellers", "3", "--gpus-per-labeller", "0.25"]) == 0

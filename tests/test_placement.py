@@ -105,7 +105,7 @@ def test_labeller_flags_are_one_line_errors(argv, expected, tmp_path, capsys):
 
 def test_dry_run_shows_the_labellers(tmp_path, capsys):
     assert train.main(["--smoke", "--out", str(tmp_path), "--dry-run", "--labellers", "2",
-                       "--gpus-per-labeller", "0.5", "--gpus-per-worker", "0.5"]) == 0
+                       "--gpus-per-labeller", "0.5", "--gpus-per-worker", "0.5", "--address", "auto"]) == 0
     assert "2 pseudo-labeller(s) x 0.5 GPU, 0.5 CPU each" in capsys.readouterr().out
 
 
