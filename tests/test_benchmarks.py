@@ -5,10 +5,11 @@ No timing assertions: the figures depend on the machine and on what else runs on
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
-from benchmark_scripts import load_benchmark
+from benchmark_scripts import ROOT, load_benchmark
 
 
 def test_train_step_smoke_writes_json(tmp_path, capsys):
@@ -88,3 +89,37 @@ def test_stage_a_budget_curves_for_few_and_all_labels(tmp_path, capsys):
     assert all([c["stage_a_step"] for c in r["curve"]][-1] == 4 for r in runs)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("| labels | 2 | 4 | first rate cut") and lines[2].startswith("| few |")
+
+
+def test_gpu_check_dry_run_plans_every_figure_and_checks_the_runs():
+    import subprocess
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(x) for x in done.stdout.strip().splitlines()]
+    assert [x["figure"] for x in lines] == ["ray_train_bf16_shared", "ray_train_fp16", "contrastive_loss_6528",
+                                            "train_step_bf16"]
+    assert all(x["planned"] for x in lines)
+    assert [x.get("dry_run_ok") for x in lines[:2]] == [True, True]  # cssl_ray.train's own checks passed
+    assert "--gpus-per-worker 0.5 --gpus-per-labeller 0.5" in lines[0]["command"]  # the labeller shares the GPU
+    assert "train.amp=bf16" in lines[0]["command"] and "train.channels_last=true" in lines[0]["command"]
+
+
+def test_gpu_check_on_cpu_prints_a_json_line_per_figure(tmp_path):
+    check = load_benchmark("gpu_check")
+    assert check.main(["--cpu", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    figures = {f["figure"]: f for f in summary["figures"]}
+    assert set(figures) == {"contrastive_loss_6528", "train_step_bf16"} and all(f["ok"] for f in figures.values())
+    assert figures["contrastive_loss_6528"]["n"] == 256 and figures["contrastive_loss_6528"]["time_ms"] > 0
+    assert 0 < figures["train_step_bf16"]["fp32_fraction_of_fp32_matmul"]
+
+
+def test_gpu_check_failed_figure_is_a_line_not_a_crash(tmp_path):
+    check = load_benchmark("gpu_check")
+    line = check.run_figure({"figure": "x", "cmd": [sys.executable, "-c", "import sys; sys.exit('boom')"],
+                             "read": None}, timeout=30)
+    assert line["figure"] == "x" and not line["ok"] and line["error"] == "boom" and line["rc"] == 1
+    line = check.run_figure({"figure": "y", "cmd": [sys.executable, "-c", "import time; time.sleep(5)"],
+                             "read": None}, timeout=0.5)
+    assert not line["ok"] and "timed out" in line["error"]
