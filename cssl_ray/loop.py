@@ -21,7 +21,8 @@ from cssl_ray.consistency import Teacher
 from cssl_ray.contrastive import AuxiliaryGaussian
 from cssl_ray.metrics import SegmentationMetrics
 from cssl_ray.objective import StepInputs, cssl_objective, patch_embeddings
-from cssl_ray.patches import class_balanced_batches, sample_patches, seeded_patches
+from cssl_ray.patches import (PatchWindows, class_balanced_batches, extract_patches, sample_patches, seeded_patches,
+                              seeded_windows)
 from cssl_ray.precision import FP32, Precision, backward_step
 from cssl_ray.pseudo_labels import (CONFIDENCE_BINS, class_coverage, confidence_histogram, coverage,
                                     histogram_medians, predict_pseudo_labels, rule_of)
@@ -277,6 +278,21 @@ def image_patches(cfg: Config, images: Tensor, labels: Tensor, indices: Tensor |
         per_image=pt.per_image, classes=list(range(1, cfg.data.num_classes)),
         seed=cfg.train.seed, round_=round_, labelled=labelled, mask=pt.mask, ignore_index=cfg.pseudo.ignore_index)
     return patches, classes
+
+
+def image_windows(cfg: Config, labels: Tensor, indices: Tensor | list[int], round_: int, labelled: bool) -> PatchWindows:
+    """``patches.seeded_windows`` with the run's settings: the windows ``image_patches`` cuts."""
+    pt = cfg.patches
+    return seeded_windows(labels, [int(i) for i in indices], size=pt.size, min_pixels=pt.min_pixels,
+                          per_image=pt.per_image, classes=list(range(1, cfg.data.num_classes)), seed=cfg.train.seed,
+                          round_=round_, labelled=labelled, ignore_index=cfg.pseudo.ignore_index)
+
+
+def cut_patches(cfg: Config, images: Tensor, labels: Tensor, windows: PatchWindows) -> Tensor:
+    """The masked patches (P, C, s, s) of ``windows`` in ``images`` / ``labels`` (``image_windows``'):
+    ``image_patches``' patches, cut where the images are."""
+    pt = cfg.patches
+    return extract_patches(images, labels, windows, pt.size, mask=pt.mask, ignore_index=cfg.pseudo.ignore_index)
 
 
 def local_steps(cfg: Config, round_: int, plan: list[Tensor], unlabelled: Tensor, pseudo: Tensor,

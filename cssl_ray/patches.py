@@ -452,28 +452,37 @@ def patch_seed(seed: int, round_: int, labelled: bool, index: int) -> int:
     return int(np.random.SeedSequence([seed, round_, int(labelled), index]).generate_state(1, np.uint64)[0])
 
 
-def seeded_patches(images: Tensor, labels: Tensor, indices: Sequence[int], *, size: int, min_pixels: int,
-                   per_image: int, classes: Sequence[int], seed: int, round_: int, labelled: bool,
-                   mask: str = "others_all", ignore_index: int = 255) -> tuple[Tensor, Tensor, PatchWindows]:
-    """Class-wise patches of each image (``dense_windows``: ``per_image`` windows shared by the classes
-    present), its windows drawn with ``patch_seed(seed, round_, labelled, index)``: the same patches in ``--local``, in any Ray worker and in the labelling stream.
-
-    images (B, C, H, W), labels (B, H, W), indices (B,) the images' dataset indices. Returns
-    patches (P, C, size, size), their classes (P,) and the windows (``sources`` = position in
-    ``images``)."""
-    if images.shape[0] != labels.shape[0] or images.shape[0] != len(indices):
-        raise ValueError(f"images ({images.shape[0]}), labels ({labels.shape[0]}) and indices ({len(indices)}) "
-                         "must have the same length")
-    parts, wins = [], []
+def seeded_windows(labels: Tensor, indices: Sequence[int], *, size: int, min_pixels: int, per_image: int,
+                   classes: Sequence[int], seed: int, round_: int, labelled: bool,
+                   ignore_index: int = 255) -> PatchWindows:
+    """The class-wise windows of each image of ``labels`` (B, H, W) (``dense_windows``: ``per_image``
+    windows shared by the classes present), drawn with ``patch_seed(seed, round_, labelled, index)``
+    for the image's dataset index in ``indices`` (B,): the same windows in ``--local``, in any Ray
+    worker and in the labelling stream. ``sources`` = position in ``labels``. Windows need only the
+    labels: the stream sends them, never the patches' pixels (``pipeline``)."""
+    if labels.shape[0] != len(indices):
+        raise ValueError(f"labels ({labels.shape[0]}) and indices ({len(indices)}) must have the same length")
+    wins = []
     for i, index in enumerate(indices):
         gen = torch.Generator().manual_seed(patch_seed(seed, round_, labelled, int(index)))
         w = dense_windows(labels[i:i + 1], size, min_pixels, per_image=per_image, classes=classes,
                           ignore_index=ignore_index, generator=gen)
-        parts.append(extract_patches(images[i:i + 1], labels[i:i + 1], w, size, mask=mask, ignore_index=ignore_index))
         wins.append(w._replace(sources=torch.full_like(w.sources, i)))
-    if not parts:
+    if not wins:
         empty = torch.zeros(0, dtype=torch.int64)
-        return (images.new_zeros((0, images.shape[1], size, size)), empty,
-                PatchWindows(empty, empty.clone(), empty.clone(), empty.clone()))
-    windows = PatchWindows(*(torch.cat([getattr(w, f) for w in wins]) for f in PatchWindows._fields))
-    return torch.cat(parts), windows.classes, windows
+        return PatchWindows(empty, empty.clone(), empty.clone(), empty.clone())
+    return PatchWindows(*(torch.cat([getattr(w, f) for w in wins]) for f in PatchWindows._fields))
+
+
+def seeded_patches(images: Tensor, labels: Tensor, indices: Sequence[int], *, size: int, min_pixels: int,
+                   per_image: int, classes: Sequence[int], seed: int, round_: int, labelled: bool,
+                   mask: str = "others_all", ignore_index: int = 255) -> tuple[Tensor, Tensor, PatchWindows]:
+    """``seeded_windows`` of ``labels``, cut from ``images`` (B, C, H, W) and masked
+    (``extract_patches``). Returns patches (P, C, size, size), their classes (P,) and the windows."""
+    if images.shape[0] != labels.shape[0] or images.shape[0] != len(indices):
+        raise ValueError(f"images ({images.shape[0]}), labels ({labels.shape[0]}) and indices ({len(indices)}) "
+                         "must have the same length")
+    windows = seeded_windows(labels, indices, size=size, min_pixels=min_pixels, per_image=per_image,
+                             classes=classes, seed=seed, round_=round_, labelled=labelled, ignore_index=ignore_index)
+    patches = extract_patches(images, labels, windows, size, mask=mask, ignore_index=ignore_index)
+    return patches, windows.classes, windows

@@ -45,16 +45,27 @@ def is_remote_address(address: str | None) -> bool:
     if not address or address in ("auto", "local"):
         return False
     host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-    return not host.startswith("127.") and host not in _local_hosts()
+    return not is_this_machine(host)
 
 
-def _local_hosts() -> set[str]:
-    names = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "", socket.gethostname(), socket.getfqdn()}
+def is_this_machine(host: str) -> bool:
+    """Whether ``host`` is this machine: a loopback or local name, or an address the kernel would
+    send from to reach it (a UDP ``connect`` sends nothing; it only picks the route)."""
+    if host in ("", "localhost", "0.0.0.0", "::1", socket.gethostname(), socket.getfqdn()) or host.startswith("127."):
+        return True
     try:
-        names.update(socket.gethostbyname_ex(socket.gethostname())[2])
-    except OSError:
-        pass
-    return names
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+    except OSError:  # not resolvable here: not a name of this machine
+        return False
+    for family, _, _, _, sockaddr in infos:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect((sockaddr[0], 9))
+                if s.getsockname()[0] == sockaddr[0]:
+                    return True
+            except OSError:  # no route: not this machine
+                continue
+    return False
 
 
 def file_system(path: str | Path, mounts: Path = MOUNTS) -> str | None:

@@ -47,6 +47,7 @@ Design choices:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import sys
@@ -78,6 +79,7 @@ if TYPE_CHECKING:  # pipeline imports ray at module level; the CLI loads this mo
     from cssl_ray.pipeline import RankSteps
 
 STATE_FILE = "state.pt"  # inside every Train checkpoint directory
+WORLD_FILE = "world.json"  # beside it: the worker count that wrote it (read before Ray starts on --resume)
 RUN_NAME = "ray_train"  # the Train run's folder under train.out_dir
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # ScalingConfig's; SPREAD: 1 worker per node
 # Worker progress goes through logging, not print: Train V2 patches print in its workers to log
@@ -151,8 +153,11 @@ def _train_loop(config: dict[str, Any]) -> None:
             saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
         state.load_state_dict(saved)
         streams = saved.get("rank_streams") or []
-        if len(streams) == world:
+        if streams and len(streams) != world:  # run_ray refuses it before Ray starts (local storage)
+            raise RuntimeError(resume_world_message(world, len(streams), "the checkpoint"))
+        if streams:
             state.streams.load_state_dict(streams[rank])
+    republish = [checkpoint is not None]  # the first publish after a restore may go back in version
     # The student only, on this worker's device. No DDP wrapper: gradients are averaged explicitly
     # after every backward over the gloo / NCCL group Ray Train set up (cssl_ray.collectives says
     # why); broadcast_state starts every rank from rank 0's weights, as DDP's constructor would.
@@ -213,7 +218,9 @@ def _train_loop(config: dict[str, Any]) -> None:
         if cssl_on:
             if rank == 0 and cfg.train.figures:  # Fig. 2: pseudo-labels of the model published this round
                 state.take_snapshot(cfg, shard.snapshot_images())
-            steps = _round_steps(state, cfg, shard, config["labellers"], config["resources"], store_name, col)
+            steps = _round_steps(state, cfg, shard, config["labellers"], config["resources"], store_name, col,
+                                 restart=republish[0])
+            republish[0] = False
             # the labelling model's confidence on D_L (as --local's label_round): before L_tot moves it
             labelled_conf = labelled_confidence(state.model, cfg, shard.labelled_images, source.class_names, col)
             started = time.perf_counter()
@@ -255,15 +262,17 @@ class _RankShard:
 
 
 def _round_steps(state: RunState, cfg: Config, shard: _RankShard, actors: list[Any], resources: StreamResources,
-                 store_name: str, col: Collectives) -> RankSteps:
+                 store_name: str, col: Collectives, restart: bool = False) -> RankSteps:
     """Publish round r's weights (rank 0), then this rank's streamed steps of the round's L_tot epoch
-    (``pipeline.RankSteps``: labelled with version r by the run's labellers, consumed as they arrive)."""
+    (``pipeline.RankSteps``: labelled with version r by the run's labellers, consumed as they arrive).
+    ``restart``: the first publish of a worker restored from a checkpoint, which may be older than
+    the store's weights (``weights.WeightStore.publish``)."""
     from cssl_ray.loop import epoch_plan
     from cssl_ray.pipeline import RankSteps
     from cssl_ray.weights import publish_weights
 
     if col.rank == 0:
-        publish_weights(store_name, state.model, version=state.round)  # the model of round r - 1, as version r
+        publish_weights(store_name, state.model, version=state.round, restart=restart)  # round r - 1's model as version r
     col.barrier()  # no rank starts its stream before the new weights are in the store
     plan = epoch_plan(shard.n_unlabelled, cfg, state.streams, col)
     return RankSteps(cfg, state.round, plan, rank=col.rank, world=col.world_size, source=shard.source,
@@ -274,12 +283,16 @@ def _round_steps(state: RunState, cfg: Config, shard: _RankShard, actors: list[A
 def _stream_stats(steps: RankSteps, epoch_s: float, col: Collectives) -> dict[str, float]:
     """How the trainer saw the stream (means over ranks): ``data_wait_frac`` = time waiting on the
     next step over the epoch's time, first step excluded (it includes the stream's start);
-    ``first_step_wait_s``; ``patches_per_s`` = patches the steps delivered per second of the epoch."""
+    ``first_step_wait_s``; ``patches_per_s`` = patches the steps delivered per second of the epoch;
+    ``stream_bytes_per_image`` = bytes of the stream's rows per D_U image (pseudo-labels, windows, counts)."""
     after_first = max(epoch_s - steps.first_wait_s, 1e-9)
     stats = col.mean_floats({"data_wait_frac": (steps.wait_s - steps.first_wait_s) / after_first,
                              "first_step_wait_s": steps.first_wait_s, "patch_wait_s": steps.wait_s,
                              "epoch_s": epoch_s})
-    stats["patches_per_s"] = float(col.sum_(torch.tensor([steps.patches], dtype=torch.float64)).item()) / max(epoch_s, 1e-9)
+    patches, row_bytes, images = col.sum_(torch.tensor([steps.patches, steps.row_bytes, steps.images],
+                                                       dtype=torch.float64)).tolist()
+    stats["patches_per_s"] = patches / max(epoch_s, 1e-9)
+    stats["stream_bytes_per_image"] = row_bytes / max(images, 1)  # what the rows carried to the ranks
     return stats
 
 
@@ -317,6 +330,7 @@ def _report(state: RunState, cfg: Config, record: dict[str, Any], col: Collectiv
     with tempfile.TemporaryDirectory() as d:
         torch.save({**state.state_dict(), "config": to_dict(cfg), "rank_streams": streams},
                    Path(d) / STATE_FILE)
+        (Path(d) / WORLD_FILE).write_text(json.dumps({"world_size": col.world_size, "round": state.round}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -377,13 +391,15 @@ def check_ray_run(cfg: Config, source: DataSource, workers: int, gpus_per_worker
 
 def check_run(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float = 0.5,
               placement_strategy: str = "PACK", labellers: int = 1, gpus_per_labeller: float = 0.0,
-              address: str | None = None, storage_path: str | None = None, here: bool = False) -> DataSource:
+              address: str | None = None, storage_path: str | None = None, here: bool = False,
+              resume: bool = False) -> DataSource:
     """Every check ``run_ray`` makes before Ray starts (``--dry-run`` runs only these): the config's
     ranges, the model's geometry, the dataset (prepared and split: a missing or bad dataset is one
     line here), ``check_ray_run``, and ``cssl_ray.preflight``'s: with a remote ``address``, the run
     folder (``storage_path``, else train.out_dir) and the prepared dataset on shared storage;
     ``here`` (Ray will start on this machine): the run's workers and labellers fit this machine's
-    GPUs. Returns the split's ``DataSource`` (no pixels read). Writes nothing but the dataset cache."""
+    GPUs; ``resume``: the run's newest checkpoint was written by as many workers. Returns the split's
+    ``DataSource`` (no pixels read). Writes nothing but the dataset cache."""
     validate(cfg)
     check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
     source = open_source(cfg.data)  # data errors: one-line ConfigErrors, before Ray starts
@@ -392,12 +408,46 @@ def check_run(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, cp
                   gpus_per_labeller)
     check_shared_paths(address, [("--storage-path" if storage_path else "train.out_dir (the default --storage-path)",
                                   storage_path or cfg.train.out_dir), *dataset_paths(cfg.data, source.store)])
+    if resume:
+        check_resume_world(storage_path or str(Path(cfg.train.out_dir).resolve()), workers)
     if here:
         from cssl_ray.placement import StreamResources, run_demand
         stream = StreamResources(labellers=labellers, labeller_gpus=gpus_per_labeller)
         check_fits_here(run_demand(workers, cpus_per_worker, gpus_per_worker, stream if run_labels(cfg, source) else None),
                         "the run", "lower --gpus-per-worker / --gpus-per-labeller")
     return source
+
+
+def resume_world_message(workers: int, saved: int, where: str) -> str:
+    return (f"--workers: {workers}, but {where} was written by {saved} worker(s): each rank's random streams "
+            f"(its data order, augmentation and noise) are in it, so another worker count would change the run; "
+            f"resume with --workers {saved}, or start a new run (another --out / --storage-path)")
+
+
+def checkpointed_world(run_dir: Path) -> int | None:
+    """The worker count of the newest Train checkpoint in ``run_dir`` (Train V2 names them
+    ``checkpoint_<timestamp>``); None when there is none or it does not say."""
+    points = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    if not points:
+        return None
+    meta = points[-1] / WORLD_FILE
+    if meta.exists():
+        return int(json.loads(meta.read_text())["world_size"])
+    if (points[-1] / STATE_FILE).exists():  # a checkpoint from before world.json
+        streams = torch.load(points[-1] / STATE_FILE, map_location="cpu", weights_only=False).get("rank_streams")
+        return len(streams) if streams else None
+    return None
+
+
+def check_resume_world(storage: str, workers: int) -> None:
+    """``--resume`` with another worker count than the run's checkpoints: one line (local storage;
+    a URI's checkpoints are checked by the worker that loads them)."""
+    if "://" in storage:
+        return
+    run_dir = Path(storage) / RUN_NAME
+    saved = checkpointed_world(run_dir)
+    if saved is not None and saved != workers:
+        raise ConfigError(resume_world_message(workers, saved, f"the newest checkpoint in {run_dir}"))
 
 
 def run_labels(cfg: Config, source: DataSource) -> bool:
@@ -440,7 +490,7 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
     ray_running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     source = check_run(cfg, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                        placement_strategy=placement_strategy, labellers=r.labellers, gpus_per_labeller=r.labeller_gpus,
-                       address=address, storage_path=storage_path,
+                       address=address, storage_path=storage_path, resume=resume,
                        here=address is None and labeller_group is None and not ray_running)
     out_dir = write_run_files(cfg, source)
     storage = storage_path or str(out_dir.resolve())

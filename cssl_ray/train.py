@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                                cpus_per_worker=args.cpus_per_worker, placement_strategy=args.placement_strategy,
                                labellers=args.labellers, gpus_per_labeller=args.gpus_per_labeller,
                                **({} if args.local else {"address": args.address, "storage_path": args.storage_path,
-                                                         "here": args.address is None}))
+                                                         "here": args.address is None, "resume": args.resume}))
             print(dry_run_line(cfg, args, source))
             return 0
         from cssl_ray.config import validate

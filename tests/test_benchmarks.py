@@ -123,3 +123,17 @@ def test_gpu_check_failed_figure_is_a_line_not_a_crash(tmp_path):
     line = check.run_figure({"figure": "y", "cmd": [sys.executable, "-c", "import time; time.sleep(5)"],
                              "read": None}, timeout=0.5)
     assert not line["ok"] and "timed out" in line["error"]
+
+
+def test_stream_bytes_counts_both_designs_on_the_same_steps(tmp_path, capsys):
+    bench = load_benchmark("stream_bytes")
+    out = bench.main(["--geometry", "smoke", "--steps", "2", "--json", str(tmp_path / "s.json")])
+    (r,) = out["runs"]
+    assert r["patches_equal"] and r["before"]["patches_per_image"] > 0  # the same windows, drawn both ways
+    h, w = r["config"]["data"]["image_size"]
+    # the old request carried each image as float32 and its mask as int64; the new one its position
+    assert r["before"]["request_bytes_per_image"] >= h * w * (4 + 8)
+    assert r["now"]["request_bytes_per_image"] < r["before"]["request_bytes_per_image"] / 10
+    assert h * w <= r["now"]["row_bytes_per_image"] < r["before"]["row_bytes_per_image"]  # uint8 labels + windows
+    assert r["ratio"] > 1 and json.loads((tmp_path / "s.json").read_text())["runs"][0]["ratio"] == r["ratio"]
+    assert "fewer bytes" in capsys.readouterr().out

@@ -128,6 +128,14 @@ def test_weight_store_versions_and_client_cache(ray_session):
     assert client.latest(model) == 5 and not torch.equal(model.classifier.bias, source.classifier.bias)
     version, state = ray.get(store.get.remote())
     assert version == 5 and torch.equal(state["classifier.bias"], source.classifier.bias)
+    # a worker restarted from an older checkpoint republishes from there: a new generation, so the
+    # client reloads even a version number it already holds
+    older, again = _banded_model(2), _banded_model(4)
+    assert publish_weights(store, older, 3, restart=True) == 3
+    assert client.latest(model) == 3 and torch.equal(model.classifier.bias, older.classifier.bias)
+    publish_weights(store, again, 5)
+    assert client.latest(model) == 5 and torch.equal(model.classifier.bias, again.classifier.bias)
+    assert not torch.equal(again.classifier.bias, source.classifier.bias)  # not the first attempt's version 5
     with pytest.raises(RuntimeError, match="no weight store named"):
         WeightsClient("no_such_store").store_version()
 

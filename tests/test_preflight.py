@@ -80,6 +80,14 @@ def test_remote_addresses():
     assert not preflight.is_remote_address("ray://localhost:10001")
     assert not preflight.is_remote_address("127.0.0.1:6379")
     assert not preflight.is_remote_address(f"{socket.gethostname()}:6379")
+    own = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # this machine's address on its default route
+    try:
+        own.connect(("192.0.2.254", 9))  # TEST-NET: nothing is sent
+        assert not preflight.is_remote_address(f"{own.getsockname()[0]}:6379")
+    except OSError:
+        pass  # no route at all here
+    finally:
+        own.close()
     assert preflight.is_remote_address("ray://head.example.org:10001")
     assert preflight.is_remote_address("10.255.1.2:6379")
 
@@ -189,3 +197,40 @@ def test_ablate_dry_run_refuses_labellers_for_in_process_trials(tmp_path, capsys
                                          "--workers", "0", "--labellers", "2",
                                          "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], capsys)
     assert line.startswith("cssl_ray.ablate: error: resources.labellers: 2 x 0 GPU with resources.workers 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume keeps the worker count: each rank's random streams are in the checkpoint
+
+
+def _checkpoint(run_dir: Path, stamp: str, world: int | None, streams: int | None = None) -> None:
+    import json
+
+    import torch
+    d = run_dir / "ray_train" / f"checkpoint_{stamp}"
+    d.mkdir(parents=True)
+    if world is not None:
+        (d / "world.json").write_text(json.dumps({"world_size": world, "round": 1}))
+    if streams is not None:  # a checkpoint from before world.json: the streams say it
+        torch.save({"rank_streams": [{}] * streams}, d / "state.pt")
+
+
+def test_checkpointed_world_reads_the_newest_checkpoint(tmp_path):
+    from cssl_ray.ray_train import checkpointed_world
+    run = tmp_path / "ray_train"
+    assert checkpointed_world(run) is None
+    _checkpoint(tmp_path, "2026-12-06_10-00-00.000001", world=1)
+    _checkpoint(tmp_path, "2026-12-06_10-05-00.000001", world=2)
+    assert checkpointed_world(run) == 2
+    _checkpoint(tmp_path, "2026-12-06_10-09-00.000001", world=None, streams=3)
+    assert checkpointed_world(run) == 3
+
+
+def test_resume_with_another_worker_count_is_one_line_before_ray(tmp_path, capsys):
+    _checkpoint(tmp_path, "2026-12-06_10-05-00.000001", world=2)
+    run = ["--smoke", "--out", str(tmp_path), "--resume", "--dry-run"]
+    line = _one_line_error(train.main, [*run, "--workers", "1"], capsys)
+    assert line.startswith("cssl_ray.train: error: --workers: 1, but the newest checkpoint in ")
+    assert "written by 2 worker(s)" in line and "resume with --workers 2" in line
+    assert train.main([*run, "--workers", "2"]) == 0
+    assert train.main(["--smoke", "--out", str(tmp_path), "--dry-run", "--workers", "1"]) == 0  # a new run: replaced
