@@ -20,7 +20,7 @@ demo: env
 # cores (shared/ENVIRONMENT.md). The fast run's report follows the slow run's; exit status: both.
 test: env
 	@nice -n 19 $(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests > .pytest-fast.log 2>&1 & fast=$$!; \
-	$(PY) -m pytest -q -m slow tests; slow=$$?; \
+	$(PY) -m pytest -q --durations=10 -m slow tests; slow=$$?; \
 	wait $$fast; fast_rc=$$?; \
 	echo "== the fast tests, run beside the slow ones:"; \
 	if [ $$fast_rc -eq 0 ]; then tail -n 3 .pytest-fast.log; else cat .pytest-fast.log; fi; \

@@ -11,7 +11,7 @@ The default runs the two commands a user runs on their own dataset, on the embed
     python -m cssl_ray.ablate --space tune_spaces/nuclei_demo.yaml   # cells x seeds at the best config
 
 (nuclei_demo.yaml is nuclei.yaml with a 1000-step stage A and the ablation's 2 seeds of supervised,
-the bn_mix control, CL, CR and CSSL; nuclei.yaml's full grid - 8 cells with the all-labelled
+the bn_mix control and CSSL; nuclei.yaml's full grid - 8 cells with the all-labelled
 reference, 5 seeds - is the real measurement, docs/science.md), then prints the report table
 (mean ± std over seeds, best-validation and last-round test Dice, round-1 coverage, patches per
 step, p against supervised and bn_mix) read back from MLflow and the command that opens MLflow.
