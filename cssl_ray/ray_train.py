@@ -50,7 +50,6 @@ import hashlib
 import json
 import logging
 import shutil
-import sys
 import tempfile
 import time
 import uuid
@@ -157,7 +156,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             raise RuntimeError(resume_world_message(world, len(streams), "the checkpoint"))
         if streams:
             state.streams.load_state_dict(streams[rank])
-    republish = [checkpoint is not None]  # the first publish after a restore may go back in version
+    republish = checkpoint is not None  # the first publish after a restore may go back in version
     # The student only, on this worker's device. No DDP wrapper: gradients are averaged explicitly
     # after every backward over the gloo / NCCL group Ray Train set up (cssl_ray.collectives says
     # why); broadcast_state starts every rank from rank 0's weights, as DDP's constructor would.
@@ -219,8 +218,8 @@ def _train_loop(config: dict[str, Any]) -> None:
             if rank == 0 and cfg.train.figures:  # Fig. 2: pseudo-labels of the model published this round
                 state.take_snapshot(cfg, shard.snapshot_images())
             steps = _round_steps(state, cfg, shard, config["labellers"], config["resources"], store_name, col,
-                                 restart=republish[0])
-            republish[0] = False
+                                 restart=republish)
+            republish = False
             # the labelling model's confidence on D_L (as --local's label_round): before L_tot moves it
             labelled_conf = labelled_confidence(state.model, cfg, shard.labelled_images, source.class_names, col)
             started = time.perf_counter()
@@ -487,7 +486,9 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
 
     start = time.perf_counter()
     r = resources or placement.StreamResources()
-    ray_running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    import ray  # only to ask whether this process already runs an instance: nothing starts before the checks
+
+    ray_running = ray.is_initialized()
     source = check_run(cfg, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                        placement_strategy=placement_strategy, labellers=r.labellers, gpus_per_labeller=r.labeller_gpus,
                        address=address, storage_path=storage_path, resume=resume,
@@ -501,7 +502,6 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
             shutil.rmtree(Path(storage) / RUN_NAME)  # Train V2 would resume from it otherwise
 
     # --- Ray from here on ---------------------------------------------------------------------
-    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -511,7 +511,9 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
     labelling = run_labels(cfg, source)
     demand = placement.run_demand(workers, cpus_per_worker, gpus_per_worker, r if labelling else None)
     started_ray = init_ray(address, demand.cpus)
-    if address is None and labeller_group is None:  # a local instance cannot grow: fail now, not wait forever
+    # A local instance cannot grow: fail now, not wait forever. One started here was checked against
+    # this machine before Ray (check_run's ``here``); one this process already had is checked here.
+    if address is None and labeller_group is None and ray_running:
         try:
             placement.check_run_fits(demand, ray.cluster_resources())
         except ConfigError:
