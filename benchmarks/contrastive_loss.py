@@ -2,7 +2,7 @@
 
     python benchmarks/contrastive_loss.py [--repeats 5] [--device cpu|cuda] [--json PATH]
 
-Times forward + backward of ``cssl_ray.contrastive.contrastive_loss`` and of a naive version that
+Times forward + backward of ``cssl_ray.method.contrastive.contrastive_loss`` and of a naive version that
 materialises every hard negative as an (R, N, N, D) tensor, at N=816, D=256, 1:1 hard negatives
 (alpha from ``sample_alpha``, U(0, 0.4)), 5 classes, tau=0.1; checks that loss and gradient agree
 (float32 vs float32), then runs the closed form alone at N=6528. Writes the figures as JSON.
@@ -39,7 +39,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cssl_ray.contrastive import contrastive_loss, sample_alpha
+from cssl_ray.method.contrastive import contrastive_loss, sample_alpha
 
 TARGET_SPEEDUP, TARGET_MEMORY, TARGET_DIFF = 100.0, 20.0, 1e-5
 

@@ -3,7 +3,7 @@
     python benchmarks/grad_sync.py [--config configs/demo_synthetic.yaml] [--batch 8] [--repeats 10]
                                    [--json benchmarks/results/grad_sync.json] [--smoke]
 
-``cssl_ray.collectives`` averages gradients with ONE all-reduce of all of them, flattened, after
+``cssl_ray.method.collectives`` averages gradients with ONE all-reduce of all of them, flattened, after
 every backward (the CSSL step calls encode / decode / project separately, which DDP's reducer does
 not allow; see that module). DDP instead all-reduces buckets during the backward, overlapping
 communication with computation. This measures what the choice costs, on the step DDP can run: a
@@ -35,8 +35,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from cssl_ray.collectives import TorchCollectives
 from cssl_ray.config import ConfigError, load_config, merge, to_dict
+from cssl_ray.distributed.collectives import TorchCollectives
 from cssl_ray.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]

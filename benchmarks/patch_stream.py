@@ -50,13 +50,13 @@ import torch
 import torch.nn.functional as F
 
 from cssl_ray.config import Config, ConfigError, load_config, merge, to_dict
-from cssl_ray.consistency import Teacher, noise_variance
 from cssl_ray.data.bundle import DataSource
 from cssl_ray.data.splits import Split
 from cssl_ray.data.synthetic import class_names, make_synthetic
-from cssl_ray.loop import cssl_epoch, epoch_plan, label_round, local_steps
+from cssl_ray.method.consistency import Teacher, noise_variance
+from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import check_geometry, create_model
-from cssl_ray.streams import RandomStreams
+from cssl_ray.run.loop import cssl_epoch, epoch_plan, label_round, local_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO, TARGET_WAIT = 2.0, 0.05
@@ -134,7 +134,7 @@ def wait_frac(wait_s: float, first_wait_s: float, epoch_s: float) -> float:
 
 
 def start_ray(need_cpus: float) -> str:
-    """A local Ray instance as ``cssl_ray.ray_init.init_ray`` starts it; returns its temp folder."""
+    """A local Ray instance as ``cssl_ray.distributed.ray_init.init_ray`` starts it; returns its temp folder."""
     import ray
     import ray.data
 
@@ -154,8 +154,8 @@ def start_ray(need_cpus: float) -> str:
 def ray_run(cfg: Config, images: int, labellers: int, out: str) -> list[dict[str, Any]]:
     """A real 1-worker ``run_ray`` of 2 rounds on the benchmark's geometry: its round records."""
     from cssl_ray.config import from_dict
-    from cssl_ray.pipeline import StreamResources
-    from cssl_ray.ray_train import run_ray
+    from cssl_ray.distributed.ray_train import run_ray
+    from cssl_ray.distributed.stream import StreamResources
 
     d = to_dict(cfg)
     d["data"].update({"name": "synthetic", "n_train": images, "n_val": 2, "n_test": 2, "labelled_fraction": 0.1})
@@ -199,9 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import ray
 
-    from cssl_ray.pipeline import LabellerPool, StreamResources
-    from cssl_ray.pipeline import RankSteps
-    from cssl_ray.weights import get_or_create_weight_store, publish_weights
+    from cssl_ray.distributed.stream import LabellerPool, RankSteps, StreamResources
+    from cssl_ray.distributed.weights import get_or_create_weight_store, publish_weights
 
     most = max(args.labellers)
     base = StreamResources(labellers=most)

@@ -81,8 +81,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def probe(config: str, seed: int, variant: str, rounds: int, overrides: list[str], threads: int,
           work: Path) -> dict[str, Any]:
-    from cssl_ray.local import run_local
-    from cssl_ray.train import build_config
+    from cssl_ray.experiments.train import build_config
+    from cssl_ray.run.local import run_local
 
     sets = [f"{k}={json.dumps(v)}" for k, v in VARIANTS[variant].items()]
     sets += [f"train.seed={seed}", f"train.max_rounds={rounds}", "train.progress=false", "train.figures=false",

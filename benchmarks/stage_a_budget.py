@@ -26,8 +26,8 @@ from typing import Any
 
 def run(config: str, steps: int, seed: int, labels: str, threads: int, out: Path,
         overrides: list[str] = ()) -> dict[str, Any]:
-    from cssl_ray.local import run_local
-    from cssl_ray.train import build_config
+    from cssl_ray.experiments.train import build_config
+    from cssl_ray.run.local import run_local
 
     sets = [f"train.stage_a_steps={steps}", "train.max_rounds=0", f"train.seed={seed}", f"train.num_threads={threads}",
             "train.progress=false", "train.figures=false", f"train.out_dir={out / labels}",

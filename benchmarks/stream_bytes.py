@@ -6,7 +6,7 @@ the slim stream (now) against the design before it, from the same steps in one r
 
 Per step of ``consistency.batch_size`` D_U images, three messages cross the object store:
 
-              the design before (commit 05f11ee and earlier)        now (``cssl_ray.pipeline``)
+              the design before (commit 05f11ee and earlier)        now (``cssl_ray.distributed.stream``)
     request   task -> labeller: the images float32 (b, C, H, W),      the D_U positions (b,) and the
               their positions, the hidden masks int64 (b, H, W)      ``DataSource`` (split, store path)
     reply     labeller -> task: the request's images and positions   uint8 pseudo-labels (b, H, W),
@@ -47,9 +47,9 @@ from cssl_ray.config import Config, from_dict
 from cssl_ray.data.bundle import DataSource
 from cssl_ray.data.splits import Split
 from cssl_ray.data.synthetic import class_names
-from cssl_ray.loop import image_patches
+from cssl_ray.distributed.stream import label_reply, step_row
 from cssl_ray.models import create_model
-from cssl_ray.pipeline import label_reply, step_row
+from cssl_ray.run.loop import image_patches
 
 GEOMETRIES: dict[str, dict[str, Any]] = {
     "monuseg": {"data": {"num_classes": 2, "in_channels": 3, "image_size": [512, 512]},
@@ -82,7 +82,7 @@ def old_messages(cfg: Config, index: np.ndarray, images: torch.Tensor, masks: to
 
 def new_messages(cfg: Config, index: np.ndarray, source: DataSource, reply: dict[str, np.ndarray],
                  round_: int) -> dict[str, int]:
-    """The three messages of one step as ``cssl_ray.pipeline`` builds them now."""
+    """The three messages of one step as ``cssl_ray.distributed.stream`` builds them now."""
     row = step_row(cfg, 0, index, reply, round_)
     patches = int((row["window"][0][:, 0] >= 0).sum())
     return {"request": size({"index": index, "source": source}), "reply": size(reply), "row": size(row),

@@ -3,7 +3,7 @@
     python benchmarks/train_step.py [--preset cpu|paper] [--config YAML] [--threads N] [--repeats 10]
                                     [--profile] [--json benchmarks/results/train_step.json] [--smoke]
 
-The step is what ``cssl_ray.loop.cssl_epoch`` does per patch batch: ``cssl_objective`` (L_CL on a
+The step is what ``cssl_ray.run.loop.cssl_epoch`` does per patch batch: ``cssl_objective`` (L_CL on a
 class-balanced batch of masked class-wise patches drawn by ``sample_patches`` from synthetic images,
 plus L_CR on a batch of unlabelled images against the "previous" teacher) forward, backward and an
 Adam step, with BatchNorm statistics frozen as in the loop. Not in the step: the loop's per-step
@@ -56,14 +56,14 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cssl_ray.config import Config, ConfigError, from_dict, load_config, merge
-from cssl_ray.consistency import Teacher, noise_variance
 from cssl_ray.data.synthetic import make_synthetic
-from cssl_ray.loop import frozen_norm_statistics
+from cssl_ray.method.consistency import Teacher, noise_variance
+from cssl_ray.method.objective import StepInputs, cssl_objective
+from cssl_ray.method.patches import class_balanced_batches, sample_patches
+from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import check_geometry, create_model
-from cssl_ray.objective import StepInputs, cssl_objective
-from cssl_ray.patches import class_balanced_batches, sample_patches
-from cssl_ray.precision import Precision, backward_step
-from cssl_ray.streams import RandomStreams
+from cssl_ray.models.precision import Precision, backward_step
+from cssl_ray.run.loop import frozen_norm_statistics
 
 TARGET_RATIO = 0.5
 PRESETS: dict[str, dict[str, Any]] = {
@@ -131,7 +131,7 @@ def make_batches(cfg: Config, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Te
 
 def build(cfg: Config, device: torch.device, data: tuple[Tensor, ...], *, bf16: bool = False) -> Workload:
     """Fresh model (seed 0), teacher and Adam; bf16 = the trainer's ``train.amp: bf16`` with
-    ``train.channels_last``, as ``RunState`` and the loops apply them (``cssl_ray.precision``)."""
+    ``train.channels_last``, as ``RunState`` and the loops apply them (``cssl_ray.models.precision``)."""
     torch.manual_seed(0)
     prec = Precision("bf16" if bf16 else "off", device.type, channels_last=bf16)
     model = prec.prepare_model(create_model(cfg.model, cfg.data.in_channels, cfg.data.num_classes).to(device))
@@ -263,7 +263,8 @@ def conv_reference(cfg: Config, batch: int, device: torch.device, repeats: int) 
 
 def profile(w: Workload, device: torch.device, steps: int = 2, top: int = 15) -> dict[str, Any]:
     """Self time per op over ``steps`` steps (device time on CUDA), grouped into CATEGORIES."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     cssl_step(w)

@@ -4,7 +4,7 @@
                                        [--threads 1] [--modes local trial train] [--json ...] [--smoke]
 
 Three ways to run the SAME config (same seed, same schedule), timed in this one invocation:
-    local   cssl_ray.local.run_local in this process (the reference)
+    local   cssl_ray.run.local.run_local in this process (the reference)
     trial   one Tune trial that trains in-process (space resources.workers: 0)
     train   one Tune trial that fits a 1-worker Ray Train run inside it (Train-inside-Tune)
 For each Tune mode two times: the trial's own wall time (Tune's time_total_s: from the trial's
@@ -33,7 +33,7 @@ TARGET = 1.3
 
 
 def timed_local(cfg) -> dict[str, float]:
-    from cssl_ray.local import run_local
+    from cssl_ray.run.local import run_local
 
     marks: list[float] = []
     start = time.perf_counter()
@@ -43,8 +43,8 @@ def timed_local(cfg) -> dict[str, float]:
 
 
 def timed_tune(config_path: Path, workers: int, tmp: Path, threads: int) -> dict[str, float]:
-    from cssl_ray.experiment import run_experiment
-    from cssl_ray.search_space import load_space
+    from cssl_ray.experiments.search_space import load_space
+    from cssl_ray.experiments.trials import run_experiment
 
     space_path = tmp / f"overhead_w{workers}.yaml"
     cfg = yaml.safe_load(config_path.read_text())
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from cssl_ray.config import dump_config
-    from cssl_ray.train import build_config
+    from cssl_ray.experiments.train import build_config
 
     overrides = args.overrides + [f"train.num_threads={args.threads}", "train.progress=false", "train.figures=false"]
     with tempfile.TemporaryDirectory(prefix="tune_overhead_") as d:

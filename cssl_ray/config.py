@@ -99,7 +99,7 @@ class ModelConfig:
 @dataclass
 class PseudoConfig:
     threshold: float = 0.9  # softmax confidence a pixel needs to get a pseudo-label (the paper's high threshold)
-    # class-wise rule (cssl_ray.pseudo_labels.confident_labels): in each image, the most confident
+    # class-wise rule (cssl_ray.method.pseudo_labels.confident_labels): in each image, the most confident
     # class_fraction of the pixels predicted as a class also pass, down to the hard floor tau_conf
     # (`floor`); 0 = the fixed threshold alone (the paper's letter). An uncalibrated model's 0.9
     # threshold left whole classes without a pseudo-label (docs/science.md)
@@ -198,7 +198,7 @@ class OptimConfig:
 class TrainConfig:
     seed: int = 0
     batch_size: int = 16  # supervised batch (paper: 16 at 320x256)
-    # the schedule (cssl_ray.joint has the whole of "joint"):
+    # the schedule (cssl_ray.run.joint has the whole of "joint"):
     #   paper  stage A (train.stage_a_steps) on D_L, then train.max_rounds rounds of (pseudo-labels ->
     #          one L_tot epoch over D_U -> a fine-tune epoch on D_L); baselines take L_tot's steps
     #   joint  the semi-supervised segmentation literature's (SSL4MIS, CPS, UniMatch): train.total_steps
@@ -239,7 +239,7 @@ class TrainConfig:
     plateau_rounds: int = 5
     plateau_delta: float = 1e-3
     # what the rounds train on D_U: "cssl" (L_CL / L_CR by use_cl, use_cr) or a baseline with the same
-    # steps (cssl_ray.baselines.rounds: bn_mix, pseudo_label, mean_teacher, cps), or simclr_pretrain
+    # steps (cssl_ray.run.baseline_rounds: bn_mix, pseudo_label, mean_teacher, cps), or simclr_pretrain
     # (image-level contrastive pretraining before stage A, then the supervised schedule); a baseline
     # needs use_cl = use_cr = false
     method: Literal["cssl", "bn_mix", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain"] = "cssl"
@@ -260,7 +260,7 @@ class TrainConfig:
     w_cl: float = 1.0
     w_cr: float = 1.0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # mixed precision of the forward passes (cssl_ray.precision): "off" = fp32; "bf16" = bfloat16
+    # mixed precision of the forward passes (cssl_ray.models.precision): "off" = fp32; "bf16" = bfloat16
     # autocast (CPU or CUDA, no loss scaling); "fp16" = float16 autocast with a GradScaler, CUDA only.
     # Weights, optimiser state and losses stay fp32 in every mode
     amp: Literal["off", "bf16", "fp16"] = "off"
@@ -269,7 +269,7 @@ class TrainConfig:
     channels_last: bool = False
     # Ray runs with several workers: BatchNorm statistics over the whole global batch (torch's
     # SyncBatchNorm, CUDA only). Off, each rank normalises its share of a batch by its own statistics:
-    # the one part of a step that depends on the worker count (cssl_ray.collectives)
+    # the one part of a step that depends on the worker count (cssl_ray.method.collectives)
     sync_bn: bool = False
     # torch intra-op CPU threads; 0 = torch's default (all cores). Small models on a shared 2-core
     # box run ~5x faster with 1 (measured: nuclei config 10.5 min at 2 threads vs 2.2 min at 1)
@@ -278,7 +278,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # round checkpoints kept on disk (best.pt is always kept)
     progress: bool = True
     # write the paper's figures (pseudo-labels over rounds, omega, embedding projection) as PNGs to
-    # out_dir/figures/ at the end (cssl_ray.figures); costs a forward of 2 images per round and, on smoke
+    # out_dir/figures/ at the end (cssl_ray.evaluation.figures); costs a forward of 2 images per round and, on smoke
     # sizes, ~0.2 s at the end (+0.5 s for importing matplotlib, once per process)
     figures: bool = True
 

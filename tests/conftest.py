@@ -17,7 +17,7 @@ def _one_torch_thread():
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_mlflow_store(tmp_path_factory):
-    # cssl_ray.train records every run in MLflow; without a URI it would write ./mlflow.db in the
+    # cssl_ray.experiments.train records every run in MLflow; without a URI it would write ./mlflow.db in the
     # checkout. Tests that check what was recorded pass their own --tracking-uri.
     import os
     old = os.environ.get("MLFLOW_TRACKING_URI")

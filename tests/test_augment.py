@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from cssl_ray.augment import flip_rotate
+from cssl_ray.data.augment import flip_rotate
 
 
 def test_image_and_mask_get_the_same_transform():

@@ -8,16 +8,16 @@ import dataclasses
 import pytest
 import torch
 
-import cssl_ray.local as local
-from cssl_ray.baselines.rounds import ROUND_METHODS, baseline_epoch, baseline_steps
+import cssl_ray.run.local as local
 from cssl_ray.config import ConfigError, from_dict
 from cssl_ray.data.synthetic import make_synthetic
-from cssl_ray.local import run_local
-from cssl_ray.loop import epoch_plan, local_steps
+from cssl_ray.experiments.search_space import ABLATION_CELLS
+from cssl_ray.experiments.train import build_config
+from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import create_model
-from cssl_ray.search_space import ABLATION_CELLS
-from cssl_ray.streams import RandomStreams
-from cssl_ray.train import build_config
+from cssl_ray.run.baseline_rounds import ROUND_METHODS, baseline_epoch, baseline_steps
+from cssl_ray.run.local import run_local
+from cssl_ray.run.loop import epoch_plan, local_steps
 
 
 def smoke(tmp_path, cell: str, *overrides: str):
@@ -144,7 +144,7 @@ def test_cps_trains_two_networks_from_two_stage_as(tmp_path):
 def test_simclr_pretrains_before_its_own_stage_a(tmp_path):
     """NT-Xent epochs on D_L + D_U before stage A (whose cache key they enter), then the supervised
     schedule: no unlabelled steps in the rounds."""
-    from cssl_ray.local import stage_a_key
+    from cssl_ray.run.local import stage_a_key
 
     cfg = smoke(tmp_path, "simclr_pretrain", "baselines.simclr_epochs=2", "baselines.simclr_batch_size=4")
     sup = smoke(tmp_path, "supervised")
@@ -160,7 +160,7 @@ def test_simclr_pretrains_before_its_own_stage_a(tmp_path):
 
 
 def test_baselines_run_in_one_process_only_for_now(tmp_path):
-    from cssl_ray.ray_train import run_ray
+    from cssl_ray.distributed.ray_train import run_ray
 
     with pytest.raises(ConfigError, match="train.method: mean_teacher runs in one process for now"):
         run_ray(smoke(tmp_path, "mean_teacher"))

@@ -12,12 +12,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from cssl_ray.baselines import (
-    ProjectionMLP, consistency_weight, cps_loss, deepest_channels, ema_update, image_embedding, mean_teacher_loss,
-    noisy, nt_xent, self_training_loss, sigmoid_rampup, two_views,
+    ProjectionMLP,
+    consistency_weight,
+    cps_loss,
+    deepest_channels,
+    ema_update,
+    image_embedding,
+    mean_teacher_loss,
+    noisy,
+    nt_xent,
+    self_training_loss,
+    sigmoid_rampup,
+    two_views,
 )
 from cssl_ray.config import ModelConfig
+from cssl_ray.method.pseudo_labels import predict_pseudo_labels
 from cssl_ray.models import create_model
-from cssl_ray.pseudo_labels import predict_pseudo_labels
 
 
 def tiny_model(seed: int = 0):

@@ -8,7 +8,6 @@ import json
 import sys
 
 import pytest
-
 from benchmark_scripts import ROOT, load_benchmark
 
 
@@ -100,7 +99,7 @@ def test_gpu_check_dry_run_plans_every_figure_and_checks_the_runs():
     assert [x["figure"] for x in lines] == ["ray_train_bf16_shared", "ray_train_fp16", "contrastive_loss_6528",
                                             "train_step_bf16"]
     assert all(x["planned"] for x in lines)
-    assert [x.get("dry_run_ok") for x in lines[:2]] == [True, True]  # cssl_ray.train's own checks passed
+    assert [x.get("dry_run_ok") for x in lines[:2]] == [True, True]  # cssl_ray.experiments.train's own checks passed
     assert "--gpus-per-worker 0.5 --gpus-per-labeller 0.5" in lines[0]["command"]  # the labeller shares the GPU
     assert "train.amp=bf16" in lines[0]["command"] and "train.channels_last=true" in lines[0]["command"]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cssl_ray import checkpoint as ckpt
+from cssl_ray.run import checkpoint as ckpt
 
 
 def test_atomic_save_prune_latest(tmp_path):

@@ -21,7 +21,7 @@ import yaml
 from fixtures_formats import write_imagescope_xml, write_png, write_tiff
 from fixtures_nuclei import WHEEL, write_wheel
 
-from cssl_ray.train import parser as train_parser
+from cssl_ray.experiments.train import parser as train_parser
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -67,7 +67,7 @@ def test_rayjob_manifest():
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
     argv = shlex.split(spec["entrypoint"])
-    assert argv[:3] == ["python", "-m", "cssl_ray.train"]
+    assert argv[:3] == ["python", "-m", "cssl_ray.experiments.train"]
     args = train_parser().parse_args(argv[3:])  # every flag is one the CLI knows
     assert args.address == "auto" and args.gpus_per_worker == 1 and not args.local
     assert args.storage_path.startswith(("s3://", "gs://"))
@@ -191,7 +191,7 @@ def fake_cache(tmp_path_factory) -> Path:
     prepared as tune_spaces/monuseg.yaml reads it (512 px, RGB): what the commands' caches point to."""
     from cssl_ray.config import load_config
     from cssl_ray.data.store import prepare
-    from cssl_ray.search_space import load_space
+    from cssl_ray.experiments.search_space import load_space
 
     cache = tmp_path_factory.mktemp("cache")
     rng = np.random.default_rng(0)
@@ -281,13 +281,13 @@ def test_documented_command_passes_dry_run(where, cli, argv, env, fake_cache, tm
 
 
 def test_dry_run_reports_the_labelled_images_rule_in_one_line(fake_cache, monkeypatch, capsys):
-    from cssl_ray import train
+    from cssl_ray.experiments import train
 
     monkeypatch.setenv("CSSL_RAY_CACHE", str(fake_cache))
     rc = train.main(["--config", str(REPO / "configs" / "nuclei.yaml"), "--workers", "4", "--address", "auto",
                      "--storage-path", "s3://YOUR-BUCKET/x", "--dry-run"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("cssl_ray.train: error: --workers: 4 ranks but only 3 labelled images")
+    assert rc == 2 and err.startswith("cssl_ray.experiments.train: error: --workers: 4 ranks but only 3 labelled images")
     assert "\n" not in err
 
 

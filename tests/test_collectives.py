@@ -1,13 +1,13 @@
 """TorchCollectives on a real 2-process gloo group (no Ray), against hand-computed values."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cssl_ray.collectives import Collectives, TorchCollectives
+from cssl_ray.distributed.collectives import TorchCollectives
+from cssl_ray.method.collectives import Collectives
 
 
 def _rank_main(rank: int, world: int, init_file: str, out: dict) -> None:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cssl_ray.config import ModelConfig
-from cssl_ray.consistency import Teacher, consistency_loss, consistency_step, noise_variance, perturb
+from cssl_ray.method.consistency import Teacher, consistency_loss, consistency_step, noise_variance, perturb
 from cssl_ray.models import create_model
 
 

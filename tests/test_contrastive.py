@@ -1,4 +1,4 @@
-"""Tests for cssl_ray.contrastive against a naive oracle that materialises every hard negative."""
+"""Tests for cssl_ray.method.contrastive against a naive oracle that materialises every hard negative."""
 
 from __future__ import annotations
 
@@ -8,12 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cssl_ray.contrastive import (
-    AuxiliaryGaussian,
-    contrastive_loss,
-    hard_negative_similarity,
-    sample_alpha,
-)
+from cssl_ray.method.contrastive import AuxiliaryGaussian, contrastive_loss, hard_negative_similarity, sample_alpha
 
 
 def naive_loss(z, labels, tau, alpha=None, *, aux=None, aux_alpha=None):

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from cssl_ray.demo import ARMS, format_table, main
+from cssl_ray.experiments.demo import ARMS, format_table, main
 
 
 def test_format_table_mean_and_std():
@@ -32,8 +32,9 @@ def test_demo_smoke_prints_both_arms(tmp_path, capsys):
 def test_space_demo_smoke_tunes_ablates_and_reports(tmp_path, capsys):
     """The default demo's pipeline (tune -> ablate -> report) on the smoke space, in-process trials."""
     from conftest_ray import ray_test_env
+
     from cssl_ray.config import load_config
-    from cssl_ray.tracking import find_runs
+    from cssl_ray.tracking.store import find_runs
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with ray_test_env("cssl_demo_test"):
@@ -54,7 +55,7 @@ def test_space_demo_smoke_tunes_ablates_and_reports(tmp_path, capsys):
     assert all(r["params"]["contrastive.tau"] == str(best.contrastive.tau) for r in cells)
     assert (tmp_path / "demo" / "smoke-ablate" / "report" / "report.md").exists()
     # the ablation's parent run holds the report, its figures and the fixed config
-    from cssl_ray.tracking import client, latest_parent
+    from cssl_ray.tracking.store import client, latest_parent
     parent = latest_parent(store, "smoke", kind="ablate")["run_id"]
     assert {a.path for a in client(store).list_artifacts(parent, "report")} >= {
         "report/report.md", "report/report.png", "report/cells.png"}
@@ -65,8 +66,8 @@ def test_space_demo_smoke_tunes_ablates_and_reports(tmp_path, capsys):
 def test_the_demo_warms_stage_a_only_when_the_search_leaves_it_alone(tmp_path):
     """nuclei_demo searches only what comes after stage A: its ablation's seed-1 stage A can train
     beside the search's; a space that searches the stage-A rate cannot."""
-    from cssl_ray.demo import DEMO_SPACE, searches_stage_a
-    from cssl_ray.search_space import load_space
+    from cssl_ray.experiments.demo import DEMO_SPACE, searches_stage_a
+    from cssl_ray.experiments.search_space import load_space
 
     demo = load_space(DEMO_SPACE)
     assert not searches_stage_a(demo, demo.base_config())

@@ -1,4 +1,4 @@
-"""Ray Train runs of CSSL (``cssl_ray.ray_train``) against the single-process trainer.
+"""Ray Train runs of CSSL (``cssl_ray.distributed.ray_train``) against the single-process trainer.
 
 One Ray instance for the module (4 logical CPUs on 2 cores, see conftest_ray). Three fits of a tiny
 config, ~20 s each (mostly Ray Train's and the labeller pool's start); 2 workers run in
@@ -23,16 +23,16 @@ import time
 
 import pytest
 import torch
-
 from conftest_ray import descendant_processes, local_ray
+
 from cssl_ray.config import ConfigError
 from cssl_ray.data.bundle import load_bundle
+from cssl_ray.distributed.ray_train import run_ray
+from cssl_ray.distributed.stream import StreamResources
+from cssl_ray.experiments.train import build_config, main
+from cssl_ray.method.pseudo_labels import predict_pseudo_labels
 from cssl_ray.models import create_model
-from cssl_ray.pseudo_labels import predict_pseudo_labels
-from cssl_ray.local import run_local
-from cssl_ray.pipeline import StreamResources
-from cssl_ray.ray_train import run_ray
-from cssl_ray.train import build_config, main
+from cssl_ray.run.local import run_local
 
 pytestmark = [
     pytest.mark.slow,

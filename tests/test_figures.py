@@ -7,15 +7,22 @@ import numpy as np
 import pytest
 import torch
 
-from cssl_ray import checkpoint as ckpt
-from cssl_ray import figures
-from cssl_ray.figures import (IGNORE, plot_embeddings, plot_omega, plot_pseudo_refinement, project_2d,
-                              pseudo_snapshot, write_run_figures)
-from cssl_ray.local import run_local
-from cssl_ray.schedule import RunState
+from cssl_ray.evaluation import figures
+from cssl_ray.evaluation.figures import (
+    IGNORE,
+    plot_embeddings,
+    plot_omega,
+    plot_pseudo_refinement,
+    project_2d,
+    pseudo_snapshot,
+    write_run_figures,
+)
+from cssl_ray.experiments.train import build_config
+from cssl_ray.method.pseudo_labels import predict_pseudo_labels
 from cssl_ray.models import create_model
-from cssl_ray.pseudo_labels import predict_pseudo_labels
-from cssl_ray.train import build_config
+from cssl_ray.run import checkpoint as ckpt
+from cssl_ray.run.local import run_local
+from cssl_ray.run.schedule import RunState
 
 PNG = b"\x89PNG\r\n\x1a\n"
 NAMES = ["background", "blob", "band", "dot"]
@@ -166,7 +173,7 @@ def test_a_failing_figure_is_one_warning_not_a_failed_run(tmp_path, monkeypatch,
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(figures, "plot_omega", boom)
-    with caplog.at_level(logging.WARNING, logger="cssl_ray.figures"):
+    with caplog.at_level(logging.WARNING, logger="cssl_ray.evaluation.figures"):
         written = write_run_figures(state, cfg, bundle, tmp_path)
     assert [p.name for p in written] == ["pseudo_refinement.png", "embeddings.png"]
     assert len(caplog.records) == 1 and "omega.png" in caplog.records[0].getMessage()

@@ -1,4 +1,4 @@
-"""train.protocol: joint (cssl_ray.joint): the fixed-budget loop, its schedule and ramp against
+"""train.protocol: joint (cssl_ray.run.joint): the fixed-budget loop, its schedule and ramp against
 hand-computed values, Mean Teacher's per-step EMA against the SSL4MIS update, CPS's two
 independently initialised networks, equal labelled batches in every cell, and an exact resume."""
 from __future__ import annotations
@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from cssl_ray import joint
 from cssl_ray.config import ConfigError, load_config
 from cssl_ray.data.bundle import load_bundle
-from cssl_ray.joint import joint_lr, joint_state, joint_steps, unsup_weight
-from cssl_ray.local import run_local
+from cssl_ray.run import joint
+from cssl_ray.run.joint import joint_lr, joint_state, joint_steps, unsup_weight
+from cssl_ray.run.local import run_local
 
 SMOKE = "configs/smoke.yaml"
 
@@ -130,7 +130,7 @@ def test_bad_joint_settings_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="train.pseudo_refresh_steps"):
         load_config(SMOKE, {"train": {"protocol": "joint", "pseudo_refresh_steps": 0}})
     from cssl_ray.data.bundle import open_source
-    from cssl_ray.ray_train import check_ray_run
+    from cssl_ray.distributed.ray_train import check_ray_run
     cfg = joint_cfg(tmp_path)
     with pytest.raises(ConfigError, match="train.protocol: joint runs in one process"):
         check_ray_run(cfg, open_source(cfg.data), 1, 0.0, 0.5, "PACK", 1, 0.0)

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from cssl_ray import checkpoint as ckpt
 from cssl_ray.config import ConfigError
-from cssl_ray.local import run_local
-from cssl_ray.train import build_config, main
+from cssl_ray.experiments.train import build_config, main
+from cssl_ray.run import checkpoint as ckpt
+from cssl_ray.run.local import run_local
 
 
 def smoke(tmp_path, *overrides: str):
@@ -102,7 +102,7 @@ def test_selection_metric_class_is_checked_against_the_data_in_one_line(tmp_path
 
 
 def test_cli_select_flags_set_the_config():
-    from cssl_ray.train import parser, selection_overrides
+    from cssl_ray.experiments.train import parser, selection_overrides
     args = parser().parse_args(["--select-metric", "val_loss"])
     assert selection_overrides(args.select_metric, args.select_mode) == ["train.select_metric=val_loss",
                                                                          "train.select_mode=auto"]
@@ -117,7 +117,7 @@ def test_cli_smoke_prints_test_metrics(tmp_path, capsys):
 
 
 def test_ema_teacher_starts_from_the_supervised_model(tmp_path):
-    import cssl_ray.schedule as local
+    import cssl_ray.run.schedule as local
 
     seen = []
     orig = local.cssl_epoch

@@ -6,11 +6,12 @@ import dataclasses
 import torch
 
 from cssl_ray.config import from_dict
-from cssl_ray.consistency import Teacher
+from cssl_ray.data.batches import index_batches
 from cssl_ray.data.synthetic import make_synthetic
-from cssl_ray.loop import cssl_epoch, epoch_plan, frozen_norm_statistics, index_batches, pooled_steps, round_patches
+from cssl_ray.method.consistency import Teacher
+from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import create_model
-from cssl_ray.streams import RandomStreams
+from cssl_ray.run.loop import cssl_epoch, epoch_plan, frozen_norm_statistics, pooled_steps, round_patches
 
 
 def small_cfg(**train):

@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import average_precision_score, f1_score, jaccard_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from cssl_ray.metrics import (
+from cssl_ray.evaluation.metrics import (
     SegmentationMetrics,
     average_precision_from_histograms,
     confusion_matrix,

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest_ray import descendant_processes, ray_test_env
-from cssl_ray import ray_train
+
 from cssl_ray.config import from_dict
-from cssl_ray.pipeline import StreamResources
-from cssl_ray.train import build_config
+from cssl_ray.distributed import ray_train
+from cssl_ray.distributed.stream import StreamResources
+from cssl_ray.experiments.train import build_config
 
 pytestmark = [
     pytest.mark.slow,
@@ -45,7 +45,7 @@ def _recording_loop(config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    from cssl_ray.ray_train import train_loop_per_worker  # in a worker: the real one (no monkeypatch there)
+    from cssl_ray.distributed.ray_train import train_loop_per_worker  # in a worker: the real one (no monkeypatch there)
 
     rank = ray.train.get_context().get_world_rank()
     nodes = Path(from_dict(config["config"]).train.out_dir) / "nodes"

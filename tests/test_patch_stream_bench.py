@@ -9,7 +9,6 @@ import json
 import math
 
 import pytest
-
 from benchmark_scripts import load_benchmark
 
 pytestmark = [

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cssl_ray.patches import (
+from cssl_ray.method.patches import (
     MASK_MODES,
     class_balanced_batches,
     extract_patches,

@@ -14,18 +14,25 @@ import numpy as np
 import pytest
 import ray
 import torch
-
 from conftest_ray import local_ray
+
 from cssl_ray.config import ConfigError, from_dict
 from cssl_ray.data.bundle import DataSource
 from cssl_ray.data.splits import Split
 from cssl_ray.data.synthetic import class_names, make_synthetic
+from cssl_ray.distributed.stream import (
+    COUNT_COLUMNS,
+    LabellerPool,
+    RankSteps,
+    StreamResources,
+    labeller_slot,
+    pseudo_stats,
+)
+from cssl_ray.distributed.weights import WeightsClient, get_or_create_weight_store, publish_weights
+from cssl_ray.method.pseudo_labels import class_coverage, predict_pseudo_labels
+from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import create_model
-from cssl_ray.loop import StepData, epoch_plan, image_patches, local_steps
-from cssl_ray.pipeline import COUNT_COLUMNS, LabellerPool, RankSteps, StreamResources, labeller_slot, pseudo_stats
-from cssl_ray.streams import RandomStreams
-from cssl_ray.pseudo_labels import class_coverage, predict_pseudo_labels
-from cssl_ray.weights import WeightsClient, get_or_create_weight_store, publish_weights
+from cssl_ray.run.loop import StepData, epoch_plan, image_patches, local_steps
 
 pytestmark = [
     pytest.mark.slow,
@@ -184,7 +191,7 @@ def test_every_patch_holds_min_pixels_of_its_class():
 
 
 def seeded_patches_of(labels: torch.Tensor):
-    from cssl_ray.patches import seeded_patches
+    from cssl_ray.method.patches import seeded_patches
 
     pt = CFG.patches
     return seeded_patches(IMAGES[:labels.shape[0]], labels, list(range(labels.shape[0])), size=pt.size,
@@ -227,8 +234,8 @@ def test_labeller_slot_is_stable_and_spreads_consecutive_batches():
 
 
 def test_placement_strategy_is_checked_before_ray_starts(tmp_path, capsys):
-    from cssl_ray.ray_train import run_ray
-    from cssl_ray.train import build_config, main
+    from cssl_ray.distributed.ray_train import run_ray
+    from cssl_ray.experiments.train import build_config, main
 
     cfg = build_config(None, [f"train.out_dir={tmp_path}"], smoke=True)
     with pytest.raises(ConfigError, match="--placement-strategy: 'spread' is not a placement strategy; allowed: "

@@ -1,4 +1,4 @@
-"""cssl_ray.placement: what a trial holds, how many trials fit at once, and the one-line errors.
+"""cssl_ray.distributed.placement: what a trial holds, how many trials fit at once, and the one-line errors.
 
 The last two tests start one Ray instance with 2 logical GPUs (scheduling only: nothing here has
 CUDA) and place the shipped monuseg space's placement groups with cheap actors, no training: two
@@ -11,14 +11,26 @@ from pathlib import Path
 
 import pytest
 import ray
-
 from conftest_ray import local_ray
-from cssl_ray import train
+
 from cssl_ray.config import ConfigError, load_config
-from cssl_ray.experiment import trials_label
-from cssl_ray.placement import (Demand, StreamResources, concurrent_trials, check_run_fits, fits, labeller_group,
-                                run_demand, stream_resources, trial_bundles, trial_demand, trials_that_fit)
-from cssl_ray.search_space import Resources, load_space
+from cssl_ray.distributed.placement import (
+    Demand,
+    Resources,
+    StreamResources,
+    check_run_fits,
+    concurrent_trials,
+    fits,
+    labeller_group,
+    run_demand,
+    stream_resources,
+    trial_bundles,
+    trial_demand,
+    trials_that_fit,
+)
+from cssl_ray.experiments import train
+from cssl_ray.experiments.search_space import load_space
+from cssl_ray.experiments.trials import trials_label
 
 # Ray 2.60's own DataContext warns about its deprecated fields on first use; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")

@@ -1,23 +1,22 @@
-"""train.amp / train.channels_last in the real training step (cssl_ray.precision)."""
+"""train.amp / train.channels_last in the real training step (cssl_ray.models.precision)."""
 from __future__ import annotations
 
 import dataclasses
-
 import math
 
 import pytest
 import torch
 from torch import nn
 
-import cssl_ray.loop as loop
+import cssl_ray.run.loop as loop
 from cssl_ray.config import ConfigError, from_dict
-from cssl_ray.consistency import Teacher
 from cssl_ray.data.synthetic import make_synthetic
+from cssl_ray.method.consistency import Teacher
+from cssl_ray.method.pseudo_labels import predict_pseudo_labels
+from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import create_model
-from cssl_ray.precision import FP32, Precision, backward_step
-from cssl_ray.pseudo_labels import predict_pseudo_labels
-from cssl_ray.schedule import RunState
-from cssl_ray.streams import RandomStreams
+from cssl_ray.models.precision import FP32, Precision, backward_step
+from cssl_ray.run.schedule import RunState
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -1,6 +1,6 @@
-"""Batch inference (``cssl_ray.predict``) against an in-process forward pass; nothing is trained.
+"""Batch inference (``cssl_ray.experiments.predict``) against an in-process forward pass; nothing is trained.
 
-A tiny random model is saved as ``best.pt`` in the format ``cssl_ray.local`` writes. Both sides run
+A tiny random model is saved as ``best.pt`` in the format ``cssl_ray.run.local`` writes. Both sides run
 the same batch shapes on one thread, so the masks compare exactly (oneDNN convolutions may differ
 in the last bit between batch sizes, which could flip an argmax tie).
 """
@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cssl_ray import checkpoint as ckpt
 from cssl_ray.config import from_dict, to_dict
 from cssl_ray.data.preprocess import resize_image, resize_mask, scale_to_unit, to_channels_first
+from cssl_ray.experiments.predict import PALETTE, main, overlay
 from cssl_ray.models import create_model
-from cssl_ray.predict import PALETTE, main, overlay
+from cssl_ray.run import checkpoint as ckpt
 
 CFG = from_dict({
     "data": {"name": "folder", "num_classes": 3, "image_size": [32, 32], "in_channels": 1},
@@ -122,7 +122,7 @@ def _error(argv: list[str], capsys) -> str:
     from conftest_ray import own_lines
 
     lines = own_lines(capsys.readouterr().err)  # a module-scoped Ray may still forward its logs
-    assert len(lines) == 1 and lines[0].startswith("cssl_ray.predict: error: "), lines
+    assert len(lines) == 1 and lines[0].startswith("cssl_ray.experiments.predict: error: "), lines
     return lines[0]
 
 
@@ -163,7 +163,7 @@ def test_errors_are_one_line(setup, tmp_path, capsys):
 
 
 def test_dry_run_names_the_actors_gpus(setup, tmp_path, capsys):
-    from cssl_ray.predict import main
+    from cssl_ray.experiments.predict import main
 
     assert main(["--checkpoint", str(setup["ckpt"]), "--images", str(setup["images"]), "--out", str(tmp_path / "o"),
                  "--workers", "2", "--gpus-per-worker", "0.5", "--dry-run"]) == 0

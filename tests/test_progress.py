@@ -1,4 +1,4 @@
-"""cssl_ray.progress: the experiment's terminal lines, counts over all trials, warnings once."""
+"""cssl_ray.tracking.progress: the experiment's terminal lines, counts over all trials, warnings once."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import pickle
 import warnings
 from dataclasses import dataclass
 
-from cssl_ray.progress import TrialProgress, record_warnings, run_warnings, warning_text
+from cssl_ray.tracking.progress import TrialProgress, record_warnings, run_warnings, warning_text
 
 
 @dataclass

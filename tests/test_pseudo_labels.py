@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cssl_ray.pseudo_labels import coverage, merge_with_ground_truth, predict_pseudo_labels, pseudo_labels
+from cssl_ray.method.pseudo_labels import coverage, merge_with_ground_truth, predict_pseudo_labels, pseudo_labels
 
 
 def _logits() -> torch.Tensor:
@@ -162,7 +162,7 @@ def test_coverage():
 
 
 def test_class_coverage_hand_computed():
-    from cssl_ray.pseudo_labels import class_coverage
+    from cssl_ray.method.pseudo_labels import class_coverage
 
     # argmax: 4 pixels of class 0, 3 of class 1, none of class 2; confident: 1 of class 0, 3 of class 1
     argmax = torch.tensor([[0, 0, 0, 0, 1, 1, 1]])
@@ -187,7 +187,7 @@ def test_predict_with_argmax_matches_plain_argmax():
 
 # -- the class-wise rule and the confidence instrument ---------------------------------------------
 
-from cssl_ray.pseudo_labels import confidence_histogram, confident_labels, histogram_medians  # noqa: E402
+from cssl_ray.method.pseudo_labels import confidence_histogram, confident_labels, histogram_medians  # noqa: E402
 
 
 def _naive_confident(argmax, confidence, threshold, ignore, fraction, floor):

@@ -1,4 +1,4 @@
-"""cssl_ray.report: table building on hand-computed runs, and the CLI end to end on a temp store."""
+"""cssl_ray.experiments.report: table building on hand-computed runs, and the CLI end to end on a temp store."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from cssl_ray import report, tracking
-from cssl_ray.tracking import Tracker
+from cssl_ray.experiments import report
+from cssl_ray.tracking.store import Tracker
+from cssl_ray.tracking import store as tracking
 
 
 def _run(cell: str, seed: int | None, dice: float | None, frac: str = "0.1", **per_class: float) -> dict:

@@ -1,4 +1,4 @@
-"""What a run leaves in MLflow (``cssl_ray.run_record``, ``cssl_ray.mlflow_model``) and the train
+"""What a run leaves in MLflow (``cssl_ray.tracking.run_record``, ``cssl_ray.tracking.mlflow_model``) and the train
 CLI's tracking: params, per-validation metrics, test metrics, dataset inputs, files, the model,
 its registration and ``predict --model models:/...``."""
 from __future__ import annotations
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cssl_ray import train
 from cssl_ray.config import from_dict
-from cssl_ray.mlflow_model import MODEL_URI_TAG, register_model
-from cssl_ray.run_record import cells_view, data_inputs, runs_view
-from cssl_ray.tracking import client, find_runs, metric_history
+from cssl_ray.experiments import train
+from cssl_ray.tracking.mlflow_model import MODEL_URI_TAG, register_model
+from cssl_ray.tracking.run_record import cells_view, data_inputs, runs_view
+from cssl_ray.tracking.store import client, find_runs, metric_history
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_train_run_is_recorded_like_a_trial(tracked):
 
 
 def test_registered_model_predicts_like_best_pt(tracked, tmp_path, capsys):
-    from cssl_ray import predict
+    from cssl_ray.experiments import predict
 
     run, uri = tracked["run"], tracked["uri"]
     model_uri = run["tags"][MODEL_URI_TAG]
@@ -88,12 +88,12 @@ def test_resume_reopens_the_run_and_no_track_records_nothing(tracked, tmp_path):
 
 
 def test_a_failed_run_ends_failed(tmp_path, monkeypatch):
-    import cssl_ray.local
+    import cssl_ray.run.local
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(cssl_ray.local, "run_local", broken)
+    monkeypatch.setattr(cssl_ray.run.local, "run_local", broken)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(RuntimeError):
         train.main(["--local", "--smoke", "--quiet", "--out", str(tmp_path / "r"), "--tracking-uri", uri])

@@ -1,4 +1,4 @@
-"""The run's schedule (cssl_ray.schedule): the L_tot epoch as a pass over D_U, fair cells (equal steps,
+"""The run's schedule (cssl_ray.run.schedule): the L_tot epoch as a pass over D_U, fair cells (equal steps,
 bit-identical supervised batches), stage A's early stop, omega before round 1, the coverage warning,
 the rounds' learning rate, the stop rule and the best weights by train.select_metric."""
 from __future__ import annotations
@@ -10,16 +10,18 @@ import math
 import pytest
 import torch
 
-import cssl_ray.loop as loop
+import cssl_ray.run.loop as loop
 from cssl_ray.config import from_dict
-from cssl_ray.consistency import Teacher
+from cssl_ray.data.batches import labelled_slices
 from cssl_ray.data.synthetic import make_synthetic
-from cssl_ray.local import run_local, stage_a_summary
+from cssl_ray.experiments.search_space import ABLATION_CELLS
+from cssl_ray.experiments.train import build_config
+from cssl_ray.method.consistency import Teacher
+from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import create_model
-from cssl_ray.schedule import RunState, is_better
-from cssl_ray.search_space import ABLATION_CELLS
-from cssl_ray.streams import RandomStreams
-from cssl_ray.train import build_config
+from cssl_ray.run.local import run_local
+from cssl_ray.run.records import stage_a_summary
+from cssl_ray.run.schedule import RunState, is_better
 
 
 def small_cfg(**sections):
@@ -109,7 +111,7 @@ def test_the_realised_contrastive_batch_fills_patches_batch_size(monkeypatch):
     plan = loop.epoch_plan(u_img.shape[0], cfg, streams)
     assert [len(p) for p in plan] == [4, 4, 4]
     steps = list(loop.local_steps(cfg, 1, plan, u_img, u_mask, l_img, l_mask))  # pseudo-labels = the truth here
-    slices = loop.labelled_slices(2, 3)
+    slices = labelled_slices(2, 3)
     for step, idx, l_idx in zip(steps, plan, slices):
         assert step.patches.shape[0] == 6 * (len(idx) + len(l_idx))  # 4 + 1 images x 6 windows = 30 >= 24
         assert torch.equal(step.unlabelled, u_img[idx])
@@ -196,7 +198,7 @@ def test_stage_a_runs_its_whole_budget_and_goes_on_from_its_last_weights(tmp_pat
         steps.append(kw["steps"])
         return out
 
-    import cssl_ray.local as local
+    import cssl_ray.run.local as local
     local_epoch = local.supervised_epoch
     local.supervised_epoch = counting
     try:
@@ -311,7 +313,7 @@ def test_one_l_tot_epoch_keeps_a_converged_model():
     few points, while it still moves the weights. The paper's letter (L_tot on the supervised Adam at
     1e-3, stage A's moments carried) drops it more on the same model."""
     from cssl_ray.data.bundle import load_bundle
-    from cssl_ray.loop import evaluate, supervised_epoch
+    from cssl_ray.run.loop import evaluate, supervised_epoch
 
     def config(**optim):
         return from_dict({
@@ -487,7 +489,7 @@ def test_best_and_last_round_test_metrics_are_both_reported(tmp_path):
     import json
 
     from cssl_ray.data.bundle import load_bundle
-    from cssl_ray.loop import evaluate
+    from cssl_ray.run.loop import evaluate
 
     cfg = build_config(None, [f"train.out_dir={tmp_path}", "train.progress=false", "train.figures=false",
                               "train.max_rounds=3", "train.keep_checkpoints=10", "pseudo.threshold=0.3"], smoke=True)

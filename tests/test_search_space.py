@@ -9,8 +9,16 @@ import pytest
 import yaml
 
 from cssl_ray.config import Config, ConfigError
-from cssl_ray.search_space import (
-    ABLATION_CELLS, BASELINE_CELLS, CELL_DATA, DEFAULT_CELLS, Domain, SpaceError, cell_of, load_space, unflatten,
+from cssl_ray.experiments.search_space import (
+    ABLATION_CELLS,
+    BASELINE_CELLS,
+    CELL_DATA,
+    DEFAULT_CELLS,
+    Domain,
+    SpaceError,
+    cell_of,
+    load_space,
+    unflatten,
 )
 
 SPACES = sorted((Path(__file__).resolve().parents[1] / "tune_spaces").glob("*.yaml"))
@@ -306,7 +314,7 @@ def test_optuna_distributions_have_the_corners_bounds(tmp_path: Path):
 
 
 def test_make_searcher(tmp_path: Path):
-    from cssl_ray.tune import make_searcher, search_text
+    from cssl_ray.experiments.tune import make_searcher, search_text
 
     random = load_space(write(tmp_path, smoke()))
     assert make_searcher(random) is None and search_text(random) == "random search"  # Tune's variant generator

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import silhouette_score
 
-from cssl_ray.silhouette import silhouette
+from cssl_ray.method.silhouette import silhouette
 
 
 def _clusters(

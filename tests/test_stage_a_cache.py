@@ -6,9 +6,9 @@ import dataclasses
 
 import torch
 
-from cssl_ray.local import run_local, stage_a_key
-from cssl_ray.search_space import ABLATION_CELLS
-from cssl_ray.train import build_config
+from cssl_ray.experiments.search_space import ABLATION_CELLS
+from cssl_ray.experiments.train import build_config
+from cssl_ray.run.local import run_local, stage_a_key
 
 
 def cell(cfg, name: str, out):

@@ -21,14 +21,7 @@ from cssl_ray.data.bundle import load_bundle, open_source
 from cssl_ray.data.cards import load_card
 from cssl_ray.data.readers import Reader, read_synthetic
 from cssl_ray.data.sample import DatasetError, Sample
-from cssl_ray.data.store import (
-    SCHEMA,
-    DatasetMissing,
-    Store,
-    cache_dir,
-    list_prepared,
-    prepare,
-)
+from cssl_ray.data.store import SCHEMA, DatasetMissing, Store, cache_dir, list_prepared, prepare
 
 
 @pytest.fixture
@@ -352,8 +345,8 @@ def write_folder(root: Path, n: int = 6, size: int = 32, unlabelled: int = 0) ->
 
 
 def test_folder_dataset_trains_end_to_end(tmp_path):
-    from cssl_ray.local import run_local
-    from cssl_ray.train import build_config
+    from cssl_ray.experiments.train import build_config
+    from cssl_ray.run.local import run_local
     root = tmp_path / "duodenum"
     write_folder(root, n=6, unlabelled=2)
     cfg = build_config(None, [f"train.out_dir={tmp_path / 'run'}", "train.progress=false", "data.name=folder",

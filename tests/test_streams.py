@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cssl_ray.streams import PURPOSES, SHARED, RandomStreams, stream_seed
+from cssl_ray.method.streams import PURPOSES, SHARED, RandomStreams, stream_seed
 
 
 def test_streams_are_distinct_reproducible_and_per_rank():

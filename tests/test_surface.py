@@ -1,4 +1,4 @@
-"""cssl_ray.surface: hand-computed HD95 / ASD / per-image Dice, a brute-force oracle, MONAI (when
+"""cssl_ray.evaluation.surface: hand-computed HD95 / ASD / per-image Dice, a brute-force oracle, MONAI (when
 installed) on random masks, the degenerate cases, the accumulator and evaluate(surface=True)."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from cssl_ray import loop
-from cssl_ray.collectives import Collectives
-from cssl_ray.surface import SurfaceMetrics, image_scores, surface, surface_distances, worst_distance
+from cssl_ray.evaluation.surface import SurfaceMetrics, image_scores, surface, surface_distances, worst_distance
+from cssl_ray.method.collectives import Collectives
+from cssl_ray.run import loop
 
 
 def _mask(shape: tuple[int, int], *pixels: tuple[int, int]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""cssl_ray.tracking against a temporary sqlite store (and, marked slow, a real `mlflow server`)."""
+"""cssl_ray.tracking.store against a temporary sqlite store (and, marked slow, a real `mlflow server`)."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cssl_ray import tracking
-from cssl_ray.tracking import Tracker
+from cssl_ray.tracking.store import Tracker
+from cssl_ray.tracking import store as tracking
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""cssl_ray.tune end to end on CPU, against a temporary MLflow store (ablate: tests/test_demo.py).
+"""cssl_ray.experiments.tune end to end on CPU, against a temporary MLflow store (ablate: tests/test_demo.py).
 
 Slow (Ray): each command starts its own local Ray instance (private RAY_TMPDIR, see conftest_ray).
 """
@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest_ray import descendant_processes, local_ray, own_lines, ray_test_env
 
-from cssl_ray import tune
 from cssl_ray.config import load_config
-from cssl_ray.tracking import find_runs, latest_parent, metric_history
+from cssl_ray.experiments import tune
+from cssl_ray.tracking.store import find_runs, latest_parent, metric_history
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_SPACE = ROOT / "tune_spaces" / "smoke.yaml"
@@ -94,7 +93,7 @@ def test_tune_smoke_space_train_inside_tune(tmp_path, store, capsys):
     assert best.exists() and load_config(best).data.name == "synthetic"
     assert "best trial" in out and "mlflow ui --backend-store-uri" in out
     # the parent run holds the best config; the best trial's model is registered under the space's name
-    from cssl_ray.tracking import client
+    from cssl_ray.tracking.store import client
     parent = latest_parent(store, "smoke", kind="tune")
     assert "best_config.yaml" in {a.path for a in client(store).list_artifacts(parent["run_id"])}
     assert runs[0]["tags"]["cssl.model_uri"].startswith("models:/m-") and "model:  models:/smoke/1" in out
@@ -126,7 +125,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, store):
     """Kill the driver (and its Ray) while trial 2 of 2 runs; --resume finishes without rerunning trial 1."""
     path = write_space(tmp_path / "resume.yaml", num_samples=2,
                        config={"train": {"max_rounds": 6, "num_threads": 1}})
-    cmd = [sys.executable, "-m", "cssl_ray.tune", "--space", str(path), "--storage-path", str(tmp_path / "tune"),
+    cmd = [sys.executable, "-m", "cssl_ray.experiments.tune", "--space", str(path), "--storage-path", str(tmp_path / "tune"),
            "--tracking-uri", store]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     runs_root = tmp_path / "tune" / "resume-tune" / "runs"
@@ -191,7 +190,7 @@ def test_init_ray_pins_its_address_for_every_process_of_it(monkeypatch):
     actors of actors with their own runtime env included, and shutdown_ray restores the driver's."""
     import ray
 
-    from cssl_ray.ray_init import init_ray, shutdown_ray
+    from cssl_ray.distributed.ray_init import init_ray, shutdown_ray
 
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:1")  # someone else's; a local start must not join it
     assert init_ray(None, 1, log_to_driver=False)
@@ -238,8 +237,8 @@ def test_optuna_search_in_range_and_resumed_without_repeats(tmp_path, store, cap
     """search_algorithm: optuna, 4 trials one at a time, Ctrl-C after 2 finished, then --resume: the
     2 finished trials are kept (same ids, params, files), the 2 new ones continue the seeded search
     (the restored searcher's 3rd and 4th suggestions, not its 1st and 2nd again), all in range."""
-    from cssl_ray import progress
-    from cssl_ray.search_space import load_space
+    from cssl_ray.experiments.search_space import load_space
+    from cssl_ray.tracking.store import progress
 
     search = {"contrastive.tau": {"loguniform": [0.05, 0.5]}, "pseudo.threshold": {"choice": [0.7, 0.8, 0.9]},
               "train.steps_per_round": {"randint": [1, 3]}}

@@ -9,14 +9,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from cssl_ray.collectives import Collectives, TorchCollectives, positions_of_rank, rank_share
 from cssl_ray.config import from_dict
-from cssl_ray.consistency import Teacher
-from cssl_ray.contrastive import AuxiliaryGaussian
-from cssl_ray.loop import l_tot_steps, pass_shares, supervised_epoch
+from cssl_ray.distributed.collectives import TorchCollectives
+from cssl_ray.method.collectives import Collectives, positions_of_rank, rank_share
+from cssl_ray.method.consistency import Teacher
+from cssl_ray.method.contrastive import AuxiliaryGaussian
+from cssl_ray.method.objective import StepInputs, cssl_objective
+from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import create_model
-from cssl_ray.objective import StepInputs, cssl_objective
-from cssl_ray.streams import RandomStreams
+from cssl_ray.run.loop import l_tot_steps, pass_shares, supervised_epoch
 
 WORLD = 2
 

@@ -7,7 +7,7 @@
     simclr         SimCLR (Chen et al., ICML 2020): NT-Xent, two augmented views of grayscale
                    images, pooled-encoder projections
     pseudo_label   self-training on pseudo-labels (Lee 2013): the loss consuming
-                   ``cssl_ray.pseudo_labels.predict_pseudo_labels``
+                   ``cssl_ray.method.pseudo_labels.predict_pseudo_labels``
 
 Only losses, schedules and augmentations live here; training loops are the caller's.
 """

@@ -8,7 +8,7 @@ then used as if they were true labels, with the cross-entropy of the labelled im
     L = CE(f(x_l), y_l) + alpha(t) * CE(f(x_u), y_hat_u)
 
 Lee takes the argmax of every pixel; here the pseudo-labels come from
-``cssl_ray.pseudo_labels.predict_pseudo_labels`` (confident argmax, ``ignore_index`` below the
+``cssl_ray.method.pseudo_labels.predict_pseudo_labels`` (confident argmax, ``ignore_index`` below the
 threshold), so a threshold <= 1/C reproduces Lee's plain argmax and higher thresholds give the
 confident variant. This module only holds the loss that consumes them; no ground truth enters it.
 """

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cssl_ray.augment import flip_rotate
 from cssl_ray.config import Config
-from cssl_ray.loop import index_batches
+from cssl_ray.data.augment import flip_rotate
+from cssl_ray.data.batches import index_batches
 from cssl_ray.models.heads import ProjectionHead
 
 CROP_SCALE = (0.5, 1.0)  # share of the image area a crop keeps
@@ -102,7 +102,7 @@ def _view(images: Tensor, generator: torch.Generator | None) -> Tensor:
 def two_views(images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Two independent random views (v1, v2) of ``images`` (B, C, H, W), each (B, C, H, W).
 
-    Per sample and view: flip / 90-degree rotation (``cssl_ray.augment.flip_rotate``; 90/270 only for
+    Per sample and view: flip / 90-degree rotation (``cssl_ray.data.augment.flip_rotate``; 90/270 only for
     square images), random resized crop, contrast and brightness jitter, Gaussian noise. Every draw
     comes from ``generator``, so equal generator states give equal views. ``images`` is unchanged.
     """

@@ -11,6 +11,7 @@ import numpy as np
 
 from cssl_ray.data.sample import DatasetError, Sample
 
+
 @dataclass
 class Reader:
     """What the store needs from a format: ``read(root, report=..., **options)`` and class names."""

@@ -1,4 +1,4 @@
-"""Ray Train: the schedule of ``cssl_ray.local`` on TorchTrainer workers fed by streamed L_tot steps.
+"""Ray Train: the schedule of ``cssl_ray.run.local`` on TorchTrainer workers fed by streamed L_tot steps.
 
     driver  run_ray: config and data checks (one-line errors, before Ray starts) -> ray.init ->
             WeightStore + LabellerPool (long-lived pseudo-labeller actors, started once) ->
@@ -33,7 +33,7 @@ Design choices:
 - Gradients: data parallel over the process group Ray Train sets up (gloo on CPU, NCCL on GPU),
   but with one explicit all-reduce of the gradients after every backward instead of a DDP
   wrapper, because the L_tot step reaches encode/decode/project, not forward (see
-  ``cssl_ray.collectives``). ``prepare_model`` only places the student on the device. The teacher
+  ``cssl_ray.method.collectives``). ``prepare_model`` only places the student on the device. The teacher
   is a plain module, never wrapped, never given gradients.
 - World-size invariance: ``train.batch_size``, ``consistency.batch_size`` and ``patches.batch_size``
   are global. Each rank takes its ``rank_share`` of every batch, L_CL runs on the all-gathered
@@ -60,22 +60,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from cssl_ray.collectives import Collectives, TorchCollectives, rank_share
 from cssl_ray.config import Config, ConfigError, check_metric, from_dict, to_dict, validate
 from cssl_ray.data.bundle import DataSource, open_source
-from cssl_ray.local import RunResult, evaluate_best, resolve_device, write_run_files
-from cssl_ray.loop import evaluate, labelled_confidence, supervised_epoch
+from cssl_ray.distributed.collectives import TorchCollectives
+from cssl_ray.distributed.placement import check_labeller_flags
+from cssl_ray.distributed.preflight import check_fits_here, check_shared_paths, check_worker_gpus, dataset_paths
+from cssl_ray.distributed.ray_init import init_ray, shutdown_ray
+from cssl_ray.method.collectives import Collectives, rank_share
 from cssl_ray.models import check_geometry
-from cssl_ray.placement import check_labeller_flags
-from cssl_ray.precision import Precision
-from cssl_ray.preflight import check_fits_here, check_shared_paths, check_worker_gpus, dataset_paths
-from cssl_ray.progress import record_warnings
-from cssl_ray.ray_init import init_ray, shutdown_ray
-from cssl_ray.schedule import RunState, stage_a_plan, sup_steps
+from cssl_ray.models.precision import Precision
+from cssl_ray.run.loop import evaluate, labelled_confidence, supervised_epoch
+from cssl_ray.run.records import RunResult, evaluate_best, resolve_device, write_run_files
+from cssl_ray.run.schedule import RunState, stage_a_plan, sup_steps
+from cssl_ray.tracking.progress import record_warnings
 
 if TYPE_CHECKING:  # pipeline imports ray at module level; the CLI loads this module before Ray
-    from cssl_ray.pipeline import StreamResources
-    from cssl_ray.pipeline import RankSteps
+    from cssl_ray.distributed.stream import RankSteps, StreamResources
 
 STATE_FILE = "state.pt"  # inside every Train checkpoint directory
 WORLD_FILE = "world.json"  # beside it: the worker count that wrote it (read before Ray starts on --resume)
@@ -158,7 +158,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             state.streams.load_state_dict(streams[rank])
     republish = checkpoint is not None  # the first publish after a restore may go back in version
     # The student only, on this worker's device. No DDP wrapper: gradients are averaged explicitly
-    # after every backward over the gloo / NCCL group Ray Train set up (cssl_ray.collectives says
+    # after every backward over the gloo / NCCL group Ray Train set up (cssl_ray.method.collectives says
     # why); broadcast_state starts every rank from rank 0's weights, as DDP's constructor would.
     # The teacher is never wrapped and never gets gradients.
     if t.sync_bn and world > 1:  # BatchNorm statistics over the global batch (CUDA; check_ray_run says so)
@@ -254,7 +254,7 @@ class _RankShard:
     def snapshot_images(self) -> torch.Tensor:
         """The first images of the whole D_U (Fig. 2 follows them; rank 0 labels them), read once."""
         if self._snapshot is None:
-            from cssl_ray.figures import SNAPSHOT_IMAGES
+            from cssl_ray.evaluation.figures import SNAPSHOT_IMAGES
             n = min(SNAPSHOT_IMAGES, self.source.count("unlabelled"))
             self._snapshot = self.source.take("unlabelled", range(n))[0]
         return self._snapshot
@@ -266,9 +266,9 @@ def _round_steps(state: RunState, cfg: Config, shard: _RankShard, actors: list[A
     (``pipeline.RankSteps``: labelled with version r by the run's labellers, consumed as they arrive).
     ``restart``: the first publish of a worker restored from a checkpoint, which may be older than
     the store's weights (``weights.WeightStore.publish``)."""
-    from cssl_ray.loop import epoch_plan
-    from cssl_ray.pipeline import RankSteps
-    from cssl_ray.weights import publish_weights
+    from cssl_ray.distributed.stream import RankSteps
+    from cssl_ray.distributed.weights import publish_weights
+    from cssl_ray.run.loop import epoch_plan
 
     if col.rank == 0:
         publish_weights(store_name, state.model, version=state.round, restart=restart)  # round r - 1's model as version r
@@ -299,8 +299,8 @@ def _pseudo_stats(counts: dict[str, Any], with_accuracy: bool, col: Collectives,
                   class_names: list[str]) -> dict[str, float]:
     """``pseudo_coverage`` (and ``pseudo_accuracy``) of the whole D_U, and ``pseudo_coverage/<class>``
     as ``pseudo_labels.class_coverage`` defines it: counts summed over ranks."""
-    from cssl_ray.loop import confidence_stats
-    from cssl_ray.pipeline import CLASS_COUNT_COLUMNS, CONFIDENCE_COLUMN, COUNT_COLUMNS, pseudo_stats
+    from cssl_ray.distributed.stream import CLASS_COUNT_COLUMNS, CONFIDENCE_COLUMN, COUNT_COLUMNS, pseudo_stats
+    from cssl_ray.run.loop import confidence_stats
 
     summed = col.sum_(torch.tensor([float(counts[k]) for k in COUNT_COLUMNS], dtype=torch.float64))
     out = pseudo_stats(dict(zip(COUNT_COLUMNS, summed.tolist())), with_accuracy)
@@ -394,7 +394,7 @@ def check_run(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, cp
               resume: bool = False) -> DataSource:
     """Every check ``run_ray`` makes before Ray starts (``--dry-run`` runs only these): the config's
     ranges, the model's geometry, the dataset (prepared and split: a missing or bad dataset is one
-    line here), ``check_ray_run``, and ``cssl_ray.preflight``'s: with a remote ``address``, the run
+    line here), ``check_ray_run``, and ``cssl_ray.distributed.preflight``'s: with a remote ``address``, the run
     folder (``storage_path``, else train.out_dir) and the prepared dataset on shared storage;
     ``here`` (Ray will start on this machine): the run's workers and labellers fit this machine's
     GPUs; ``resume``: the run's newest checkpoint was written by as many workers. Returns the split's
@@ -410,7 +410,7 @@ def check_run(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, cp
     if resume:
         check_resume_world(storage_path or str(Path(cfg.train.out_dir).resolve()), workers)
     if here:
-        from cssl_ray.placement import StreamResources, run_demand
+        from cssl_ray.distributed.placement import StreamResources, run_demand
         stream = StreamResources(labellers=labellers, labeller_gpus=gpus_per_labeller)
         check_fits_here(run_demand(workers, cpus_per_worker, gpus_per_worker, stream if run_labels(cfg, source) else None),
                         "the run", "lower --gpus-per-worker / --gpus-per-labeller")
@@ -482,7 +482,7 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
             (``placement.trial_bundles``); None = the labellers reserve a group of their own and
             wait until it is placed (on a cluster given by ``address``, for the autoscaler's nodes).
     """
-    from cssl_ray import placement
+    from cssl_ray.distributed import placement
 
     start = time.perf_counter()
     r = resources or placement.StreamResources()
@@ -505,8 +505,8 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from cssl_ray.pipeline import LabellerPool
-    from cssl_ray.weights import get_or_create_weight_store
+    from cssl_ray.distributed.stream import LabellerPool
+    from cssl_ray.distributed.weights import get_or_create_weight_store
 
     labelling = run_labels(cfg, source)
     demand = placement.run_demand(workers, cpus_per_worker, gpus_per_worker, r if labelling else None)
@@ -555,7 +555,7 @@ def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, addr
     device = resolve_device(cfg.train.device)  # the driver's: fp16 falls back to fp32 on its CPU
     state = RunState(cfg, device, precision=Precision.from_config(cfg.train, device, inference=True))
     state.load_state_dict(saved)
-    from cssl_ray.figures import SNAPSHOT_IMAGES
+    from cssl_ray.evaluation.figures import SNAPSHOT_IMAGES
     bundle = source.bundle(labelled=False, unlabelled=SNAPSHOT_IMAGES)  # test, and what the figures show
     done = evaluate_best(state, cfg, bundle, out_dir, start)
     return RayRunResult(**vars(done), reports=[m for _, m in (result.best_checkpoints or [])])

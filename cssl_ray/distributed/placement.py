@@ -39,19 +39,28 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cssl_ray.config import ConfigError
 
-if TYPE_CHECKING:  # search_space imports torch (model geometry); only the fields are read here
-    from cssl_ray.search_space import Resources
+
+@dataclass
+class Resources:
+    """A space's ``resources:`` block: what one trial asks of the cluster."""
+    workers: int = 1  # Ray Train workers per trial; 0 = the trial trains in-process
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    labellers: int = 1  # pseudo-labeller actors per Train trial, in the trial's placement group
+    gpus_per_labeller: float = 0.0  # 0 = CPU labellers (the default); a fraction up to 1 shares a GPU
+
+
 
 TRIAL_DRIVER_CPUS = 0.01  # the trial's own process (shared/ENVIRONMENT.md: Tune + Train V2 deadlock otherwise)
 
 
 @dataclass(frozen=True)
 class StreamResources:
-    """Ray resources of the patch stream's stages (``cssl_ray.pipeline``).
+    """Ray resources of the patch stream's stages (``cssl_ray.distributed.stream``).
 
     Fractional CPUs keep a 2-CPU machine from hanging, but on their own they let Ray run 1 / 0.25
     tasks per CPU, each in a fresh worker process that imports torch (Ray warned of 8 workers

@@ -80,6 +80,7 @@ from cssl_ray.config import Config, ConfigError, apply_overrides, check_metric, 
 from cssl_ray.data.bundle import check_card
 from cssl_ray.data.cards import CardError, DatasetCard, card_names, datasets_dir, load_card
 from cssl_ray.data.synthetic import class_names as synthetic_class_names
+from cssl_ray.distributed.placement import Resources
 from cssl_ray.models import check_geometry, model_stride
 
 # The paper's Table 5 ablation: each cell's switches, as TrainConfig fields (train.<key>).
@@ -94,7 +95,7 @@ ABLATION_CELLS: dict[str, dict[str, Any]] = {
     # a reference, not a method: every training image labelled, the supervised schedule; it shows the
     # headroom semi-supervision can recover (its data overrides: CELL_DATA)
     "supervised_all": {**_OFF, "method": "cssl"},
-    # semi-supervised baselines with the same steps (cssl_ray.baselines.rounds); bn_mix is their control
+    # semi-supervised baselines with the same steps (cssl_ray.run.baseline_rounds); bn_mix is their control
     "bn_mix": {**_OFF, "method": "bn_mix"},
     "pseudo_label": {**_OFF, "method": "pseudo_label"},
     "mean_teacher": {**_OFF, "method": "mean_teacher"},
@@ -164,20 +165,11 @@ class Scheduler:
 
 
 @dataclass
-class Resources:
-    workers: int = 1  # Ray Train workers per trial; 0 = the trial trains in-process
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    labellers: int = 1  # pseudo-labeller actors per Train trial, in the trial's placement group
-    gpus_per_labeller: float = 0.0  # 0 = CPU labellers (the default); a fraction up to 1 shares a GPU
-
-
-@dataclass
 class Ablation:
     seeds: int = 3  # train.seed 0..seeds-1 per cell
     cells: list[str] = field(default_factory=lambda: list(DEFAULT_CELLS))
     label_fractions: list[float] = field(default_factory=list)  # [] = the space's own labelled setting
-    # train.protocol values to grid over (paper, joint: cssl_ray.joint); [] = the config's own. Each
+    # train.protocol values to grid over (paper, joint: cssl_ray.run.joint); [] = the config's own. Each
     # cell is reported against the supervised cell of its own protocol
     protocols: list[str] = field(default_factory=list)
 
@@ -194,7 +186,7 @@ class Space:
     num_samples: int = 1
     scheduler: Scheduler = field(default_factory=Scheduler)
     # random: Tune's variant generator (unseeded, as Tune draws); optuna: Optuna's TPE sampler, which
-    # proposes each trial from the finished ones (cssl_ray.tune.make_searcher)
+    # proposes each trial from the finished ones (cssl_ray.experiments.tune.make_searcher)
     search_algorithm: str = "random"
     # optuna's sampler seed, its own key so the suggestions do not change with train.seed (which a
     # space may search, and ablate grids over); the same seed and space give the same first trials

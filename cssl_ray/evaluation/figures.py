@@ -13,7 +13,7 @@ Capture: every round the trainer calls ``pseudo_snapshot`` with the model that l
 (``--local``: right before ``round_patches``; Ray: rank 0, right after publishing the round's
 weights) and keeps ``(round, labels)`` on ``schedule.RunState.snapshots``, so checkpoints carry them
 and a resumed run keeps them. ``write_run_figures`` draws the three figures at the end, on the
-best-validation weights (``local.evaluate_best``); a figure whose data is missing is skipped and a
+best-validation weights (``records.evaluate_best``); a figure whose data is missing is skipped and a
 failure is one warning line, never a failed run.
 
 matplotlib is imported inside the plot functions (it is slow to import) and draws on a bare
@@ -33,10 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from cssl_ray.config import Config
-from cssl_ray.objective import patch_embeddings
-from cssl_ray.patches import sample_patches
-from cssl_ray.pseudo_labels import predict_pseudo_labels, rule_of
-from cssl_ray.silhouette import silhouette
+from cssl_ray.method.objective import patch_embeddings
+from cssl_ray.method.patches import sample_patches
+from cssl_ray.method.pseudo_labels import predict_pseudo_labels, rule_of
+from cssl_ray.method.silhouette import silhouette
 
 if TYPE_CHECKING:
     from cssl_ray.data.bundle import DataBundle
@@ -277,7 +277,7 @@ def write_run_figures(state: FigureSource, cfg: Config, bundle: DataBundle, out_
     """
     fig_dir = Path(out_dir) / "figures"
     if importlib.util.find_spec("matplotlib") is None:
-        log.warning("cssl_ray.figures: no figures written (matplotlib is not installed)")
+        log.warning("cssl_ray.evaluation.figures: no figures written (matplotlib is not installed)")
         return []
     draws = (
         (FILES[0], lambda p: _refinement_figure(state, bundle, p)),
@@ -289,7 +289,7 @@ def write_run_figures(state: FigureSource, cfg: Config, bundle: DataBundle, out_
         try:
             path = draw(fig_dir / name)
         except Exception as e:  # a figure is a by-product: never fail the run for one
-            log.warning("cssl_ray.figures: %s not written (%s: %s)", name, type(e).__name__, e)
+            log.warning("cssl_ray.evaluation.figures: %s not written (%s: %s)", name, type(e).__name__, e)
             continue
         if path is not None:
             written.append(path)

@@ -3,7 +3,7 @@
     driver   run_experiment: Tuner(trial, param_space) -> trials run concurrently as resources
              allow -> the MLflow callback (driver side, the only writer) records every trial
     trial    run_trial: one CSSL run from the space's base config + the trial's parameters;
-             workers == 0 trains in the trial's own process (cssl_ray.local), workers >= 1 builds
+             workers == 0 trains in the trial's own process (cssl_ray.run.local), workers >= 1 builds
              and fits a TorchTrainer inside the trial (Ray Train V2's Train-inside-Tune pattern)
              whose rank-0 reports reach Tune through TuneReportCallback. Either way Tune sees one
              result per validation (every stage-A epoch as round 0, then every round), with
@@ -39,18 +39,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cssl_ray.config import Config, ConfigError, from_dict, merge, to_dict
-from cssl_ray.placement import concurrent_trials, stream_resources, trial_bundles, trial_demand
-from cssl_ray.preflight import check_fits_here, check_shared_paths, check_worker_gpus, dataset_paths
-from cssl_ray.progress import ENDED, TrialProgress, record_warnings, run_warnings, warning_text
-from cssl_ray.run_record import cells_view, read_result, record_result, runs_view
-from cssl_ray.search_space import ABLATION_CELLS, CELL_DATA, Resources, Space, cell_of, unflatten
+from cssl_ray.distributed.placement import Resources, concurrent_trials, stream_resources, trial_bundles, trial_demand
+from cssl_ray.distributed.preflight import check_fits_here, check_shared_paths, check_worker_gpus, dataset_paths
+from cssl_ray.experiments.search_space import ABLATION_CELLS, CELL_DATA, Space, cell_of, unflatten
+from cssl_ray.tracking.progress import ENDED, TrialProgress, record_warnings, run_warnings, warning_text
+from cssl_ray.tracking.run_record import cells_view, read_result, record_result, runs_view
 
 if TYPE_CHECKING:  # torch: the CLIs import this module before their arguments are checked
     from cssl_ray.data.bundle import DataSource
 
 CELL_KEY = "cell"  # a trial parameter naming an ablation cell (sets the three switches)
 SESSION_FILE = "cssl_session.json"
-TRIAL_WARNINGS = "warnings.json"  # a trial's Python warnings (cssl_ray.progress)
+TRIAL_WARNINGS = "warnings.json"  # a trial's Python warnings (cssl_ray.tracking.progress)
 # Tune writes its experiment state at most this often; a killed driver loses at most that much.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
 # Tune's own output engine prints a configuration table and result paths even at verbose=0; the
@@ -96,7 +96,7 @@ def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
     The last round's result is held back until the run has written its test metrics (result.json):
     ASHA stops any trial whose report reaches max_t, and a stop there would otherwise cut the
     test evaluation off a trial that finished every round. Python warnings the trial raises go to
-    ``<run folder>/warnings.json`` as they are raised; the driver shows each once (cssl_ray.progress).
+    ``<run folder>/warnings.json`` as they are raised; the driver shows each once (cssl_ray.tracking.progress).
     """
     from ray import tune
 
@@ -123,7 +123,7 @@ def _run_trial(params: dict[str, Any], spec: TrialSpec, out_dir: Path) -> None:
             tune.report(tune_metrics(record, 0))
 
     if spec.resources.workers == 0:
-        from cssl_ray.local import run_local
+        from cssl_ray.run.local import run_local
         # resume: a restarted trial continues its rounds; trials whose stage A is identical (cells of
         # one seed, trials that search only what comes after it, a search and the ablation after it)
         # train it once per storage path: the cache key holds everything stage A depends on
@@ -131,7 +131,7 @@ def _run_trial(params: dict[str, Any], spec: TrialSpec, out_dir: Path) -> None:
     else:
         import ray
 
-        from cssl_ray.ray_train import run_ray
+        from cssl_ray.distributed.ray_train import run_ray
         r = spec.resources
         group = ray.util.get_current_placement_group()  # the trial's: its last bundles are the labellers'
         if group is None:
@@ -201,7 +201,7 @@ def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any
         Runs in the driver (Tune's controller), so only the driver writes to MLflow. A trial that
         errors ends FAILED; one ASHA stopped ends FINISHED with tag cssl.early_stopped=true.
         Also prints one line per trial start and end, each new warning and the bar over trials
-        (``cssl_ray.progress``; Tune's own output is off: verbose=0).
+        (``cssl_ray.tracking.progress``; Tune's own output is off: verbose=0).
         """
 
         def __init__(self) -> None:
@@ -212,7 +212,7 @@ def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any
         @property
         def tracker(self):
             if self._tracker is None:
-                from cssl_ray.tracking import Tracker
+                from cssl_ray.tracking.store import Tracker
                 self._tracker = Tracker(uri, experiment)
             return self._tracker
 
@@ -230,7 +230,7 @@ def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any
         def _open(self, trial) -> str:
             if trial.trial_id in self.runs:
                 return self.runs[trial.trial_id]
-            from cssl_ray.tracking import flatten_config
+            from cssl_ray.tracking.store import flatten_config
             params = dict(trial.config)
             cfg = trial_config(base, params)
             # the labelled share of the experiment, also for a reference cell that labels everything
@@ -345,7 +345,7 @@ def check_trials(space: Space, base: Config, *, split_varies: bool = False,
     ``split_varies``: trials change data.* (a labelled-fraction sweep), so the base's split says
     nothing about theirs; only the dataset is checked. Returns the base's ``DataSource``.
 
-    Then the resources (``cssl_ray.preflight``): in-process trials hold no labellers; a Train trial's
+    Then the resources (``cssl_ray.distributed.preflight``): in-process trials hold no labellers; a Train trial's
     workers get at most one GPU each, and a fraction only alone; with a remote ``address`` the
     experiment folder (``storage``) and the prepared dataset are on shared storage; without one, a
     trial (its labellers when ``labelling``) fits this machine.
@@ -388,7 +388,7 @@ def _check_trials(space: Space, base: Config, split_varies: bool) -> DataSource:
     if r.workers == 0 or split_varies:
         from cssl_ray.data.bundle import open_source
         return open_source(base.data)
-    from cssl_ray.ray_train import check_run
+    from cssl_ray.distributed.ray_train import check_run
     return check_run(base, workers=r.workers, gpus_per_worker=r.gpus_per_worker, cpus_per_worker=r.cpus_per_worker,
                      labellers=r.labellers, gpus_per_labeller=r.gpus_per_labeller)
 
@@ -433,12 +433,12 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
     import ray
     from ray import tune
 
-    from cssl_ray.ray_init import init_ray, shutdown_ray
-    from cssl_ray.tracking import Tracker, git_commit, ui_address, ui_command
+    from cssl_ray.distributed.ray_init import init_ray, shutdown_ray
+    from cssl_ray.tracking.store import Tracker, git_commit, ui_address, ui_command
 
     storage = storage.resolve()
     folder = experiment_folder(storage, tune_name, resume)
-    # Ray first: the cap on concurrent trials needs the cluster's resources (cssl_ray.placement says
+    # Ray first: the cap on concurrent trials needs the cluster's resources (cssl_ray.distributed.placement says
     # why it prevents deadlock), and a trial that never fits is one line before anything is written.
     labelling = trials_label(base, param_space)
     demand = trial_demand(space.resources, labelling)
@@ -520,8 +520,8 @@ def run_experiment(space: Space, *, param_space: dict[str, Any], kind: str, tune
 def register_best(uri: str, experiment: str, parent_id: str, best: TrialOutcome, name: str) -> str | None:
     """Register ``best``'s logged model as a new version of ``name``; its ``models:/`` URI (None
     when the trial logged no model)."""
-    from cssl_ray.mlflow_model import MODEL_URI_TAG, register_model
-    from cssl_ray.tracking import KEY_TAG, find_runs
+    from cssl_ray.tracking.mlflow_model import MODEL_URI_TAG, register_model
+    from cssl_ray.tracking.store import KEY_TAG, find_runs
 
     runs = find_runs(uri, experiment, parent_id=parent_id, tags={KEY_TAG: best.trial_id})
     model_uri = runs[0]["tags"].get(MODEL_URI_TAG) if runs else None
@@ -533,7 +533,7 @@ def register_best(uri: str, experiment: str, parent_id: str, best: TrialOutcome,
 
 def log_parent_files(uri: str, experiment: str, parent_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
     """Attach files (the report, the best config) to an experiment's parent run."""
-    from cssl_ray.tracking import Tracker
+    from cssl_ray.tracking.store import Tracker
     tracker = Tracker(uri, experiment)
     for path in paths:
         tracker.log_artifact(parent_id, path, artifact_path)

@@ -44,7 +44,7 @@ driver starts a ``LabellerPool`` of long-lived actors next to the ``WeightStore`
 the run ends; the stream's task hands its step to the actor picked by a stable hash of the step's
 first image index (``labeller_slot``), waits for the labels and draws the windows itself. Each
 labeller reads the store's version per call and reloads the weights only when it changed
-(``cssl_ray.weights``); every row carries the version it was labelled with, and ``RankSteps``
+(``cssl_ray.distributed.weights``); every row carries the version it was labelled with, and ``RankSteps``
 refuses a row of another round.
 
 Pseudo-label statistics: each step row carries the summed counts of its images (pixels, covered
@@ -74,14 +74,20 @@ import ray.data
 import torch
 
 from cssl_ray.config import Config, from_dict, to_dict
+from cssl_ray.data.batches import labelled_slices
 from cssl_ray.data.bundle import DataSource
-from cssl_ray.loop import StepData, cut_patches, image_patches, image_windows, labelled_slices
+from cssl_ray.distributed.placement import StreamResources, labeller_group  # StreamResources: re-exported
+from cssl_ray.distributed.weights import WeightsClient
+from cssl_ray.method.patches import PatchWindows
+from cssl_ray.method.pseudo_labels import (
+    CONFIDENCE_BINS,
+    class_counts,
+    confidence_histogram,
+    predict_pseudo_labels,
+    rule_of,
+)
 from cssl_ray.models import create_model
-from cssl_ray.patches import PatchWindows
-from cssl_ray.placement import StreamResources, labeller_group  # StreamResources: re-exported
-from cssl_ray.pseudo_labels import (CONFIDENCE_BINS, class_counts, confidence_histogram, predict_pseudo_labels,
-                                    rule_of)
-from cssl_ray.weights import WeightsClient
+from cssl_ray.run.loop import StepData, cut_patches, image_patches, image_windows
 
 Batch = dict[str, np.ndarray]
 COUNT_COLUMNS = ("pseudo_pixels", "pseudo_covered", "pseudo_correct")  # per image, summed per step

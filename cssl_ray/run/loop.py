@@ -1,6 +1,6 @@
 """One round of CSSL as plain functions: supervised epoch, patch sampling, L_tot epoch, evaluation.
 
-No Ray and no MLflow here: ``cssl_ray.train`` (single process) and the Ray workers both call these.
+No Ray and no MLflow here: ``cssl_ray.experiments.train`` (single process) and the Ray workers both call these.
 Each function takes its tensors and settings explicitly and returns a dict of python floats.
 """
 from __future__ import annotations
@@ -14,40 +14,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cssl_ray.augment import flip_rotate
-from cssl_ray.collectives import Collectives, positions_of_rank, rank_share
 from cssl_ray.config import Config
-from cssl_ray.consistency import Teacher
-from cssl_ray.contrastive import AuxiliaryGaussian
-from cssl_ray.metrics import SegmentationMetrics
-from cssl_ray.objective import StepInputs, cssl_objective, patch_embeddings
-from cssl_ray.patches import (PatchWindows, class_balanced_batches, extract_patches, sample_patches, seeded_patches,
-                              seeded_windows)
-from cssl_ray.precision import FP32, Precision, backward_step
-from cssl_ray.pseudo_labels import (CONFIDENCE_BINS, class_coverage, confidence_histogram, coverage,
-                                    histogram_medians, predict_pseudo_labels, rule_of)
-from cssl_ray.silhouette import silhouette
-from cssl_ray.streams import RandomStreams
-from cssl_ray.surface import SurfaceMetrics
-
-
-def index_batches(n: int, batch_size: int, steps: int = 0,
-                  generator: torch.Generator | None = None) -> Iterator[Tensor]:
-    """Shuffled index batches: one pass over ``n`` items, or exactly ``steps`` batches (reshuffling
-    after every pass) when ``steps`` > 0. Small sets are padded by drawing again, so every batch
-    holds min(batch_size, n) items."""
-    if n <= 0:
-        return
-    bs = min(batch_size, n)
-    total = steps if steps > 0 else math.ceil(n / bs)
-    perm = torch.randperm(n, generator=generator)
-    pos = 0
-    for _ in range(total):
-        if pos + bs > n:
-            perm = torch.cat([perm[pos:], torch.randperm(n, generator=generator)])
-            pos = 0
-        yield perm[pos:pos + bs]
-        pos += bs
+from cssl_ray.data.augment import flip_rotate
+from cssl_ray.data.batches import index_batches, labelled_slices
+from cssl_ray.evaluation.metrics import SegmentationMetrics
+from cssl_ray.evaluation.surface import SurfaceMetrics
+from cssl_ray.method.collectives import Collectives, positions_of_rank, rank_share
+from cssl_ray.method.consistency import Teacher
+from cssl_ray.method.contrastive import AuxiliaryGaussian
+from cssl_ray.method.objective import StepInputs, cssl_objective, patch_embeddings
+from cssl_ray.method.patches import (
+    PatchWindows,
+    class_balanced_batches,
+    extract_patches,
+    sample_patches,
+    seeded_patches,
+    seeded_windows,
+)
+from cssl_ray.method.pseudo_labels import (
+    CONFIDENCE_BINS,
+    class_coverage,
+    confidence_histogram,
+    coverage,
+    histogram_medians,
+    predict_pseudo_labels,
+    rule_of,
+)
+from cssl_ray.method.silhouette import silhouette
+from cssl_ray.method.streams import RandomStreams
+from cssl_ray.models.precision import FP32, Precision, backward_step
 
 
 def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, masks: Tensor, *,
@@ -66,7 +61,7 @@ def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
     ranks.
 
     ``precision`` (autocast, channels_last; default fp32) and ``scaler`` (fp16's loss scaler, kept
-    across epochs by the caller): ``cssl_ray.precision``."""
+    across epochs by the caller): ``cssl_ray.models.precision``."""
     col = collectives or Collectives()
     prec = precision or FP32
     model.train()
@@ -258,16 +253,6 @@ def epoch_plan(n_unlabelled: int, cfg: Config, streams: RandomStreams,
     return plan[:n_steps]
 
 
-def labelled_slices(n_labelled: int, n_steps: int) -> list[Tensor]:
-    """D_L positions whose ground-truth patches join each step's pool: D_L dealt over the steps in
-    order, ceil(n_labelled / n_steps) images a step, cycling when D_L is the smaller set (every step
-    has labelled patches, and D_L is passed about once an epoch)."""
-    if n_labelled == 0:
-        return [torch.zeros(0, dtype=torch.int64) for _ in range(n_steps)]
-    m = math.ceil(n_labelled / max(n_steps, 1))
-    return [torch.arange(k * m, (k + 1) * m) % n_labelled for k in range(n_steps)]
-
-
 def image_patches(cfg: Config, images: Tensor, labels: Tensor, indices: Tensor | list[int], round_: int,
                   labelled: bool) -> tuple[Tensor, Tensor]:
     """``patches.seeded_patches`` with the run's settings: the class-wise patches (P, C, s, s) and
@@ -333,13 +318,13 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
     the other's input; omega (silhouette of the patch embeddings) is measured at every step with
     patches and averaged.
 
-    Data parallel (``collectives``, see ``cssl_ray.collectives``): each rank passes its own steps
+    Data parallel (``collectives``, see ``cssl_ray.method.collectives``): each rank passes its own steps
     (its share of every global batch: ``epoch_plan``) and the same ``n_steps``; the contrastive batch
     is global (each rank draws its ``rank_share``), L_CL runs on the all-gathered embeddings, a step
     has patches only if every rank's pool has some, gradients are averaged after every backward, and
     statistics are averaged over ranks. None = one process.
 
-    Precision (``train.amp``, ``train.channels_last``): ``cssl_ray.precision``; ``scaler`` is fp16's
+    Precision (``train.amp``, ``train.channels_last``): ``cssl_ray.models.precision``; ``scaler`` is fp16's
     loss scaler, kept across epochs by the caller (None under fp16: a fresh one for this epoch).
     """
     t = cfg.train
@@ -458,7 +443,7 @@ def evaluate(model: nn.Module, images: Tensor, masks: Tensor, *, num_classes: in
              collectives: Collectives | None = None, precision: Precision | None = None) -> dict[str, float]:
     """Validation / test: cross-entropy and Dice, IoU (and AUPRC) accumulated over all pixels.
 
-    ``surface``: also the per-image HD95, ASD and Dice (``cssl_ray.surface``: keys hd95_*, asd_*,
+    ``surface``: also the per-image HD95, ASD and Dice (``cssl_ray.evaluation.surface``: keys hd95_*, asd_*,
     dice_image_*, surface_one_empty/*); CPU distance transforms per image, so for the test set only.
     With ``collectives`` each rank passes its shard of the images; the counts are summed over
     ranks before the metrics are computed, so every rank returns the whole set's metrics. Pass the

@@ -1,9 +1,9 @@
-"""What one finished run leaves in MLflow: the same for a Tune trial and for ``cssl_ray.train``.
+"""What one finished run leaves in MLflow: the same for a Tune trial and for ``cssl_ray.experiments.train``.
 
     metrics    test_<key> (the test metrics of the selected weights), test_last_<key> (the last
                round's weights: Dice, IoU), best_round, last_round, stage_a_<key>, the rounds' instruments
                (round1_pseudo_coverage/<class>, round1_confidence/<class>, patches_per_step_mean, ...:
-               ``local.rounds_summary``)
+               ``records.rounds_summary``)
     inputs     D_L, D_U, val and test as MLflow datasets (contexts train, unlabelled, validation,
                test), each with a digest of its rows and the data config it was cut from
     files      config.yaml, split.json, split_names.json, result.json, figures/
@@ -11,7 +11,7 @@
                in the run's tag ``cssl.model_uri``
     tags       cssl.warning (the run's warnings), cssl.out_dir
 
-The run folder is the one ``local.write_run_files`` and ``local.evaluate_best`` write; nothing
+The run folder is the one ``records.write_run_files`` and ``records.evaluate_best`` write; nothing
 here reads pixels.
 """
 from __future__ import annotations
@@ -87,8 +87,8 @@ def record_result(tracker: Any, run_id: str, cfg: Config, out_dir: Path, step: i
         tracker.log_artifact(run_id, out_dir / name)
     tracker.log_artifacts(run_id, out_dir / "figures", "figures")
     if result and log_model and (out_dir / "best.pt").is_file():
-        from cssl_ray.mlflow_model import MODEL_URI_TAG
-        from cssl_ray.mlflow_model import log_model as log_pytorch_model
+        from cssl_ray.tracking.mlflow_model import MODEL_URI_TAG
+        from cssl_ray.tracking.mlflow_model import log_model as log_pytorch_model
         tracker.set_tags(run_id, {MODEL_URI_TAG: log_pytorch_model(tracker.uri, run_id, out_dir / "best.pt")})
     return result
 
@@ -156,6 +156,6 @@ class RecordLogger:
 
     def __call__(self, record: dict[str, Any]) -> None:
         if self._tracker is None:
-            from cssl_ray.tracking import Tracker
+            from cssl_ray.tracking.store import Tracker
             self._tracker = Tracker(self.uri, self.experiment)
         self._tracker.log_metrics(self.run_id, record, step=int(record.get("step", 0)))

@@ -49,22 +49,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cssl_ray import checkpoint as ckpt
-from cssl_ray.augment import flip_rotate
 from cssl_ray.baselines.cps import cps_loss
 from cssl_ray.baselines.mean_teacher import ema_update, mean_teacher_loss, noisy, sigmoid_rampup
 from cssl_ray.baselines.pseudo_label import self_training_loss
 from cssl_ray.baselines.simclr import simclr_pretrain
 from cssl_ray.config import Config, check_metric, validate
-from cssl_ray.consistency import noise_variance
+from cssl_ray.data.augment import flip_rotate
+from cssl_ray.data.batches import index_batches
 from cssl_ray.data.bundle import DataBundle, load_bundle
-from cssl_ray.loop import image_patches, index_batches, label_round, patch_omega
+from cssl_ray.method.consistency import noise_variance
+from cssl_ray.method.objective import StepInputs, cssl_objective
+from cssl_ray.method.patches import class_balanced_batches
+from cssl_ray.method.streams import stream_seed
 from cssl_ray.models import check_geometry
-from cssl_ray.objective import StepInputs, cssl_objective
-from cssl_ray.patches import class_balanced_batches
-from cssl_ray.precision import backward_step
-from cssl_ray.schedule import RunState
-from cssl_ray.streams import stream_seed
+from cssl_ray.models.precision import backward_step
+from cssl_ray.run import checkpoint as ckpt
+from cssl_ray.run.loop import image_patches, label_round, patch_omega
+from cssl_ray.run.records import (
+    evaluate_best,
+    progress_bar,
+    resolve_device,
+    save_round,
+    validate_record,
+    write_run_files,
+)
+from cssl_ray.run.schedule import RunState
 
 UNLABELLED_METHODS = ("bn_mix", "mean_teacher", "pseudo_label", "cps")  # + cssl with use_cl or use_cr
 
@@ -94,8 +103,7 @@ def uses_unlabelled(cfg: Config) -> bool:
 def run_joint(cfg: Config, *, resume: bool = False,
               log: Callable[[dict[str, Any]], None] | None = None) -> Any:
     """Train one run under ``train.protocol: joint`` in this process (module docstring); returns
-    ``local.RunResult`` (test metrics on the best-validation weights, the last round's beside them)."""
-    from cssl_ray.local import _progress, _save_round, _validate, evaluate_best, resolve_device, write_run_files
+    ``records.RunResult`` (test metrics on the best-validation weights, the last round's beside them)."""
 
     validate(cfg)
     check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
@@ -112,7 +120,7 @@ def run_joint(cfg: Config, *, resume: bool = False,
         state.load_state_dict(ckpt.load(last, map_location="cpu"))
     emit = log or (lambda record: None)
     rounds = t.last_round()
-    bar = _progress(rounds, t.progress)
+    bar = progress_bar(rounds, t.progress)
     bar.update(state.round)
     if t.method == "simclr_pretrain" and state.round == 0:  # before the first step (a resume has it)
         images = torch.cat([bundle.labelled_images, bundle.unlabelled_images])
@@ -133,12 +141,12 @@ def run_joint(cfg: Config, *, resume: bool = False,
             if state.teacher is not None and (cfg.consistency.teacher == "previous" or state.round == 1):
                 state.teacher.snapshot(state.model)  # the previous network (ema: the average's start)
         record.update(joint_steps(state, cfg, bundle, first, n_steps, pseudo))
-        val = _validate(state, cfg, bundle, record)
+        val = validate_record(state, cfg, bundle, record)
         emit(record)
         bar.set_postfix(step=first + n_steps, dice=f"{val['dice_mean']:.3f}")
         bar.update(1)
         state.track_best(val)
-        _save_round(state, cfg, out_dir)
+        save_round(state, cfg, out_dir)
     bar.close()
     return evaluate_best(state, cfg, bundle, out_dir, start)
 

@@ -1,10 +1,10 @@
 """The baselines' unlabelled epoch: what a baseline cell does where a CSSL cell runs its L_tot epoch.
 
-Every cell of one seed runs the same schedule (``cssl_ray.local``): the same stage A, the same
+Every cell of one seed runs the same schedule (``cssl_ray.run.local``): the same stage A, the same
 rounds, and in every round the same number of unlabelled-data steps, one pass over D_U in the
 steps of ``loop.epoch_plan`` (``consistency.batch_size`` images each), followed by the same
 supervised fine-tune epoch. A step of a baseline cell sees exactly what a CSSL step sees: the
-step's D_U images and the same slice of D_L (``loop.labelled_slices``), whose ground truth CSSL
+step's D_U images and the same slice of D_L (``data.batches.labelled_slices``), whose ground truth CSSL
 cuts into labelled patches and a baseline trains on with cross-entropy. One forward pass of the
 concatenated batch [D_L slice; D_U images] (so BatchNorm normalises both, as SSL4MIS's scripts do),
 then
@@ -47,8 +47,8 @@ from cssl_ray.baselines.cps import cps_loss
 from cssl_ray.baselines.mean_teacher import consistency_weight, ema_update, mean_teacher_loss, noisy
 from cssl_ray.baselines.pseudo_label import self_training_loss
 from cssl_ray.config import Config
-from cssl_ray.loop import labelled_slices
-from cssl_ray.precision import Precision, backward_step
+from cssl_ray.data.batches import labelled_slices
+from cssl_ray.models.precision import Precision, backward_step
 
 ROUND_METHODS = ("bn_mix", "pseudo_label", "mean_teacher", "cps")  # baselines with an unlabelled epoch per round
 PEER_SEED_OFFSET = 1  # cps: network B is the stage-A model of train.seed + this

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from cssl_ray.config import ConfigError, DataConfig
-from cssl_ray.placement import Demand, fits
+from cssl_ray.distributed.placement import Demand, fits
 
 # file systems every node of a cluster can mount at one path (``fuse.*``: sshfs, gcsfuse, s3fs, ...)
 NETWORK_FILE_SYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "glusterfs",

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cssl_ray.precision import FP32, Precision
+from cssl_ray.models.precision import FP32, Precision
 
 
 def _check_threshold(threshold: float) -> None:
@@ -165,7 +165,7 @@ def predict_pseudo_labels(
         batch_size: images per forward pass, >= 1.
 
         with_argmax: also return the plain argmax labels (every pixel), for ``class_coverage``.
-        precision: autocast and layout of the forward (``cssl_ray.precision``); default fp32.
+        precision: autocast and layout of the forward (``cssl_ray.models.precision``); default fp32.
         class_fraction, floor: the class-wise rule of ``confident_labels`` (0: the threshold alone).
         with_confidence: also return the (N, H, W) float32 max-softmax (after the argmax labels).
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cssl_ray.collectives import Collectives
-from cssl_ray.pseudo_labels import pseudo_labels
+from cssl_ray.method.collectives import Collectives
+from cssl_ray.method.pseudo_labels import pseudo_labels
 
 PERTURB_MODES = ("bottleneck", "all_levels")
 NOISE_SCALES = ("absolute", "relative")

@@ -1,4 +1,4 @@
-"""The run's state machine, written once for both schedules (``cssl_ray.local``, ``cssl_ray.ray_train``).
+"""The run's state machine, written once for both schedules (``cssl_ray.run.local``, ``cssl_ray.distributed.ray_train``).
 
     stage A   train.stage_a_steps supervised steps on D_L in epochs of train.sup_steps_per_epoch
               (``stage_a_plan``), validating after each, the rate cut 0.1x on plateaus of the training
@@ -18,7 +18,7 @@ better; ``is_better``): stage A's best epoch, the best round, ``best_val`` / ``b
 result.json and best.pt. A NaN value is never best; a tie keeps the earlier weights.
 
 ``RunState`` holds everything a checkpoint restores: the model, the supervised optimiser and stage
-A's plateau scheduler, L_tot's optimiser, the random streams (``cssl_ray.streams``), the teacher,
+A's plateau scheduler, L_tot's optimiser, the random streams (``cssl_ray.method.streams``), the teacher,
 the auxiliary Gaussian, omega, the best weights, the history, the Fig. 2 snapshots and, under
 ``train.amp: fp16``, the two loss scalers. It draws no random number of its own.
 """
@@ -35,15 +35,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from cssl_ray.baselines.rounds import BaselineStep, baseline_epoch, peer_config
 from cssl_ray.config import Config
-from cssl_ray.consistency import Teacher, noise_variance
-from cssl_ray.contrastive import AuxiliaryGaussian
-from cssl_ray.figures import SNAPSHOT_IMAGES, pseudo_snapshot
-from cssl_ray.loop import StepData, cssl_epoch, measure_omega
+from cssl_ray.evaluation.figures import SNAPSHOT_IMAGES, pseudo_snapshot
+from cssl_ray.method.consistency import Teacher, noise_variance
+from cssl_ray.method.contrastive import AuxiliaryGaussian
+from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import create_model
-from cssl_ray.precision import Precision
-from cssl_ray.streams import RandomStreams
+from cssl_ray.models.precision import Precision
+from cssl_ray.run.baseline_rounds import BaselineStep, baseline_epoch, peer_config
+from cssl_ray.run.loop import StepData, cssl_epoch, measure_omega
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class RunState:
         self.rounds_since_improvement = 0
         self.warnings: list[str] = []  # one line each, e.g. a class with too little pseudo-label coverage
         self.history: list[dict[str, Any]] = []
-        # (round, (k, H, W) uint8 pseudo-labels of the first k images of D_U): Fig. 2 (cssl_ray.figures)
+        # (round, (k, H, W) uint8 pseudo-labels of the first k images of D_U): Fig. 2 (cssl_ray.evaluation.figures)
         self.snapshots: list[tuple[int, np.ndarray]] = []
 
     def _adam(self, lr: float, with_peer: bool = False) -> torch.optim.Adam:

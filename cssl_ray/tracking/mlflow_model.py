@@ -92,9 +92,9 @@ def log_model(uri: str, run_id: str, best_pt: str | Path) -> str:
     import torch
     from mlflow.models import infer_signature
 
-    from cssl_ray.checkpoint import load
     from cssl_ray.config import dump_config, from_dict
     from cssl_ray.models import create_model
+    from cssl_ray.run.checkpoint import load
 
     saved = load(best_pt, map_location="cpu")
     cfg = from_dict(dict(saved["config"]))
@@ -122,7 +122,7 @@ def register_model(uri: str, model_uri: str, name: str, run_id: str) -> int:
     """A new version of registered model ``name`` (created if missing) from ``model_uri``; its number."""
     from mlflow.exceptions import MlflowException
 
-    from cssl_ray.tracking import client
+    from cssl_ray.tracking.store import client
 
     c = client(uri)
     try:
@@ -146,7 +146,7 @@ def load_model(model_uri: str, uri: str) -> tuple[Any, dict[str, Any]]:
     from mlflow.exceptions import MlflowException
 
     from cssl_ray.config import ConfigError, load_config
-    from cssl_ray.tracking import store_missing
+    from cssl_ray.tracking.store import store_missing
 
     if store_missing(uri):
         raise ValueError(f"{model_uri}: no MLflow store at {uri} (pass --tracking-uri)")
@@ -160,7 +160,7 @@ def load_model(model_uri: str, uri: str) -> tuple[Any, dict[str, Any]]:
         config = next(iter(local.rglob(CONFIG_FILE)), None)
         if config is None:
             raise ValueError(f"{model_uri}: not a cssl_ray model (no extra_files/{CONFIG_FILE}; "
-                             "log it with cssl_ray.train, tune or ablate)")
+                             "log it with cssl_ray.experiments.train, tune or ablate)")
         try:
             cfg = load_config(config)
         except ConfigError as e:

@@ -33,7 +33,7 @@ def init_ray(address: str | None, cpus_needed: float, *, log_to_driver: bool = T
     ``log_to_driver=False``: what Ray's worker processes print (trials, Train workers, Ray Data
     tasks) stays in Ray's log files (``<RAY_TMPDIR>/session_*/logs``) instead of reaching this
     terminal with a ``(pid=...)`` prefix, and Ray's own INFO lines on the driver are off; Tune
-    experiments use it and print their own lines (``cssl_ray.progress``).
+    experiments use it and print their own lines (``cssl_ray.tracking.progress``).
     """
     import ray
 

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cssl_ray.collectives import Collectives
 from cssl_ray.config import Config
-from cssl_ray.consistency import Teacher, consistency_step
-from cssl_ray.contrastive import AuxiliaryGaussian, contrastive_loss, sample_alpha
-from cssl_ray.streams import RandomStreams
+from cssl_ray.method.collectives import Collectives
+from cssl_ray.method.consistency import Teacher, consistency_step
+from cssl_ray.method.contrastive import AuxiliaryGaussian, contrastive_loss, sample_alpha
+from cssl_ray.method.streams import RandomStreams
 
 
 @dataclass
@@ -59,7 +59,7 @@ def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs
     process on the whole global batch.
 
     ``unsup_weight``: w(t), multiplying w_cl L_CL + w_cr L_CR (not L_sup): ``train.protocol`` joint's
-    ramp (``cssl_ray.joint``); 1 in the paper's rounds.
+    ramp (``cssl_ray.run.joint``); 1 in the paper's rounds.
     """
     col = collectives or Collectives()
     t, c = cfg.train, cfg.contrastive

@@ -2,7 +2,7 @@
 
 Medical segmentation papers report, per image and per foreground class, the 95th-percentile
 Hausdorff distance (HD95), the average surface distance (ASD) and Dice, then the mean over images.
-``cssl_ray.metrics`` pools Dice / IoU over all pixels instead; this module adds the per-image view.
+``cssl_ray.evaluation.metrics`` pools Dice / IoU over all pixels instead; this module adds the per-image view.
 Per-image Dice lives here, not there, because it shares the per-image loop and the empty-mask
 convention with the distances.
 
@@ -42,7 +42,7 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
-from cssl_ray.metrics import check_state
+from cssl_ray.evaluation.metrics import check_state
 
 
 def surface(mask: np.ndarray) -> np.ndarray:

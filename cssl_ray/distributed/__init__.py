@@ -1,0 +1,1 @@
+"""The distributed layer: Ray Train workers, the pseudo-label stream, collectives, placement."""

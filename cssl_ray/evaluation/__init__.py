@@ -1,0 +1,1 @@
+"""Evaluation: segmentation metrics, surface distances and the run's figures."""

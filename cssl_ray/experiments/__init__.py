@@ -1,0 +1,1 @@
+"""Experiments: trials, search spaces, Tune, ablations, reports, the demo and the commands."""

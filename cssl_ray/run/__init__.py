@@ -1,0 +1,1 @@
+"""One training run in one process: the loop, the paper's schedule, the joint protocol, checkpoints."""

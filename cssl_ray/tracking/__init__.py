@@ -1,0 +1,1 @@
+"""Tracking: the MLflow store, run records, logged models and progress lines."""
