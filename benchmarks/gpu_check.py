@@ -42,7 +42,7 @@ def figures(out: Path, cpu: bool) -> list[dict[str, Any]]:
     """Each figure: its name, its command, the share of the budget it may take, and how its result
     becomes one JSON line (``read``)."""
     py = sys.executable
-    train = [py, "-m", "cssl_ray.experiments.train", "--smoke", "--workers", "1", "--no-track", "--quiet"]
+    train = [py, "-m", "cssl_ray.train", "--smoke", "--workers", "1", "--no-track", "--quiet"]
     runs = [] if cpu else [
         dict(figure="ray_train_bf16_shared", share=0.25, read=read_train,
              cmd=[*train, "--out", str(out / "bf16"), "--gpus-per-worker", "0.5", "--gpus-per-labeller", "0.5",
@@ -117,7 +117,7 @@ def dry_run(figs: list[dict[str, Any]]) -> int:
     rc = 0
     for fig in figs:
         line = {"figure": fig["figure"], "planned": True, "command": " ".join(fig["cmd"])}
-        if "cssl_ray.experiments.train" in fig["cmd"]:
+        if "cssl_ray.train" in fig["cmd"]:
             check = [a for a in fig["cmd"] if a not in ("--quiet",)] + ["--dry-run", "--address", "auto"]
             done = subprocess.run(check, capture_output=True, text=True, cwd=ROOT,
                                   env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -11,8 +11,8 @@ stream). A random model pseudo-labels nothing at the threshold, so the model fir
 ``--pretrain-steps`` supervised Adam steps on the images' masks.
 
 Figures, all from one run in one process (one Ray instance, one model), each for the epoch's
-plan of one rank (``loop.epoch_plan``: a shuffled pass over D_U in batches of consistency.batch_size):
-  consumption  ``loop.cssl_epoch`` over the same steps prepared in memory (``loop.local_steps``,
+plan of one rank (``plan.epoch_plan``: a shuffled pass over D_U in batches of consistency.batch_size):
+  consumption  ``loop.cssl_epoch`` over the same steps prepared in memory (``plan.local_steps``,
                nothing to wait for): steps per second of the trainer alone.
   stream       per ``--labellers`` value: one ``RankSteps`` pass (the run's ``LabellerPool``, one Ray
                Data row per step, in step order) iterated with nothing else running: steps per
@@ -56,7 +56,9 @@ from cssl_ray.data.synthetic import class_names, make_synthetic
 from cssl_ray.method.consistency import Teacher, noise_variance
 from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import check_geometry, create_model
-from cssl_ray.run.loop import cssl_epoch, epoch_plan, label_round, local_steps
+from cssl_ray.run.labelling import label_round
+from cssl_ray.run.loop import cssl_epoch
+from cssl_ray.run.plan import epoch_plan, local_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO, TARGET_WAIT = 2.0, 0.05
@@ -129,7 +131,7 @@ def epoch(model: torch.nn.Module, cfg: Config, steps: Any, n_steps: int) -> dict
 
 
 def wait_frac(wait_s: float, first_wait_s: float, epoch_s: float) -> float:
-    """``ray_train._stream_stats``' data_wait_frac: waiting after the first step over the epoch after it."""
+    """``train_worker._stream_stats``' data_wait_frac: waiting after the first step over the epoch after it."""
     return (wait_s - first_wait_s) / max(epoch_s - first_wait_s, 1e-9)
 
 

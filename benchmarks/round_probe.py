@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CELLS = {  # search_space.ABLATION_CELLS, spelled out (the benchmark reads without importing the package first)
+CELLS = {  # ablation_cells.ABLATION_CELLS, spelled out (the benchmark reads without importing the package first)
     "supervised": {"train.use_cl": False, "train.use_cr": False},
     "cl": {"train.use_cl": True, "train.use_cr": False, "train.use_hard_negatives": True},
     "cr": {"train.use_cl": False, "train.use_cr": True},

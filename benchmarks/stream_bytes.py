@@ -49,7 +49,7 @@ from cssl_ray.data.splits import Split
 from cssl_ray.data.synthetic import class_names
 from cssl_ray.distributed.stream import label_reply, step_row
 from cssl_ray.models import create_model
-from cssl_ray.run.loop import image_patches
+from cssl_ray.run.plan import image_patches
 
 GEOMETRIES: dict[str, dict[str, Any]] = {
     "monuseg": {"data": {"num_classes": 2, "in_channels": 3, "image_size": [512, 512]},

@@ -58,7 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cssl_ray.config import Config, ConfigError, from_dict, load_config, merge
 from cssl_ray.data.synthetic import make_synthetic
 from cssl_ray.method.consistency import Teacher, noise_variance
-from cssl_ray.method.objective import StepInputs, cssl_objective
+from cssl_ray.method.objective import StepInputs, Terms, cssl_objective
 from cssl_ray.method.patches import class_balanced_batches, sample_patches
 from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import check_geometry, create_model
@@ -147,7 +147,7 @@ def build(cfg: Config, device: torch.device, data: tuple[Tensor, ...], *, bf16: 
 def objective(w: Workload, cfg: Config | None = None) -> Tensor:
     """L_tot (or one part of it, through ``cfg``), forward under the workload's precision."""
     with w.precision.autocast():
-        out = cssl_objective(w.model, w.teacher, w.inputs, cfg or w.cfg, lambda_=w.lambda_, streams=w.streams)
+        out = cssl_objective(w.model, w.teacher, w.inputs, Terms.of(cfg or w.cfg), lambda_=w.lambda_, streams=w.streams)
     return out["loss"]
 
 

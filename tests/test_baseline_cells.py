@@ -11,13 +11,13 @@ import torch
 import cssl_ray.run.local as local
 from cssl_ray.config import ConfigError, from_dict
 from cssl_ray.data.synthetic import make_synthetic
-from cssl_ray.experiments.search_space import ABLATION_CELLS
+from cssl_ray.experiments.ablation_cells import ABLATION_CELLS
 from cssl_ray.experiments.train import build_config
 from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import create_model
 from cssl_ray.run.baseline_rounds import ROUND_METHODS, baseline_epoch, baseline_steps
 from cssl_ray.run.local import run_local
-from cssl_ray.run.loop import epoch_plan, local_steps
+from cssl_ray.run.plan import epoch_plan, local_steps
 
 
 def smoke(tmp_path, cell: str, *overrides: str):

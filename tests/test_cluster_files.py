@@ -67,7 +67,7 @@ def test_rayjob_manifest():
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
     argv = shlex.split(spec["entrypoint"])
-    assert argv[:3] == ["python", "-m", "cssl_ray.experiments.train"]
+    assert argv[:3] == ["python", "-m", "cssl_ray.train"]
     args = train_parser().parse_args(argv[3:])  # every flag is one the CLI knows
     assert args.address == "auto" and args.gpus_per_worker == 1 and not args.local
     assert args.storage_path.startswith(("s3://", "gs://"))
@@ -190,7 +190,7 @@ def fake_cache(tmp_path_factory) -> Path:
     same split sizes) in downloads/, its store at configs/nuclei.yaml's size, and a fake MoNuSeg
     prepared as tune_spaces/monuseg.yaml reads it (512 px, RGB): what the commands' caches point to."""
     from cssl_ray.config import load_config
-    from cssl_ray.data.store import prepare
+    from cssl_ray.data.prepare import prepare
     from cssl_ray.experiments.search_space import load_space
 
     cache = tmp_path_factory.mktemp("cache")
@@ -287,7 +287,7 @@ def test_dry_run_reports_the_labelled_images_rule_in_one_line(fake_cache, monkey
     rc = train.main(["--config", str(REPO / "configs" / "nuclei.yaml"), "--workers", "4", "--address", "auto",
                      "--storage-path", "s3://YOUR-BUCKET/x", "--dry-run"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("cssl_ray.experiments.train: error: --workers: 4 ranks but only 3 labelled images")
+    assert rc == 2 and err.startswith("cssl_ray.train: error: --workers: 4 ranks but only 3 labelled images")
     assert "\n" not in err
 
 

@@ -65,7 +65,7 @@ def test_prepare_from_a_run_config_uses_its_data_settings(tmp_path, wheel, capsy
         "patches": {"size": 16}}))
     code, out, err = run(capsys, "prepare", "--config", str(config), "--quiet")
     assert code == 0, err
-    from cssl_ray.data.store import list_prepared
+    from cssl_ray.data.cache import list_prepared
     [store] = list_prepared(tmp_path / "c")
     assert store.meta["preprocessing"]["size"] == [16, 16]
 

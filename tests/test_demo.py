@@ -34,7 +34,7 @@ def test_space_demo_smoke_tunes_ablates_and_reports(tmp_path, capsys):
     from conftest_ray import ray_test_env
 
     from cssl_ray.config import load_config
-    from cssl_ray.tracking.store import find_runs
+    from cssl_ray.tracking.runs import find_runs
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with ray_test_env("cssl_demo_test"):
@@ -55,7 +55,8 @@ def test_space_demo_smoke_tunes_ablates_and_reports(tmp_path, capsys):
     assert all(r["params"]["contrastive.tau"] == str(best.contrastive.tau) for r in cells)
     assert (tmp_path / "demo" / "smoke-ablate" / "report" / "report.md").exists()
     # the ablation's parent run holds the report, its figures and the fixed config
-    from cssl_ray.tracking.store import client, latest_parent
+    from cssl_ray.tracking.runs import latest_parent
+    from cssl_ray.tracking.uri import client
     parent = latest_parent(store, "smoke", kind="ablate")["run_id"]
     assert {a.path for a in client(store).list_artifacts(parent, "report")} >= {
         "report/report.md", "report/report.png", "report/cells.png"}

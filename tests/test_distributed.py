@@ -109,7 +109,7 @@ def test_one_worker_matches_local(straight, tmp_path):
     sup_ray = [h["val_dice_mean"] for h in straight.history if h["stage"] == "supervised"]
     sup_local = [h["val_dice_mean"] for h in local.history if h["stage"] == "supervised"]
     assert sup_ray == sup_local and sup_ray[-1] > 0
-    # Rounds: the same steps, pools and draws as --local (pipeline.RankSteps equals loop.local_steps,
+    # Rounds: the same steps, pools and draws as --local (pipeline.RankSteps equals plan.local_steps,
     # test_pipeline.py), but pseudo-labels from another batch shape can flip a pixel at the threshold
     # and every later draw follows. Tolerance: 0.05 Dice on the best validation Dice (one 32x32 image).
     print(f"best val Dice: ray {straight.best_val['dice_mean']:.4f}, local {local.best_val['dice_mean']:.4f}")

@@ -1,4 +1,5 @@
-"""cssl_ray.experiments.trials without a Ray cluster: trial configs, Tune metrics, the MLflow recorder's statuses."""
+"""cssl_ray.experiments.trials, trainable and trial_recorder without a Ray cluster: trial configs, Tune
+metrics, the MLflow recorder's statuses."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,9 +12,11 @@ from typing import Any
 import pytest
 
 from cssl_ray.config import ConfigError, from_dict, to_dict
-from cssl_ray.experiments.search_space import ABLATION_CELLS, cell_of
-from cssl_ray.experiments.trials import TrialOutcome, best_outcome, make_callback, run_tags, trial_config, tune_metrics
-from cssl_ray.tracking.store import find_runs, metric_history
+from cssl_ray.experiments.ablation_cells import ABLATION_CELLS, cell_of
+from cssl_ray.experiments.trainable import trial_config, tune_metrics
+from cssl_ray.experiments.trial_recorder import make_callback, run_tags
+from cssl_ray.experiments.trials import TrialOutcome, best_outcome
+from cssl_ray.tracking.runs import find_runs, metric_history
 
 
 @dataclass
@@ -68,7 +71,7 @@ def test_recorder_statuses_metrics_and_artifacts(tmp_path):
     """finished -> FINISHED with test metrics; stopped early -> FINISHED + tag; error -> FAILED + reason;
     one line per start and end counted against the whole experiment; each warning shown once."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    from cssl_ray.tracking.store import Tracker
+    from cssl_ray.tracking.tracker import Tracker
     tracker = Tracker(uri, "exp")
     parent = tracker.start_parent("tune:x", {"cssl.kind": "tune"}, session="s1")
     runs_root = tmp_path / "runs"
@@ -124,7 +127,8 @@ def test_recorder_statuses_metrics_and_artifacts(tmp_path):
 
 def test_ablation_grids_table5_and_fraction_sweep(tmp_path):
     from cssl_ray.experiments.ablate import ablation_grid, fixed_config
-    from cssl_ray.experiments.search_space import DEFAULT_CELLS, load_space
+    from cssl_ray.experiments.ablation_cells import DEFAULT_CELLS
+    from cssl_ray.experiments.search_space import load_space
 
     space = load_space(Path(__file__).resolve().parent.parent / "tune_spaces" / "smoke.yaml")
     grid = ablation_grid(space, 3, None, None)

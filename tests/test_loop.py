@@ -11,7 +11,9 @@ from cssl_ray.data.synthetic import make_synthetic
 from cssl_ray.method.consistency import Teacher
 from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import create_model
-from cssl_ray.run.loop import cssl_epoch, epoch_plan, frozen_norm_statistics, pooled_steps, round_patches
+from cssl_ray.run.labelling import round_patches
+from cssl_ray.run.loop import cssl_epoch, frozen_norm_statistics
+from cssl_ray.run.plan import epoch_plan, pooled_steps
 
 
 def small_cfg(**train):

@@ -45,7 +45,9 @@ def _recording_loop(config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    from cssl_ray.distributed.ray_train import train_loop_per_worker  # in a worker: the real one (no monkeypatch there)
+    from cssl_ray.distributed.train_worker import (
+        train_loop_per_worker,  # in a worker: the real one (no monkeypatch there)
+    )
 
     rank = ray.train.get_context().get_world_rank()
     nodes = Path(from_dict(config["config"]).train.out_dir) / "nodes"

@@ -154,7 +154,9 @@ _OFFLINE = ("No matching distribution", "Could not find a version", "connection"
 def test_real_nuclei_set_matches_datasets_md(tmp_path):
     """Prepares the real set: the wheel is pip-downloaded once into the shared cache's downloads/
     (68 MB), the store is written to a temp cache so the preparation itself is measured."""
-    from cssl_ray.data.store import cache_dir, pixel_shares, prepare
+    from cssl_ray.data.cache import cache_dir
+    from cssl_ray.data.prepare import prepare
+    from cssl_ray.data.summary import pixel_shares
     try:
         wheel = nuclei.fetch(cache_dir() / "downloads")
     except DatasetError as e:

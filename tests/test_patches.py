@@ -7,15 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cssl_ray.method.patches import (
-    MASK_MODES,
-    class_balanced_batches,
-    extract_patches,
-    sample_patches,
-    sample_windows,
-    valid_windows,
-    window_counts,
-)
+from cssl_ray.method.patches import MASK_MODES, class_balanced_batches, extract_patches, sample_patches
+from cssl_ray.method.windows import sample_windows, valid_windows, window_counts
 
 IGNORE = 255
 

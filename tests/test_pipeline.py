@@ -1,5 +1,5 @@
 """The per-rank step stream (``pipeline.RankSteps``) and the weight store, against the in-process
-method code (``loop.local_steps``, ``predict_pseudo_labels``).
+method code (``plan.local_steps``, ``predict_pseudo_labels``).
 
 One Ray instance for the module. A labeller labels a step's images in one forward pass, and the
 references do too (the same images, the same batch): oneDNN convolutions differ in the last bit
@@ -32,7 +32,7 @@ from cssl_ray.distributed.weights import WeightsClient, get_or_create_weight_sto
 from cssl_ray.method.pseudo_labels import class_coverage, predict_pseudo_labels
 from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import create_model
-from cssl_ray.run.loop import StepData, epoch_plan, image_patches, local_steps
+from cssl_ray.run.plan import StepData, epoch_plan, image_patches, local_steps
 
 pytestmark = [
     pytest.mark.slow,

@@ -30,7 +30,7 @@ from cssl_ray.distributed.placement import (
 )
 from cssl_ray.experiments import train
 from cssl_ray.experiments.search_space import load_space
-from cssl_ray.experiments.trials import trials_label
+from cssl_ray.experiments.trainable import trials_label
 
 # Ray 2.60's own DataContext warns about its deprecated fields on first use; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")

@@ -16,6 +16,8 @@ from cssl_ray.method.pseudo_labels import predict_pseudo_labels
 from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import create_model
 from cssl_ray.models.precision import FP32, Precision, backward_step
+from cssl_ray.run import labelling
+from cssl_ray.run import plan as step_plan
 from cssl_ray.run.schedule import RunState
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -44,7 +46,7 @@ def fresh_model(cfg, device="cpu"):
 def round_inputs(cfg):
     model = fresh_model(small_cfg())  # the same patches for every precision: labelled in fp32, NCHW
     fp32 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, channels_last=False, amp="off"))
-    patches, classes, _ = loop.round_patches(model, fp32, IMAGES[:2], MASKS[:2], IMAGES[2:],
+    patches, classes, _ = labelling.round_patches(model, fp32, IMAGES[:2], MASKS[:2], IMAGES[2:],
                                              generator=torch.Generator().manual_seed(0))
     assert patches.shape[0] > 0
     return patches, classes
@@ -70,8 +72,8 @@ def run_cssl(cfg, device="cpu", scaler=None):
     patches, classes = round_inputs(cfg)
     model = fresh_model(cfg, device)
     streams = RandomStreams(0)
-    plan = loop.epoch_plan(IMAGES[2:].shape[0], cfg, streams)
-    stats = loop.cssl_epoch(model, Teacher(model), sgd(model), loop.pooled_steps(plan, IMAGES[2:], patches, classes),
+    plan = step_plan.epoch_plan(IMAGES[2:].shape[0], cfg, streams)
+    stats = loop.cssl_epoch(model, Teacher(model), sgd(model), step_plan.pooled_steps(plan, IMAGES[2:], patches, classes),
                             len(plan), cfg, lambda_=0.5, streams=streams, scaler=scaler)
     return model, stats
 
@@ -224,9 +226,9 @@ def test_bf16_cssl_epoch(monkeypatch):
     teacher = Teacher(model)
     before = [p.detach().clone() for p in model.parameters()]
     streams = RandomStreams(0)
-    plan = loop.epoch_plan(IMAGES[2:].shape[0], cfg, streams)
+    plan = step_plan.epoch_plan(IMAGES[2:].shape[0], cfg, streams)
     stats = loop.cssl_epoch(model, teacher, torch.optim.Adam(model.parameters(), 1e-3),
-                            loop.pooled_steps(plan, IMAGES[2:], patches, classes), len(plan), cfg, lambda_=0.5,
+                            step_plan.pooled_steps(plan, IMAGES[2:], patches, classes), len(plan), cfg, lambda_=0.5,
                             streams=streams)
     assert stats["steps"] == 2
     assert conv_dtypes and set(conv_dtypes) == {torch.bfloat16}  # student and teacher (a copy: hooks too)
@@ -279,8 +281,8 @@ def test_fp16_on_cuda_scales_the_loss_and_checkpoints_the_scaler():
     assert all(p.dtype == torch.float32 and p.isfinite().all() for p in state.model.parameters())
     patches, classes = round_inputs(cfg)
     state.start_round()
-    plan = loop.epoch_plan(IMAGES[2:].shape[0], cfg, state.streams)
-    record = state.l_tot_epoch(cfg, loop.pooled_steps(plan, IMAGES[2:], patches, classes), len(plan))
+    plan = step_plan.epoch_plan(IMAGES[2:].shape[0], cfg, state.streams)
+    record = state.l_tot_epoch(cfg, step_plan.pooled_steps(plan, IMAGES[2:], patches, classes), len(plan))
     assert record["steps"] == 2 and math.isfinite(record["loss"])
     saved = state.state_dict()
     assert saved["scaler"]["scale"] == state.scaler.get_scale()

@@ -15,7 +15,8 @@ from PIL import Image
 
 from cssl_ray.config import from_dict, to_dict
 from cssl_ray.data.preprocess import resize_image, resize_mask, scale_to_unit, to_channels_first
-from cssl_ray.experiments.predict import PALETTE, main, overlay
+from cssl_ray.evaluation.inference import PALETTE, overlay
+from cssl_ray.experiments.predict import main
 from cssl_ray.models import create_model
 from cssl_ray.run import checkpoint as ckpt
 
@@ -122,7 +123,7 @@ def _error(argv: list[str], capsys) -> str:
     from conftest_ray import own_lines
 
     lines = own_lines(capsys.readouterr().err)  # a module-scoped Ray may still forward its logs
-    assert len(lines) == 1 and lines[0].startswith("cssl_ray.experiments.predict: error: "), lines
+    assert len(lines) == 1 and lines[0].startswith("cssl_ray.predict: error: "), lines
     return lines[0]
 
 

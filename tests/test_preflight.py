@@ -16,7 +16,7 @@ from cssl_ray.config import ConfigError
 from cssl_ray.distributed import preflight
 from cssl_ray.distributed.placement import Resources, StreamResources, run_demand
 from cssl_ray.experiments import ablate, train, tune
-from cssl_ray.experiments.trials import check_trial_resources
+from cssl_ray.experiments.trial_checks import check_trial_resources
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_SPACE = str(ROOT / "tune_spaces" / "smoke.yaml")
@@ -52,7 +52,7 @@ def test_worker_gpus_a_run_can_use(workers, gpus):
 ])
 def test_train_dry_run_refuses_bad_gpu_settings(argv, fragment, tmp_path, capsys):
     line = _one_line_error(train.main, ["--smoke", "--out", str(tmp_path / "run"), "--dry-run", *argv], capsys)
-    assert line.startswith("cssl_ray.experiments.train: error: ") and fragment in line
+    assert line.startswith("cssl_ray.train: error: ") and fragment in line
 
 
 MOUNTS = """\
@@ -140,7 +140,7 @@ def test_train_and_ablate_dry_runs_refuse_a_local_folder_for_a_remote_cluster(tm
     line = _one_line_error(ablate.main, ["--space", SMOKE_SPACE, "--storage-path", str(tmp_path / "tune"),
                                          "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--dry-run", *remote],
                            capsys)
-    assert line.startswith("cssl_ray.experiments.ablate: error: --storage-path: ") and "own disk" in line
+    assert line.startswith("cssl_ray.ablate: error: --storage-path: ") and "own disk" in line
     assert train.main(["--smoke", "--out", str(tmp_path / "run"), "--dry-run", "--address", "auto"]) == 0
 
 
@@ -162,7 +162,7 @@ def test_a_run_that_cannot_fit_this_machine_fails_before_ray(tmp_path, capsys, m
     line = _one_line_error(tune.main, ["--space", SMOKE_SPACE, "--storage-path", str(tmp_path / "t"), "--dry-run",
                                        "--gpus-per-labeller", "0.5", "--tracking-uri",
                                        f"sqlite:///{tmp_path / 'm.db'}"], capsys)
-    assert line.startswith("cssl_ray.experiments.tune: error: one trial needs ") and "1 labeller x 0.5 CPU + 0.5 GPU" in line
+    assert line.startswith("cssl_ray.tune: error: one trial needs ") and "1 labeller x 0.5 CPU + 0.5 GPU" in line
     assert "this machine has 0 GPU" in line and "resources.*" in line
 
 
@@ -196,7 +196,7 @@ def test_ablate_dry_run_refuses_labellers_for_in_process_trials(tmp_path, capsys
     line = _one_line_error(ablate.main, ["--space", SMOKE_SPACE, "--storage-path", str(tmp_path / "t"), "--dry-run",
                                          "--workers", "0", "--labellers", "2",
                                          "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], capsys)
-    assert line.startswith("cssl_ray.experiments.ablate: error: resources.labellers: 2 x 0 GPU with resources.workers 0")
+    assert line.startswith("cssl_ray.ablate: error: resources.labellers: 2 x 0 GPU with resources.workers 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def _checkpoint(run_dir: Path, stamp: str, world: int | None, streams: int | Non
 
 
 def test_checkpointed_world_reads_the_newest_checkpoint(tmp_path):
-    from cssl_ray.distributed.ray_train import checkpointed_world
+    from cssl_ray.distributed.train_checkpoints import checkpointed_world
     run = tmp_path / "ray_train"
     assert checkpointed_world(run) is None
     _checkpoint(tmp_path, "2026-12-06_10-00-00.000001", world=1)
@@ -230,7 +230,7 @@ def test_resume_with_another_worker_count_is_one_line_before_ray(tmp_path, capsy
     _checkpoint(tmp_path, "2026-12-06_10-05-00.000001", world=2)
     run = ["--smoke", "--out", str(tmp_path), "--resume", "--dry-run"]
     line = _one_line_error(train.main, [*run, "--workers", "1"], capsys)
-    assert line.startswith("cssl_ray.experiments.train: error: --workers: 1, but the newest checkpoint in ")
+    assert line.startswith("cssl_ray.train: error: --workers: 1, but the newest checkpoint in ")
     assert "written by 2 worker(s)" in line and "resume with --workers 2" in line
     assert train.main([*run, "--workers", "2"]) == 0
     assert train.main(["--smoke", "--out", str(tmp_path), "--dry-run", "--workers", "1"]) == 0  # a new run: replaced

@@ -8,8 +8,10 @@ import pytest
 from scipy import stats
 
 from cssl_ray.experiments import report
-from cssl_ray.tracking.store import Tracker
-from cssl_ray.tracking import store as tracking
+from cssl_ray.experiments.report_rows import build_rows, classes_of
+from cssl_ray.experiments.report_table import extras_note, format_markdown, table_cells
+from cssl_ray.tracking.runs import get_run
+from cssl_ray.tracking.tracker import Tracker
 
 
 def _run(cell: str, seed: int | None, dice: float | None, frac: str = "0.1", **per_class: float) -> dict:
@@ -36,7 +38,7 @@ def _row(rows: list[dict], cell: str, frac: str = "0.1") -> dict:
 
 
 def test_means_std_and_paired_p() -> None:
-    rows = report.build_rows(SUP + CSSL, "test_dice_mean")
+    rows = build_rows(SUP + CSSL, "test_dice_mean")
     sup, cssl = _row(rows, "supervised"), _row(rows, "cssl")
     assert sup["stats"]["test_dice_mean"] == pytest.approx((0.72, 0.02))
     assert cssl["stats"]["test_dice_mean"] == pytest.approx((0.78, math.sqrt(0.0014 / 2)))
@@ -55,7 +57,7 @@ def test_means_std_and_paired_p() -> None:
 def test_baselines_are_tested_against_cssl_and_the_bn_mix_control() -> None:
     bn = [_run("bn_mix", 0, 0.73), _run("bn_mix", 1, 0.76), _run("bn_mix", 2, 0.76)]
     mt = [_run("mean_teacher", 0, 0.74), _run("mean_teacher", 1, 0.79), _run("mean_teacher", 2, 0.77)]
-    rows = report.build_rows(SUP + CSSL + bn + mt, "test_dice_mean")
+    rows = build_rows(SUP + CSSL + bn + mt, "test_dice_mean")
     row = _row(rows, "mean_teacher")
     for ref, runs in (("supervised", SUP), ("cssl", CSSL), ("bn_mix", bn)):
         want = stats.ttest_rel([r["metrics"]["test_dice_mean"] for r in mt],
@@ -63,16 +65,16 @@ def test_baselines_are_tested_against_cssl_and_the_bn_mix_control() -> None:
         assert row["vs"][ref] == (pytest.approx(want), "paired")
     assert _row(rows, "cssl")["vs"]["cssl"] == (None, "reference")
     assert _row(rows, "bn_mix")["vs"]["bn_mix"] == (None, "reference")
-    header, body = report.table_cells(rows, [])
+    header, body = table_cells(rows, [])
     assert header[-4:] == ["p vs supervised", "p vs CSSL", "p vs bn_mix", "best round"]
     assert [r["cell"] for r in rows] == ["supervised", "bn_mix", "mean_teacher", "cssl"]
     assert body[1][:2] == ["0.1", "BN mix (control)"] and body[1][-2] == "—"
-    plain = report.build_rows(SUP + CSSL, "test_dice_mean")  # no bn_mix cell: no bn_mix column
-    assert report.table_cells(plain, [])[0][-3:] == ["p vs supervised", "p vs CSSL", "best round"]
+    plain = build_rows(SUP + CSSL, "test_dice_mean")  # no bn_mix cell: no bn_mix column
+    assert table_cells(plain, [])[0][-3:] == ["p vs supervised", "p vs CSSL", "best round"]
 
 
 def test_welch_fallback_and_na() -> None:
-    rows = report.build_rows(SUP + CL + CR + CL_HN, "test_dice_mean")
+    rows = build_rows(SUP + CL + CR + CL_HN, "test_dice_mean")
     cl = _row(rows, "cl")
     a, b = [0.73, 0.77], [0.70, 0.72, 0.74]
     va, vb = 0.02 ** 2 * 2 / 1, 0.02 ** 2  # sample variances: 0.0008, 0.0004
@@ -84,7 +86,7 @@ def test_welch_fallback_and_na() -> None:
     cl_hn = _row(rows, "cl_hn")
     assert cl_hn["p"] is None and cl_hn["stats"]["test_dice_mean"] == (None, None)
 
-    md = report.format_markdown(rows, report.classes_of(SUP + CL, "test_dice_mean"))
+    md = format_markdown(rows, classes_of(SUP + CL, "test_dice_mean"))
     lines = md.splitlines()
     assert lines[0] == "| labelled | method | n | dice_mean | dice/liver | p vs supervised | best round |"
     assert "| 0.1 | Supervised | 3 | 0.720 ± 0.020 | 0.800 ± 0.100 | — | n/a |" in lines
@@ -96,15 +98,15 @@ def test_welch_fallback_and_na() -> None:
 def test_no_supervised_and_ordering() -> None:
     runs = (CSSL + [_run("zzz", 0, 0.5), _run("abc", 0, 0.5), _run("cr", 0, 0.6, frac="0.05")]
             + CL + SUP + [_run("supervised", 0, 0.6, frac="0.05")])
-    rows = report.build_rows(runs, "test_dice_mean")
+    rows = build_rows(runs, "test_dice_mean")
     assert [(r["labelled"], r["cell"]) for r in rows] == [
         ("0.05", "supervised"), ("0.05", "cr"),
         ("0.1", "supervised"), ("0.1", "cl"), ("0.1", "cssl"), ("0.1", "abc"), ("0.1", "zzz"),
     ]
     assert _row(rows, "cr", "0.05")["p"] is None  # one run each side
-    only = report.build_rows(CSSL, "test_dice_mean")
+    only = build_rows(CSSL, "test_dice_mean")
     assert only[0]["p"] is None and only[0]["test"] == "n/a"  # no supervised cell at all
-    assert report.format_markdown([], []) == ""
+    assert format_markdown([], []) == ""
 
 
 def test_each_protocol_is_tested_against_its_own_supervised_cell() -> None:
@@ -118,7 +120,7 @@ def test_each_protocol_is_tested_against_its_own_supervised_cell() -> None:
     # joint's supervised cell scores 0.1 more: against it, joint CSSL (same shift) is what paper CSSL is
     # against paper supervised; against paper's supervised it would be far better
     runs = tagged(SUP + CSSL, "paper") + tagged(SUP + CSSL, "joint", 0.1)
-    rows = report.build_rows(runs, "test_dice_mean")
+    rows = build_rows(runs, "test_dice_mean")
     assert [(r["labelled"], r["cell"]) for r in rows] == [
         ("0.1, joint", "supervised"), ("0.1, joint", "cssl"), ("0.1, paper", "supervised"), ("0.1, paper", "cssl")]
     paper, joint_ = _row(rows, "cssl", "0.1, paper"), _row(rows, "cssl", "0.1, joint")
@@ -184,7 +186,7 @@ def test_main_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "no FINISHED child runs" in capsys.readouterr().err
     assert report.main(["--experiment", "abl", "--tracking-uri", uri, "--parent", "f" * 32]) == 2
     assert "not found" in capsys.readouterr().err
-    assert tracking.get_run(uri, parent)["status"] == "FINISHED"
+    assert get_run(uri, parent)["status"] == "FINISHED"
 
 
 def test_best_round_column_and_the_stage_a_note() -> None:
@@ -192,19 +194,19 @@ def test_best_round_column_and_the_stage_a_note() -> None:
         return {**run, "metrics": {**run["metrics"], "best_round": float(best_round)}}
 
     runs = [with_round(r, 0) for r in SUP] + [with_round(r, 0) for r in CL]
-    rows = report.build_rows(runs, "test_dice_mean")
-    md = report.format_markdown(rows, [])
+    rows = build_rows(runs, "test_dice_mean")
+    md = format_markdown(rows, [])
     assert "| 0, 0, 0 |" in next(l for l in md.splitlines() if "| Supervised |" in l)
     # CL kept stage A's weights in every seed: one line names it and why (no val figures: the fallback)
     assert "CL (every cell): stage A's weights were tested in every seed" in md
     assert "no round beat stage A's validation score" in md
-    rows = report.build_rows([with_round(r, 0) for r in SUP] + [with_round(CL[0], 3)], "test_dice_mean")
-    md = report.format_markdown(rows, [])
+    rows = build_rows([with_round(r, 0) for r in SUP] + [with_round(CL[0], 3)], "test_dice_mean")
+    md = format_markdown(rows, [])
     assert "stage A's weights were tested" not in md and "| 3 |" in md
     # the reason, from the rounds' validation Dice where they started and after the last round
     lowered = [{**r, "metrics": {**r["metrics"], "val_dice_mean_start": 0.80, "val_dice_mean_last": v}}
                for r, v in zip((with_round(r, 0) for r in CL), (0.70, 0.74))]
-    md = report.format_markdown(report.build_rows(runs[:3] + lowered, "test_dice_mean"), [])
+    md = format_markdown(build_rows(runs[:3] + lowered, "test_dice_mean"), [])
     assert "their rounds lowered validation Dice from 0.800 (stage A) to 0.720 (last round)" in md
 
 
@@ -218,8 +220,8 @@ def test_last_round_column_coverage_and_patches() -> None:
     cssl = [extra(r, v, **{"round1_pseudo_coverage/background": c, "round1_pseudo_coverage/liver": 0.5,
                            "patches_per_step_mean": 90.0 + i})
             for i, (r, v, c) in enumerate(zip(CSSL, (0.72, 0.74, 0.78), (0.99, 0.97, 0.98)))]
-    rows = report.build_rows(sup + cssl, "test_dice_mean")
-    header, body = report.table_cells(rows, [])
+    rows = build_rows(sup + cssl, "test_dice_mean")
+    header, body = table_cells(rows, [])
     assert header == ["labelled", "method", "n", "dice_mean", "dice_mean, last round", "coverage, round 1",
                       "patches / step", "p vs supervised", "p vs CSSL", "p (last round) vs supervised", "best round"]
     row = dict(zip(header, body[1]))
@@ -237,24 +239,24 @@ def test_per_image_columns_beside_dice_without_p_values() -> None:
 
     sup = [with_surface(r, hd, hd / 4, 0.6) for r, hd in zip(SUP, (4.0, 6.0, 8.0))]
     cssl = [with_surface(r, hd, hd / 4, 0.7) for r, hd in zip(CSSL, (3.0, 3.0, 6.0))]
-    rows = report.build_rows(sup + cssl + CL, "test_dice_mean")  # CL's runs predate the new metrics
+    rows = build_rows(sup + cssl + CL, "test_dice_mean")  # CL's runs predate the new metrics
     assert rows[0]["extras"] == ["test_dice_image_mean", "test_hd95_mean", "test_asd_mean"]
     assert _row(rows, "supervised")["stats"]["test_hd95_mean"] == pytest.approx((6.0, 2.0))
     assert _row(rows, "cssl")["stats"]["test_asd_mean"] == pytest.approx((1.0, math.sqrt(3) / 4))
     assert _row(rows, "cl")["stats"]["test_hd95_mean"] == (None, None)
-    md = report.format_markdown(rows, [])
+    md = format_markdown(rows, [])
     lines = md.splitlines()
     assert lines[0] == ("| labelled | method | n | dice_mean | Dice per image | HD95 (px) ↓ | ASD (px) ↓ "
                         "| p vs supervised | p vs CSSL | best round |")  # p: the main metric's only
     assert "| 0.1 | Supervised | 3 | 0.720 ± 0.020 | 0.600 ± 0.000 | 6.000 ± 2.000 | 1.500 ± 0.500 | — |" in md
     assert "| 0.1 | CL | 2 | 0.750 ± 0.028 | n/a | n/a | n/a |" in md
-    assert "image diagonal" in report.extras_note(rows)
+    assert "image diagonal" in extras_note(rows)
     # without the metrics: no columns and no note (older runs' tables unchanged)
-    plain = report.build_rows(SUP + CSSL, "test_dice_mean")
-    assert plain[0]["extras"] == [] and report.extras_note(plain) == ""
-    assert "HD95" not in report.format_markdown(plain, [])
+    plain = build_rows(SUP + CSSL, "test_dice_mean")
+    assert plain[0]["extras"] == [] and extras_note(plain) == ""
+    assert "HD95" not in format_markdown(plain, [])
     # HD95 as the main metric: its column and p-value, the other two beside it
-    by_hd = report.build_rows(sup + cssl, "test_hd95_mean")
-    header, _ = report.table_cells(by_hd, [])
+    by_hd = build_rows(sup + cssl, "test_hd95_mean")
+    header, _ = table_cells(by_hd, [])
     assert header[3:6] == ["HD95 (px) ↓", "Dice per image", "ASD (px) ↓"]
     assert _row(by_hd, "cssl")["test"] == "paired"

@@ -13,7 +13,8 @@ from cssl_ray.config import from_dict
 from cssl_ray.experiments import train
 from cssl_ray.tracking.mlflow_model import MODEL_URI_TAG, register_model
 from cssl_ray.tracking.run_record import cells_view, data_inputs, runs_view
-from cssl_ray.tracking.store import client, find_runs, metric_history
+from cssl_ray.tracking.runs import find_runs, metric_history
+from cssl_ray.tracking.uri import client
 
 
 @pytest.fixture(scope="module")

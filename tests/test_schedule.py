@@ -14,14 +14,17 @@ import cssl_ray.run.loop as loop
 from cssl_ray.config import from_dict
 from cssl_ray.data.batches import labelled_slices
 from cssl_ray.data.synthetic import make_synthetic
-from cssl_ray.experiments.search_space import ABLATION_CELLS
+from cssl_ray.experiments.ablation_cells import ABLATION_CELLS
 from cssl_ray.experiments.train import build_config
 from cssl_ray.method.consistency import Teacher
 from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import create_model
+from cssl_ray.run import labelling
+from cssl_ray.run import plan as step_plan
 from cssl_ray.run.local import run_local
 from cssl_ray.run.records import stage_a_summary
-from cssl_ray.run.schedule import RunState, is_better
+from cssl_ray.run.schedule import RunState
+from cssl_ray.run.selection import is_better
 
 
 def small_cfg(**sections):
@@ -41,7 +44,7 @@ def epoch_inputs(cfg, n_unlabelled: int = 7):
     torch.manual_seed(0)
     model = create_model(cfg.model, 1, cfg.data.num_classes)
     images, masks = make_synthetic(2 + n_unlabelled, (32, 32), 4, seed=0)
-    patches, classes, _ = loop.round_patches(model, cfg, images[:2], masks[:2], images[2:],
+    patches, classes, _ = labelling.round_patches(model, cfg, images[:2], masks[:2], images[2:],
                                              generator=torch.Generator().manual_seed(0))
     # image i of D_U is the constant i: the L_CR batches tell which images they hold
     unlabelled = torch.arange(n_unlabelled, dtype=torch.float32)[:, None, None, None].expand(-1, 1, 32, 32).clone()
@@ -62,9 +65,9 @@ def spy_objective(monkeypatch):
 
 def run_epoch(cfg, model, patches, classes, unlabelled):
     streams = RandomStreams(0)
-    plan = loop.epoch_plan(unlabelled.shape[0], cfg, streams)
+    plan = step_plan.epoch_plan(unlabelled.shape[0], cfg, streams)
     return loop.cssl_epoch(model, Teacher(model), torch.optim.Adam(model.parameters(), 1e-3),
-                           loop.pooled_steps(plan, unlabelled, patches, classes), len(plan), cfg, lambda_=0.5,
+                           step_plan.pooled_steps(plan, unlabelled, patches, classes), len(plan), cfg, lambda_=0.5,
                            streams=streams)
 
 
@@ -80,7 +83,7 @@ def test_l_tot_epoch_is_one_pass_over_d_u(monkeypatch):
     assert all(s.patches.shape[0] == min(10, patches.shape[0]) for s in seen)  # patches.batch_size each
     # the cap stays an option
     capped = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps_per_round=2))
-    assert loop.l_tot_steps(7, capped) == 2 and loop.l_tot_steps(7, cfg) == 3
+    assert step_plan.l_tot_steps(7, capped) == 2 and step_plan.l_tot_steps(7, cfg) == 3
 
 
 def test_patch_budget_per_image():
@@ -90,11 +93,11 @@ def test_patch_budget_per_image():
     images, masks = make_synthetic(4, (32, 32), 4, seed=0)
     masks[0][masks[0] == 2] = 0  # image 0 loses a class: its 9 windows go to the other classes
     model = create_model(cfg.model, 1, cfg.data.num_classes)
-    patches, classes, _ = loop.round_patches(model, cfg, images, masks, images[:0],
+    patches, classes, _ = labelling.round_patches(model, cfg, images, masks, images[:0],
                                              generator=torch.Generator().manual_seed(0))
     assert patches.shape[0] == 9 * 4
     for k in range(4):
-        p, c = loop.image_patches(cfg, images[k:k + 1], masks[k:k + 1], [k], 1, labelled=True)
+        p, c = step_plan.image_patches(cfg, images[k:k + 1], masks[k:k + 1], [k], 1, labelled=True)
         present = sorted(set(masks[k].unique().tolist()) - {0})
         assert p.shape[0] == 9 and sorted(set(c.tolist())) == present
         counts = torch.bincount(c, minlength=4)[present]
@@ -108,9 +111,9 @@ def test_the_realised_contrastive_batch_fills_patches_batch_size(monkeypatch):
     images, masks = make_synthetic(14, (32, 32), 4, seed=0)
     l_img, l_mask, u_img, u_mask = images[:2], masks[:2], images[2:], masks[2:]
     streams = RandomStreams(0)
-    plan = loop.epoch_plan(u_img.shape[0], cfg, streams)
+    plan = step_plan.epoch_plan(u_img.shape[0], cfg, streams)
     assert [len(p) for p in plan] == [4, 4, 4]
-    steps = list(loop.local_steps(cfg, 1, plan, u_img, u_mask, l_img, l_mask))  # pseudo-labels = the truth here
+    steps = list(step_plan.local_steps(cfg, 1, plan, u_img, u_mask, l_img, l_mask))  # pseudo-labels = the truth here
     slices = labelled_slices(2, 3)
     for step, idx, l_idx in zip(steps, plan, slices):
         assert step.patches.shape[0] == 6 * (len(idx) + len(l_idx))  # 4 + 1 images x 6 windows = 30 >= 24
@@ -349,9 +352,9 @@ def test_one_l_tot_epoch_keeps_a_converged_model():
         run = RunState(config(**optim), torch.device("cpu"))
         run.load_state_dict(converged)
         run.start_round()
-        pseudo, _ = loop.label_round(run.model, run.cfg, bundle.unlabelled_images)  # the product's round
-        plan = loop.epoch_plan(bundle.unlabelled_images.shape[0], run.cfg, run.streams)
-        steps = loop.local_steps(run.cfg, run.round, plan, bundle.unlabelled_images, pseudo, bundle.labelled_images,
+        pseudo, _ = labelling.label_round(run.model, run.cfg, bundle.unlabelled_images)  # the product's round
+        plan = step_plan.epoch_plan(bundle.unlabelled_images.shape[0], run.cfg, run.streams)
+        steps = step_plan.local_steps(run.cfg, run.round, plan, bundle.unlabelled_images, pseudo, bundle.labelled_images,
                                  bundle.labelled_masks)
         before = [p.detach().clone() for p in run.model.parameters()]
         stats = run.l_tot_epoch(run.cfg, steps, len(plan))
@@ -524,11 +527,11 @@ def test_round_probe_knobs_lsup_bn_and_passes(monkeypatch):
         images, masks = make_synthetic(3, (32, 32), 4, seed=1)
         streams = RandomStreams(0)
         sup_state = streams.sup.get_state()
-        plan = loop.epoch_plan(unlabelled.shape[0], cfg, streams)
+        plan = step_plan.epoch_plan(unlabelled.shape[0], cfg, streams)
         bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
         before = bn.running_mean.clone()
         stats = loop.cssl_epoch(model, Teacher(model), torch.optim.Adam(model.parameters(), 1e-3),
-                                loop.pooled_steps(plan, unlabelled, patches, classes), len(plan), cfg, lambda_=0.5,
+                                step_plan.pooled_steps(plan, unlabelled, patches, classes), len(plan), cfg, lambda_=0.5,
                                 streams=streams, labelled=(images, masks))
         assert torch.equal(streams.sup.get_state(), sup_state)
         return stats, plan, not torch.equal(bn.running_mean, before)

@@ -9,17 +9,10 @@ import pytest
 import yaml
 
 from cssl_ray.config import Config, ConfigError
-from cssl_ray.experiments.search_space import (
-    ABLATION_CELLS,
-    BASELINE_CELLS,
-    CELL_DATA,
-    DEFAULT_CELLS,
-    Domain,
-    SpaceError,
-    cell_of,
-    load_space,
-    unflatten,
-)
+from cssl_ray.experiments.ablation_cells import ABLATION_CELLS, BASELINE_CELLS, CELL_DATA, DEFAULT_CELLS, cell_of
+from cssl_ray.experiments.search_space import SpaceError, load_space
+from cssl_ray.experiments.space_config import unflatten
+from cssl_ray.experiments.space_domains import Domain
 
 SPACES = sorted((Path(__file__).resolve().parents[1] / "tune_spaces").glob("*.yaml"))
 SMOKE_BASE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")

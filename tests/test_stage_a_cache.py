@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from cssl_ray.experiments.search_space import ABLATION_CELLS
+from cssl_ray.experiments.ablation_cells import ABLATION_CELLS
 from cssl_ray.experiments.train import build_config
 from cssl_ray.run.local import run_local, stage_a_key
 

@@ -18,10 +18,13 @@ from PIL import Image
 from cssl_ray.config import ConfigError, from_dict
 from cssl_ray.data import nuclei
 from cssl_ray.data.bundle import load_bundle, open_source
+from cssl_ray.data.cache import cache_dir, list_prepared
 from cssl_ray.data.cards import load_card
+from cssl_ray.data.prepare import prepare
 from cssl_ray.data.readers import Reader, read_synthetic
 from cssl_ray.data.sample import DatasetError, Sample
-from cssl_ray.data.store import SCHEMA, DatasetMissing, Store, cache_dir, list_prepared, prepare
+from cssl_ray.data.sources import DatasetMissing
+from cssl_ray.data.store import SCHEMA, Store
 
 
 @pytest.fixture

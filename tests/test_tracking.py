@@ -1,4 +1,4 @@
-"""cssl_ray.tracking.store against a temporary sqlite store (and, marked slow, a real `mlflow server`)."""
+"""cssl_ray.tracking.tracker, runs and uri on a temporary sqlite store (and, marked slow, a real `mlflow server`)."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from cssl_ray.tracking.store import Tracker
-from cssl_ray.tracking import store as tracking
+from cssl_ray.tracking.runs import find_runs, get_run, latest_parent, metric_history, require_experiment
+from cssl_ray.tracking.tracker import Tracker, flatten_config, git_commit, sanitize_key
+from cssl_ray.tracking.uri import tracking_uri, ui_command
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def uri(tmp_path: Path) -> str:
 
 def _tree(tracker: Tracker) -> tuple[str, str, str]:
     parent = tracker.start_parent("ablate-1", {"cssl.kind": "ablate"}, session="s1")
-    params = tracking.flatten_config({"contrastive": {"tau": 0.1}, "data": {"image_size": (96, 96)}})
+    params = flatten_config({"contrastive": {"tau": 0.1}, "data": {"image_size": (96, 96)}})
     a = tracker.start_child(parent, "cl-0", "cl seed 0", params, {"cssl.kind": "ablation", "cssl.cell": "cl"})
     b = tracker.start_child(parent, "cssl-0", "cssl seed 0", params, {"cssl.kind": "ablation", "cssl.cell": "cssl"})
     return parent, a, b
@@ -55,8 +56,8 @@ def test_parent_children_params_metrics(uri: str) -> None:
     tracker.log_metrics(a, {"test_dice_mean": 0.8}, step=2)
     tracker.end(a, "FINISHED")
 
-    assert tracking.metric_history(uri, a, "loss") == [(0, 1.0), (1, 0.5), (2, 1.0 / 3)]
-    children = tracking.find_runs(uri, "e", parent_id=parent)
+    assert metric_history(uri, a, "loss") == [(0, 1.0), (1, 0.5), (2, 1.0 / 3)]
+    children = find_runs(uri, "e", parent_id=parent)
     assert {r["run_id"] for r in children} == {a, b}
     run = next(r for r in children if r["run_id"] == a)
     assert run["name"] == "cl seed 0" and run["status"] == "FINISHED"
@@ -64,11 +65,11 @@ def test_parent_children_params_metrics(uri: str) -> None:
     assert run["tags"]["mlflow.parentRunId"] == parent and run["tags"]["cssl.trial_key"] == "cl-0"
     assert run["metrics"] == {"loss": pytest.approx(1 / 3), "val_dice/cls 1": pytest.approx(0.7),
                               "test_dice_mean": 0.8}  # latest value; bools, strings, None skipped
-    assert [r["run_id"] for r in tracking.find_runs(uri, "e", tags={"cssl.cell": "cssl"})] == [b]
-    assert tracking.latest_parent(uri, "e")["run_id"] == parent
-    assert tracking.latest_parent(uri, "e", kind="ablate")["run_id"] == parent
-    assert tracking.latest_parent(uri, "e", kind="tune") is None
-    assert tracking.find_runs(uri, "nope") == []
+    assert [r["run_id"] for r in find_runs(uri, "e", tags={"cssl.cell": "cssl"})] == [b]
+    assert latest_parent(uri, "e")["run_id"] == parent
+    assert latest_parent(uri, "e", kind="ablate")["run_id"] == parent
+    assert latest_parent(uri, "e", kind="tune") is None
+    assert find_runs(uri, "nope") == []
 
 
 def test_resume_reopens_without_duplicates(uri: str) -> None:
@@ -81,18 +82,18 @@ def test_resume_reopens_without_duplicates(uri: str) -> None:
     assert again.start_parent("ablate-1 (resumed)", {"cssl.kind": "ablate"}, session="s1") == parent
     changed = {"contrastive.tau": "0.5"}  # a changed param must not be re-logged (MLflow refuses)
     assert again.start_child(parent, "cl-0", "cl seed 0", changed, {"cssl.cell": "cl"}) == a
-    assert tracking.get_run(uri, a)["status"] == "RUNNING"
-    assert tracking.get_run(uri, a)["params"]["contrastive.tau"] == "0.1"
+    assert get_run(uri, a)["status"] == "RUNNING"
+    assert get_run(uri, a)["params"]["contrastive.tau"] == "0.1"
     again.log_metrics(a, {"loss": 1.0}, step=0)  # re-logged step: the last value wins
-    assert tracking.metric_history(uri, a, "loss") == [(0, 1.0)]
-    assert len(tracking.find_runs(uri, "e")) == 3
+    assert metric_history(uri, a, "loss") == [(0, 1.0)]
+    assert len(find_runs(uri, "e")) == 3
     other = again.start_parent("another", {}, session="s2")
     assert other != parent
 
     assert again.close_open_runs("FAILED", parent_id=parent) == 2  # parent + child a; not `other`
-    assert tracking.get_run(uri, other)["status"] == "RUNNING"
+    assert get_run(uri, other)["status"] == "RUNNING"
     assert again.close_open_runs() == 1
-    assert {r["status"] for r in tracking.find_runs(uri, "e")} == {"KILLED", "FAILED"}
+    assert {r["status"] for r in find_runs(uri, "e")} == {"KILLED", "FAILED"}
     with pytest.raises(ValueError, match="RUNNING"):
         again.end(a, "RUNNING")
 
@@ -102,43 +103,43 @@ def test_metric_names_sanitised_and_nan(uri: str) -> None:
     run = tracker.start_parent("p", {}, session="s")
     tracker.log_metrics(run, {"val_dice/a@b": 1.0, "x:y": 2.0, "/lead//twice/": 3.0, "../up": 4.0,
                               "nan": float("nan"), "inf": float("inf"), "ninf": -float("inf")}, step=0)
-    metrics = tracking.get_run(uri, run)["metrics"]
+    metrics = get_run(uri, run)["metrics"]
     assert {k for k in metrics} == {"val_dice/a_b", "x_y", "lead/twice", "_/up", "nan", "inf", "ninf"}
-    assert math.isnan(metrics["nan"]) and math.isnan(tracking.metric_history(uri, run, "nan")[0][1])
+    assert math.isnan(metrics["nan"]) and math.isnan(metric_history(uri, run, "nan")[0][1])
     assert metrics["inf"] == sys.float_info.max and metrics["ninf"] == -sys.float_info.max
-    assert tracking.sanitize_key("ok-name_1.2/x y") == "ok-name_1.2/x y"
-    assert tracking.sanitize_key("a" * 300) == "a" * 250
+    assert sanitize_key("ok-name_1.2/x y") == "ok-name_1.2/x y"
+    assert sanitize_key("a" * 300) == "a" * 250
 
 
 def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///sub/m.db")
-    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/sub/m.db"
-    assert tracking.tracking_uri("http://host:5000") == "http://host:5000"
-    assert tracking.tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
-    assert tracking.tracking_uri("file:mlruns") == (tmp_path.resolve() / "mlruns").as_uri()
-    assert tracking.ui_command("sqlite:////abs/x.db") == "mlflow ui --backend-store-uri sqlite:////abs/x.db"
-    assert tracking.ui_command("https://mlflow.example") == "open https://mlflow.example"
+    assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/sub/m.db"
+    assert tracking_uri("http://host:5000") == "http://host:5000"
+    assert tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
+    assert tracking_uri("file:mlruns") == (tmp_path.resolve() / "mlruns").as_uri()
+    assert ui_command("sqlite:////abs/x.db") == "mlflow ui --backend-store-uri sqlite:////abs/x.db"
+    assert ui_command("https://mlflow.example") == "open https://mlflow.example"
 
 
 def test_flatten_and_git_commit() -> None:
-    flat = tracking.flatten_config({"a": {"b": {"c": 1}, "d": [1, (2, 3)], "e": {}}, "f": True, "g": "s"})
+    flat = flatten_config({"a": {"b": {"c": 1}, "d": [1, (2, 3)], "e": {}}, "f": True, "g": "s"})
     assert flat == {"a.b.c": "1", "a.d": "[1, [2, 3]]", "a.e": "{}", "f": "True", "g": "s"}
-    head = tracking.git_commit()
+    head = git_commit()
     assert head == "unknown" or len(head) == 40
 
 
 def test_require_experiment_lists_names(uri: str, tmp_path: Path) -> None:
     Tracker(uri, "alpha")
     Tracker(uri, "beta")
-    assert tracking.require_experiment(uri, "alpha")
+    assert require_experiment(uri, "alpha")
     with pytest.raises(ValueError, match=r"experiment 'x' not found in .*; experiments: .*alpha, beta"):
-        tracking.require_experiment(uri, "x")
+        require_experiment(uri, "x")
     missing = f"sqlite:///{tmp_path}/none.db"
     with pytest.raises(ValueError, match="not found"):
-        tracking.require_experiment(missing, "x")
+        require_experiment(missing, "x")
     assert not (tmp_path / "none.db").exists()  # reading never creates a store
 
 
@@ -214,8 +215,8 @@ def test_mlflow_server_rest(tmp_path: Path) -> None:
         assert {p["key"]: p["value"] for p in c["data"]["params"]} == {"optim.lr": "0.001"}
         metrics = {m["key"]: m for m in c["data"]["metrics"]}
         assert metrics["val_dice_mean"]["value"] == 0.6 and metrics["val_dice_mean"]["step"] == 1
-        assert tracking.metric_history(base, child, "val_dice_mean") == [(0, 0.4), (1, 0.6)]
-        assert math.isnan(tracking.metric_history(base, child, "omega")[0][1])
+        assert metric_history(base, child, "val_dice_mean") == [(0, 0.4), (1, 0.6)]
+        assert math.isnan(metric_history(base, child, "omega")[0][1])
         (data,) = c["inputs"]["dataset_inputs"]  # the runs table's Dataset column
         assert data["dataset"]["name"] == "nuclei/D_L" and data["dataset"]["digest"] == "abc123"
         assert data["tags"] == [{"key": "mlflow.data.context", "value": "train"}]

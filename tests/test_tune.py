@@ -17,7 +17,7 @@ from conftest_ray import descendant_processes, local_ray, own_lines, ray_test_en
 
 from cssl_ray.config import load_config
 from cssl_ray.experiments import tune
-from cssl_ray.tracking.store import find_runs, latest_parent, metric_history
+from cssl_ray.tracking.runs import find_runs, latest_parent, metric_history
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_SPACE = ROOT / "tune_spaces" / "smoke.yaml"
@@ -93,7 +93,7 @@ def test_tune_smoke_space_train_inside_tune(tmp_path, store, capsys):
     assert best.exists() and load_config(best).data.name == "synthetic"
     assert "best trial" in out and "mlflow ui --backend-store-uri" in out
     # the parent run holds the best config; the best trial's model is registered under the space's name
-    from cssl_ray.tracking.store import client
+    from cssl_ray.tracking.uri import client
     parent = latest_parent(store, "smoke", kind="tune")
     assert "best_config.yaml" in {a.path for a in client(store).list_artifacts(parent["run_id"])}
     assert runs[0]["tags"]["cssl.model_uri"].startswith("models:/m-") and "model:  models:/smoke/1" in out
@@ -125,7 +125,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, store):
     """Kill the driver (and its Ray) while trial 2 of 2 runs; --resume finishes without rerunning trial 1."""
     path = write_space(tmp_path / "resume.yaml", num_samples=2,
                        config={"train": {"max_rounds": 6, "num_threads": 1}})
-    cmd = [sys.executable, "-m", "cssl_ray.experiments.tune", "--space", str(path), "--storage-path", str(tmp_path / "tune"),
+    cmd = [sys.executable, "-m", "cssl_ray.tune", "--space", str(path), "--storage-path", str(tmp_path / "tune"),
            "--tracking-uri", store]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     runs_root = tmp_path / "tune" / "resume-tune" / "runs"
@@ -238,7 +238,7 @@ def test_optuna_search_in_range_and_resumed_without_repeats(tmp_path, store, cap
     2 finished trials are kept (same ids, params, files), the 2 new ones continue the seeded search
     (the restored searcher's 3rd and 4th suggestions, not its 1st and 2nd again), all in range."""
     from cssl_ray.experiments.search_space import load_space
-    from cssl_ray.tracking.store import progress
+    from cssl_ray.tracking import progress
 
     search = {"contrastive.tau": {"loguniform": [0.05, 0.5]}, "pseudo.threshold": {"choice": [0.7, 0.8, 0.9]},
               "train.steps_per_round": {"randint": [1, 3]}}
@@ -289,7 +289,7 @@ def test_optuna_space_wiring_and_dry_run(cli, tmp_path, store, capsys, monkeypat
     variant generator (no search_alg) whatever the space says. No Ray: run_experiment is replaced."""
     import importlib
 
-    main = importlib.import_module(f"cssl_ray.{cli}")
+    main = importlib.import_module(f"cssl_ray.experiments.{cli}")
     path = write_space(tmp_path / "opt.yaml", search_algorithm="optuna", seed=4)
     argv = ["--space", str(path), "--storage-path", str(tmp_path / "s"), "--tracking-uri", store]
     assert main.main(argv + ["--dry-run"]) == 0

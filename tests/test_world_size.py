@@ -14,10 +14,11 @@ from cssl_ray.distributed.collectives import TorchCollectives
 from cssl_ray.method.collectives import Collectives, positions_of_rank, rank_share
 from cssl_ray.method.consistency import Teacher
 from cssl_ray.method.contrastive import AuxiliaryGaussian
-from cssl_ray.method.objective import StepInputs, cssl_objective
+from cssl_ray.method.objective import StepInputs, Terms, cssl_objective
 from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import create_model
-from cssl_ray.run.loop import l_tot_steps, pass_shares, supervised_epoch
+from cssl_ray.run.loop import supervised_epoch
+from cssl_ray.run.plan import l_tot_steps, pass_shares
 
 WORLD = 2
 
@@ -71,7 +72,7 @@ def _step(rank: int, world: int, col: Collectives) -> dict:
                                 augment=False, collectives=col))
     streams = RandomStreams(0, rank)
     aux = AuxiliaryGaussian(cfg.model.embed_dim, seed=0)
-    out = cssl_objective(model, teacher, StepInputs(b["patches"], b["classes"], b["unlabelled"]), cfg,
+    out = cssl_objective(model, teacher, StepInputs(b["patches"], b["classes"], b["unlabelled"]), Terms.of(cfg),
                          lambda_=0.0, streams=streams, aux=aux, collectives=col)
     opt.zero_grad()
     out["loss"].backward()

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from cssl_ray.data.store import pixel_shares, prepare
+    from cssl_ray.data.prepare import prepare
+    from cssl_ray.data.summary import pixel_shares
     name, root, cache, size, channels, normalise = args.name, args.root, args.cache, args.size, args.channels, args.normalise
     if args.config:
         from cssl_ray.config import load_config
@@ -113,8 +114,9 @@ def _options(items: list[str]) -> dict[str, Any]:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from cssl_ray.data.cache import cache_dir, list_prepared, remote_cache
     from cssl_ray.data.cards import card_names, load_card
-    from cssl_ray.data.store import cache_dir, default_root, list_prepared, remote_cache
+    from cssl_ray.data.sources import default_root
     prepared: dict[str, list[Any]] = {}
     for store in list_prepared(args.cache):
         prepared.setdefault(store.meta["dataset"], []).append(store)

@@ -1,7 +1,7 @@
 """In-memory splits for the single-process trainer: D_L, D_U, val and test as tensors.
 
 ``synthetic`` is generated in memory (``make_synthetic``) and cut by ``make_split``. Every other
-dataset is prepared once into the Parquet store (``store.prepare``: read, normalised per its card,
+dataset is prepared once into the Parquet store (``prepare.prepare``: read, normalised per its card,
 resized to ``data.image_size``, cached), then cut by ``split_dataset``: the distribution's fixed
 subsets, groups (patients) kept whole, a seeded labelled fraction or count.
 
@@ -194,7 +194,7 @@ def open_source(cfg: DataConfig) -> DataSource:
                            seed=cfg.seed)
         return DataSource(cfg, None, split, class_names(cfg.num_classes))
     card = check_dataset(cfg)
-    from cssl_ray.data.store import prepare  # pyarrow and the readers load only for real datasets
+    from cssl_ray.data.prepare import prepare  # pyarrow and the readers load only for real datasets
     try:
         store = prepare(card, cfg.root or None, size=tuple(cfg.image_size), channels=cfg.in_channels,
                         normalise=cfg.normalise, cache=cfg.cache_dir or None)
@@ -230,7 +230,7 @@ def open_source(cfg: DataConfig) -> DataSource:
 def check_dataset(cfg: DataConfig) -> DatasetCard | None:
     """Cheap checks a driver runs before starting anything (Ray, a model): the card exists, its
     classes and channels match the config, and its files are on disk (nuclei downloads itself) unless
-    ``data.cache_dir`` is a URI (``store.remote_cache``: the prepared store is read from there).
+    ``data.cache_dir`` is a URI (``cache.remote_cache``: the prepared store is read from there).
     Returns the card (None for synthetic); ConfigError, one line, otherwise."""
     if cfg.name == "synthetic":
         return None
@@ -239,7 +239,8 @@ def check_dataset(cfg: DataConfig) -> DatasetCard | None:
     except CardError as e:
         raise ConfigError(f"data.name: {e}") from None
     check_card(cfg, card)
-    from cssl_ray.data.store import default_root, missing_message, remote_cache
+    from cssl_ray.data.cache import remote_cache
+    from cssl_ray.data.sources import default_root, missing_message
     try:
         remote = remote_cache(cfg.cache_dir or None)
     except DatasetError as e:

@@ -116,7 +116,7 @@ def dataset_paths(data: DataConfig, store: str | None) -> list[tuple[str, str | 
     shared storage (then a node without the store prepares its own from them; cluster/README.md)."""
     if store is None or data.name == "nuclei" or "://" in store:
         return []
-    from cssl_ray.data.store import default_root
+    from cssl_ray.data.sources import default_root
     kind = file_system(data.root or default_root(data.name))
     return [] if kind is not None and is_shared(kind) else [("data.cache_dir", store)]
 

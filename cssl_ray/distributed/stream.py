@@ -1,6 +1,6 @@
 """Ray Data: the labelling side of a round, as one stream of L_tot steps per rank, consumed as it arrives.
 
-    rank r, round k:  its D_U shard in the epoch's step order (``loop.epoch_plan``)
+    rank r, round k:  its D_U shard in the epoch's step order (``plan.epoch_plan``)
       rows {step, index (b,)}, one row = one step: the D_U positions of its images, no pixels
       -> map_batches(label_and_sample_step)  tasks; each hands the step's positions to one
                                              long-lived PseudoLabeller of the run's LabellerPool,
@@ -9,14 +9,14 @@
                                              and labels them with the weights of round k (read
                                              from the WeightStore); the task then draws the
                                              class-wise windows of the pseudo-labels
-                                             (``loop.image_windows``: seeded per image)
+                                             (``plan.image_windows``: seeded per image)
       -> rows {step, pseudo (b, H, W) uint8, window (P, 4) int32, weights_version,
                COUNT_COLUMNS, CLASS_COUNT_COLUMNS, CONFIDENCE_COLUMN}
     worker: ``RankSteps`` iterates the stream (``iter_batches(prefetch_batches=...)``); for each row
             it reads the step's images from the same source (its own row cache: the rank reads
             each D_U image of its shard once per process) and cuts the windows' masked patches
-            there (``loop.cut_patches``), adds the ground-truth patches of the step's D_L slice, and
-            yields ``loop.StepData``: step 1 starts after one step's labelling, not after a whole
+            there (``plan.cut_patches``), adds the ground-truth patches of the step's D_L slice, and
+            yields ``plan.StepData``: step 1 starts after one step's labelling, not after a whole
             pass, and labelling steps k+1.. overlaps training on step k.
 
 What crosses the object store per step is the positions, the uint8 pseudo-labels, the windows
@@ -78,7 +78,6 @@ from cssl_ray.data.batches import labelled_slices
 from cssl_ray.data.bundle import DataSource
 from cssl_ray.distributed.placement import StreamResources, labeller_group  # StreamResources: re-exported
 from cssl_ray.distributed.weights import WeightsClient
-from cssl_ray.method.patches import PatchWindows
 from cssl_ray.method.pseudo_labels import (
     CONFIDENCE_BINS,
     class_counts,
@@ -86,8 +85,9 @@ from cssl_ray.method.pseudo_labels import (
     predict_pseudo_labels,
     rule_of,
 )
+from cssl_ray.method.windows import PatchWindows
 from cssl_ray.models import create_model
-from cssl_ray.run.loop import StepData, cut_patches, image_patches, image_windows
+from cssl_ray.run.plan import StepData, cut_patches, image_patches, image_windows
 
 Batch = dict[str, np.ndarray]
 COUNT_COLUMNS = ("pseudo_pixels", "pseudo_covered", "pseudo_correct")  # per image, summed per step
@@ -198,7 +198,7 @@ def labeller_slot(index: int, n: int) -> int:
 def pseudo_stats(counts: Mapping[str, int | float], with_accuracy: bool) -> dict[str, float]:
     """``--local``'s round statistics from summed counts: ``pseudo_coverage`` (covered / pixels; 0
     without pixels) and, ``with_accuracy`` (hidden ground truth known), ``pseudo_accuracy`` (correct /
-    covered; 0 when nothing is covered), as ``loop.round_patches`` computes them."""
+    covered; 0 when nothing is covered), as ``labelling.round_patches`` computes them."""
     pixels, covered = counts["pseudo_pixels"], counts["pseudo_covered"]
     out = {"pseudo_coverage": float(covered) / pixels if pixels else 0.0}
     if with_accuracy:

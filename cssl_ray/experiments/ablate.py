@@ -5,7 +5,7 @@
     python -m cssl_ray.ablate --space tune_spaces/smoke.yaml --seeds 2    # a minute on a CPU
     python -m cssl_ray.ablate --space ... --dry-run                       # the checks only; starts nothing
 
-Table 5 grid (default): the cells of ``search_space.ABLATION_CELLS`` — use_cl x use_cr x
+Table 5 grid (default): the cells of ``ablation_cells.ABLATION_CELLS`` — use_cl x use_cr x
 use_hard_negatives, where hard negatives only exist with L_CL, so six cells: supervised (all off,
 the fully supervised baseline with exactly the same supervised steps), CL, CL + hard negatives,
 CR, CL + CR, and CSSL (all on) — each over ``--seeds`` seeds (train.seed: the model's
@@ -32,24 +32,26 @@ from pathlib import Path
 from typing import Any
 
 from cssl_ray.config import Config, ConfigError, dump_config, load_config
-from cssl_ray.experiments.search_space import ABLATION_CELLS, BASELINE_CELLS, PROTOCOLS, Space, load_space
+from cssl_ray.distributed.ray_init import set_verbose
+from cssl_ray.experiments.ablation_cells import ABLATION_CELLS, BASELINE_CELLS, PROTOCOLS
+from cssl_ray.experiments.search_space import Space, load_space
+from cssl_ray.experiments.trainable import CELL_KEY, trials_label
+from cssl_ray.experiments.trial_checks import check_trials
 from cssl_ray.experiments.trials import (
-    CELL_KEY,
     Interrupted,
     best_outcome,
-    check_trials,
     experiment_folder,
     fail,
     grid_size,
     log_parent_files,
     register_best,
     run_experiment,
-    trials_label,
 )
 from cssl_ray.experiments.tune import (
     DEFAULT_STORAGE,
     add_resource_flags,
     add_selection_flags,
+    add_verbose_flag,
     announce_model,
     best_config_path,
     data_text,
@@ -128,12 +130,14 @@ def parser() -> argparse.ArgumentParser:
     add_selection_flags(p)
     p.add_argument("--dry-run", action="store_true",
                    help="run every check made before Ray starts, print what would run, start nothing")
+    add_verbose_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    prog = "cssl_ray.experiments.ablate"
+    set_verbose(args.verbose)
+    prog = "cssl_ray.ablate"
     try:
         space = with_resources(load_space(args.space), args)
         source: list[str] = []  # where the fixed hyperparameters come from (printed now, or in the dry-run line)
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         warned: list[str] = []  # warnings of the checks: shown now, not again by every trial
         data = check_trials(space, base, split_varies=sweep, warned=warned, address=args.address,  # before Ray
                             storage=args.storage_path, labelling=trials_label(base, grid))  # starts, one line each
-        from cssl_ray.tracking.store import tracking_uri
+        from cssl_ray.tracking.uri import tracking_uri
         uri = tracking_uri(args.tracking_uri)
         name = args.name or f"{space.name}-ablate" + ("-fractions" if sweep else "")
         if args.dry_run:

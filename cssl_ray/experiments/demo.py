@@ -38,7 +38,7 @@ from typing import Any
 from cssl_ray.config import Config, ConfigError
 from cssl_ray.experiments.train import build_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "configs" / "demo_synthetic.yaml"
 DEMO_SPACE = ROOT / "tune_spaces" / "nuclei_demo.yaml"
 SMOKE_SPACE = ROOT / "tune_spaces" / "smoke.yaml"
@@ -187,7 +187,7 @@ def synthetic_demo(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args.config, args.overrides + ["train.progress=false"], smoke=args.smoke)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"cssl_ray.experiments.demo: error: {e}", file=sys.stderr)
+        print(f"cssl_ray.demo: error: {e}", file=sys.stderr)
         return 2
     from cssl_ray.data.synthetic import class_names
     from cssl_ray.run.local import run_local

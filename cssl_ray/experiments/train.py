@@ -28,6 +28,11 @@ the data as dataset inputs, the run's files and the selected weights as an MLflo
 (``run_record``), in experiment ``--experiment`` (default: the dataset's name) of
 ``--tracking-uri`` (default ``$MLFLOW_TRACKING_URI``, else ./mlflow.db). ``--resume`` reopens the
 run of the same ``--out``. A failed run ends FAILED, an interrupted one KILLED.
+
+The terminal shows the run's progress lines and its result; Ray's own output (raylet, core_worker,
+Ray Train and Ray Data lines, deprecation warnings) stays in Ray's log files unless ``--verbose``
+(``cssl_ray.distributed.ray_init``). A run that Ray ends with an error (a failed worker) is one line:
+the error's summary; ``--verbose`` shows its traceback.
 """
 from __future__ import annotations
 
@@ -38,7 +43,8 @@ from collections.abc import Callable
 from typing import Any
 
 from cssl_ray.config import Config, ConfigError, from_dict, load_config, merge, parse_override
-from cssl_ray.experiments.tune import add_selection_flags
+from cssl_ray.distributed.ray_init import set_verbose
+from cssl_ray.experiments.tune import add_selection_flags, add_verbose_flag
 
 SMOKE: dict[str, Any] = {
     "data": {"image_size": [32, 32], "n_train": 8, "n_val": 2, "n_test": 2, "labelled_fraction": 0.25},
@@ -98,6 +104,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true",
                    help="run every check the run makes before it starts, print what would run, start nothing")
+    add_verbose_flag(p)
     return p
 
 
@@ -123,6 +130,7 @@ def dry_run_line(cfg: Config, args: argparse.Namespace, source: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    set_verbose(args.verbose)
     overrides = list(args.overrides)
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
@@ -148,8 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
         result = tracked(cfg, args, lambda log: _run(cfg, args, log))
     except (ConfigError, FileNotFoundError) as e:
-        print(f"cssl_ray.experiments.train: error: {e}", file=sys.stderr)
+        print(f"cssl_ray.train: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # Ray's (a failed worker, an actor that died): one line, the traceback with --verbose
+        if args.verbose or not type(e).__module__.startswith("ray."):
+            raise
+        from cssl_ray.tracking.progress import error_line
+        print(f"cssl_ray.train: error: {error_line(e)} (the traceback and Ray's output: --verbose)",
+              file=sys.stderr)
+        return 1
     summary = {k: round(v, 4) for k, v in result.test.items() if k.startswith(("dice", "iou", "auprc", "hd95", "asd"))}
     print(json.dumps({"out_dir": str(result.out_dir), "best_round": result.best_round,
                       "seconds": round(result.seconds, 1), "test": summary}, indent=2))
@@ -178,9 +193,11 @@ def tracked(cfg: Config, args: argparse.Namespace, run: Callable[[Any], Any]) ->
     from pathlib import Path
 
     from cssl_ray.config import to_dict
-    from cssl_ray.experiments.trials import run_tags
+    from cssl_ray.experiments.trial_recorder import run_tags
     from cssl_ray.tracking.run_record import RecordLogger, record_result
-    from cssl_ray.tracking.store import Tracker, find_runs, flatten_config, git_commit, tracking_uri
+    from cssl_ray.tracking.runs import find_runs
+    from cssl_ray.tracking.tracker import Tracker, flatten_config, git_commit
+    from cssl_ray.tracking.uri import tracking_uri
 
     out_dir = Path(cfg.train.out_dir).resolve()
     tracker = Tracker(tracking_uri(args.tracking_uri), args.experiment or cfg.data.name)

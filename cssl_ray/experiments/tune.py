@@ -5,7 +5,7 @@
     python -m cssl_ray.tune --space tune_spaces/smoke.yaml          # a minute on a CPU
     python -m cssl_ray.tune --space ... --dry-run                   # the checks only; starts nothing
 
-Each trial is one CSSL run (``cssl_ray.experiments.trials``): in-process when the space says
+Each trial is one CSSL run (``cssl_ray.experiments.trainable``): in-process when the space says
 ``resources.workers: 0``, else a distributed Ray Train run inside the trial. The space's
 ``search_algorithm`` picks the trials: ``random`` (Tune's variant generator, the default) or
 ``optuna`` (Optuna's TPE sampler, seeded by the space's ``seed``; ``make_searcher``). Trials report after
@@ -32,19 +32,19 @@ from typing import TYPE_CHECKING, Any
 
 from cssl_ray.config import Config, ConfigError, dump_config, to_dict
 from cssl_ray.distributed.placement import check_labeller_flags
+from cssl_ray.distributed.ray_init import set_verbose
 from cssl_ray.experiments.search_space import Space, load_space
+from cssl_ray.experiments.trainable import trial_config, trials_label
+from cssl_ray.experiments.trial_checks import check_trials
 from cssl_ray.experiments.trials import (
     Interrupted,
     best_outcome,
-    check_trials,
     experiment_folder,
     fail,
     grid_size,
     log_parent_files,
     register_best,
     run_experiment,
-    trial_config,
-    trials_label,
 )
 
 if TYPE_CHECKING:  # torch: loaded only once the arguments are valid
@@ -121,6 +121,7 @@ def parser() -> argparse.ArgumentParser:
     add_selection_flags(p)
     p.add_argument("--dry-run", action="store_true",
                    help="run every check made before Ray starts, print what would run, start nothing")
+    add_verbose_flag(p)
     return p
 
 
@@ -157,6 +158,13 @@ def add_resource_flags(p: argparse.ArgumentParser, unit: str) -> None:
                    help="override resources.gpus_per_labeller (0 = CPU labellers, a fraction up to 1 shares a GPU)")
 
 
+def add_verbose_flag(p: argparse.ArgumentParser) -> None:
+    """``--verbose``: Ray's own output too (``cssl_ray.distributed.ray_init.set_verbose``)."""
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own output (raylet, core_worker, Ray Train and Ray Data lines, deprecation "
+                        "warnings); default: the project's progress lines and results only")
+
+
 def add_selection_flags(p: argparse.ArgumentParser, default: str = "the space's metric") -> None:
     """``--select-metric``, ``--select-mode``: what each run keeps its best weights (and test metrics)
     by, instead of the space's ``metric:`` / ``mode:`` (``Space.select``) or the config's."""
@@ -188,7 +196,8 @@ def with_resources(space: Space, args: argparse.Namespace) -> Space:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    prog = "cssl_ray.experiments.tune"
+    set_verbose(args.verbose)
+    prog = "cssl_ray.tune"
     try:
         space = with_resources(load_space(args.space), args)
         if args.num_samples is not None:
@@ -204,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         data = check_trials(space, base, split_varies=any(k.startswith("data.") for k in space.search),
                             warned=warned, address=args.address, storage=args.storage_path,
                             labelling=trials_label(base, param_space))
-        from cssl_ray.tracking.store import tracking_uri
+        from cssl_ray.tracking.uri import tracking_uri
         uri = tracking_uri(args.tracking_uri)
         scheduler = make_scheduler(space, base.train.last_round())
         search_alg = make_searcher(space)  # here, not in run_experiment: the dry run imports optuna too

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cssl_ray.config import Config
+from cssl_ray.config import Config, ConsistencyConfig, ContrastiveConfig, PseudoConfig
 from cssl_ray.method.collectives import Collectives
 from cssl_ray.method.consistency import Teacher, consistency_step
 from cssl_ray.method.contrastive import AuxiliaryGaussian, contrastive_loss, sample_alpha
@@ -35,6 +35,28 @@ class StepInputs:
     labelled_masks: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Terms:
+    """The slice of the config L_tot reads: which terms run and their weights (the YAML's
+    ``train.use_cl``, ``use_hard_negatives``, ``use_cr``, ``w_cl``, ``w_cr``) and the sections of the
+    losses (``contrastive``, ``consistency``, ``pseudo``). ``Terms.of(cfg)`` cuts it from a Config."""
+
+    contrastive: ContrastiveConfig
+    consistency: ConsistencyConfig
+    pseudo: PseudoConfig
+    use_cl: bool = True
+    use_hard_negatives: bool = True
+    use_cr: bool = True
+    w_cl: float = 1.0
+    w_cr: float = 1.0
+
+    @classmethod
+    def of(cls, cfg: Config) -> Terms:
+        t = cfg.train
+        return cls(cfg.contrastive, cfg.consistency, cfg.pseudo, use_cl=t.use_cl,
+                   use_hard_negatives=t.use_hard_negatives, use_cr=t.use_cr, w_cl=t.w_cl, w_cr=t.w_cr)
+
+
 def patch_embeddings(model: nn.Module, patches: Tensor) -> Tensor:
     """z = normalize(g(pool(E(w)))): (P, C_in, s, s) -> (P, embed_dim) unit vectors, fp32 (also under
     autocast: L_CL and omega need the precision)."""
@@ -42,7 +64,7 @@ def patch_embeddings(model: nn.Module, patches: Tensor) -> Tensor:
     return F.normalize(net.project(net.encode(patches)[-1]).float(), dim=1)
 
 
-def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs, cfg: Config, *,
+def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs, terms: Terms, *,
                    lambda_: float, streams: RandomStreams, aux: AuxiliaryGaussian | None = None,
                    collectives: Collectives | None = None, unsup_weight: float = 1.0) -> dict[str, Tensor]:
     """Compute L_tot for one step; alpha, the auxiliary samples and the noise each draw from their own
@@ -62,14 +84,14 @@ def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs
     ramp (``cssl_ray.run.joint``); 1 in the paper's rounds.
     """
     col = collectives or Collectives()
-    t, c = cfg.train, cfg.contrastive
+    t, c = terms, terms.contrastive
     device = next(model.parameters()).device
     zero = torch.zeros((), device=device)
     out: dict[str, Tensor] = {"loss_cl": zero, "loss_cr": zero}
     loss = zero
     if inputs.labelled is not None and inputs.labelled_masks is not None:  # train.lsup_in_ltot
         y = inputs.labelled_masks
-        ignore = cfg.pseudo.ignore_index
+        ignore = terms.pseudo.ignore_index
         logits = model(inputs.labelled)  # (b, C, H, W)
         loss_sup = col.global_mean(F.cross_entropy(logits.float(), y, ignore_index=ignore, reduction="sum"),
                                    (y != ignore).sum())
@@ -102,9 +124,9 @@ def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs
         if teacher is None:
             raise ValueError("cssl_objective: use_cr needs a teacher")
         loss_cr = consistency_step(model, teacher, inputs.unlabelled, lambda_,
-                                   threshold=cfg.pseudo.threshold, ignore_index=cfg.pseudo.ignore_index,
-                                   mode=cfg.consistency.perturb, generator=streams.noise,
-                                   scale=cfg.consistency.noise, collectives=col)
+                                   threshold=terms.pseudo.threshold, ignore_index=terms.pseudo.ignore_index,
+                                   mode=terms.consistency.perturb, generator=streams.noise,
+                                   scale=terms.consistency.noise, collectives=col)
         out["loss_cr"] = loss_cr
         loss = loss + unsup_weight * t.w_cr * loss_cr
     out["loss"] = loss

@@ -2,7 +2,7 @@
 
 Every cell of one seed runs the same schedule (``cssl_ray.run.local``): the same stage A, the same
 rounds, and in every round the same number of unlabelled-data steps, one pass over D_U in the
-steps of ``loop.epoch_plan`` (``consistency.batch_size`` images each), followed by the same
+steps of ``plan.epoch_plan`` (``consistency.batch_size`` images each), followed by the same
 supervised fine-tune epoch. A step of a baseline cell sees exactly what a CSSL step sees: the
 step's D_U images and the same slice of D_L (``data.batches.labelled_slices``), whose ground truth CSSL
 cuts into labelled patches and a baseline trains on with cross-entropy. One forward pass of the
@@ -76,7 +76,7 @@ class BaselineStep:
 
 def baseline_steps(plan: list[Tensor], unlabelled: Tensor, pseudo: Tensor | None, labelled_images: Tensor,
                    labelled_masks: Tensor) -> Iterator[BaselineStep]:
-    """The steps of ``plan`` (``loop.epoch_plan``) with the D_L slices CSSL's steps take (``labelled_slices``)."""
+    """The steps of ``plan`` (``plan.epoch_plan``) with the D_L slices CSSL's steps take (``labelled_slices``)."""
     for idx, l_idx in zip(plan, labelled_slices(labelled_images.shape[0], len(plan))):
         yield BaselineStep(unlabelled[idx], None if pseudo is None else pseudo[idx], labelled_images[l_idx],
                            labelled_masks[l_idx])

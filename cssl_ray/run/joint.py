@@ -58,13 +58,15 @@ from cssl_ray.data.augment import flip_rotate
 from cssl_ray.data.batches import index_batches
 from cssl_ray.data.bundle import DataBundle, load_bundle
 from cssl_ray.method.consistency import noise_variance
-from cssl_ray.method.objective import StepInputs, cssl_objective
+from cssl_ray.method.objective import StepInputs, Terms, cssl_objective
 from cssl_ray.method.patches import class_balanced_batches
 from cssl_ray.method.streams import stream_seed
 from cssl_ray.models import check_geometry
 from cssl_ray.models.precision import backward_step
 from cssl_ray.run import checkpoint as ckpt
-from cssl_ray.run.loop import image_patches, label_round, patch_omega
+from cssl_ray.run.labelling import label_round
+from cssl_ray.run.loop import patch_omega
+from cssl_ray.run.plan import image_patches
 from cssl_ray.run.records import (
     evaluate_best,
     progress_bar,
@@ -280,14 +282,12 @@ def _cssl_step(state: RunState, cfg: Config, x_l: Tensor, y_l: Tensor, l_idx: Te
             patches, classes = prec.layout(pool[idx].to(device)), pool_c[idx].to(device)
     inputs = StepInputs(patches, classes, x_u if (t.use_cr and x_u.shape[0]) else None, labelled=x_l,
                         labelled_masks=y_l)
+    terms = Terms.of(cfg)
     if t.use_cl and patches is None:  # no window anywhere in the step: L_sup (+ L_CR) alone
-        cfg = _without_cl(cfg)
+        terms = dataclasses.replace(terms, use_cl=False)
     with prec.autocast():
-        out = cssl_objective(state.model, state.teacher if t.use_cr else None, inputs, cfg, lambda_=lambda_,
+        out = cssl_objective(state.model, state.teacher if t.use_cr else None, inputs, terms, lambda_=lambda_,
                              aux=state.aux, streams=streams, unsup_weight=w)
     out["patches"] = patches
     return out
 
-
-def _without_cl(cfg: Config) -> Config:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, use_cl=False))

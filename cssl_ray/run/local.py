@@ -25,7 +25,9 @@ from cssl_ray.method.streams import stream_seed
 from cssl_ray.models import check_geometry
 from cssl_ray.run import checkpoint as ckpt
 from cssl_ray.run.baseline_rounds import ROUND_METHODS, baseline_steps
-from cssl_ray.run.loop import epoch_plan, label_round, local_steps, supervised_epoch
+from cssl_ray.run.labelling import label_round
+from cssl_ray.run.loop import supervised_epoch
+from cssl_ray.run.plan import epoch_plan, local_steps
 from cssl_ray.run.records import (
     RunResult,
     evaluate_best,
@@ -35,7 +37,8 @@ from cssl_ray.run.records import (
     validate_record,
     write_run_files,
 )
-from cssl_ray.run.schedule import RunState, stage_a_plan
+from cssl_ray.run.schedule import RunState
+from cssl_ray.run.supervised_epochs import stage_a_plan
 
 
 def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any]], None] | None = None,

@@ -5,10 +5,8 @@ Each function takes its tensors and settings explicitly and returns a dict of py
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,33 +14,18 @@ from torch import Tensor, nn
 
 from cssl_ray.config import Config
 from cssl_ray.data.augment import flip_rotate
-from cssl_ray.data.batches import index_batches, labelled_slices
+from cssl_ray.data.batches import index_batches
 from cssl_ray.evaluation.metrics import SegmentationMetrics
 from cssl_ray.evaluation.surface import SurfaceMetrics
-from cssl_ray.method.collectives import Collectives, positions_of_rank, rank_share
+from cssl_ray.method.collectives import Collectives, rank_share
 from cssl_ray.method.consistency import Teacher
 from cssl_ray.method.contrastive import AuxiliaryGaussian
-from cssl_ray.method.objective import StepInputs, cssl_objective, patch_embeddings
-from cssl_ray.method.patches import (
-    PatchWindows,
-    class_balanced_batches,
-    extract_patches,
-    sample_patches,
-    seeded_patches,
-    seeded_windows,
-)
-from cssl_ray.method.pseudo_labels import (
-    CONFIDENCE_BINS,
-    class_coverage,
-    confidence_histogram,
-    coverage,
-    histogram_medians,
-    predict_pseudo_labels,
-    rule_of,
-)
+from cssl_ray.method.objective import StepInputs, Terms, cssl_objective, patch_embeddings
+from cssl_ray.method.patches import class_balanced_batches
 from cssl_ray.method.silhouette import silhouette
 from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models.precision import FP32, Precision, backward_step
+from cssl_ray.run.plan import StepData
 
 
 def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, masks: Tensor, *,
@@ -82,90 +65,6 @@ def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
         count += 1
     return col.mean_floats({"loss_sup": total / max(count, 1)})
 
-
-@torch.no_grad()
-def label_round(model: nn.Module, cfg: Config, unlabelled_images: Tensor, *, hidden_masks: Tensor | None = None,
-                class_names: list[str] | None = None,
-                labelled_images: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
-    """Step B: pseudo-labels (U, H, W) of D_U with the current model (``pseudo`` rule: the threshold,
-    and the class-wise fraction down to the floor), and their statistics: coverage (all pixels, and
-    per class: ``pseudo_coverage/<name>``, the share of the pixels predicted as that class that get a
-    pseudo-label), the model's confidence (``confidence/<name>``: the median max-softmax of the D_U
-    pixels predicted as that class; ``confidence_labelled/<name>`` the same on ``labelled_images``)
-    and, when ``hidden_masks`` is given, their accuracy on covered pixels (a diagnostic only)."""
-    device = next(model.parameters()).device
-    p = cfg.pseudo
-    prec = Precision.from_config(cfg.train, device)
-    pseudo, argmax, confidence = predict_pseudo_labels(model, unlabelled_images.to(device), **rule_of(p),
-                                                       batch_size=cfg.consistency.batch_size, with_argmax=True,
-                                                       with_confidence=True, precision=prec)
-    pseudo, argmax = pseudo.cpu(), argmax.cpu()  # (U, H, W) each
-    stats = {"pseudo_coverage": coverage(pseudo, p.ignore_index)}
-    names = class_names or [str(c) for c in range(cfg.data.num_classes)]
-    for name, share in zip(names, class_coverage(pseudo, argmax, cfg.data.num_classes)):
-        stats[f"pseudo_coverage/{name}"] = share
-    stats.update(confidence_stats(confidence_histogram(argmax, confidence.cpu(), cfg.data.num_classes), names))
-    if labelled_images is not None:
-        stats.update(labelled_confidence(model, cfg, labelled_images, names))
-    if hidden_masks is not None:
-        covered = pseudo != p.ignore_index
-        correct = (pseudo == hidden_masks) & covered
-        stats["pseudo_accuracy"] = correct.sum().item() / max(covered.sum().item(), 1)
-    return pseudo, stats
-
-
-def confidence_stats(hist: Tensor, class_names: list[str], prefix: str = "confidence") -> dict[str, float]:
-    """``{prefix}/<name>``: the median confidence of each class's pixels from a (C, bins)
-    ``confidence_histogram`` (NaN for a class no pixel is predicted as)."""
-    return {f"{prefix}/{name}": m for name, m in zip(class_names, histogram_medians(hist))}
-
-
-@torch.no_grad()
-def labelled_confidence(model: nn.Module, cfg: Config, images: Tensor, class_names: list[str],
-                        collectives: Collectives | None = None) -> dict[str, float]:
-    """``confidence_labelled/<name>``: the model's median max-softmax per predicted class on the
-    labelled images (with ``collectives``: each rank's shard, histograms summed over ranks). A model
-    that is uncertain on its own training images cannot pass a high pseudo-label threshold on D_U."""
-    device = next(model.parameters()).device
-    c = cfg.data.num_classes
-    hist = torch.zeros(c, CONFIDENCE_BINS, dtype=torch.int64)
-    if images.shape[0]:
-        _, argmax, confidence = predict_pseudo_labels(model, images.to(device), 1.0, cfg.pseudo.ignore_index,
-                                                      batch_size=cfg.consistency.batch_size, with_argmax=True,
-                                                      with_confidence=True,
-                                                      precision=Precision.from_config(cfg.train, device))
-        hist = confidence_histogram(argmax.cpu(), confidence.cpu(), c)
-    if collectives is not None:
-        hist = collectives.sum_(hist)
-    return confidence_stats(hist, class_names, "confidence_labelled")
-
-
-@torch.no_grad()
-def round_patches(model: nn.Module, cfg: Config, labelled_images: Tensor, labelled_masks: Tensor,
-                  unlabelled_images: Tensor, *, generator: torch.Generator | None = None,
-                  hidden_masks: Tensor | None = None,
-                  class_names: list[str] | None = None) -> tuple[Tensor, Tensor, dict[str, float]]:
-    """Steps B and C for the whole round at once: ``label_round``, then class-wise patches from D_L
-    (ground truth) and D_U (pseudo-labels), ``patches.per_image`` windows per image split over the
-    foreground classes present. Returns patches (P, C_in, s, s), classes (P,) and ``label_round``'s
-    statistics plus ``patches``. (The trainer samples per step, ``local_steps``; this is the
-    one-process reference of benchmarks/patch_stream.py.)"""
-    p, pt = cfg.pseudo, cfg.patches
-    stats: dict[str, float] = {}
-    images, labels = labelled_images, labelled_masks
-    if unlabelled_images.shape[0] > 0:
-        pseudo, stats = label_round(model, cfg, unlabelled_images, hidden_masks=hidden_masks, class_names=class_names)
-        images = torch.cat([labelled_images, unlabelled_images])
-        labels = torch.cat([labelled_masks, pseudo])
-    classes = list(range(1, cfg.data.num_classes))
-    patches, patch_classes, _ = sample_patches(images, labels, pt.size, pt.min_pixels,
-                                               per_image=pt.per_image, mask=pt.mask,
-                                               classes=classes, ignore_index=p.ignore_index,
-                                               generator=generator)
-    stats["patches"] = float(patches.shape[0])
-    return patches, patch_classes, stats
-
-
 @contextmanager
 def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
     """Normalise with batch statistics but leave BatchNorm running statistics untouched
@@ -185,118 +84,6 @@ def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
     finally:
         for m, momentum in zip(norms, saved):
             m.momentum = momentum
-
-
-def l_tot_steps(n_unlabelled: int, cfg: Config, world: int = 1) -> int:
-    """Steps of one L_tot epoch: ``train.round_passes`` passes over D_U (all ranks' images,
-    ``n_unlabelled``) in global batches of ``consistency.batch_size``, capped by
-    ``train.steps_per_round`` (> 0). The same for every cell with L_CL or L_CR, so the ablation
-    compares losses, not amounts of work."""
-    n = _pass_batches(n_unlabelled, cfg.consistency.batch_size, world) * cfg.train.round_passes
-    return min(n, cfg.train.steps_per_round) if cfg.train.steps_per_round > 0 else n
-
-
-def _pass_batches(n: int, batch_size: int, world: int) -> int:
-    """Global batches of one pass over ``n`` items: ceil(n / batch_size), except that a last batch
-    with fewer items than ranks joins the one before (every rank needs an item at every step;
-    never with one rank)."""
-    steps = math.ceil(n / batch_size)
-    return steps - 1 if steps > 1 and n - (steps - 1) * batch_size < world else steps
-
-
-def pass_shares(n_local: int, n_global: int, batch_size: int, rank: int, world: int,
-                generator: torch.Generator | None = None) -> list[Tensor]:
-    """This rank's part of every global batch of one shuffled pass over D_U.
-
-    The pass's global batches are ``batch_size`` consecutive positions of ``n_global`` (the last
-    one smaller, ``_pass_batches``); position p belongs to rank p % world, and this rank holds the
-    images ``[rank::world]`` (``n_local`` of them), shuffled by ``generator``. One rank: the
-    shuffled pass split into batches of ``batch_size``."""
-    if batch_size < world:
-        raise ValueError(f"a global batch of {batch_size} cannot give each of {world} ranks an item")
-    steps = _pass_batches(n_global, batch_size, world)
-    bounds = [k * batch_size for k in range(steps)] + [n_global]
-    sizes = [positions_of_rank(a, b, rank, world) for a, b in zip(bounds[:-1], bounds[1:])]
-    if sum(sizes) != n_local:
-        raise ValueError(f"rank {rank} of {world} holds {n_local} of {n_global} images; its share is {sum(sizes)}")
-    return list(torch.randperm(n_local, generator=generator).split(sizes)) if n_local else []
-
-
-@dataclass
-class StepData:
-    """One L_tot step's inputs on one rank.
-
-    ``unlabelled`` (b, C, H, W): this rank's share of the step's L_CR batch. ``patches``
-    (P, C, s, s) and ``classes`` (P,): the step's patch pool, the class-wise windows of those
-    images (their pseudo-labels) and of a slice of D_L (ground truth), from which the step's
-    class-balanced contrastive batch is drawn; ``patches.per_image`` windows per image give the
-    paper's density (816 patches from 8 images)."""
-
-    unlabelled: Tensor
-    patches: Tensor
-    classes: Tensor
-
-
-def epoch_plan(n_unlabelled: int, cfg: Config, streams: RandomStreams,
-               collectives: Collectives | None = None) -> list[Tensor]:
-    """This rank's D_U positions of every step of one L_tot epoch (``train.round_passes`` shuffled
-    passes over D_U in global batches, ``pass_shares``; ``l_tot_steps`` steps, agreed by every rank).
-    Draws the passes from ``streams.cr``."""
-    col = collectives or Collectives()
-    n_global = int(col.sum_(torch.tensor([n_unlabelled], dtype=torch.int64)).item())
-    n_steps = col.agree_steps(l_tot_steps(n_global, cfg, col.world_size)) if n_global else 0
-    if not n_steps:
-        return []
-    plan: list[Tensor] = []
-    while len(plan) < n_steps:
-        plan += pass_shares(n_unlabelled, n_global, cfg.consistency.batch_size, col.rank, col.world_size, streams.cr)
-    return plan[:n_steps]
-
-
-def image_patches(cfg: Config, images: Tensor, labels: Tensor, indices: Tensor | list[int], round_: int,
-                  labelled: bool) -> tuple[Tensor, Tensor]:
-    """``patches.seeded_patches`` with the run's settings: the class-wise patches (P, C, s, s) and
-    classes (P,) of these images in this round, the same in every path."""
-    pt = cfg.patches
-    patches, classes, _ = seeded_patches(
-        images, labels, [int(i) for i in indices], size=pt.size, min_pixels=pt.min_pixels,
-        per_image=pt.per_image, classes=list(range(1, cfg.data.num_classes)),
-        seed=cfg.train.seed, round_=round_, labelled=labelled, mask=pt.mask, ignore_index=cfg.pseudo.ignore_index)
-    return patches, classes
-
-
-def image_windows(cfg: Config, labels: Tensor, indices: Tensor | list[int], round_: int, labelled: bool) -> PatchWindows:
-    """``patches.seeded_windows`` with the run's settings: the windows ``image_patches`` cuts."""
-    pt = cfg.patches
-    return seeded_windows(labels, [int(i) for i in indices], size=pt.size, min_pixels=pt.min_pixels,
-                          per_image=pt.per_image, classes=list(range(1, cfg.data.num_classes)), seed=cfg.train.seed,
-                          round_=round_, labelled=labelled, ignore_index=cfg.pseudo.ignore_index)
-
-
-def cut_patches(cfg: Config, images: Tensor, labels: Tensor, windows: PatchWindows) -> Tensor:
-    """The masked patches (P, C, s, s) of ``windows`` in ``images`` / ``labels`` (``image_windows``'):
-    ``image_patches``' patches, cut where the images are."""
-    pt = cfg.patches
-    return extract_patches(images, labels, windows, pt.size, mask=pt.mask, ignore_index=cfg.pseudo.ignore_index)
-
-
-def local_steps(cfg: Config, round_: int, plan: list[Tensor], unlabelled: Tensor, pseudo: Tensor,
-                labelled_images: Tensor, labelled_masks: Tensor) -> Iterator[StepData]:
-    """The steps of ``plan`` in one process: step k's images, the patches of their pseudo-labels
-    (``pseudo``, labelled with the round's weights before the epoch) and of its D_L slice."""
-    slices = labelled_slices(labelled_images.shape[0], len(plan))
-    for idx, l_idx in zip(plan, slices):
-        u_p, u_c = image_patches(cfg, unlabelled[idx], pseudo[idx], idx, round_, labelled=False)
-        l_p, l_c = image_patches(cfg, labelled_images[l_idx], labelled_masks[l_idx], l_idx, round_, labelled=True)
-        yield StepData(unlabelled[idx], torch.cat([l_p, u_p]), torch.cat([l_c, u_c]))
-
-
-def pooled_steps(plan: list[Tensor], unlabelled: Tensor, patches: Tensor, classes: Tensor) -> Iterator[StepData]:
-    """Steps of ``plan`` that all draw their contrastive batch from one pool (e.g. a whole round's
-    patches from ``round_patches``): for tests and benchmarks that fix the patches."""
-    for idx in plan:
-        yield StepData(unlabelled[idx], patches, classes)
-
 
 def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim.Optimizer,
                steps: Iterable[StepData], n_steps: int, cfg: Config, *,
@@ -328,6 +115,7 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
     loss scaler, kept across epochs by the caller (None under fp16: a fresh one for this epoch).
     """
     t = cfg.train
+    terms = Terms.of(cfg)  # the slice of the config the objective reads
     col = collectives or Collectives()
     device = next(model.parameters()).device
     prec = Precision.from_config(t, device)
@@ -364,7 +152,7 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
                     x_l, y_l = flip_rotate(x_l, y_l, streams.ltot_sup)
                 inputs.labelled, inputs.labelled_masks = prec.layout(x_l.to(device)), y_l.to(device)
             with prec.autocast():  # the losses themselves are computed in fp32
-                out = cssl_objective(model, teacher if t.use_cr else None, inputs, cfg, lambda_=lambda_,
+                out = cssl_objective(model, teacher if t.use_cr else None, inputs, terms, lambda_=lambda_,
                                      aux=aux, streams=streams, collectives=col)
             backward_step(out["loss"], optimizer, scaler, after_backward=lambda: col.average_gradients(model))
             if after_step is not None:

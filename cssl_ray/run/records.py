@@ -19,7 +19,8 @@ from cssl_ray.data.splits import write_split
 from cssl_ray.evaluation.figures import write_run_figures
 from cssl_ray.run import checkpoint as ckpt
 from cssl_ray.run.loop import evaluate
-from cssl_ray.run.schedule import RunState, beats
+from cssl_ray.run.schedule import RunState
+from cssl_ray.run.selection import beats
 
 
 @dataclass

@@ -13,9 +13,8 @@
               plateaued (the paper's rule); the same rule for every cell
     test      once, on the best-validation weights; never tuned on test data
 
-"Best" is by ``train.select_metric`` in ``train.select_mode`` (default val dice_mean, larger is
-better; ``is_better``): stage A's best epoch, the best round, ``best_val`` / ``best_round`` in
-result.json and best.pt. A NaN value is never best; a tie keeps the earlier weights.
+"Best" is by ``train.select_metric`` (``cssl_ray.run.selection``); the supervised epochs' lengths are
+``cssl_ray.run.supervised_epochs``'s, the rounds' warnings ``cssl_ray.run.round_warnings``'s.
 
 ``RunState`` holds everything a checkpoint restores: the model, the supervised optimiser and stage
 A's plateau scheduler, L_tot's optimiser, the random streams (``cssl_ray.method.streams``), the teacher,
@@ -43,12 +42,12 @@ from cssl_ray.method.streams import RandomStreams
 from cssl_ray.models import create_model
 from cssl_ray.models.precision import Precision
 from cssl_ray.run.baseline_rounds import BaselineStep, baseline_epoch, peer_config
-from cssl_ray.run.loop import StepData, cssl_epoch, measure_omega
+from cssl_ray.run.loop import cssl_epoch, measure_omega
+from cssl_ray.run.plan import StepData
+from cssl_ray.run.round_warnings import coverage_warnings, patches_warning
+from cssl_ray.run.selection import beats, selection_score, worst_score
 
 log = logging.getLogger(__name__)
-
-LOW_COVERAGE = 0.01  # a class whose pseudo-label coverage is under this at round 1 gets a warning
-
 
 class RunState:
     """Everything a round checkpoint restores, and the rules that move it on."""
@@ -87,7 +86,7 @@ class RunState:
         self.l_tot_steps = 0  # optimiser steps of L_tot epochs since round 1 (the warm-up's clock)
         metric, self.select_mode = t.selection()
         self.select_key = metric.removeprefix("val_")  # its key in loop.evaluate's dict
-        self.best_score = _worst(self.select_mode)  # best_val[select_key]
+        self.best_score = worst_score(self.select_mode)  # best_val[select_key]
         # track_best's comparison: (key in loop.evaluate's dict, mode), the selection first (beats)
         self.select_order = [(k.removeprefix("val_"), m) for k, m in t.selection_order()]
         self.best_round = 0
@@ -159,7 +158,7 @@ class RunState:
             if getattr(self, name) is not None and s.get(name) is not None:
                 getattr(self, name).load_state_dict(s[name])
         if "best_score" not in s:  # checkpoints before train.select_metric held best_dice: rescore best_val
-            s = {**s, "best_score": _score(s["best_val"], self.select_key, self.select_mode)}
+            s = {**s, "best_score": selection_score(s["best_val"], self.select_key, self.select_mode)}
         for k in self._PLAIN:
             setattr(self, k, s[k])
         self.snapshots = [(int(r), np.asarray(a, dtype=np.uint8)) for r, a in s.get("snapshots", [])]
@@ -193,7 +192,7 @@ class RunState:
             last = next((h for h in reversed(self.history) if h.get("stage") == "supervised"), None)
             if last is not None:
                 self.best_val = {k.removeprefix("val_"): v for k, v in last.items() if k.startswith("val_")}
-                self.best_score = _score(self.best_val, self.select_key, self.select_mode)
+                self.best_score = selection_score(self.best_val, self.select_key, self.select_mode)
                 self.best_model = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
                 self.best_round = 0
                 self.stage_a_best_epoch = int(last.get("epoch", -1))
@@ -264,46 +263,22 @@ class RunState:
 
     def check_coverage(self, stats: dict[str, float], class_names: list[str]) -> None:
         """Round 1: warn (log and ``warnings``, which tracking turns into a tag and the report into a
-        note) about every class of D_U whose pseudo-labels are (almost) gone: under 1% coverage, or no
-        pixel predicted as it at all. The line names the class, its coverage, the model's median
-        confidence on it and what to change."""
+        note) about every class of D_U whose pseudo-labels are (almost) gone
+        (``round_warnings.coverage_warnings``)."""
         if self.round != 1:
             return
-        p = self.cfg.pseudo
-        for name in class_names:
-            share = stats.get(f"pseudo_coverage/{name}", float("nan"))
-            conf = stats.get(f"confidence/{name}", float("nan"))
-            if f"pseudo_coverage/{name}" not in stats:
-                continue
-            if math.isnan(share):
-                line = (f"round 1: no pixel of D_U is predicted as {name!r}, so it has no pseudo-label, no "
-                        f"unlabelled patch and no L_CR target: stage A does not find it (raise train.stage_a_steps, "
-                        f"or label more images of it)")
-            elif share < LOW_COVERAGE:
-                fix = ("set pseudo.class_fraction (e.g. 0.5: each image's most confident half of its "
-                       f"{name} pixels, down to pseudo.floor {p.floor})" if p.class_fraction == 0 else
-                       f"lower pseudo.floor (now {p.floor}) or raise pseudo.class_fraction (now {p.class_fraction})")
-                line = (f"round 1: class {name!r} has {100 * share:.3g}% pseudo-label coverage at threshold "
-                        f"{p.threshold} (median confidence {conf:.2f} on its pixels): {fix}, or raise "
-                        f"train.stage_a_steps (an unconverged stage A is uncalibrated)")
-            else:
-                continue
-            log.warning("[cssl_ray] %s", line)
-            self.warnings.append(line)
+        for line in coverage_warnings(self.cfg, stats, class_names):
+            self._warn(line)
 
     def check_patches(self, stats: dict[str, float]) -> None:
         """Warn once per run when L_CL's realised contrastive batch (``patches_per_step``) is under 80% of
-        ``patches.batch_size``: the steps' images hold too few valid windows."""
-        pt = self.cfg.patches
-        realised = stats.get("patches_per_step", float("nan"))
-        if (not self.cfg.train.use_cl or math.isnan(realised) or realised >= 0.8 * pt.batch_size
-                or any("patches per step" in w for w in self.warnings)):
+        ``patches.batch_size`` (``round_warnings.patches_warning``)."""
+        if any("patches per step" in w for w in self.warnings):
             return
-        line = (f"round {self.round}: L_CL's batch held {realised:.0f} patches per step, under 80% of "
-                f"patches.batch_size {pt.batch_size}: the step's images give too few windows of >= "
-                f"patches.min_pixels {pt.min_pixels} class pixels (raise patches.per_image, now {pt.per_image}, "
-                f"or consistency.batch_size; lower patches.size or min_pixels; or cover more pixels: "
-                f"pseudo.class_fraction)")
+        if (line := patches_warning(self.cfg, self.round, stats)) is not None:
+            self._warn(line)
+
+    def _warn(self, line: str) -> None:
         log.warning("[cssl_ray] %s", line)
         self.warnings.append(line)
 
@@ -352,7 +327,7 @@ class RunState:
         ``train.select_metric`` (``is_better``); True when it is."""
         if not beats(val, self.best_val, self.select_order):
             return False
-        score = _score(val, self.select_key, self.select_mode)
+        score = selection_score(val, self.select_key, self.select_mode)
         self.best_score, self.best_round, self.best_val = score, self.round, dict(val)
         self.best_model = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
         return True
@@ -368,57 +343,3 @@ class RunState:
         else:
             self.rounds_since_improvement += 1
         return self.rounds_since_improvement >= t.plateau_rounds
-
-
-def sup_steps(train: Any, n_labelled: int) -> int:
-    """Supervised steps of one epoch (stage A's and the rounds' fine-tune): ``train.sup_steps_per_epoch``,
-    else one pass over D_L in (global) batches of ``train.batch_size``; the same on every rank."""
-    if train.sup_steps_per_epoch > 0:
-        return train.sup_steps_per_epoch
-    return math.ceil(n_labelled / min(train.batch_size, n_labelled)) if n_labelled else 0
-
-
-def stage_a_plan(train: Any, n_labelled: int) -> list[int]:
-    """Steps of each stage-A epoch: ``train.stage_a_steps`` in epochs of ``sup_steps``, the last one
-    shortened so that they add up to the budget exactly. [] without labelled images or budget."""
-    per_epoch = sup_steps(train, n_labelled)
-    if per_epoch == 0 or train.stage_a_steps == 0:
-        return []
-    full, rest = divmod(train.stage_a_steps, per_epoch)
-    return [per_epoch] * full + ([rest] if rest else [])
-
-
-def is_better(value: float, best: float, mode: str) -> bool:
-    """Whether ``value`` beats ``best`` in ``mode`` ("max" | "min"): strictly, so a tie keeps the
-    earlier; NaN never beats anything (and any number beats a NaN best)."""
-    if math.isnan(value):
-        return False
-    if math.isnan(best):
-        return True
-    return value > best if mode == "max" else value < best
-
-
-def beats(val: dict[str, float], best: dict[str, float], order: list[tuple[str, str]]) -> bool:
-    """Whether the metrics ``val`` beat ``best`` by ``order`` ((key, mode) pairs compared in turn,
-    ``TrainConfig.selection_order``): a NaN or missing first key never beats; anything else beats an
-    empty ``best``; a full tie keeps the earlier (``best``)."""
-    if math.isnan(float(val.get(order[0][0], math.nan))):
-        return False
-    if not best:
-        return True
-    for key, mode in order:
-        v, b = float(val.get(key, math.nan)), float(best.get(key, math.nan))
-        if is_better(v, b, mode):
-            return True
-        if is_better(b, v, mode):
-            return False
-    return False
-
-
-def _worst(mode: str) -> float:
-    return -math.inf if mode == "max" else math.inf
-
-
-def _score(val: dict[str, float], key: str, mode: str) -> float:
-    """``val[key]``; no such value (an empty ``val``) is the worst score of ``mode``."""
-    return float(val.get(key, _worst(mode)))

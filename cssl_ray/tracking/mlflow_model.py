@@ -122,7 +122,7 @@ def register_model(uri: str, model_uri: str, name: str, run_id: str) -> int:
     """A new version of registered model ``name`` (created if missing) from ``model_uri``; its number."""
     from mlflow.exceptions import MlflowException
 
-    from cssl_ray.tracking.store import client
+    from cssl_ray.tracking.uri import client
 
     c = client(uri)
     try:
@@ -146,7 +146,7 @@ def load_model(model_uri: str, uri: str) -> tuple[Any, dict[str, Any]]:
     from mlflow.exceptions import MlflowException
 
     from cssl_ray.config import ConfigError, load_config
-    from cssl_ray.tracking.store import store_missing
+    from cssl_ray.tracking.uri import store_missing
 
     if store_missing(uri):
         raise ValueError(f"{model_uri}: no MLflow store at {uri} (pass --tracking-uri)")

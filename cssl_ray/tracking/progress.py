@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +32,7 @@ from typing import Any
 
 WARNINGS_GLOB = "warnings*.json"  # warnings.json (the trial), warnings_rank<r>.json (Train workers)
 ENDED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that will not run again
+_ERROR_LINE = re.compile(r"^[\w.]*(?:Error|Exception)\b[\w.()]*: \S")  # ValueError: ..., RayTaskError(X): ...
 
 
 def say(line: str) -> None:
@@ -42,6 +44,20 @@ def warning_text(message: Warning | str, category: type[Warning]) -> str:
     """``UserWarning: <message>``: one line (the message's first line)."""
     first = str(message).strip().splitlines()
     return f"{category.__name__}: {first[0] if first else ''}"[:1000]
+
+
+def error_line(error: BaseException) -> str:
+    """One line for an error that ended a run: the last ``SomeError: message`` line of its text (a Ray
+    error carries its worker's traceback as text), else its type and first line. Ray Train's
+    ``WorkerGroupError``: the first failed rank's."""
+    failures = getattr(error, "worker_failures", None)  # {rank: the error raised there}
+    if isinstance(failures, dict) and failures:
+        rank, first = min(failures.items(), key=lambda kv: kv[0])
+        return f"{type(error).__name__}: rank {rank}: {error_line(first)}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    found = [line for line in lines if _ERROR_LINE.match(line)]
+    text = found[-1] if found else f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text[:500]
 
 
 @contextmanager

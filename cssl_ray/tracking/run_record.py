@@ -156,6 +156,6 @@ class RecordLogger:
 
     def __call__(self, record: dict[str, Any]) -> None:
         if self._tracker is None:
-            from cssl_ray.tracking.store import Tracker
+            from cssl_ray.tracking.tracker import Tracker
             self._tracker = Tracker(self.uri, self.experiment)
         self._tracker.log_metrics(self.run_id, record, step=int(record.get("step", 0)))

@@ -1,14 +1,8 @@
-"""The MLflow side of experiments: one driver-side writer (``Tracker``) and plain-dict readers.
+"""The MLflow side of experiments, writing: one driver-side writer (``Tracker``) and what it logs
+(``flatten_config``, ``git_commit``, ``sanitize_key``); ``cssl_ray.tracking.runs`` reads runs back.
 
-This is the only module that imports ``mlflow``. Everything goes through ``MlflowClient`` with
-explicit run ids, never the fluent global active run: a Tune driver holds a parent run and many
-child runs open at once.
-
-Run layout and tags (other modules set the ``cssl.*`` tags; ``report.py`` relies on them):
-
-    parent run   cssl.kind = tune | ablate, cssl.session = <id of one launch, reused on resume>
-    child run    mlflow.parentRunId, cssl.trial_key (unique under its parent), cssl.kind = trial |
-                 ablation, cssl.cell, cssl.seed, cssl.dataset, cssl.labelled_fraction, ...
+Everything goes through ``MlflowClient`` with explicit run ids, never the fluent global active run:
+a Tune driver holds a parent run and many child runs open at once.
 
 What MLflow 3.17 accepts (checked against its sqlite store and ``mlflow server``):
 
@@ -25,12 +19,9 @@ What MLflow 3.17 accepts (checked against its sqlite store and ``mlflow server``
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import logging
 import math
 import numbers
-import os
 import re
 import subprocess
 import sys
@@ -38,21 +29,17 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag, ViewType
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
-# "Creating initial MLflow database tables..." on every new store: not for the trainer's terminal
-logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+from cssl_ray.tracking.runs import KEY_TAG, PARENT_TAG, SESSION_TAG, quote, search_runs
+from cssl_ray.tracking.uri import client, local_store_path
 
 ENDED = ("FINISHED", "FAILED", "KILLED")
-PARENT_TAG = "mlflow.parentRunId"
-SESSION_TAG = "cssl.session"
-KEY_TAG = "cssl.trial_key"
-KIND_TAG = "cssl.kind"
-# MLflow 3's UI opens an experiment by this tag: the GenAI overview (traces) unless it says model training
+# Recorded for UIs that read it. MLflow 3.17's UI ignores it: it opens the side the URL's workflowType names,
+# else the browser's last choice, else GenAI's overview (docs/check_mlflow_landing.py), so the links we
+# print carry workflowType=machine_learning
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 VIEW_TAG = "mlflow.sharedViewState."  # + a key: a runs-table view the UI opens with ?viewStateShareKey=<key>
 
@@ -61,67 +48,6 @@ _MAX_PARAMS_PER_BATCH = 100  # MAX_PARAMS_TAGS_PER_BATCH
 _MAX_METRICS_PER_BATCH = 1000
 _BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 _FLOAT_MAX = sys.float_info.max
-
-
-# ---------------------------------------------------------------------------------------------
-# URIs and run metadata
-
-
-def tracking_uri(cli: str | None = None) -> str:
-    """The tracking URI: ``cli``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<abs>/mlflow.db``.
-
-    Relative local stores (``sqlite:///runs/x.db``, ``file:mlruns``, ``mlruns``) are made absolute
-    against the current directory: trial processes run in Ray's temp folders.
-    """
-    uri = cli or os.environ.get("MLFLOW_TRACKING_URI") or ""
-    if not uri:
-        return f"sqlite:///{Path('mlflow.db').resolve()}"
-    return _absolute(uri)
-
-
-def _absolute(uri: str) -> str:
-    if uri.startswith("sqlite:///"):
-        rest = uri[len("sqlite:///"):]
-        path, sep, query = rest.partition("?")
-        if path in ("", ":memory:") or path.startswith("/"):
-            return uri
-        return f"sqlite:///{Path(path).resolve()}{sep}{query}"
-    scheme = urlparse(uri).scheme
-    if scheme == "file":
-        path = uri[len("file:"):]
-        if path.startswith("//"):  # file:///abs or file://host/...
-            return uri
-        return Path(path).resolve().as_uri()
-    if scheme == "":
-        return str(Path(uri).resolve())
-    return uri
-
-
-def _local_store_path(uri: str) -> Path | None:
-    """The sqlite db file or file-store folder behind ``uri``; None for remote stores."""
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):].partition("?")[0]
-        return None if path in ("", ":memory:") else Path(path)
-    scheme = urlparse(uri).scheme
-    if scheme == "file":
-        return Path(urlparse(uri).path)
-    if scheme == "":
-        return Path(uri)
-    return None
-
-
-def ui_command(uri: str) -> str:
-    """The command a user runs to browse ``uri``."""
-    if urlparse(uri).scheme in ("http", "https"):
-        return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {uri}"
-
-
-def ui_address(uri: str) -> str:
-    """The root of the UI that shows ``uri``: the server itself, else where ``mlflow ui`` listens."""
-    if urlparse(uri).scheme in ("http", "https"):
-        return uri.rstrip("/") + "/"
-    return "http://127.0.0.1:5000/"
 
 
 def flatten_config(d: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, str]:
@@ -195,36 +121,6 @@ def _chunks(items: list, n: int) -> Iterable[list]:
         yield items[i:i + n]
 
 
-@functools.lru_cache(maxsize=16)
-def client(uri: str) -> MlflowClient:
-    """One ``MlflowClient`` per tracking URI (with its registry at the same URI)."""
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-
-def _quote(value: str) -> str:
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _search(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list:
-    """Every active run matching ``filter_string``, newest first (follows page tokens)."""
-    runs: list = []
-    token = None
-    while True:
-        page = client.search_runs(
-            [experiment_id], filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
-            max_results=1000, order_by=["attributes.start_time DESC"], page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-# ---------------------------------------------------------------------------------------------
-# The driver-side writer
-
-
 class Tracker:
     """Writes parent and child runs of one experiment; every call names its run id.
 
@@ -244,7 +140,7 @@ class Tracker:
     def _ensure_experiment(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is None:
-            store = _local_store_path(self.uri)
+            store = local_store_path(self.uri)
             location = None
             if store is not None:
                 folder = re.sub(r"[^A-Za-z0-9_.\-]", "_", self.experiment)
@@ -270,7 +166,7 @@ class Tracker:
     def start_parent(self, name: str, tags: dict[str, str], session: str) -> str:
         """A parent run tagged ``cssl.session=session``; an existing one with that session is reopened."""
         found = [
-            r for r in _search(self.client, self.experiment_id, f"tags.`{SESSION_TAG}` = {_quote(session)}")
+            r for r in search_runs(self.client, self.experiment_id, f"tags.`{SESSION_TAG}` = {quote(session)}")
             if PARENT_TAG not in r.data.tags
         ]
         if found:
@@ -287,9 +183,9 @@ class Tracker:
         A child with that key already under the parent is reopened (status RUNNING) and its
         params are left alone: MLflow refuses to change a logged param.
         """
-        found = _search(
+        found = search_runs(
             self.client, self.experiment_id,
-            f"tags.`{PARENT_TAG}` = {_quote(parent_id)} AND tags.`{KEY_TAG}` = {_quote(key)}",
+            f"tags.`{PARENT_TAG}` = {quote(parent_id)} AND tags.`{KEY_TAG}` = {quote(key)}",
         )
         if found:
             return self.reopen(found[0].info.run_id, tags)
@@ -376,7 +272,7 @@ class Tracker:
         """Set every RUNNING run of the experiment (or ``parent_id`` and its children) to ``status``."""
         if status not in ENDED:
             raise ValueError(f"run status '{status}' is not one of {', '.join(ENDED)}")
-        running = _search(self.client, self.experiment_id, "attributes.status = 'RUNNING'")
+        running = search_runs(self.client, self.experiment_id, "attributes.status = 'RUNNING'")
         if parent_id is not None:
             running = [
                 r for r in running
@@ -385,88 +281,3 @@ class Tracker:
         for r in running:
             self.client.set_terminated(r.info.run_id, status)
         return len(running)
-
-
-# ---------------------------------------------------------------------------------------------
-# The read side: plain dicts only
-
-
-def store_missing(uri: str) -> bool:
-    """True for a sqlite URI whose db file does not exist (reading must not create it)."""
-    path = _local_store_path(uri)
-    return uri.startswith("sqlite:///") and path is not None and not path.exists()
-
-
-def _experiment(uri: str, name: str):
-    if store_missing(uri):
-        return None
-    exp = client(uri).get_experiment_by_name(name)
-    return None if exp is None or exp.lifecycle_stage == "deleted" else exp
-
-
-def require_experiment(uri: str, name: str) -> str:
-    """The id of experiment ``name``; ``ValueError`` listing the experiments there if missing."""
-    exp = _experiment(uri, name)
-    if exp is not None:
-        return exp.experiment_id
-    names = [] if store_missing(uri) else sorted(e.name for e in client(uri).search_experiments())
-    raise ValueError(
-        f"experiment '{name}' not found in {uri}; experiments: {', '.join(names) or '(none)'}"
-    )
-
-
-def _as_dict(run) -> dict[str, Any]:
-    return {
-        "run_id": run.info.run_id,
-        "name": run.info.run_name,
-        "status": run.info.status,
-        "tags": dict(run.data.tags),
-        "params": dict(run.data.params),
-        "metrics": dict(run.data.metrics),
-        "start_time": run.info.start_time,
-        "end_time": run.info.end_time,
-    }
-
-
-def find_runs(
-    uri: str, experiment: str, *, parent_id: str | None = None, tags: dict[str, str] | None = None,
-) -> list[dict[str, Any]]:
-    """Active runs of ``experiment`` (newest first), optionally children of ``parent_id`` and
-    carrying all of ``tags``. Each run: run_id, name, status, tags, params, metrics (latest value
-    per key), start_time, end_time. [] when the experiment does not exist."""
-    exp = _experiment(uri, experiment)
-    if exp is None:
-        return []
-    wanted = dict(tags or {})
-    if parent_id is not None:
-        wanted[PARENT_TAG] = parent_id
-    where = " AND ".join(f"tags.`{k}` = {_quote(v)}" for k, v in wanted.items())
-    return [_as_dict(r) for r in _search(client(uri), exp.experiment_id, where)]
-
-
-def get_run(uri: str, run_id: str) -> dict[str, Any]:
-    """One run as a plain dict; ``ValueError`` when ``run_id`` is not in ``uri``."""
-    if store_missing(uri):
-        raise ValueError(f"run '{run_id}' not found in {uri} (no database there)")
-    try:
-        return _as_dict(client(uri).get_run(run_id))
-    except MlflowException as e:
-        raise ValueError(f"run '{run_id}' not found in {uri}") from e
-
-
-def latest_parent(uri: str, experiment: str, kind: str | None = None) -> dict[str, Any] | None:
-    """The newest run without a parent, optionally with tag ``cssl.kind == kind``."""
-    runs = find_runs(uri, experiment, tags={KIND_TAG: kind} if kind else None)
-    parents = [r for r in runs if PARENT_TAG not in r["tags"]]
-    return max(parents, key=lambda r: r["start_time"] or 0) if parents else None
-
-
-def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    """``[(step, value), ...]`` sorted by step; a step logged twice (a resumed trial) keeps its
-    last value."""
-    history = client(uri).get_metric_history(run_id, key)
-    last: dict[int, tuple[int, float]] = {}
-    for m in history:
-        if m.step not in last or m.timestamp >= last[m.step][0]:
-            last[m.step] = (m.timestamp, m.value)
-    return [(step, last[step][1]) for step in sorted(last)]
