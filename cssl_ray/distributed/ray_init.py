@@ -25,11 +25,13 @@ import re
 import socket
 import warnings
 
+from cssl_ray.tracking.progress import ERROR_LINE
+
 _ADDRESS = "RAY_ADDRESS"
 VERBOSE_ENV = "CSSL_RAY_VERBOSE"  # "1": Ray's own output reaches the terminal (set_verbose, --verbose)
 # The forwarded lines of Ray's processes a quiet terminal shows: the project's own, a warning that is
-# not a deprecation, an error's summary line ("ValueError: ...", "ray.exceptions.RayTaskError(...): ...").
-_SHOWN = re.compile(r"\[cssl_ray\]|(?<!Deprecation)Warning: |^\s*[\w.]*(?:Error|Exception)\b[\w.()]*: ", re.MULTILINE)
+# not a deprecation, and (shown_line) an error's summary line (progress.ERROR_LINE).
+_SHOWN = re.compile(r"\[cssl_ray\]|(?<!Deprecation)Warning: ")
 _filtering = [False]  # whether the driver's printer of Ray's lines filters them now (init_ray, shutdown_ray)
 _saved_address: list[str | None] = []  # the driver's RAY_ADDRESS before init_ray pinned it
 
@@ -107,7 +109,7 @@ def is_verbose() -> bool:
 
 def shown_line(line: str) -> bool:
     """Whether a quiet terminal shows this line a Ray process printed (module docstring)."""
-    return bool(_SHOWN.search(line))
+    return bool(_SHOWN.search(line) or ERROR_LINE.match(line.strip()))
 
 
 def _filter_forwarded() -> bool:

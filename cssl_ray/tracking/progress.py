@@ -32,7 +32,7 @@ from typing import Any
 
 WARNINGS_GLOB = "warnings*.json"  # warnings.json (the trial), warnings_rank<r>.json (Train workers)
 ENDED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that will not run again
-_ERROR_LINE = re.compile(r"^[\w.]*(?:Error|Exception)\b[\w.()]*: \S")  # ValueError: ..., RayTaskError(X): ...
+ERROR_LINE = re.compile(r"^[\w.]*(?:Error|Exception)\b[\w.()]*: \S")  # ValueError: ..., RayTaskError(X): ...
 
 
 def say(line: str) -> None:
@@ -55,7 +55,7 @@ def error_line(error: BaseException) -> str:
         rank, first = min(failures.items(), key=lambda kv: kv[0])
         return f"{type(error).__name__}: rank {rank}: {error_line(first)}"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    found = [line for line in lines if _ERROR_LINE.match(line)]
+    found = [line for line in lines if ERROR_LINE.match(line)]
     text = found[-1] if found else f"{type(error).__name__}: {lines[0] if lines else ''}"
     return text[:500]
 
