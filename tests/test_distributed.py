@@ -171,6 +171,20 @@ def test_resume_continues_from_the_latest_train_checkpoint(straight, capfd):
     assert len(bodies) == len(set(bodies)), bodies
 
 
+def test_joint_cps_on_two_workers_keeps_both_networks_equal_on_every_rank(ray_session, tmp_path):
+    """train.protocol joint on Ray Train (``joint_worker``): CPS's two networks, 2 ranks, no labellers."""
+    result = run_ray(cfg(tmp_path, "train.protocol=joint", "train.method=cps", "train.use_cl=false", "train.use_cr=false",
+                         "train.use_hard_negatives=false", "train.total_steps=6", "train.pseudo_refresh_steps=3"),
+                     workers=2, resources=RES)
+    rounds = [r for r in result.history if r.get("stage") == "round"]
+    assert [r["round"] for r in rounds] == [1, 2] and [r["joint_step"] for r in rounds] == [3, 6]
+    assert all(r["loss_unsup"] >= 0 and math.isfinite(r["loss_sup"]) for r in rounds)
+    assert len(result.reports) == 2 and all(m["ranks_identical"] == 1.0 for m in result.reports)
+    saved = torch.load(next((tmp_path / "ray_train").rglob("state.pt")), weights_only=False)
+    assert saved["peer"] is not None and len(saved["rank_streams"]) == 2  # network B and both ranks' streams
+    assert not math.isnan(result.test["dice_mean"])
+
+
 def test_bad_settings_fail_before_ray_starts(tmp_path, capsys):
     with pytest.raises(ConfigError, match="--workers: 3 ranks but only 2 labelled images"):
         run_ray(cfg(tmp_path), workers=3)

@@ -3,6 +3,7 @@ hand-computed values, Mean Teacher's per-step EMA against the SSL4MIS update, CP
 independently initialised networks, equal labelled batches in every cell, and an exact resume."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -131,6 +132,15 @@ def test_bad_joint_settings_are_one_line_errors(tmp_path):
         load_config(SMOKE, {"train": {"protocol": "joint", "pseudo_refresh_steps": 0}})
     from cssl_ray.data.bundle import open_source
     from cssl_ray.distributed.ray_train import check_ray_run
-    cfg = joint_cfg(tmp_path)
-    with pytest.raises(ConfigError, match="train.protocol: joint runs in one process"):
-        check_ray_run(cfg, open_source(cfg.data), 1, 0.0, 0.5, "PACK", 1, 0.0)
+    cfg = joint_cfg(tmp_path, "mean_teacher")
+    source = open_source(cfg.data)
+    check_ray_run(cfg, source, 2, 0.0, 0.5, "PACK", 1, 0.0)  # every method runs on Train workers under joint
+    paper = load_config(SMOKE, {"train": {"method": "mean_teacher", "use_cl": False, "use_cr": False}})
+    with pytest.raises(ConfigError, match="train.method: mean_teacher under train.protocol paper runs in one process"):
+        check_ray_run(paper, source, 1, 0.0, 0.5, "PACK", 1, 0.0)
+    small = joint_cfg(tmp_path, "mean_teacher", batch_size=2)
+    small = dataclasses.replace(small, consistency=dataclasses.replace(small.consistency, batch_size=1))
+    with pytest.raises(ConfigError, match="consistency.batch_size: 1 is a global batch; with --workers 2"):
+        check_ray_run(small, source, 2, 0.0, 0.5, "PACK", 1, 0.0)
+    supervised = dataclasses.replace(small, train=dataclasses.replace(small.train, method="cssl"))
+    check_ray_run(supervised, source, 2, 0.0, 0.5, "PACK", 1, 0.0)  # no unlabelled batch: its size is not read

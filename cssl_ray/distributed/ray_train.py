@@ -1,4 +1,5 @@
-"""Ray Train: the schedule of ``cssl_ray.run.local`` on TorchTrainer workers fed by streamed L_tot steps.
+"""Ray Train: the schedule of ``cssl_ray.run.local`` on TorchTrainer workers fed by streamed L_tot steps,
+or, under ``train.protocol: joint``, ``cssl_ray.run.joint``'s loop for every method (``joint_worker``).
 
     driver  run_ray: config and data checks (one-line errors, before Ray starts) -> ray.init ->
             WeightStore + LabellerPool (long-lived pseudo-labeller actors, started once) ->
@@ -44,6 +45,7 @@ from cssl_ray.distributed.train_checkpoints import RUN_NAME, STATE_FILE, check_r
 from cssl_ray.distributed.train_worker import train_loop_per_worker
 from cssl_ray.models import check_geometry
 from cssl_ray.models.precision import Precision
+from cssl_ray.run.joint import uses_unlabelled
 from cssl_ray.run.records import RunResult, evaluate_best, resolve_device, write_run_files
 from cssl_ray.run.schedule import RunState
 
@@ -64,12 +66,11 @@ def check_ray_run(cfg: Config, source: DataSource, workers: int, gpus_per_worker
                   cpus_per_worker: float = 0.5, placement_strategy: str = "PACK", labellers: int = 1,
                   gpus_per_labeller: float = 0.0) -> None:
     """One-line ConfigErrors for settings a Train run cannot honour (before Ray starts)."""
-    if cfg.train.protocol != "paper":
-        raise ConfigError(f"train.protocol: {cfg.train.protocol} runs in one process for now (--local; in a space, "
-                          "resources.workers: 0); Ray Train runs the paper's protocol")
-    if cfg.train.method != "cssl":
-        raise ConfigError(f"train.method: {cfg.train.method} runs in one process for now (--local; in a space, "
-                          "resources.workers: 0); Ray Train runs the cssl method")
+    joint = cfg.train.protocol == "joint"
+    if cfg.train.method != "cssl" and not joint:
+        raise ConfigError(f"train.method: {cfg.train.method} under train.protocol paper runs in one process for now "
+                          "(--local; in a space, resources.workers: 0); Ray Train runs every method under "
+                          "train.protocol joint, and cssl under both")
     if placement_strategy not in PLACEMENT_STRATEGIES:
         raise ConfigError(f"--placement-strategy: {placement_strategy!r} is not a placement strategy; "
                           f"allowed: {', '.join(PLACEMENT_STRATEGIES)}")
@@ -89,12 +90,17 @@ def check_ray_run(cfg: Config, source: DataSource, workers: int, gpus_per_worker
     if workers > n_l:
         raise ConfigError(f"--workers: {workers} ranks but only {n_l} labelled images; each rank needs one "
                           f"(use fewer workers or raise data.labelled_fraction / data.labelled_count)")
-    if cfg.train.use_cr and n_u and workers > n_u:
+    with_u = uses_unlabelled(cfg) if joint else cfg.train.use_cr
+    if with_u and n_u and workers > n_u:
         raise ConfigError(f"--workers: {workers} ranks but only {n_u} unlabelled images; each rank needs one "
-                          "with train.use_cr (use fewer workers)")
-    # The batch sizes are global (each rank holds a share): every rank needs an item of every batch.
-    for key, size in (("train.batch_size", cfg.train.batch_size), ("consistency.batch_size", cfg.consistency.batch_size),
-                      ("patches.batch_size", cfg.patches.batch_size)):
+                          f"with train.{'method ' + cfg.train.method if joint else 'use_cr'} (use fewer workers)")
+    # The batch sizes are global (each rank holds a share): every rank needs an item of every batch it uses.
+    batches = [("train.batch_size", cfg.train.batch_size)]
+    if with_u or not joint:
+        batches.append(("consistency.batch_size", cfg.consistency.batch_size))
+    if cfg.train.use_cl or not joint:
+        batches.append(("patches.batch_size", cfg.patches.batch_size))
+    for key, size in batches:
         if size < workers:
             raise ConfigError(f"{key}: {size} is a global batch; with --workers {workers} it must be >= {workers} "
                               "(each rank holds a share)")
@@ -133,8 +139,10 @@ def check_run(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, cp
 
 
 def run_labels(cfg: Config, source: DataSource) -> bool:
-    """Whether a Train run pseudo-labels (so starts labellers): L_CL or L_CR on, and D_U not empty."""
-    return (cfg.train.use_cl or cfg.train.use_cr) and source.count("unlabelled") > 0
+    """Whether a Train run starts labellers: the paper's protocol with L_CL or L_CR on, and D_U not
+    empty (the joint protocol's ranks label their own shards: ``joint_worker``)."""
+    t = cfg.train
+    return t.protocol == "paper" and (t.use_cl or t.use_cr) and source.count("unlabelled") > 0
 
 
 def run_ray(cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,

@@ -26,6 +26,8 @@ Design choices:
   ``train.sync_bn``, CUDA), the draws of the consistency noise and of which patches and images
   form a batch (each rank draws from its own shard): statistically, not bitwise, the same run.
 - Checkpoints hold ``schedule.RunState.state_dict()`` plus every rank's random streams; rank 0 writes.
+- ``train.protocol: joint``: the same set-up (shards, state, checkpoint, collectives, reports), then
+  ``joint_worker.joint_rounds`` instead of stage A and the streamed rounds (every method).
 """
 from __future__ import annotations
 
@@ -120,7 +122,12 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     source: DataSource = config.get("source") or open_source(cfg.data)
     shard = _RankShard(source, rank, world)  # this rank's D_L and val, read here (module docstring)
-    state = RunState(cfg, device, rank=rank)  # ranks draw different batches of their shards (streams per rank)
+    joint = t.protocol == "joint"
+    if joint:  # the joint loop's state: Mean Teacher's EMA, CPS's network B, one Adam over both
+        from cssl_ray.run.joint import joint_state
+        state = joint_state(cfg, device, rank)
+    else:
+        state = RunState(cfg, device, rank=rank)  # ranks draw different batches of their shards (streams per rank)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a resumed run, or a restart after a worker failure
         with checkpoint.as_directory() as d:
@@ -141,6 +148,9 @@ def _train_loop(config: dict[str, Any]) -> None:
         state.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.model)
     ray.train.torch.prepare_model(state.model, parallel_strategy=None)
     col.broadcast_state(state.model)
+    if joint:
+        from cssl_ray.distributed.joint_worker import broadcast_networks
+        broadcast_networks(state, col)  # the EMA teacher and CPS's B start equal too
 
     # train.batch_size is global: this rank takes its share, for the steps of one pass over all of D_L
     sup = dict(batch_size=rank_share(t.batch_size, rank, world), steps=sup_steps(t, source.count("labelled")),
@@ -166,6 +176,10 @@ def _train_loop(config: dict[str, Any]) -> None:
             where = f"supervised epoch {record['epoch']}" if "epoch" in record else f"round {record['round']}"
             log.info("[cssl_ray] %s: val dice %.4f, val loss %.4f", where, val["dice_mean"], val["loss"])
         return val
+
+    if joint:  # train.protocol joint: no stage A, no labellers (cssl_ray.distributed.joint_worker)
+        from cssl_ray.distributed.joint_worker import joint_rounds
+        return joint_rounds(state, cfg, shard, col, validate_and_record, lambda record: _report(state, cfg, record, col))
 
     if not state.stage_a_done:  # stage A (skipped when resuming past it)
         # one report per epoch, as --local's records (MLflow curves and ASHA's round 0 alike whatever
@@ -225,7 +239,14 @@ class _RankShard:
         self.labelled_images, self.labelled_masks = source.take("labelled", range(rank, source.count("labelled"), world))
         self.val_images, self.val_masks = source.take("val", range(rank, source.count("val"), world))
         self.n_unlabelled = len(range(rank, source.count("unlabelled"), world))
+        self.rank, self.world = rank, world
         self._snapshot: torch.Tensor | None = None
+
+    def unlabelled(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's slice of D_U, images and hidden masks (None when unknown), read here: the joint
+        protocol's steps draw from it (the paper protocol's rounds stream it instead)."""
+        images, masks = self.source.take("unlabelled", range(self.rank, self.source.count("unlabelled"), self.world))
+        return images, masks if self.source.hidden_known else None
 
     def snapshot_images(self) -> torch.Tensor:
         """The first images of the whole D_U (Fig. 2 follows them; rank 0 labels them), read once."""

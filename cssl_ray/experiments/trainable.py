@@ -131,8 +131,13 @@ def tune_metrics(record: dict[str, Any], step: int) -> dict[str, float]:
 
 
 def trials_label(base: Config, param_space: dict[str, Any]) -> bool:
-    """Whether any trial may pseudo-label (L_CL or L_CR on), so that Train trials reserve labellers:
-    the base config's switches, an ablation cell's, or a searched switch."""
+    """Whether any trial may pseudo-label with labellers (L_CL or L_CR on under the paper's protocol),
+    so that Train trials reserve them: the base config's switches, an ablation cell's, or a searched
+    switch; never when every trial runs the joint protocol (its ranks label their own shards)."""
+    protocols = param_space.get("train.protocol", base.train.protocol)
+    protocols = protocols.get("grid_search", []) if isinstance(protocols, dict) else [protocols]
+    if "paper" not in protocols:
+        return False
     cells = param_space.get(CELL_KEY, {})
     cells = cells.get("grid_search", []) if isinstance(cells, dict) else [cells]
     return (base.train.use_cl or base.train.use_cr or "train.use_cl" in param_space or "train.use_cr" in param_space

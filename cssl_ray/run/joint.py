@@ -35,7 +35,16 @@ weights, with the last round's weights tested beside them. L_unsup per ``train.m
 Every cell of a seed draws the same labelled batches and augmentation (``streams.sup``), so a
 difference between cells is what the unlabelled batch adds. ``train.ltot_bn``, ``max_rounds``,
 ``stage_a_steps`` and the rounds' rates (``optim.cssl_lr``...) belong to the paper's protocol and
-are not read here. In one process only for now (Ray Train runs the paper's protocol).
+are not read here.
+
+Data parallel (``cssl_ray.distributed.joint_worker`` runs these steps on Ray Train workers): with
+``collectives`` each rank passes its shard of D_L and D_U and takes its ``rank_share`` of every
+global batch (``train.batch_size``, ``consistency.batch_size``, ``patches.batch_size``); every loss
+is a mean over the global batch (``global_mean``: pixels, covered pixels, elements), the gradients
+of every trained network (CPS's B too) are averaged after each backward, and the EMA teacher moves
+alike on every rank. One step on N ranks is then one process's step on the same global batch
+(tests/test_joint_world_size.py), BatchNorm's per-rank statistics and the ranks' own draws (which
+images form a batch, the teacher's noise) aside, as for the paper's protocol.
 """
 from __future__ import annotations
 
@@ -57,6 +66,7 @@ from cssl_ray.config import Config, check_metric, validate
 from cssl_ray.data.augment import flip_rotate
 from cssl_ray.data.batches import index_batches
 from cssl_ray.data.bundle import DataBundle, load_bundle
+from cssl_ray.method.collectives import Collectives, rank_share
 from cssl_ray.method.consistency import noise_variance
 from cssl_ray.method.objective import StepInputs, Terms, cssl_objective
 from cssl_ray.method.patches import class_balanced_batches
@@ -153,11 +163,12 @@ def run_joint(cfg: Config, *, resume: bool = False,
     return evaluate_best(state, cfg, bundle, out_dir, start)
 
 
-def joint_state(cfg: Config, device: torch.device) -> RunState:
+def joint_state(cfg: Config, device: torch.device, rank: int = 0) -> RunState:
     """A ``RunState`` for the joint loop: its model (the seed's initial weights), Mean Teacher's EMA
     copy of them, CPS's network B (another seed's initial weights: ``RunState.make_peer``) and one
-    Adam over every trained network, kept as ``cssl_optimizer`` so a checkpoint restores it whole."""
-    state = RunState(cfg, device)
+    Adam over every trained network, kept as ``cssl_optimizer`` so a checkpoint restores it whole.
+    ``rank``: a data-parallel rank's own random streams (the same weights on every rank)."""
+    state = RunState(cfg, device, rank=rank)
     if cfg.train.method == "cps":
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             state.peer = state.make_peer()
@@ -175,19 +186,28 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator) ->
 
 
 def joint_steps(state: RunState, cfg: Config, bundle: DataBundle, first: int, n_steps: int,
-                pseudo: Tensor | None = None) -> dict[str, float]:
+                pseudo: Tensor | None = None, collectives: Collectives | None = None) -> dict[str, float]:
     """Steps ``first`` .. ``first + n_steps - 1`` of the budget (module docstring); ``pseudo`` (U, H, W):
     CSSL's pseudo-labels of D_U for these steps. Returns the means of ``loss``, ``loss_sup``,
     ``loss_unsup`` (weighted), and of CSSL's ``loss_cl`` / ``loss_cr`` / ``omega`` / ``patches_per_step``,
-    plus ``unsup_weight`` at the last step (the rate is the record's ``lr``)."""
+    plus ``unsup_weight`` at the last step (the rate is the record's ``lr``). ``collectives``: this
+    rank's shards in ``bundle`` (module docstring); the returned means are over ranks."""
+    col = collectives or Collectives()
     t, b, streams = cfg.train, cfg.baselines, state.streams
     model, optimizer, prec = state.model, state.cssl_optimizer, state.precision
     device = next(model.parameters()).device
     ignore = cfg.pseudo.ignore_index
     labelled, masks, unlabelled = bundle.labelled_images, bundle.labelled_masks, bundle.unlabelled_images
     with_u = uses_unlabelled(cfg) and unlabelled.shape[0] > 0
-    lab = _batches(labelled.shape[0], t.batch_size, n_steps, streams.sup)
-    unl = _batches(unlabelled.shape[0] if with_u else 0, cfg.consistency.batch_size, n_steps, streams.cr)
+    lab = _batches(labelled.shape[0], rank_share(t.batch_size, col.rank, col.world_size), n_steps, streams.sup)
+    unl = _batches(unlabelled.shape[0] if with_u else 0, rank_share(cfg.consistency.batch_size, col.rank, col.world_size),
+                   n_steps, streams.cr)
+    trained = [model] + ([state.peer.model] if state.peer is not None else [])
+
+    def average_gradients() -> None:
+        for net in trained:
+            col.average_gradients(net)
+
     cssl = t.method == "cssl" and (t.use_cl or t.use_cr)
     lambda_ = noise_variance(0.0 if state.omega is None else state.omega, cfg.consistency.eps)
     sums: dict[str, float] = {"loss": 0.0, "loss_sup": 0.0, "loss_unsup": 0.0}
@@ -214,35 +234,37 @@ def joint_steps(state: RunState, cfg: Config, bundle: DataBundle, first: int, n_
         n_l = x_l.shape[0]
         stats: dict[str, Tensor] = {}
         if cssl:
-            out = _cssl_step(state, cfg, x_l, y_l, l_idx, x_u, p_u, u_idx, lambda_, w)
+            out = _cssl_step(state, cfg, x_l, y_l, l_idx, x_u, p_u, u_idx, lambda_, w, col)
             sup, unsup = out["loss_sup_ltot"], out["loss"] - out["loss_sup_ltot"]
             stats = {"loss_cl": out["loss_cl"], "loss_cr": out["loss_cr"]}
             if out.get("z") is not None:
-                omegas.append(patch_omega(model, out["patches"], out["classes"], cfg, state.aux, streams, out=out))
-                realised += int(out["z"].shape[0])
+                omegas.append(patch_omega(model, out["patches"], out["classes"], cfg, state.aux, streams, col, out=out))
+                realised += int(out["z"].shape[0])  # gathered: every rank's share
         else:
             inputs = torch.cat([x_l, x_u]) if t.method in UNLABELLED_METHODS else x_l
             with prec.autocast():
                 logits = model(inputs).float()  # (l [+ b], C, H, W): one BatchNorm batch
-            sup = F.cross_entropy(logits[:n_l], y_l, ignore_index=ignore)
+            sup = _ce(logits[:n_l], y_l, ignore, col)
             unsup = logits.sum() * 0.0
             if t.method == "mean_teacher" and x_u.shape[0]:
                 with torch.no_grad(), prec.autocast():
                     state.ema.train()  # as SSL4MIS: the teacher's BatchNorm normalises by its batch
                     t_logits = state.ema(prec.layout(noisy(x_u, b.mt_noise_std, streams.noise))).float()
-                unsup = w * b.mt_weight * mean_teacher_loss(logits[n_l:], t_logits)
+                unsup = w * b.mt_weight * _global(mean_teacher_loss(logits[n_l:], t_logits), t_logits.numel(), col)
             elif t.method == "pseudo_label" and x_u.shape[0]:
                 with torch.no_grad():
                     conf, hard = logits[n_l:].detach().softmax(1).max(1)
                     hard[conf < cfg.pseudo.threshold] = ignore
-                unsup = w * b.pseudo_weight * self_training_loss(logits[n_l:], hard, ignore)
+                unsup = w * b.pseudo_weight * _global(self_training_loss(logits[n_l:], hard, ignore),
+                                                      (hard != ignore).sum(), col)
             elif t.method == "cps" and x_u.shape[0]:
                 with prec.autocast():
                     peer_logits = state.peer.model(inputs).float()
-                sup = sup + F.cross_entropy(peer_logits[:n_l], y_l, ignore_index=ignore)
-                unsup = w * b.cps_weight * cps_loss(logits[n_l:], peer_logits[n_l:])
+                sup = sup + _ce(peer_logits[:n_l], y_l, ignore, col)
+                unsup = w * b.cps_weight * _global(cps_loss(logits[n_l:], peer_logits[n_l:]),
+                                                   peer_logits[n_l:, 0].numel(), col)  # each term: all pixels
         loss = sup + unsup
-        backward_step(loss, optimizer, state.cssl_scaler)
+        backward_step(loss, optimizer, state.cssl_scaler, after_backward=average_gradients)
         if state.ema is not None:
             ema_update(state.ema, model, b.mt_ema_decay, step)
         if cssl and state.teacher is not None:
@@ -253,11 +275,11 @@ def joint_steps(state: RunState, cfg: Config, bundle: DataBundle, first: int, n_
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach())
     done = max(n_steps, 1)
-    result = {k: v / done for k, v in sums.items()}
+    result = col.mean_floats({k: v / done for k, v in sums.items()})
     result.update({"steps": float(n_steps), "unsup_weight": w})
     if cssl:
         result["lambda"] = lambda_
-        if omegas:
+        if omegas:  # the same on every rank (patch_omega broadcasts rank 0's)
             state.omega = sum(omegas) / len(omegas)
             result["omega"] = state.omega
         if t.use_cl:
@@ -265,11 +287,28 @@ def joint_steps(state: RunState, cfg: Config, bundle: DataBundle, first: int, n_
     return result
 
 
+def _global(mean: Tensor, count: Tensor | int, col: Collectives) -> Tensor:
+    """A loss that is a mean over this rank's ``count`` items, as its part of the mean over every rank's
+    items (``Collectives.global_mean``; one process: ``mean`` itself)."""
+    if col.world_size == 1:
+        return mean
+    return col.global_mean(mean * float(count), count)
+
+
+def _ce(logits: Tensor, target: Tensor, ignore: int, col: Collectives) -> Tensor:
+    """Cross-entropy, the mean over the global batch's labelled pixels."""
+    if col.world_size == 1:
+        return F.cross_entropy(logits, target, ignore_index=ignore)
+    return col.global_mean(F.cross_entropy(logits, target, ignore_index=ignore, reduction="sum"),
+                           (target != ignore).sum())
+
+
 def _cssl_step(state: RunState, cfg: Config, x_l: Tensor, y_l: Tensor, l_idx: Tensor, x_u: Tensor, p_u: Tensor,
-               u_idx: Tensor, lambda_: float, w: float) -> dict[str, Any]:
+               u_idx: Tensor, lambda_: float, w: float, col: Collectives) -> dict[str, Any]:
     """One joint CSSL step: L_sup on the labelled batch + w (w_cl L_CL + w_cr L_CR); L_CL's batch is
     class-balanced from the windows of the labelled batch (ground truth) and of the unlabelled one
-    (its pseudo-labels), ``patches.batch_size`` patches."""
+    (its pseudo-labels), this rank's share of ``patches.batch_size`` patches; a step uses L_CL only
+    when every rank has a window (L_CL's all-gather needs every rank)."""
     t, streams, prec = cfg.train, state.streams, state.precision
     device = x_l.device
     patches = classes = None
@@ -277,8 +316,9 @@ def _cssl_step(state: RunState, cfg: Config, x_l: Tensor, y_l: Tensor, l_idx: Te
         l_p, l_c = image_patches(cfg, x_l.cpu(), y_l.cpu(), l_idx, state.round, labelled=True)
         u_p, u_c = image_patches(cfg, x_u.cpu(), p_u, u_idx, state.round, labelled=False)
         pool, pool_c = torch.cat([l_p, u_p]), torch.cat([l_c, u_c])
-        if pool.shape[0]:
-            idx = class_balanced_batches(pool_c, cfg.patches.batch_size, num_batches=1, generator=streams.patches)[0]
+        if col.agree_steps(int(pool.shape[0] > 0)):
+            share = rank_share(cfg.patches.batch_size, col.rank, col.world_size)
+            idx = class_balanced_batches(pool_c, share, num_batches=1, generator=streams.patches)[0]
             patches, classes = prec.layout(pool[idx].to(device)), pool_c[idx].to(device)
     inputs = StepInputs(patches, classes, x_u if (t.use_cr and x_u.shape[0]) else None, labelled=x_l,
                         labelled_masks=y_l)
@@ -287,7 +327,7 @@ def _cssl_step(state: RunState, cfg: Config, x_l: Tensor, y_l: Tensor, l_idx: Te
         terms = dataclasses.replace(terms, use_cl=False)
     with prec.autocast():
         out = cssl_objective(state.model, state.teacher if t.use_cr else None, inputs, terms, lambda_=lambda_,
-                             aux=state.aux, streams=streams, unsup_weight=w)
+                             aux=state.aux, streams=streams, unsup_weight=w, collectives=col)
     out["patches"] = patches
     return out
 

@@ -10,9 +10,8 @@ from cssl_ray.method.collectives import Collectives
 from cssl_ray.method.patches import sample_patches
 from cssl_ray.method.pseudo_labels import (
     CONFIDENCE_BINS,
-    class_coverage,
+    class_counts,
     confidence_histogram,
-    coverage,
     histogram_medians,
     predict_pseudo_labels,
     rule_of,
@@ -22,32 +21,45 @@ from cssl_ray.models.precision import Precision
 
 @torch.no_grad()
 def label_round(model: nn.Module, cfg: Config, unlabelled_images: Tensor, *, hidden_masks: Tensor | None = None,
-                class_names: list[str] | None = None,
-                labelled_images: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+                class_names: list[str] | None = None, labelled_images: Tensor | None = None,
+                collectives: Collectives | None = None) -> tuple[Tensor, dict[str, float]]:
     """Step B: pseudo-labels (U, H, W) of D_U with the current model (``pseudo`` rule: the threshold,
     and the class-wise fraction down to the floor), and their statistics: coverage (all pixels, and
     per class: ``pseudo_coverage/<name>``, the share of the pixels predicted as that class that get a
     pseudo-label), the model's confidence (``confidence/<name>``: the median max-softmax of the D_U
     pixels predicted as that class; ``confidence_labelled/<name>`` the same on ``labelled_images``)
-    and, when ``hidden_masks`` is given, their accuracy on covered pixels (a diagnostic only)."""
+    and, when ``hidden_masks`` is given, their accuracy on covered pixels (a diagnostic only).
+
+    With ``collectives`` each rank passes its shard of D_U (and of D_L) and gets its shard's labels;
+    the statistics are of the whole D_U: their counts are summed over ranks (every rank calls it)."""
+    col = collectives or Collectives()
     device = next(model.parameters()).device
     p = cfg.pseudo
+    c = cfg.data.num_classes
     prec = Precision.from_config(cfg.train, device)
-    pseudo, argmax, confidence = predict_pseudo_labels(model, unlabelled_images.to(device), **rule_of(p),
-                                                       batch_size=cfg.consistency.batch_size, with_argmax=True,
-                                                       with_confidence=True, precision=prec)
-    pseudo, argmax = pseudo.cpu(), argmax.cpu()  # (U, H, W) each
-    stats = {"pseudo_coverage": coverage(pseudo, p.ignore_index)}
-    names = class_names or [str(c) for c in range(cfg.data.num_classes)]
-    for name, share in zip(names, class_coverage(pseudo, argmax, cfg.data.num_classes)):
-        stats[f"pseudo_coverage/{name}"] = share
-    stats.update(confidence_stats(confidence_histogram(argmax, confidence.cpu(), cfg.data.num_classes), names))
+    if unlabelled_images.shape[0]:
+        pseudo, argmax, confidence = predict_pseudo_labels(model, unlabelled_images.to(device), **rule_of(p),
+                                                           batch_size=cfg.consistency.batch_size, with_argmax=True,
+                                                           with_confidence=True, precision=prec)
+        pseudo, argmax, confidence = pseudo.cpu(), argmax.cpu(), confidence.cpu()  # (U, H, W) each
+    else:  # an empty shard still joins the sums
+        pseudo = argmax = torch.zeros((0, *unlabelled_images.shape[2:]), dtype=torch.int64)
+        confidence = torch.zeros(pseudo.shape)
+    covered = pseudo != p.ignore_index
+    correct = int(((pseudo == hidden_masks) & covered).sum()) if hidden_masks is not None else 0
+    predicted, confident = class_counts(pseudo, argmax, c)
+    counts = col.sum_(torch.tensor([covered.numel(), int(covered.sum()), correct], dtype=torch.float64))
+    pixels, n_covered, n_correct = counts.tolist()
+    predicted, confident = col.sum_(torch.stack([predicted, confident]).to(torch.float64)).tolist()
+    stats = {"pseudo_coverage": n_covered / pixels if pixels else 0.0}
+    names = class_names or [str(k) for k in range(c)]
+    for name, k_pred, k_conf in zip(names, predicted, confident):
+        stats[f"pseudo_coverage/{name}"] = k_conf / k_pred if k_pred else float("nan")
+    stats.update(confidence_stats(col.sum_(confidence_histogram(argmax, confidence, c)), names))
     if labelled_images is not None:
-        stats.update(labelled_confidence(model, cfg, labelled_images, names))
+        stats.update(labelled_confidence(model, cfg, labelled_images, names, collectives))
     if hidden_masks is not None:
-        covered = pseudo != p.ignore_index
-        correct = (pseudo == hidden_masks) & covered
-        stats["pseudo_accuracy"] = correct.sum().item() / max(covered.sum().item(), 1)
+        stats["pseudo_accuracy"] = n_correct / max(n_covered, 1)
     return pseudo, stats
 
 

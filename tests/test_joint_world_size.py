@@ -1,0 +1,132 @@
+"""World-size invariance of the joint protocol's step (``cssl_ray.run.joint.joint_steps`` with
+collectives, as ``cssl_ray.distributed.joint_worker`` runs it on Ray Train workers): one step on 2
+gloo ranks, each holding half of a global batch, moves every trained network (CPS's B and Mean
+Teacher's EMA included) as one process's step on the whole batch, for the supervised reference,
+bn_mix, mean_teacher, pseudo_label and cps; a CSSL step (L_CL's all-gather, L_CR) keeps the ranks
+bitwise equal. BatchNorm is swapped for GroupNorm (per-rank batch statistics are the documented
+exception) and the optimiser for SGD (Adam's first step, g / |g|, would magnify rounding)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from cssl_ray.config import load_config
+from cssl_ray.data.bundle import DataBundle
+from cssl_ray.data.splits import Split
+from cssl_ray.distributed.collectives import TorchCollectives
+from cssl_ray.method.collectives import Collectives
+from cssl_ray.run.joint import joint_state, joint_steps
+
+WORLD = 2
+METHODS = ["supervised", "bn_mix", "mean_teacher", "pseudo_label", "cps"]
+
+
+def _cfg(method: str):
+    cell = {"method": "cssl" if method in ("supervised", "cssl") else method,
+            "use_cl": method == "cssl", "use_cr": method == "cssl", "use_hard_negatives": method == "cssl"}
+    return load_config("configs/smoke.yaml", {
+        "data": {"num_classes": 2},
+        "train": {"protocol": "joint", "total_steps": 6, "rampup_steps": 1, "pseudo_refresh_steps": 6,
+                  "batch_size": 4, "augment": False, "progress": False, "figures": False, **cell},
+        "consistency": {"batch_size": 4},
+        "patches": {"batch_size": 8, "min_pixels": 1},
+        "pseudo": {"threshold": 0.3},
+        "baselines": {"mt_noise_std": 0.0},
+    })
+
+
+def _group_norm(model: nn.Module) -> nn.Module:
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(model, name, nn.GroupNorm(1, child.num_features))
+        else:
+            _group_norm(child)
+    return model
+
+
+def _global_data():
+    g = torch.Generator().manual_seed(3)
+    masks = torch.randint(0, 2, (4, 32, 32), generator=g)
+    masks[1, :6] = 255  # ignored pixels, unevenly over the ranks' shares
+    return torch.randn(4, 1, 32, 32, generator=g), masks, torch.randn(4, 1, 32, 32, generator=g)
+
+
+def _step(method: str, rank: int, world: int, col: Collectives) -> dict:
+    """The last step of the budget (w(t) = 1) on this rank's shard ([rank::world]) of the global batch."""
+    cfg = _cfg(method)
+    state = joint_state(cfg, torch.device("cpu"), rank)
+    nets = [state.model] + [n for n in (state.ema, state.peer.model if state.peer else None) if n is not None]
+    for net in nets:
+        _group_norm(net)
+    if state.ema is not None:  # a teacher that differs from the student, so its MSE is not trivially zero
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for p in state.ema.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    params = [p for net in nets[:1] + ([state.peer.model] if state.peer else []) for p in net.parameters()]
+    state.cssl_optimizer = torch.optim.SGD(params, lr=cfg.optim.lr)
+    x, y, u = _global_data()
+    if method == "cssl":  # pseudo-labels of D_U: half of it confident class 1 windows, the rest ignored
+        pseudo = torch.full((4, 32, 32), 255, dtype=torch.int64)
+        pseudo[:, 8:24, 8:24] = 1
+        pseudo[:, :8, :8] = 0
+    else:
+        pseudo = None
+    shard = (lambda t: t[rank::world]) if world > 1 else (lambda t: t)
+    empty = x[:0]
+    bundle = DataBundle(shard(x), shard(y), shard(u), None, empty, y[:0], empty, y[:0], ["bg", "fg"],
+                        Split([], [], [], []))
+    before = [torch.cat([p.detach().reshape(-1).clone() for p in net.parameters()]) for net in nets]
+    stats = joint_steps(state, cfg, bundle, first=5, n_steps=1, pseudo=shard(pseudo) if pseudo is not None else None,
+                        collectives=col)
+    moved = [torch.cat([p.detach().reshape(-1) for p in net.parameters()]) - b for net, b in zip(nets, before)]
+    return {"stats": stats, "moved": moved}
+
+
+def _rank_main(rank: int, world: int, init_file: str, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        col = TorchCollectives(torch.device("cpu"))
+        out[rank] = {m: _step(m, rank, world, col) for m in [*METHODS, "cssl"]}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    init_file = str(tmp_path_factory.mktemp("gloo") / "init")
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_rank_main, args=(WORLD, init_file, out), nprocs=WORLD, join=True)
+        return dict(out)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_joint_step_on_two_ranks_equals_one_process(two_ranks, method):
+    torch.set_num_threads(1)
+    one = _step(method, 0, 1, Collectives())
+    assert one["stats"]["unsup_weight"] == 1.0
+    if method in ("mean_teacher", "pseudo_label", "cps"):
+        assert one["stats"]["loss_unsup"] > 0  # the unlabelled term is in the step, not trivially zero
+    for rank in range(WORLD):
+        got = two_ranks[rank][method]
+        for k in ("loss", "loss_sup", "loss_unsup"):
+            assert got["stats"][k] == pytest.approx(one["stats"][k], rel=1e-4, abs=1e-6), k
+        assert len(got["moved"]) == len(one["moved"])  # student (+ EMA, + CPS's network B)
+        for mine, ref in zip(got["moved"], one["moved"]):
+            assert ref.abs().max() > 0
+            torch.testing.assert_close(mine, ref, rtol=1e-3, atol=1e-7)
+    for a, b in zip(two_ranks[0][method]["moved"], two_ranks[1][method]["moved"]):
+        assert torch.equal(a, b)  # the ranks stay bitwise equal
+
+
+def test_a_joint_cssl_step_keeps_the_ranks_equal(two_ranks):
+    stats = [two_ranks[r]["cssl"]["stats"] for r in range(WORLD)]
+    assert stats[0]["loss_cl"] > 0 and stats[0]["loss_cr"] >= 0 and stats[0]["patches_per_step"] == 8
+    assert stats[0] == stats[1]
+    for a, b in zip(two_ranks[0]["cssl"]["moved"], two_ranks[1]["cssl"]["moved"]):
+        assert torch.equal(a, b) and a.abs().max() > 0
