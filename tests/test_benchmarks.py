@@ -136,3 +136,17 @@ def test_stream_bytes_counts_both_designs_on_the_same_steps(tmp_path, capsys):
     assert h * w <= r["now"]["row_bytes_per_image"] < r["before"]["row_bytes_per_image"]  # uint8 labels + windows
     assert r["ratio"] > 1 and json.loads((tmp_path / "s.json").read_text())["runs"][0]["ratio"] == r["ratio"]
     assert "fewer bytes" in capsys.readouterr().out
+
+
+def test_store_reads_decode_one_row_group_of_bounded_bytes(tmp_path, capsys):
+    from cssl_ray.data.store import GROUP_BYTES, ROWS_PER_GROUP, group_full
+
+    assert group_full(ROWS_PER_GROUP, 0) and group_full(1, GROUP_BYTES) and not group_full(1, GROUP_BYTES - 1)
+    bench = load_benchmark("store_reads")
+    out = bench.main(["--geometry", "nuclei", "--images", "20", "--reads", "6", "--json", str(tmp_path / "r.json")])
+    (r,) = out["runs"]
+    row = r["row_bytes"]  # 256 x 256 float32 + uint8 mask: 4 rows close a group (>= 1 MiB)
+    assert r["before"]["rows_per_group_max"] == 16 and r["now"]["rows_per_group_max"] == -(-GROUP_BYTES // row)
+    assert r["before"]["amplification"] > 10 and 1 <= r["now"]["amplification"] <= 4.01
+    assert r["decoded_ratio"] > 3 and json.loads((tmp_path / "r.json").read_text())["runs"][0]["row_bytes"] == row
+    assert "fewer bytes" in capsys.readouterr().out

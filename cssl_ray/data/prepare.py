@@ -24,7 +24,7 @@ from cssl_ray.data.preprocess import Preprocessing, preprocess
 from cssl_ray.data.readers import Reader, resolve_reader
 from cssl_ray.data.sample import DatasetError, Sample
 from cssl_ray.data.sources import resolve_root
-from cssl_ray.data.store import FORMAT_VERSION, METADATA_KEY, ROWS_PER_GROUP, SCHEMA, Store
+from cssl_ray.data.store import FORMAT_VERSION, METADATA_KEY, SCHEMA, STATISTICS_COLUMNS, Store, group_full
 from cssl_ray.data.summary import Summary
 
 
@@ -98,11 +98,12 @@ def write_store(path: Path, card: DatasetCard, reader: Reader, root: Path | None
     summary = Summary(len(classes))
     writer: pq.ParquetWriter | None = None
     rows: list[dict[str, Any]] = []
+    group_bytes = 0  # pixels (image + mask bytes) of the open row group
     names: set[str] = set()
     start = time.perf_counter()
     bar = _progress(card.name, progress)
     try:
-        writer = pq.ParquetWriter(tmp, SCHEMA, compression="zstd")
+        writer = pq.ParquetWriter(tmp, SCHEMA, compression="zstd", write_statistics=STATISTICS_COLUMNS)
         kwargs = dict(options)
         if report is not None:
             kwargs["report"] = report
@@ -120,9 +121,10 @@ def write_store(path: Path, card: DatasetCard, reader: Reader, root: Path | None
                 raise DatasetError(f"{where}: {e}") from None
             summary.add(sample)
             rows.append(_row(sample, image, mask))
-            if len(rows) >= ROWS_PER_GROUP:
+            group_bytes += len(rows[-1]["image"]) + len(rows[-1]["mask"] or b"")
+            if group_full(len(rows), group_bytes):  # one write, one row group
                 writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
-                rows = []
+                rows, group_bytes = [], 0
             bar.update(1)
         if not names:
             raise DatasetError(f"{root}: no images found for dataset {card.name!r}")

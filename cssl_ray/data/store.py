@@ -42,9 +42,23 @@ import pyarrow.parquet as pq
 
 from cssl_ray.data.sample import DatasetError
 
-FORMAT_VERSION = 1  # bump when the schema or the preprocessing code changes what is stored
+FORMAT_VERSION = 2  # bump when the schema, the preprocessing or the layout changes what is stored (2: row groups by bytes)
 METADATA_KEY = b"cssl_ray"
-ROWS_PER_GROUP = 16  # Parquet row group: the unit of lazy reads (16 x 256^2 float32 = 4 MB)
+# Parquet row groups are the unit of a lazy read: a random read of one row decodes its whole group.
+# A group closes at GROUP_BYTES of pixels or ROWS_PER_GROUP rows, whichever comes first, so one row
+# per group from 512x512 single-channel float32 up (a read decodes just its image), and at most ~1
+# MiB decoded beyond the row below that (version 1: 16 rows always, 48 MiB per read at 3x512x512;
+# benchmarks/store_reads.py measures both).
+GROUP_BYTES = 1 << 20
+ROWS_PER_GROUP = 16
+# Column statistics only where a reader could filter on them: min/max of the pixel columns would
+# only make the footer, which every process opening the store reads whole, grow with the row groups
+STATISTICS_COLUMNS = ["name", "group", "subset", "height", "width", "channels", "digest", "source"]
+
+
+def group_full(rows: int, pixel_bytes: int) -> bool:
+    """Whether a row group of ``rows`` rows holding ``pixel_bytes`` bytes of image and mask is complete."""
+    return rows >= ROWS_PER_GROUP or pixel_bytes >= GROUP_BYTES
 
 SCHEMA = pa.schema([
     ("name", pa.string()), ("group", pa.string()), ("subset", pa.string()),
