@@ -159,8 +159,3 @@ def test_simclr_pretrains_before_its_own_stage_a(tmp_path):
     assert result.history[0]["val_loss"] != run_local(sup).history[0]["val_loss"]  # other starting weights
 
 
-def test_baselines_under_the_paper_protocol_run_in_one_process_only_for_now(tmp_path):
-    from cssl_ray.distributed.ray_train import run_ray
-
-    with pytest.raises(ConfigError, match="train.method: mean_teacher under train.protocol paper runs in one process"):
-        run_ray(smoke(tmp_path, "mean_teacher"))  # before Ray starts (joint: tests/test_distributed.py)

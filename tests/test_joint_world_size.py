@@ -1,9 +1,10 @@
-"""World-size invariance of the joint protocol's step (``cssl_ray.run.joint.joint_steps`` with
-collectives, as ``cssl_ray.distributed.joint_worker`` runs it on Ray Train workers): one step on 2
-gloo ranks, each holding half of a global batch, moves every trained network (CPS's B and Mean
-Teacher's EMA included) as one process's step on the whole batch, for the supervised reference,
-bn_mix, mean_teacher, pseudo_label and cps; a CSSL step (L_CL's all-gather, L_CR) keeps the ranks
-bitwise equal. BatchNorm is swapped for GroupNorm (per-rank batch statistics are the documented
+"""World-size invariance of the baselines' steps on Ray Train workers: the joint protocol's step
+(``cssl_ray.run.joint.joint_steps`` with collectives, as ``distributed.joint_worker`` runs it) and
+the paper protocol's unlabelled epoch (``run.baseline_rounds.baseline_epoch``, as
+``distributed.baseline_worker`` runs it). One step on 2 gloo ranks, each holding half of a global
+batch, moves every trained network (CPS's B and Mean Teacher's EMA included) as one process's step
+on the whole batch, for the supervised reference, bn_mix, mean_teacher, pseudo_label and cps; a
+joint CSSL step (L_CL's all-gather, L_CR) keeps the ranks bitwise equal. BatchNorm is swapped for GroupNorm (per-rank batch statistics are the documented
 exception) and the optimiser for SGD (Adam's first step, g / |g|, would magnify rounding)."""
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from cssl_ray.data.bundle import DataBundle
 from cssl_ray.data.splits import Split
 from cssl_ray.distributed.collectives import TorchCollectives
 from cssl_ray.method.collectives import Collectives
+from cssl_ray.models import create_model
+from cssl_ray.run.baseline_rounds import BaselineStep, baseline_epoch
 from cssl_ray.run.joint import joint_state, joint_steps
 
 WORLD = 2
@@ -86,12 +89,39 @@ def _step(method: str, rank: int, world: int, col: Collectives) -> dict:
     return {"stats": stats, "moved": moved}
 
 
+PAPER_METHODS = ["bn_mix", "mean_teacher", "pseudo_label", "cps"]
+
+
+def _paper_step(method: str, rank: int, world: int, col: Collectives) -> dict:
+    """One step of the paper protocol's unlabelled epoch on this rank's share of the global batch."""
+    cfg = _cfg(method)
+    torch.manual_seed(0)
+    model = _group_norm(create_model(cfg.model, 1, 2))
+    torch.manual_seed(1)
+    peer = _group_norm(create_model(cfg.model, 1, 2)) if method == "cps" else None
+    torch.manual_seed(2)
+    teacher = _group_norm(create_model(cfg.model, 1, 2)) if method == "mean_teacher" else None
+    nets = [n for n in (model, peer, teacher) if n is not None]
+    trained = [p for n in (model, peer) if n is not None for p in n.parameters()]
+    x, y, u = _global_data()
+    shard = (lambda t: t[rank::world]) if world > 1 else (lambda t: t)
+    pseudo = y.clone()
+    pseudo[2:, 10:] = 255  # pseudo_label's targets: some pixels uncovered, unevenly over the ranks
+    step = BaselineStep(shard(u), shard(pseudo) if method == "pseudo_label" else None, shard(x), shard(y))
+    before = [torch.cat([p.detach().reshape(-1).clone() for p in n.parameters()]) for n in nets]
+    stats = baseline_epoch(model, torch.optim.SGD(trained, lr=0.01), iter([step]), cfg, teacher=teacher, peer=peer,
+                           step0=3, rampup_steps=0, collectives=col)
+    moved = [torch.cat([p.detach().reshape(-1) for p in n.parameters()]) - b for n, b in zip(nets, before)]
+    return {"stats": stats, "moved": moved}
+
+
 def _rank_main(rank: int, world: int, init_file: str, out: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         col = TorchCollectives(torch.device("cpu"))
         out[rank] = {m: _step(m, rank, world, col) for m in [*METHODS, "cssl"]}
+        out[rank] = {**out[rank], **{f"paper_{m}": _paper_step(m, rank, world, col) for m in PAPER_METHODS}}
     finally:
         dist.destroy_process_group()
 
@@ -130,3 +160,18 @@ def test_a_joint_cssl_step_keeps_the_ranks_equal(two_ranks):
     assert stats[0] == stats[1]
     for a, b in zip(two_ranks[0]["cssl"]["moved"], two_ranks[1]["cssl"]["moved"]):
         assert torch.equal(a, b) and a.abs().max() > 0
+
+
+@pytest.mark.parametrize("method", PAPER_METHODS)
+def test_one_paper_baseline_step_on_two_ranks_equals_one_process(two_ranks, method):
+    torch.set_num_threads(1)
+    one = _paper_step(method, 0, 1, Collectives())
+    if method != "bn_mix":
+        assert one["stats"]["loss_unsup"] > 0
+    for rank in range(WORLD):
+        got = two_ranks[rank][f"paper_{method}"]
+        for k in ("loss", "loss_sup_step", "loss_unsup"):
+            assert got["stats"][k] == pytest.approx(one["stats"][k], rel=1e-4, abs=1e-6), k
+        for mine, ref in zip(got["moved"], one["moved"]):
+            torch.testing.assert_close(mine, ref, rtol=1e-3, atol=1e-7)
+    assert one["moved"][0].abs().max() > 0

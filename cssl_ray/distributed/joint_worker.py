@@ -16,8 +16,7 @@ Ray run there is no labeller pool and no weight store: a joint step needs its ps
 the network of the refresh's start, labelled by each rank on its own shard (D_U is read once per
 run, the rank's slice ``[rank::world]``), so nothing but gradients and counts crosses ranks.
 
-SimCLR pretraining runs whole on every rank (the same images, seed and steps: the same weights;
-rank 0's are then broadcast against non-deterministic kernels): it is not data parallel yet.
+SimCLR pretraining runs whole on every rank (``baseline_worker.pretrain_simclr``): not data parallel yet.
 """
 from __future__ import annotations
 
@@ -26,11 +25,10 @@ from typing import Any
 
 import torch
 
-from cssl_ray.baselines.simclr import simclr_pretrain
 from cssl_ray.config import Config
 from cssl_ray.data.bundle import DataBundle
+from cssl_ray.distributed.baseline_worker import pretrain_simclr
 from cssl_ray.method.collectives import Collectives
-from cssl_ray.method.streams import stream_seed
 from cssl_ray.run.joint import joint_steps, uses_unlabelled
 from cssl_ray.run.labelling import label_round
 from cssl_ray.run.schedule import RunState
@@ -45,11 +43,7 @@ def joint_rounds(state: RunState, cfg: Config, shard: Any, col: Collectives,
     t = cfg.train
     names = shard.source.class_names
     if t.method == "simclr_pretrain" and state.round == 0 and not state.history:
-        images = torch.cat([shard.source.take("labelled")[0], shard.source.take("unlabelled")[0]])
-        generator = torch.Generator().manual_seed(stream_seed(t.seed, "simclr"))
-        pretrained = simclr_pretrain(state.model, images, cfg, generator)
-        col.broadcast_state(state.model)
-        state.history.append({"stage": "pretrain", "round": 0, **pretrained})
+        state.history.append({"stage": "pretrain", "round": 0, **pretrain_simclr(state, cfg, shard, col)})
     unlabelled, hidden = shard.unlabelled() if uses_unlabelled(cfg) else (shard.labelled_images[:0], None)
     bundle = _rank_bundle(shard, unlabelled, names)
     cssl_labels = t.method == "cssl" and (t.use_cl or t.use_cr) and shard.source.count("unlabelled") > 0

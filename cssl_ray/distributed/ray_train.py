@@ -67,10 +67,6 @@ def check_ray_run(cfg: Config, source: DataSource, workers: int, gpus_per_worker
                   gpus_per_labeller: float = 0.0) -> None:
     """One-line ConfigErrors for settings a Train run cannot honour (before Ray starts)."""
     joint = cfg.train.protocol == "joint"
-    if cfg.train.method != "cssl" and not joint:
-        raise ConfigError(f"train.method: {cfg.train.method} under train.protocol paper runs in one process for now "
-                          "(--local; in a space, resources.workers: 0); Ray Train runs every method under "
-                          "train.protocol joint, and cssl under both")
     if placement_strategy not in PLACEMENT_STRATEGIES:
         raise ConfigError(f"--placement-strategy: {placement_strategy!r} is not a placement strategy; "
                           f"allowed: {', '.join(PLACEMENT_STRATEGIES)}")
@@ -90,10 +86,12 @@ def check_ray_run(cfg: Config, source: DataSource, workers: int, gpus_per_worker
     if workers > n_l:
         raise ConfigError(f"--workers: {workers} ranks but only {n_l} labelled images; each rank needs one "
                           f"(use fewer workers or raise data.labelled_fraction / data.labelled_count)")
-    with_u = uses_unlabelled(cfg) if joint else cfg.train.use_cr
+    baseline = cfg.train.method != "cssl"
+    with_u = uses_unlabelled(cfg) if (joint or baseline) else cfg.train.use_cr
     if with_u and n_u and workers > n_u:
         raise ConfigError(f"--workers: {workers} ranks but only {n_u} unlabelled images; each rank needs one "
-                          f"with train.{'method ' + cfg.train.method if joint else 'use_cr'} (use fewer workers)")
+                          f"with train.{'method ' + cfg.train.method if (joint or baseline) else 'use_cr'} "
+                          "(use fewer workers)")
     # The batch sizes are global (each rank holds a share): every rank needs an item of every batch it uses.
     batches = [("train.batch_size", cfg.train.batch_size)]
     if with_u or not joint:

@@ -47,6 +47,7 @@ from cssl_ray.data.bundle import DataSource, open_source
 from cssl_ray.distributed.collectives import TorchCollectives
 from cssl_ray.distributed.train_checkpoints import STATE_FILE, WORLD_FILE, resume_world_message
 from cssl_ray.method.collectives import Collectives, rank_share
+from cssl_ray.run.baseline_rounds import ROUND_METHODS
 from cssl_ray.run.labelling import labelled_confidence
 from cssl_ray.run.loop import evaluate, supervised_epoch
 from cssl_ray.run.schedule import RunState
@@ -181,14 +182,19 @@ def _train_loop(config: dict[str, Any]) -> None:
         from cssl_ray.distributed.joint_worker import joint_rounds
         return joint_rounds(state, cfg, shard, col, validate_and_record, lambda record: _report(state, cfg, record, col))
 
+    from cssl_ray.distributed import baseline_worker as baseline  # the baseline cells' pieces
     if not state.stage_a_done:  # stage A (skipped when resuming past it)
+        pretrained = {}
+        if t.method == "simclr_pretrain" and not state.history:  # before stage A's first epoch
+            pretrained = baseline.pretrain_simclr(state, cfg, shard, col)
         # one report per epoch, as --local's records (MLflow curves and ASHA's round 0 alike whatever
         # the workers); only the last carries a checkpoint: stage A's end
         plan = stage_a_plan(t, source.count("labelled"))
         for epoch, n_steps in enumerate(plan):
             stats = fine_tune(n_steps)
             val = validate_and_record({"stage": "supervised", "round": 0, "epoch": epoch,
-                                       "stage_a_step": sum(plan[:epoch + 1]), **stats})
+                                       "stage_a_step": sum(plan[:epoch + 1]), **stats, **pretrained})
+            pretrained = {}
             # the same loss and val on every rank: the same scheduler step and stop
             last = state.after_stage_a_epoch(epoch, val, stats["loss_sup"]) or epoch == len(plan) - 1
             if last:
@@ -200,11 +206,15 @@ def _train_loop(config: dict[str, Any]) -> None:
             state.finish_stage_a()
             _report(state, cfg, {"stage": "supervised", "round": 0}, col)
 
+    if t.method == "cps" and state.peer is None:  # network B: seed + 1's stage A (a resume restores it)
+        state.peer = baseline.trained_peer(state, shard, col)
     cssl_on = t.use_cl or t.use_cr
     while state.round < t.max_rounds:
         state.start_round()
         record: dict[str, Any] = {"stage": "round", "round": state.round}
-        if cssl_on:
+        if t.method in ROUND_METHODS and source.count("unlabelled"):  # a baseline cell's unlabelled epoch
+            record.update(baseline.baseline_round(state, cfg, shard, col))
+        elif cssl_on:
             if rank == 0 and cfg.train.figures:  # Fig. 2: pseudo-labels of the model published this round
                 state.take_snapshot(cfg, shard.snapshot_images())
             steps = _round_steps(state, cfg, shard, config["labellers"], config["resources"], store_name, col,
@@ -222,6 +232,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                 record.update(labelled_conf)
                 state.check_coverage(record, source.class_names)
         record.update(fine_tune())
+        if state.peer is not None:  # CPS's network B: its own fine-tune epoch
+            record["loss_sup_peer"] = baseline.peer_fine_tune(state, shard, col)
         state.track_best(validate_and_record(record))
         stop = state.should_stop(record)
         _report(state, cfg, record, col)

@@ -33,7 +33,7 @@ from typing import Any
 
 from cssl_ray.config import Config, ConfigError, dump_config, load_config
 from cssl_ray.distributed.ray_init import set_verbose
-from cssl_ray.experiments.ablation_cells import ABLATION_CELLS, BASELINE_CELLS, PROTOCOLS
+from cssl_ray.experiments.ablation_cells import ABLATION_CELLS, PROTOCOLS
 from cssl_ray.experiments.search_space import Space, load_space
 from cssl_ray.experiments.trainable import CELL_KEY, trials_label
 from cssl_ray.experiments.trial_checks import check_trials
@@ -63,10 +63,8 @@ SWEEP_CELLS = ["supervised", "cssl"]
 
 
 def ablation_grid(space: Space, seeds: int, cells: list[str] | None, fractions: list[float] | None,
-                  protocols: list[str] | None = None, base_protocol: str | None = None) -> dict[str, Any]:
-    """Tune param_space: grid over cells x seeds (x labelled fractions) (x train.protocol values).
-    ``base_protocol``: the fixed config's train.protocol (default the space's base config's), what
-    the cells run under when neither ``protocols`` nor the space's ablation.protocols name any."""
+                  protocols: list[str] | None = None) -> dict[str, Any]:
+    """Tune param_space: grid over cells x seeds (x labelled fractions) (x train.protocol values)."""
     from ray import tune
 
     fractions = fractions if fractions is not None else space.ablation.label_fractions
@@ -75,14 +73,9 @@ def ablation_grid(space: Space, seeds: int, cells: list[str] | None, fractions: 
     for protocol in protocols:
         if protocol not in PROTOCOLS:
             raise ConfigError(f"--protocols: {protocol!r} is not a protocol; choose from {', '.join(PROTOCOLS)}")
-    runs_under = protocols or [base_protocol or space.base_config().train.protocol]
-    for c in cells:
+    for c in cells:  # every cell runs in-process (resources.workers 0) or as a Ray Train trial, both protocols
         if c not in ABLATION_CELLS:
             raise ConfigError(f"--cells: {c!r} is not a cell; choose from {', '.join(ABLATION_CELLS)}")
-        # Ray Train trials run every method under the joint protocol, and cssl's cells under both
-        if c in BASELINE_CELLS and space.resources.workers > 0 and "paper" in runs_under:
-            raise ConfigError(f"--cells: {c} under train.protocol paper runs in-process only for now; add --workers 0, "
-                              f"or --protocols joint (resources.workers: {space.resources.workers} runs Ray Train trials)")
     if seeds < 1:
         raise ConfigError(f"--seeds: {seeds} is out of range; allowed: >= 1")
     grid: dict[str, Any] = {CELL_KEY: tune.grid_search(list(cells)), "train.seed": tune.grid_search(list(range(seeds)))}
@@ -145,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         base = fixed_config(space, args.config, args.storage_path, log=source.append if args.dry_run else print)
         base = space.select(base, args.select_metric, args.select_mode)  # every cell: the space's selection
         seeds = args.seeds if args.seeds is not None else space.ablation.seeds
-        grid = ablation_grid(space, seeds, args.cells, args.fractions, args.protocols,  # imports Ray: after the
-                             base.train.protocol)  # one-line checks
+        grid = ablation_grid(space, seeds, args.cells, args.fractions, args.protocols)  # imports Ray: after the one-line checks
         sweep = "data.labelled_fraction" in grid
         warned: list[str] = []  # warnings of the checks: shown now, not again by every trial
         data = check_trials(space, base, split_varies=sweep, warned=warned, address=args.address,  # before Ray

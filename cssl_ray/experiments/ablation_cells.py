@@ -31,7 +31,6 @@ ABLATION_CELLS: dict[str, dict[str, Any]] = {
     "cps": {**_OFF, "method": "cps"},
     "simclr_pretrain": {**_OFF, "method": "simclr_pretrain"},
 }
-# Ray Train trials run them under train.protocol joint only (paper protocol: in-process, resources.workers 0)
 BASELINE_CELLS = ("bn_mix", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain")
 DEFAULT_CELLS = [c for c in ABLATION_CELLS if c not in BASELINE_CELLS]  # the paper's Table 5 + supervised_all
 # data overrides of a cell (the rest of the split - val, test, the seed - is the experiment's)

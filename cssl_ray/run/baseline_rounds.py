@@ -48,6 +48,7 @@ from cssl_ray.baselines.mean_teacher import consistency_weight, ema_update, mean
 from cssl_ray.baselines.pseudo_label import self_training_loss
 from cssl_ray.config import Config
 from cssl_ray.data.batches import labelled_slices
+from cssl_ray.method.collectives import Collectives
 from cssl_ray.models.precision import Precision, backward_step
 
 ROUND_METHODS = ("bn_mix", "pseudo_label", "mean_teacher", "cps")  # baselines with an unlabelled epoch per round
@@ -87,13 +88,17 @@ def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: It
                    rampup_steps: int = 0,
                    generator: torch.Generator | None = None,
                    precision: Precision | None = None, scaler: torch.amp.GradScaler | None = None,
-                   after_step: Callable[[], None] | None = None) -> dict[str, float]:
+                   after_step: Callable[[], None] | None = None,
+                   collectives: Collectives | None = None) -> dict[str, float]:
     """One unlabelled epoch of ``cfg.train.method`` (module docstring). ``teacher``: Mean Teacher's
     EMA model; ``peer``: CPS's network B (``optimizer`` steps both); ``step0``: unlabelled steps
     taken in earlier rounds (the EMA warm-up and the ramp's clock); ``rampup_steps``: the ramp's
     length in steps; ``generator``: the teacher's input noise. Returns the means of ``loss``,
     ``loss_sup_step`` (the D_L slice's CE) and ``loss_unsup`` (the unlabelled term, weighted), and
-    ``steps``."""
+    ``steps``. ``collectives``: each rank passes its own steps (as many on every rank); every loss
+    is a mean over all ranks' items (``global_mean_of``), the gradients of the model (and the peer)
+    are averaged after each backward, and the returned means are over ranks."""
+    col = collectives or Collectives()
     method, b = cfg.train.method, cfg.baselines
     if method not in ROUND_METHODS:
         raise ValueError(f"baseline_epoch: train.method {method!r} has no unlabelled epoch; allowed: "
@@ -109,6 +114,12 @@ def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: It
     if peer is not None:
         peer.train()
     sums = {"loss": 0.0, "loss_sup_step": 0.0, "loss_unsup": 0.0}
+    trained = [model] + ([peer] if peer is not None else [])
+
+    def average_gradients() -> None:
+        for net in trained:
+            col.average_gradients(net)
+
     done = 0
     for step in steps:
         x_l, y = prec.layout(step.labelled.to(device)), step.masks.to(device)
@@ -116,24 +127,27 @@ def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: It
         n_l = x_l.shape[0]
         with prec.autocast():
             logits = model(torch.cat([x_l, x_u])).float()  # (l + b, C, H, W): one BatchNorm batch
-        sup = F.cross_entropy(logits[:n_l], y, ignore_index=ignore) if n_l else logits.sum() * 0.0
+        sup = global_ce(logits[:n_l], y, ignore, col) if (n_l or col.world_size > 1) else logits.sum() * 0.0
         unsup = logits.sum() * 0.0
         if method == "pseudo_label" and step.pseudo is not None:
-            unsup = b.pseudo_weight * self_training_loss(logits[n_l:], step.pseudo.to(device), ignore)
+            pseudo = step.pseudo.to(device)
+            unsup = b.pseudo_weight * global_mean_of(self_training_loss(logits[n_l:], pseudo, ignore),
+                                                     (pseudo != ignore).sum(), col)
         elif method == "cps":
             with prec.autocast():
                 peer_logits = peer(torch.cat([x_l, x_u])).float()  # (l + b, C, H, W)
-            if n_l:
-                sup = sup + F.cross_entropy(peer_logits[:n_l], y, ignore_index=ignore)
-            unsup = b.cps_weight * cps_loss(logits[n_l:], peer_logits[n_l:])
+            if n_l or col.world_size > 1:
+                sup = sup + global_ce(peer_logits[:n_l], y, ignore, col)
+            unsup = b.cps_weight * global_mean_of(cps_loss(logits[n_l:], peer_logits[n_l:]),
+                                                  peer_logits[n_l:, 0].numel(), col)  # each term: all pixels
         elif method == "mean_teacher":
             with torch.no_grad(), prec.autocast():
                 teacher.train()  # as SSL4MIS: the teacher's BatchNorm uses its batch's statistics
                 t_logits = teacher(prec.layout(noisy(step.unlabelled, b.mt_noise_std, generator).to(device))).float()
             weight = consistency_weight(step0 + done, b.mt_weight, rampup_steps)
-            unsup = weight * mean_teacher_loss(logits[n_l:], t_logits)
+            unsup = weight * global_mean_of(mean_teacher_loss(logits[n_l:], t_logits), t_logits.numel(), col)
         loss = sup + unsup
-        backward_step(loss, optimizer, scaler)
+        backward_step(loss, optimizer, scaler, after_backward=average_gradients)
         if teacher is not None:
             ema_update(teacher, model, b.mt_ema_decay, step0 + done)
         if after_step is not None:
@@ -142,4 +156,21 @@ def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: It
         sums["loss"] += float(loss.detach())
         sums["loss_sup_step"] += float(sup.detach())
         sums["loss_unsup"] += float(unsup.detach())
-    return {**{k: v / max(done, 1) for k, v in sums.items()}, "steps": float(done)}
+    return {**col.mean_floats({k: v / max(done, 1) for k, v in sums.items()}), "steps": float(done)}
+
+
+def global_mean_of(mean: Tensor, count: Tensor | int, col: Collectives) -> Tensor:
+    """A loss that is a mean over this rank's ``count`` items, as its part of the mean over every rank's
+    items (``Collectives.global_mean``: after the gradient average, the gradient of that mean; one
+    process: ``mean`` itself, bit for bit)."""
+    if col.world_size == 1:
+        return mean
+    return col.global_mean(mean * float(count), count)
+
+
+def global_ce(logits: Tensor, target: Tensor, ignore: int, col: Collectives) -> Tensor:
+    """Cross-entropy, the mean over the labelled pixels of every rank's batch (one process: F.cross_entropy)."""
+    if col.world_size == 1:
+        return F.cross_entropy(logits, target, ignore_index=ignore)
+    return col.global_mean(F.cross_entropy(logits, target, ignore_index=ignore, reduction="sum"),
+                           (target != ignore).sum())

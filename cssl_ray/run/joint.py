@@ -55,7 +55,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cssl_ray.baselines.cps import cps_loss
@@ -74,6 +73,7 @@ from cssl_ray.method.streams import stream_seed
 from cssl_ray.models import check_geometry
 from cssl_ray.models.precision import backward_step
 from cssl_ray.run import checkpoint as ckpt
+from cssl_ray.run.baseline_rounds import global_ce, global_mean_of
 from cssl_ray.run.labelling import label_round
 from cssl_ray.run.loop import patch_omega
 from cssl_ray.run.plan import image_patches
@@ -244,24 +244,24 @@ def joint_steps(state: RunState, cfg: Config, bundle: DataBundle, first: int, n_
             inputs = torch.cat([x_l, x_u]) if t.method in UNLABELLED_METHODS else x_l
             with prec.autocast():
                 logits = model(inputs).float()  # (l [+ b], C, H, W): one BatchNorm batch
-            sup = _ce(logits[:n_l], y_l, ignore, col)
+            sup = global_ce(logits[:n_l], y_l, ignore, col)
             unsup = logits.sum() * 0.0
             if t.method == "mean_teacher" and x_u.shape[0]:
                 with torch.no_grad(), prec.autocast():
                     state.ema.train()  # as SSL4MIS: the teacher's BatchNorm normalises by its batch
                     t_logits = state.ema(prec.layout(noisy(x_u, b.mt_noise_std, streams.noise))).float()
-                unsup = w * b.mt_weight * _global(mean_teacher_loss(logits[n_l:], t_logits), t_logits.numel(), col)
+                unsup = w * b.mt_weight * global_mean_of(mean_teacher_loss(logits[n_l:], t_logits), t_logits.numel(), col)
             elif t.method == "pseudo_label" and x_u.shape[0]:
                 with torch.no_grad():
                     conf, hard = logits[n_l:].detach().softmax(1).max(1)
                     hard[conf < cfg.pseudo.threshold] = ignore
-                unsup = w * b.pseudo_weight * _global(self_training_loss(logits[n_l:], hard, ignore),
+                unsup = w * b.pseudo_weight * global_mean_of(self_training_loss(logits[n_l:], hard, ignore),
                                                       (hard != ignore).sum(), col)
             elif t.method == "cps" and x_u.shape[0]:
                 with prec.autocast():
                     peer_logits = state.peer.model(inputs).float()
-                sup = sup + _ce(peer_logits[:n_l], y_l, ignore, col)
-                unsup = w * b.cps_weight * _global(cps_loss(logits[n_l:], peer_logits[n_l:]),
+                sup = sup + global_ce(peer_logits[:n_l], y_l, ignore, col)
+                unsup = w * b.cps_weight * global_mean_of(cps_loss(logits[n_l:], peer_logits[n_l:]),
                                                    peer_logits[n_l:, 0].numel(), col)  # each term: all pixels
         loss = sup + unsup
         backward_step(loss, optimizer, state.cssl_scaler, after_backward=average_gradients)
@@ -285,22 +285,6 @@ def joint_steps(state: RunState, cfg: Config, bundle: DataBundle, first: int, n_
         if t.use_cl:
             result["patches_per_step"] = realised / done
     return result
-
-
-def _global(mean: Tensor, count: Tensor | int, col: Collectives) -> Tensor:
-    """A loss that is a mean over this rank's ``count`` items, as its part of the mean over every rank's
-    items (``Collectives.global_mean``; one process: ``mean`` itself)."""
-    if col.world_size == 1:
-        return mean
-    return col.global_mean(mean * float(count), count)
-
-
-def _ce(logits: Tensor, target: Tensor, ignore: int, col: Collectives) -> Tensor:
-    """Cross-entropy, the mean over the global batch's labelled pixels."""
-    if col.world_size == 1:
-        return F.cross_entropy(logits, target, ignore_index=ignore)
-    return col.global_mean(F.cross_entropy(logits, target, ignore_index=ignore, reduction="sum"),
-                           (target != ignore).sum())
 
 
 def _cssl_step(state: RunState, cfg: Config, x_l: Tensor, y_l: Tensor, l_idx: Tensor, x_u: Tensor, p_u: Tensor,

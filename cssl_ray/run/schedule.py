@@ -36,6 +36,7 @@ from torch import nn
 
 from cssl_ray.config import Config
 from cssl_ray.evaluation.figures import SNAPSHOT_IMAGES, pseudo_snapshot
+from cssl_ray.method.collectives import Collectives
 from cssl_ray.method.consistency import Teacher, noise_variance
 from cssl_ray.method.contrastive import AuxiliaryGaussian
 from cssl_ray.method.streams import RandomStreams
@@ -67,6 +68,7 @@ class RunState:
         self.optimizer = self._adam(cfg.optim.lr)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=cfg.optim.plateau_factor, patience=cfg.optim.plateau_patience)
+        self.rank = rank
         self.streams = RandomStreams(t.seed, rank)
         self.teacher: Teacher | None = None
         if t.use_cr:
@@ -108,7 +110,8 @@ class RunState:
     def make_peer(self) -> RunState:
         """CPS's network B (``baselines.rounds.peer_config``). Its construction seeds the global RNG:
         callers keep theirs (``local._trained_peer`` forks it; ``load_state_dict`` sets it after)."""
-        return RunState(peer_config(self.cfg), next(self.model.parameters()).device, precision=self.precision)
+        return RunState(peer_config(self.cfg), next(self.model.parameters()).device, rank=self.rank,
+                        precision=self.precision)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -310,15 +313,17 @@ class RunState:
             self.omega = stats["omega"]
         return {"lambda": lambda_, **record, **stats}
 
-    def baseline_epoch(self, cfg: Config, steps: Iterable[BaselineStep], n_steps: int) -> dict[str, float]:
+    def baseline_epoch(self, cfg: Config, steps: Iterable[BaselineStep], n_steps: int,
+                       collectives: Collectives | None = None) -> dict[str, float]:
         """A baseline cell's unlabelled epoch (``baselines.rounds.baseline_epoch``; ``train.method``),
-        on L_tot's optimiser and clock: the same steps, rate and warm-up as a CSSL cell's."""
+        on L_tot's optimiser and clock: the same steps, rate and warm-up as a CSSL cell's
+        (``collectives``: this rank's steps of a data-parallel epoch)."""
         b = cfg.baselines
         ramp = (b.mt_rampup_rounds or cfg.train.max_rounds) * n_steps
         stats = baseline_epoch(self.model, self.cssl_optimizer or self.optimizer, iter(steps), cfg, teacher=self.ema,
                                peer=self.peer.model if self.peer is not None else None, step0=self.l_tot_steps,
                                rampup_steps=ramp, generator=self.streams.noise, precision=self.precision,
-                               scaler=self.cssl_scaler, after_step=self.after_l_tot_step)
+                               scaler=self.cssl_scaler, after_step=self.after_l_tot_step, collectives=collectives)
         stats["lr_cssl"] = (self.cssl_optimizer or self.optimizer).param_groups[0]["lr"]
         return stats
 
