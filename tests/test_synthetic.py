@@ -160,3 +160,22 @@ def test_a_source_keeps_the_rows_it_made_within_its_budget(monkeypatch):
     source.take("unlabelled", [1, 3])  # rows 2 and 4: row 3 (least recently used) leaves
     assert made == [1, 3, 2, 4] and len(bundle._ROWS.rows) == 3
     assert torch.equal(source.take("unlabelled", [2])[0], x[[3]]) and made == [1, 3, 2, 4, 3]
+
+
+def test_percentile_normalisation_is_per_image_and_keyed_in_the_row_cache():
+    """data.normalise: percentile maps each synthetic image's 1st / 99.8th percentiles to 0 / 1 (as the
+    real readers do); the labelled images' brightness then matches D_U's (docs/science.md 0.5)."""
+    from cssl_ray.config import from_dict
+    from cssl_ray.data.bundle import open_source
+    from cssl_ray.data.preprocess import percentile_normalise
+
+    d = {"image_size": [32, 32], "n_train": 12, "n_val": 2, "n_test": 2, "labelled_count": 3}
+    raw = open_source(from_dict({"data": d, "patches": {"size": 16}}).data)
+    norm = open_source(from_dict({"data": {**d, "normalise": "percentile"}, "patches": {"size": 16}}).data)
+    x_raw, y_raw = raw.take("labelled")
+    x, y = norm.take("labelled")  # the same rows, read after the raw ones: not the cached raw pixels
+    assert torch.equal(y, y_raw)
+    for a, b in zip(x_raw.numpy(), x.numpy()):
+        np.testing.assert_allclose(b, percentile_normalise(a, 1.0, 99.8), atol=1e-6)
+        assert b.min() == 0.0 and b.max() == 1.0
+    assert not torch.equal(x, x_raw)

@@ -88,6 +88,8 @@ def validate(cfg: Config) -> Config:
     _check(0.0 < d.labelled_fraction <= 1.0, "data.labelled_fraction", "0 < fraction <= 1", d.labelled_fraction)
     if d.name == "synthetic":  # real datasets check labelled_count against their training pool
         _check(0 <= d.labelled_count <= d.n_train, "data.labelled_count", f"0..data.n_train ({d.n_train})", d.labelled_count)
+        _check(d.normalise in ("auto", "none", "percentile"), "data.normalise",
+               "auto (= none), none or percentile (per image) for synthetic", d.normalise)
     _check(d.labelled_count >= 0, "data.labelled_count", ">= 0", d.labelled_count)
     _check(d.difficulty >= 0, "data.difficulty", ">= 0", d.difficulty)
     _check(bool(d.name) and "/" not in d.name and not d.name.startswith("."), "data.name",

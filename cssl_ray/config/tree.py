@@ -69,7 +69,9 @@ class DataConfig:
     seed: int = 0  # seed of the data generation and of the split
     root: str = ""  # the dataset's folder; "" = data/<name> (nuclei: the wheel, downloaded with pip)
     cache_dir: str = ""  # prepared-dataset cache; "" = $CSSL_RAY_CACHE, else ~/.cache/cssl_ray
-    normalise: Literal["auto", "percentile", "scale", "jsrt12", "none"] = "auto"  # auto = the card's method
+    # auto = the card's method; synthetic: auto / none (as generated) or percentile (each image's 1st-99.8th
+    # percentiles to [0, 1], as the real readers; its images differ in brightness: docs/science.md 0.5)
+    normalise: Literal["auto", "percentile", "scale", "jsrt12", "none"] = "auto"
     val_fraction: float = -1.0  # share of training groups carved into val when the set has no val; -1 = the card's
     test_fraction: float = -1.0  # the same for test; -1 = the card's (CHAOS: 0.15, by patient)
     # > 0: at least this many val images, training images (whole groups) moved to val, seeded, before

@@ -98,7 +98,12 @@ class DataSource:
             d = self.data
             x, y = synthetic_images(idx, d.image_size, d.num_classes, seed=d.seed, difficulty=d.difficulty,
                                     in_channels=d.in_channels)
-            return list(zip(x.numpy(), y.numpy()))
+            images = x.numpy()
+            if d.normalise == "percentile":  # per image, as the real datasets' readers (the card's method: none)
+                from cssl_ray.data.preprocess import Preprocessing, percentile_normalise
+                p = Preprocessing()
+                images = np.stack([percentile_normalise(image, p.low, p.high) for image in images])
+            return list(zip(images, y.numpy()))
         images, masks = _open_store(self).arrays(idx)
         return list(zip(images, masks))
 
@@ -131,7 +136,8 @@ class _RowCache:
 
     def get(self, source: DataSource, idx: list[int]) -> list[tuple[np.ndarray, np.ndarray | None]]:
         d = source.data
-        where = (source.store, d.name, tuple(d.image_size), d.in_channels, d.num_classes, d.seed, d.difficulty)
+        where = (source.store, d.name, tuple(d.image_size), d.in_channels, d.num_classes, d.seed, d.difficulty,
+                 d.normalise)
         missing = sorted({i for i in idx if (where, i) not in self.rows})
         for i, row in zip(missing, source.read_rows(missing) if missing else []):
             self.rows[(where, i)] = row
@@ -240,12 +246,12 @@ def check_dataset(cfg: DataConfig) -> DatasetCard | None:
         raise ConfigError(f"data.name: {e}") from None
     check_card(cfg, card)
     from cssl_ray.data.cache import remote_cache
-    from cssl_ray.data.sources import default_root, missing_message
+    from cssl_ray.data.sources import WHEEL_FORMATS, default_root, missing_message
     try:
         remote = remote_cache(cfg.cache_dir or None)
     except DatasetError as e:
         raise ConfigError(f"data.cache_dir: {e}") from None
-    if card.format not in ("nuclei", "synthetic") and not remote:  # a remote cache needs no raw files
+    if card.format not in (*WHEEL_FORMATS, "synthetic") and not remote:  # a remote cache needs no raw files
         root = Path(cfg.root).expanduser().resolve() if cfg.root else default_root(card.name)
         if not root.exists():
             raise ConfigError(missing_message(card, root))

@@ -13,6 +13,7 @@ from cssl_ray.data.readers import Reader
 from cssl_ray.data.sample import DatasetError
 
 NUCLEI_NOTE = "the nuclei set needs no download (configs/nuclei.yaml)"
+WHEEL_FORMATS = ("nuclei", "nuclei_tiles")  # read from the mnfinder wheel, which they fetch with pip
 
 
 class DatasetMissing(DatasetError):
@@ -32,7 +33,7 @@ def missing_message(card: DatasetCard, root: Path) -> str:
 
 def resolve_root(card: DatasetCard, root: str | Path | None, cache: Path, reader: Reader) -> Path | None:
     """The dataset's source on disk (nuclei: the wheel, downloaded if needed; synthetic: None)."""
-    if card.format == "nuclei":
+    if card.format in WHEEL_FORMATS:
         from cssl_ray.data import nuclei
         return nuclei.locate(root, cache / "downloads")
     if not reader.needs_root:
