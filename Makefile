@@ -6,10 +6,12 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test env
 
+# --no-compile: no .pyc for the ~10k files of torch, Ray and MLflow at install (a fresh machine, CI); Python
+# compiles what it imports on first use
 env:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
-	@$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	@$(PY) -m pip install -q --no-compile -c constraints.txt -e '.[test]'
 
 demo: env
 	$(PY) -m cssl_ray.demo

@@ -176,12 +176,13 @@ def test_cps_on_two_workers_keeps_both_networks_equal_on_every_rank(ray_session,
     """CPS on Ray Train, 2 ranks, no labellers: the joint protocol (``joint_worker``), and the paper's
     (``baseline_worker``: network B's own stage A, its fine-tune epochs, the unlabelled epochs)."""
     result = run_ray(cfg(tmp_path, f"train.protocol={protocol}", "train.method=cps", "train.use_cl=false",
-                         "train.use_cr=false", "train.use_hard_negatives=false", "train.total_steps=6",
-                         "train.pseudo_refresh_steps=3", "train.max_rounds=2"), workers=2, resources=RES)
+                         "train.use_cr=false", "train.use_hard_negatives=false", "train.total_steps=4",
+                         "train.pseudo_refresh_steps=2", "train.max_rounds=2", "train.stage_a_steps=2"),
+                     workers=2, resources=RES)
     rounds = [r for r in result.history if r.get("stage") == "round"]
     assert [r["round"] for r in rounds] == [1, 2]
     if protocol == "joint":
-        assert [r["joint_step"] for r in rounds] == [3, 6] and len(result.reports) == 2
+        assert [r["joint_step"] for r in rounds] == [2, 4] and len(result.reports) == 2
     else:  # stage A's last epoch, then the rounds; B trained alongside
         assert all(r["steps"] > 0 and math.isfinite(r["loss_sup_peer"]) for r in rounds)
         assert [int(m["round"]) for m in result.reports] == [0, 1, 2]
