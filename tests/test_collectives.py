@@ -3,49 +3,38 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import on_ranks
 
 from cssl_ray.distributed.collectives import TorchCollectives
 from cssl_ray.method.collectives import Collectives
 
 
-def _rank_main(rank: int, world: int, init_file: str, out: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        col = TorchCollectives(torch.device("cpu"))
-        res: dict = {}
-        res["steps"] = col.agree_steps(3 + rank)  # 3, 4 -> 3
-        res["mean"] = col.mean_floats({"b": 2.0 * rank, "a": 1.0})  # keys in any order
-        res["sum"] = col.sum_(torch.tensor([rank + 1, 10], dtype=torch.int64)).tolist()
-        res["gather"] = col.gather(torch.full((rank + 1, 2), float(rank))).tolist()  # 1 row, then 2 rows
-        res["bcast"] = col.broadcast_float(0.5 + rank)
-        # Different data on each rank: after averaging, both ranks hold the mean gradient.
-        torch.manual_seed(rank)  # different initial weights too: broadcast_state must equalise them
-        model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-        col.broadcast_state(model)
-        x = torch.arange(12.0).reshape(4, 3) * (rank + 1)
-        model(x).pow(2).sum().backward()
-        local = [p.grad.clone() for p in model.parameters()]
-        col.average_gradients(model)
-        res["local_grads"] = [g.tolist() for g in local]
-        res["grads"] = [p.grad.tolist() for p in model.parameters()]
-        res["params"] = [p.detach().tolist() for p in model.parameters()]
-        res["objects"] = col.gather_objects({"rank": rank})
-        col.barrier()
-        out[rank] = res
-    finally:
-        dist.destroy_process_group()
+def _rank_results(rank: int, world: int, col: TorchCollectives) -> dict:
+    res: dict = {}
+    res["steps"] = col.agree_steps(3 + rank)  # 3, 4 -> 3
+    res["mean"] = col.mean_floats({"b": 2.0 * rank, "a": 1.0})  # keys in any order
+    res["sum"] = col.sum_(torch.tensor([rank + 1, 10], dtype=torch.int64)).tolist()
+    res["gather"] = col.gather(torch.full((rank + 1, 2), float(rank))).tolist()  # 1 row, then 2 rows
+    res["bcast"] = col.broadcast_float(0.5 + rank)
+    # Different data on each rank: after averaging, both ranks hold the mean gradient.
+    torch.manual_seed(rank)  # different initial weights too: broadcast_state must equalise them
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    col.broadcast_state(model)
+    x = torch.arange(12.0).reshape(4, 3) * (rank + 1)
+    model(x).pow(2).sum().backward()
+    local = [p.grad.clone() for p in model.parameters()]
+    col.average_gradients(model)
+    res["local_grads"] = [g.tolist() for g in local]
+    res["grads"] = [p.grad.tolist() for p in model.parameters()]
+    res["params"] = [p.detach().tolist() for p in model.parameters()]
+    res["objects"] = col.gather_objects({"rank": rank})
+    col.barrier()
+    return res
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    init_file = str(tmp_path_factory.mktemp("gloo") / "init")
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank_main, args=(2, init_file, out), nprocs=2, join=True)
-        return dict(out)
+    return on_ranks(_rank_results, 2, tmp_path_factory.mktemp("gloo"))
 
 
 def test_scalars_and_gathers(results):

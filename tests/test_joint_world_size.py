@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch import nn
+from gloo_ranks import group_norm, on_ranks
 
 from cssl_ray.config import load_config
 from cssl_ray.data.bundle import DataBundle
 from cssl_ray.data.splits import Split
-from cssl_ray.distributed.collectives import TorchCollectives
 from cssl_ray.method.collectives import Collectives
 from cssl_ray.models import create_model
 from cssl_ray.run.baseline_rounds import BaselineStep, baseline_epoch
@@ -41,15 +38,6 @@ def _cfg(method: str):
     })
 
 
-def _group_norm(model: nn.Module) -> nn.Module:
-    for name, child in model.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(model, name, nn.GroupNorm(1, child.num_features))
-        else:
-            _group_norm(child)
-    return model
-
-
 def _global_data():
     g = torch.Generator().manual_seed(3)
     masks = torch.randint(0, 2, (4, 32, 32), generator=g)
@@ -63,7 +51,7 @@ def _step(method: str, rank: int, world: int, col: Collectives) -> dict:
     state = joint_state(cfg, torch.device("cpu"), rank)
     nets = [state.model] + [n for n in (state.ema, state.peer.model if state.peer else None) if n is not None]
     for net in nets:
-        _group_norm(net)
+        group_norm(net)
     if state.ema is not None:  # a teacher that differs from the student, so its MSE is not trivially zero
         g = torch.Generator().manual_seed(5)
         with torch.no_grad():
@@ -96,11 +84,11 @@ def _paper_step(method: str, rank: int, world: int, col: Collectives) -> dict:
     """One step of the paper protocol's unlabelled epoch on this rank's share of the global batch."""
     cfg = _cfg(method)
     torch.manual_seed(0)
-    model = _group_norm(create_model(cfg.model, 1, 2))
+    model = group_norm(create_model(cfg.model, 1, 2))
     torch.manual_seed(1)
-    peer = _group_norm(create_model(cfg.model, 1, 2)) if method == "cps" else None
+    peer = group_norm(create_model(cfg.model, 1, 2)) if method == "cps" else None
     torch.manual_seed(2)
-    teacher = _group_norm(create_model(cfg.model, 1, 2)) if method == "mean_teacher" else None
+    teacher = group_norm(create_model(cfg.model, 1, 2)) if method == "mean_teacher" else None
     nets = [n for n in (model, peer, teacher) if n is not None]
     trained = [p for n in (model, peer) if n is not None for p in n.parameters()]
     x, y, u = _global_data()
@@ -115,24 +103,14 @@ def _paper_step(method: str, rank: int, world: int, col: Collectives) -> dict:
     return {"stats": stats, "moved": moved}
 
 
-def _rank_main(rank: int, world: int, init_file: str, out: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        col = TorchCollectives(torch.device("cpu"))
-        out[rank] = {m: _step(m, rank, world, col) for m in [*METHODS, "cssl"]}
-        out[rank] = {**out[rank], **{f"paper_{m}": _paper_step(m, rank, world, col) for m in PAPER_METHODS}}
-    finally:
-        dist.destroy_process_group()
+def _all_steps(rank: int, world: int, col: Collectives) -> dict:
+    out = {m: _step(m, rank, world, col) for m in [*METHODS, "cssl"]}
+    return {**out, **{f"paper_{m}": _paper_step(m, rank, world, col) for m in PAPER_METHODS}}
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    init_file = str(tmp_path_factory.mktemp("gloo") / "init")
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank_main, args=(WORLD, init_file, out), nprocs=WORLD, join=True)
-        return dict(out)
+    return on_ranks(_all_steps, WORLD, tmp_path_factory.mktemp("gloo"))
 
 
 @pytest.mark.parametrize("method", METHODS)

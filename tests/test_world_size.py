@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch import nn
+from gloo_ranks import group_norm, on_ranks
 
 from cssl_ray.config import from_dict
-from cssl_ray.distributed.collectives import TorchCollectives
 from cssl_ray.method.collectives import Collectives, positions_of_rank, rank_share
 from cssl_ray.method.consistency import Teacher
 from cssl_ray.method.contrastive import AuxiliaryGaussian
@@ -34,17 +31,6 @@ def _cfg():
     })
 
 
-def _group_norm(model: nn.Module) -> nn.Module:
-    """BatchNorm -> GroupNorm(1, C): per-sample statistics, so the step does not depend on how a
-    batch is split (BatchNorm's per-rank statistics are the documented exception; train.sync_bn)."""
-    for name, child in model.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(model, name, nn.GroupNorm(1, child.num_features))
-        else:
-            _group_norm(child)
-    return model
-
-
 def _global_batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     masks = torch.randint(0, 2, (4, 32, 32), generator=g)
@@ -58,7 +44,7 @@ def _step(rank: int, world: int, col: Collectives) -> dict:
     """One supervised step and one L_tot step of this rank's share ([rank::world]) of the global batch."""
     cfg = _cfg()
     torch.manual_seed(0)
-    model = _group_norm(create_model(cfg.model, 1, 2))
+    model = group_norm(create_model(cfg.model, 1, 2))
     teacher = Teacher(model)
     with torch.no_grad():  # a teacher that differs from the student, so L_CR is not trivially small
         for p in teacher.model.parameters():
@@ -84,22 +70,9 @@ def _step(rank: int, world: int, col: Collectives) -> dict:
     return res
 
 
-def _rank_main(rank: int, world: int, init_file: str, out: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        out[rank] = _step(rank, world, TorchCollectives(torch.device("cpu")))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    init_file = str(tmp_path_factory.mktemp("gloo") / "init")
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank_main, args=(WORLD, init_file, out), nprocs=WORLD, join=True)
-        return dict(out)
+    return on_ranks(_step, WORLD, tmp_path_factory.mktemp("gloo"))
 
 
 def test_one_step_on_two_ranks_equals_one_process(two_ranks):
