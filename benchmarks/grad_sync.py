@@ -1,18 +1,23 @@
-"""Benchmark: the trainer's explicit gradient all-reduce against DDP, on 2 gloo ranks.
+"""Benchmark: the trainer's two gradient syncs, explicit all-reduce (old) against DDP (new), on 2 gloo ranks.
 
     python benchmarks/grad_sync.py [--config configs/demo_synthetic.yaml] [--batch 8] [--repeats 10]
                                    [--json benchmarks/results/grad_sync.json] [--smoke]
 
-``cssl_ray.method.collectives`` averages gradients with ONE all-reduce of all of them, flattened, after
-every backward (the CSSL step calls encode / decode / project separately, which DDP's reducer does
-not allow; see that module). DDP instead all-reduces buckets during the backward, overlapping
-communication with computation. This measures what the choice costs, on the step DDP can run: a
-supervised step (forward, cross-entropy, backward, gradient sync, Adam; the projection head frozen,
-as no supervised loss reaches it) of the config's model on a batch of ``--batch`` images per rank, on 2 CPU processes (gloo), one torch thread each:
+``train.grad_sync: explicit`` (``cssl_ray.method.collectives``, the default) averages gradients with ONE
+all-reduce of all of them, flattened, after every backward. ``train.grad_sync: ddp``
+(``distributed.collectives.DDPCollectives``) runs each step's forward inside torch DDP around a step
+module (so the CSSL step's encode / decode / project calls are inside it too) and all-reduces buckets
+during the backward, overlapping communication with computation. This measures both as the trainer
+runs them, on a supervised step (forward, cross-entropy, backward, gradient sync, Adam; the
+projection head frozen, as no supervised loss reaches it) of the config's model on a batch of
+``--batch`` images per rank, on 2 CPU processes (gloo), one torch thread each:
 
   none       no sync (each rank alone): the compute floor
-  explicit   ``TorchCollectives.average_gradients`` after the backward (the trainer's)
-  ddp        ``DistributedDataParallel`` (bucketed all-reduce during the backward)
+  explicit   ``TorchCollectives.average_gradients`` after the backward (old, the default)
+  ddp        ``DDPCollectives``: DDP around the step module, find_unused_parameters (new)
+
+On gloo and CPUs there is little to overlap (the ranks share the cores that would compute); the
+figure that matters, on NCCL and GPUs, is what ``benchmarks/gpu_check.sh`` is for.
 
 Each mode: 2 warm-up steps, then the median of ``--repeats`` steps, rank 0's clock after a barrier.
 Figures: ms per step, and explicit / ddp (target <= 1.1: not slower than DDP within 10%).
@@ -36,7 +41,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from cssl_ray.config import ConfigError, load_config, merge, to_dict
-from cssl_ray.distributed.collectives import TorchCollectives
+from cssl_ray.distributed.collectives import DDPCollectives, TorchCollectives
 from cssl_ray.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,14 +95,14 @@ def _rank(rank: int, world: int, init_file: str, config: dict[str, Any], batch: 
             model = create_model(cfg.model, d.in_channels, d.num_classes).train()
             for p in model.head.parameters():  # the projection head: no part of a supervised step
                 p.requires_grad_(False)
-            net = torch.nn.parallel.DistributedDataParallel(model) if mode == "ddp" else model
-            opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+            sync = DDPCollectives(torch.device("cpu"), model) if mode == "ddp" else col
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
             def step() -> None:
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(net(x), y).backward()
-                if mode == "explicit":
-                    col.average_gradients(model)
+                F.cross_entropy(sync.step(model, lambda m: m(x)), y).backward()
+                if mode != "none":
+                    sync.average_gradients(model)  # DDPCollectives: already averaged during the backward
                 opt.step()
 
             results[mode] = _time_steps(step, repeats)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from gloo_ranks import group_norm, on_ranks
 
 from cssl_ray.config import from_dict
+from cssl_ray.distributed.collectives import DDPCollectives
 from cssl_ray.method.collectives import Collectives, positions_of_rank, rank_share
 from cssl_ray.method.consistency import Teacher
 from cssl_ray.method.contrastive import AuxiliaryGaussian
@@ -40,11 +42,14 @@ def _global_batch() -> dict[str, torch.Tensor]:
             "unlabelled": torch.randn(4, 1, 32, 32, generator=g)}
 
 
-def _step(rank: int, world: int, col: Collectives) -> dict:
-    """One supervised step and one L_tot step of this rank's share ([rank::world]) of the global batch."""
+def _step(rank: int, world: int, col: Collectives, ddp: bool = False) -> dict:
+    """One supervised step and one L_tot step of this rank's share ([rank::world]) of the global batch
+    (``ddp``: the gradients synced by ``DDPCollectives``, train.grad_sync ddp)."""
     cfg = _cfg()
     torch.manual_seed(0)
     model = group_norm(create_model(cfg.model, 1, 2))
+    if ddp:
+        col = DDPCollectives(torch.device("cpu"), model)
     teacher = Teacher(model)
     with torch.no_grad():  # a teacher that differs from the student, so L_CR is not trivially small
         for p in teacher.model.parameters():
@@ -56,23 +61,48 @@ def _step(rank: int, world: int, col: Collectives) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     res.update(supervised_epoch(model, opt, b["images"], b["masks"], batch_size=rank_share(4, rank, world), steps=1,
                                 augment=False, collectives=col))
+    res["without_grad"] = [i for i, p in enumerate(model.parameters()) if p.grad is None]  # the projection head
     streams = RandomStreams(0, rank)
     aux = AuxiliaryGaussian(cfg.model.embed_dim, seed=0)
-    out = cssl_objective(model, teacher, StepInputs(b["patches"], b["classes"], b["unlabelled"]), Terms.of(cfg),
-                         lambda_=0.0, streams=streams, aux=aux, collectives=col)
+    inputs = StepInputs(b["patches"], b["classes"], b["unlabelled"])
+    out = col.step(model, lambda m: cssl_objective(m, teacher, inputs, Terms.of(cfg), lambda_=0.0, streams=streams,
+                                                   aux=aux, collectives=col))
     opt.zero_grad()
     out["loss"].backward()
     col.average_gradients(model)
     opt.step()
     res.update(col.mean_floats({k: float(out[k].detach()) for k in ("loss_cl", "loss_cr")}))
     res["anchors"] = int(out["anchors"])
+    for through_step in (False, True):  # a step calling the model directly (the baselines' path), then one through step
+        opt.zero_grad()
+        logits = col.step(model, lambda m: m(b["images"])) if through_step else model(b["images"])
+        col.global_mean(F.cross_entropy(logits, b["masks"], ignore_index=255, reduction="sum"),
+                        (b["masks"] != 255).sum()).backward()
+        col.average_gradients(model)
+        opt.step()
     res["params"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return res
+
+
+def _step_ddp(rank: int, world: int, col: Collectives) -> dict:
+    return _step(rank, world, col, ddp=True)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     return on_ranks(_step, WORLD, tmp_path_factory.mktemp("gloo"))
+
+
+def test_ddp_steps_equal_the_explicit_sync(two_ranks, tmp_path):
+    """train.grad_sync ddp: the same two steps with DDP's bucketed all-reduce during the backward end
+    where the explicit all-reduce after it ends, with the same parameters left without a gradient."""
+    ddp = on_ranks(_step_ddp, WORLD, tmp_path)
+    for rank in range(WORLD):
+        assert ddp[rank]["without_grad"] == two_ranks[rank]["without_grad"] and ddp[rank]["without_grad"]
+        for k in ("loss_sup", "loss_cl", "loss_cr"):
+            assert ddp[rank][k] == pytest.approx(two_ranks[rank][k], abs=1e-6), k
+        torch.testing.assert_close(ddp[rank]["params"], two_ranks[rank]["params"], atol=1e-6, rtol=0)
+    assert torch.equal(ddp[0]["params"], ddp[1]["params"])
 
 
 def test_one_step_on_two_ranks_equals_one_process(two_ranks):

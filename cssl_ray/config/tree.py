@@ -268,6 +268,11 @@ class TrainConfig:
     # SyncBatchNorm, CUDA only). Off, each rank normalises its share of a batch by its own statistics:
     # the one part of a step that depends on the worker count (cssl_ray.method.collectives)
     sync_bn: bool = False
+    # Ray runs with several workers: how gradients are averaged. "explicit": one all-reduce of all of them,
+    # flattened, after each backward (cssl_ray.method.collectives); "ddp": torch DistributedDataParallel
+    # around a step module (distributed.collectives.DDPCollectives): bucketed all-reduces overlapped with
+    # the backward, for the paper protocol's supervised and L_tot steps (other steps: explicit)
+    grad_sync: Literal["explicit", "ddp"] = "explicit"
     # torch intra-op CPU threads; 0 = torch's default (all cores). Small models on a shared 2-core
     # box run ~5x faster with 1 (measured: nuclei config 10.5 min at 2 threads vs 2.2 min at 1)
     num_threads: int = 0

@@ -6,6 +6,9 @@ docstring of cssl_ray.method.collectives. Plain torch: no Ray here either.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -119,3 +122,53 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         summed = ctx.col.sum_(grad.contiguous())
         return summed[ctx.start:ctx.start + ctx.rows], None
+
+
+class _StepModule(nn.Module):
+    """What DDP wraps: ``forward(fn)`` runs ``fn(net)``, a whole step's forward computation, so every
+    call the step makes (``encode``, ``decode``, ``project``, not only ``forward``) is inside one DDP
+    forward, and DDP's reducer expects the backward that follows."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, fn: Callable[[nn.Module], Any]) -> Any:
+        return fn(self.net)
+
+
+class DDPCollectives(TorchCollectives):
+    """``TorchCollectives`` whose steps on ``model`` sync gradients with torch DistributedDataParallel:
+    bucketed all-reduces launched during the backward as each bucket's gradients are ready, instead of
+    one all-reduce after it (``train.grad_sync: ddp``).
+
+    ``step(model, fn)`` runs ``fn`` inside DDP's forward (``_StepModule``); the ``average_gradients``
+    call after that backward then has nothing left to do. A backward whose forward did not go
+    through ``step`` (a path that calls the model directly, another network) is averaged explicitly,
+    so no path is ever left unsynced. DDP's settings: ``find_unused_parameters`` (the projection head
+    gets no gradient in a supervised step; parameters no rank used keep no gradient, as with the
+    explicit sync), no buffer broadcast at each forward (BatchNorm statistics stay per rank and are
+    broadcast after each epoch, as with the explicit sync). ``gather_with_grad`` works unchanged inside
+    the step: the contrastive negatives of every rank still reach L_CL."""
+
+    def __init__(self, device: torch.device, model: nn.Module) -> None:
+        super().__init__(device)
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.model = model
+        self.ddp = DistributedDataParallel(
+            _StepModule(model), device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=True, broadcast_buffers=False)
+        self._synced = False  # the pending backward's forward ran inside DDP
+
+    def step(self, model: nn.Module, forward: Callable[[nn.Module], Any]) -> Any:
+        if model is not self.model or not torch.is_grad_enabled():
+            return forward(model)
+        self._synced = True
+        return self.ddp(forward)
+
+    def average_gradients(self, model: nn.Module) -> None:
+        if model is self.model and self._synced:
+            self._synced = False  # DDP averaged them during the backward
+            return
+        super().average_gradients(model)

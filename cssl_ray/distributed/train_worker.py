@@ -14,10 +14,12 @@
 
 Design choices:
 - Gradients: data parallel over the process group Ray Train sets up (gloo on CPU, NCCL on GPU),
-  but with one explicit all-reduce of the gradients after every backward instead of a DDP
+  by default with one explicit all-reduce of the gradients after every backward instead of a DDP
   wrapper, because the L_tot step reaches encode/decode/project, not forward (see
-  ``cssl_ray.method.collectives``). ``prepare_model`` only places the student on the device. The teacher
-  is a plain module, never wrapped, never given gradients.
+  ``cssl_ray.method.collectives``); ``train.grad_sync: ddp`` runs the supervised and L_tot steps
+  inside DDP around a step module instead (``collectives.DDPCollectives``: bucketed all-reduces
+  overlapped with the backward). ``prepare_model`` only places the student on the device. The
+  teacher is a plain module, never wrapped, never given gradients.
 - World-size invariance: ``train.batch_size``, ``consistency.batch_size`` and ``patches.batch_size``
   are global. Each rank takes its ``rank_share`` of every batch, L_CL runs on the all-gathered
   embeddings (so every anchor sees the paper's 816-patch batch whatever the worker count), pixel
@@ -149,6 +151,9 @@ def _train_loop(config: dict[str, Any]) -> None:
         state.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.model)
     ray.train.torch.prepare_model(state.model, parallel_strategy=None)
     col.broadcast_state(state.model)
+    if world > 1 and t.grad_sync == "ddp":  # bucketed, overlapped all-reduces for the student's steps
+        from cssl_ray.distributed.collectives import DDPCollectives
+        col = DDPCollectives(device, state.model)
     if joint:
         from cssl_ray.distributed.joint_worker import broadcast_networks
         broadcast_networks(state, col)  # the EMA teacher and CPS's B start equal too

@@ -29,6 +29,9 @@ Plain torch: no Ray here.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from torch import Tensor, nn
 
 
@@ -41,6 +44,12 @@ class Collectives:
     def agree_steps(self, n: int) -> int:
         """The number of steps every rank can run: the minimum over ranks."""
         return n
+
+    def step(self, model: nn.Module, forward: Callable[[nn.Module], Any]) -> Any:
+        """``forward(model)``: a training step's forward computation (everything whose backward the
+        step runs). A data-parallel implementation may run it inside a wrapper that syncs the
+        gradients during the backward (``DDPCollectives``); ``average_gradients`` stays the call after it."""
+        return forward(model)
 
     def average_gradients(self, model: nn.Module) -> None:
         """Replace each parameter's gradient by its mean over ranks."""

@@ -56,7 +56,7 @@ def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
             x, y = flip_rotate(x, y, generator)
         x, y = prec.layout(x.to(device)), y.to(device)
         with prec.autocast():
-            logits = model(x)  # (B, C, H, W), bf16 / fp16 under amp
+            logits = col.step(model, lambda m: m(x))  # (B, C, H, W), bf16 / fp16 under amp
         # the mean over the GLOBAL batch's labelled pixels (every rank's share; collectives.global_mean)
         loss = col.global_mean(F.cross_entropy(logits.float(), y, ignore_index=ignore_index, reduction="sum"),
                                (y != ignore_index).sum())
@@ -152,8 +152,8 @@ def cssl_epoch(model: nn.Module, teacher: Teacher | None, optimizer: torch.optim
                     x_l, y_l = flip_rotate(x_l, y_l, streams.ltot_sup)
                 inputs.labelled, inputs.labelled_masks = prec.layout(x_l.to(device)), y_l.to(device)
             with prec.autocast():  # the losses themselves are computed in fp32
-                out = cssl_objective(model, teacher if t.use_cr else None, inputs, terms, lambda_=lambda_,
-                                     aux=aux, streams=streams, collectives=col)
+                out = col.step(model, lambda m: cssl_objective(m, teacher if t.use_cr else None, inputs, terms,
+                                                               lambda_=lambda_, aux=aux, streams=streams, collectives=col))
             backward_step(out["loss"], optimizer, scaler, after_backward=lambda: col.average_gradients(model))
             if after_step is not None:
                 after_step()
