@@ -149,7 +149,9 @@ class DDPCollectives(TorchCollectives):
     gets no gradient in a supervised step; parameters no rank used keep no gradient, as with the
     explicit sync), no buffer broadcast at each forward (BatchNorm statistics stay per rank and are
     broadcast after each epoch, as with the explicit sync). ``gather_with_grad`` works unchanged inside
-    the step: the contrastive negatives of every rank still reach L_CL."""
+    the step: the contrastive negatives of every rank still reach L_CL. DDP's reducer logs once per
+    rank that an L_tot step left no parameter unused (find_unused_parameters' extra graph traversal:
+    the supervised steps need it)."""
 
     def __init__(self, device: torch.device, model: nn.Module) -> None:
         super().__init__(device)
@@ -158,7 +160,7 @@ class DDPCollectives(TorchCollectives):
         self.model = model
         self.ddp = DistributedDataParallel(
             _StepModule(model), device_ids=[device] if device.type == "cuda" else None,
-            find_unused_parameters=True, broadcast_buffers=False)
+            find_unused_parameters=True, forward_sync_buffers=False)
         self._synced = False  # the pending backward's forward ran inside DDP
 
     def step(self, model: nn.Module, forward: Callable[[nn.Module], Any]) -> Any:
