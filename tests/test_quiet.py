@@ -86,20 +86,34 @@ def test_a_failed_worker_is_one_line(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_a_smoke_ray_run_prints_a_few_lines(tmp_path):
-    """2 Train workers, stage A and one streamed round: the project's lines and the result only."""
+    """2 Train workers of the joint protocol's CPS (``joint_worker``; its two networks, no labellers):
+    the project's lines and the result only. The same run is the end-to-end check of the joint
+    protocol on Ray Train (CI time: one fit for both); the paper protocol's 2-worker runs are in
+    test_multinode.py (CSSL, labellers) and test_distributed.py (CPS)."""
+    import json
+
+    import torch
     from conftest_ray import ray_test_env
 
+    cps = ["train.protocol=joint", "train.method=cps", "train.use_cl=false", "train.use_cr=false",
+           "train.use_hard_negatives=false", "train.total_steps=4", "train.pseudo_refresh_steps=2"]
     with ray_test_env("cssl_quiet") as ray_tmp:
         env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
         env.pop(VERBOSE_ENV, None)
         done = subprocess.run(
             [sys.executable, "-m", "cssl_ray.train", "--config", "configs/smoke.yaml", "--workers", "2",
-             "--out", str(tmp_path / "run"), "--no-track", "--set", "train.max_rounds=1"],
+             "--out", str(tmp_path / "run"), "--no-track", *[a for kv in cps for a in ("--set", kv)]],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     lines = output.splitlines()
     assert len(lines) <= 60, f"{len(lines)} lines:\n" + "\n".join(lines[:80])
     assert [w for w in RAY_WORDS if w in output] == [], output[-3000:]
-    assert "[cssl_ray] supervised epoch 0" in output and "[cssl_ray] round 1" in output  # progress kept
+    assert "[cssl_ray] round 1" in output and "[cssl_ray] round 2" in output  # progress kept
     assert '"test": {' in done.stdout  # the result
+    # the joint protocol on 2 ranks: both networks checkpointed, ranks bitwise equal at every report
+    last = max((tmp_path / "run" / "ray_train").rglob("world.json"), key=lambda f: json.loads(f.read_text())["round"])
+    saved = torch.load(last.parent / "state.pt", weights_only=False)
+    rounds = [h for h in saved["history"] if h.get("stage") == "round"]
+    assert [h["joint_step"] for h in rounds] == [2, 4] and all(h["ranks_identical"] == 1.0 for h in rounds)
+    assert saved["peer"] is not None and len(saved["rank_streams"]) == 2

@@ -337,6 +337,7 @@ def _report(state: RunState, cfg: Config, record: dict[str, Any], col: Collectiv
     digests = col.gather_objects(_parameter_digest(state.model))
     metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str))}
     metrics["ranks_identical"] = float(len(set(digests)) == 1)  # data-parallel invariant, checked every report
+    record["ranks_identical"] = metrics["ranks_identical"]  # and kept in the history (checkpoints, MLflow)
     if col.rank != 0 or not checkpoint:
         ray.train.report(metrics, checkpoint=None)
         return
