@@ -9,7 +9,7 @@ import yaml
 from cssl_ray.data.cards import CardError, card_names, datasets_dir, load_card
 from cssl_ray.data.preprocess import Preprocessing
 
-SHIPPED = ["chaos", "folder", "idrid", "jsrt", "monuseg", "nuclei", "synthetic"]
+SHIPPED = ["chaos", "folder", "idrid", "jsrt", "monuseg", "nuclei", "nuclei_tiles", "synthetic"]
 
 
 def test_every_dataset_has_a_card_and_a_readme_section():

@@ -49,7 +49,8 @@ def test_list_shows_prepared_and_missing_datasets(tmp_path, wheel, capsys, monke
     code, out, _ = run(capsys, "list", "--cache", str(cache))
     assert code == 0
     rows = {ln.split()[0]: ln for ln in out.splitlines()[1:]}
-    assert set(rows) == {"chaos", "folder", "idrid", "jsrt", "monuseg", "nuclei", "synthetic"}
+    assert set(rows) == {"chaos", "folder", "idrid", "jsrt", "monuseg", "nuclei", "nuclei_tiles", "synthetic"}
+    assert "not prepared" in rows["nuclei_tiles"] and "no download needed" in rows["nuclei_tiles"]
     assert "prepared 4x4 (3 images)" in rows["nuclei"] and "no download needed" in rows["nuclei"]
     assert "not prepared" in rows["monuseg"] and "data/monuseg missing" in rows["monuseg"]
     (tmp_path / "data" / "chaos").mkdir(parents=True)

@@ -56,7 +56,7 @@ def check_metric(key: str, metric: Any, classes: list[str] | None, extra: tuple[
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"  # a dataset card in datasets/ (synthetic, nuclei, monuseg, chaos, jsrt, idrid, folder)
+    name: str = "synthetic"  # a dataset card in datasets/ (synthetic, nuclei, nuclei_tiles, monuseg, chaos, jsrt, idrid, folder)
     num_classes: int = 4  # C, including background 0; must equal the dataset's class count (the card's)
     image_size: tuple[int, int] = (128, 128)  # (H, W) every image is generated / resized to
     in_channels: int = 1  # image channels fed to the network; must equal the card's channels where it fixes them

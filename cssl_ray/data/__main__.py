@@ -116,14 +116,14 @@ def _options(items: list[str]) -> dict[str, Any]:
 def _list(args: argparse.Namespace) -> int:
     from cssl_ray.data.cache import cache_dir, list_prepared, remote_cache
     from cssl_ray.data.cards import card_names, load_card
-    from cssl_ray.data.sources import default_root
+    from cssl_ray.data.sources import WHEEL_FORMATS, default_root
     prepared: dict[str, list[Any]] = {}
     for store in list_prepared(args.cache):
         prepared.setdefault(store.meta["dataset"], []).append(store)
     print(f"cache: {remote_cache(args.cache) or cache_dir(args.cache)}")
     for name in card_names():
         card = load_card(name)
-        if card.format in ("nuclei", "synthetic"):
+        if card.format in (*WHEEL_FORMATS, "synthetic"):
             source = "no download needed"
         else:
             root = default_root(name)

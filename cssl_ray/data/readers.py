@@ -1,5 +1,5 @@
 """Where the store finds a dataset's reader: the paper's formats come from ``cssl_ray.data.formats``;
-``nuclei`` and ``synthetic`` are looked up here (they are not on-disk formats a user lays out)."""
+``nuclei``, ``nuclei_tiles`` and ``synthetic`` are looked up here (they are not on-disk formats a user lays out)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +26,9 @@ def resolve_reader(fmt: str) -> Reader:
     if fmt == "nuclei":
         from cssl_ray.data import nuclei
         return Reader(nuclei.read, lambda root, options: list(nuclei.CLASSES))
+    if fmt == "nuclei_tiles":
+        from cssl_ray.data import nuclei_tiles
+        return Reader(nuclei_tiles.read, lambda root, options: list(nuclei_tiles.CLASSES))
     if fmt == "synthetic":
         return Reader(read_synthetic, lambda root, options: _synthetic_classes(options), needs_root=False)
     try:

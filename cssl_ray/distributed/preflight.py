@@ -111,12 +111,12 @@ def check_shared_paths(address: str | None, paths: Iterable[tuple[str, str | Non
 
 def dataset_paths(data: DataConfig, store: str | None) -> list[tuple[str, str | None]]:
     """The dataset paths a remote node must be able to read, for ``check_shared_paths``: none for
-    synthetic, nuclei (a node without the driver's store prepares its own: the set fetches itself)
+    synthetic, nuclei and nuclei_tiles (a node without the driver's store prepares its own: the set fetches itself)
     or a store behind a URI; else the prepared store, unless the raw files (``data.root``) are on
     shared storage (then a node without the store prepares its own from them; cluster/README.md)."""
-    if store is None or data.name == "nuclei" or "://" in store:
+    from cssl_ray.data.sources import WHEEL_FORMATS, default_root
+    if store is None or data.name in WHEEL_FORMATS or "://" in store:  # (those cards' names are their formats)
         return []
-    from cssl_ray.data.sources import default_root
     kind = file_system(data.root or default_root(data.name))
     return [] if kind is not None and is_shared(kind) else [("data.cache_dir", store)]
 
