@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-import cssl_ray.run.local as local
+import cssl_ray.run.records as records
 from cssl_ray.config import ConfigError, from_dict
 from cssl_ray.data.synthetic import make_synthetic
 from cssl_ray.experiments.ablation_cells import ABLATION_CELLS
@@ -96,14 +96,14 @@ def test_mean_teacher_epoch_moves_the_teacher_by_ema_only():
 
 def test_pseudo_label_never_reads_the_hidden_d_u_masks(tmp_path, monkeypatch):
     straight = run_local(smoke(tmp_path / "a", "pseudo_label", "pseudo.threshold=0.3"))  # some coverage
-    load = local.load_bundle
+    load = records.load_bundle  # run_local's dataset (records.open_run)
 
     def scrambled(data):
         bundle = load(data)
         hidden = bundle.unlabelled_masks_hidden
         return dataclasses.replace(bundle, unlabelled_masks_hidden=(hidden + 1) % data.num_classes)
 
-    monkeypatch.setattr(local, "load_bundle", scrambled)
+    monkeypatch.setattr(records, "load_bundle", scrambled)
     other = run_local(smoke(tmp_path / "b", "pseudo_label", "pseudo.threshold=0.3"))
     assert all(h["pseudo_coverage"] > 0 and h["loss_unsup"] > 0 for h in rounds_of(straight))
     assert other.test == straight.test  # training never saw them (only pseudo_accuracy changes)

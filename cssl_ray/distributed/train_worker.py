@@ -258,12 +258,16 @@ class _RankShard:
         self.n_unlabelled = len(range(rank, source.count("unlabelled"), world))
         self.rank, self.world = rank, world
         self._snapshot: torch.Tensor | None = None
+        self._unlabelled: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def unlabelled(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This rank's slice of D_U, images and hidden masks (None when unknown), read here: the joint
-        protocol's steps draw from it (the paper protocol's rounds stream it instead)."""
-        images, masks = self.source.take("unlabelled", range(self.rank, self.source.count("unlabelled"), self.world))
-        return images, masks if self.source.hidden_known else None
+        """This rank's slice of D_U, images and hidden masks (None when unknown), read once and kept: the
+        joint protocol's steps and the baselines' unlabelled epochs draw from it every round (CSSL's
+        paper-protocol rounds stream it instead)."""
+        if self._unlabelled is None:
+            images, masks = self.source.take("unlabelled", range(self.rank, self.source.count("unlabelled"), self.world))
+            self._unlabelled = (images, masks if self.source.hidden_known else None)
+        return self._unlabelled
 
     def snapshot_images(self) -> torch.Tensor:
         """The first images of the whole D_U (Fig. 2 follows them; rank 0 labels them), read once."""

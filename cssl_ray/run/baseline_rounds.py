@@ -114,12 +114,7 @@ def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: It
     if peer is not None:
         peer.train()
     sums = {"loss": 0.0, "loss_sup_step": 0.0, "loss_unsup": 0.0}
-    trained = [model] + ([peer] if peer is not None else [])
-
-    def average_gradients() -> None:
-        for net in trained:
-            col.average_gradients(net)
-
+    average_gradients = gradient_sync(col, model, peer)
     done = 0
     for step in steps:
         x_l, y = prec.layout(step.labelled.to(device)), step.masks.to(device)
@@ -157,6 +152,17 @@ def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: It
         sums["loss_sup_step"] += float(sup.detach())
         sums["loss_unsup"] += float(unsup.detach())
     return {**col.mean_floats({k: v / max(done, 1) for k, v in sums.items()}), "steps": float(done)}
+
+
+def gradient_sync(col: Collectives, *networks: nn.Module | None) -> Callable[[], None]:
+    """``backward_step``'s after_backward for a step that trains ``networks`` (None entries skipped,
+    e.g. CPS's network B when there is none): each one's gradients averaged over ranks."""
+    trained = [n for n in networks if n is not None]
+
+    def average() -> None:
+        for net in trained:
+            col.average_gradients(net)
+    return average
 
 
 def global_mean_of(mean: Tensor, count: Tensor | int, col: Collectives) -> Tensor:

@@ -61,30 +61,22 @@ from cssl_ray.baselines.cps import cps_loss
 from cssl_ray.baselines.mean_teacher import ema_update, mean_teacher_loss, noisy, sigmoid_rampup
 from cssl_ray.baselines.pseudo_label import self_training_loss
 from cssl_ray.baselines.simclr import simclr_pretrain
-from cssl_ray.config import Config, check_metric, validate
+from cssl_ray.config import Config, validate
 from cssl_ray.data.augment import flip_rotate
 from cssl_ray.data.batches import index_batches
-from cssl_ray.data.bundle import DataBundle, load_bundle
+from cssl_ray.data.bundle import DataBundle
 from cssl_ray.method.collectives import Collectives, rank_share
 from cssl_ray.method.consistency import noise_variance
 from cssl_ray.method.objective import StepInputs, Terms, cssl_objective
 from cssl_ray.method.patches import class_balanced_batches
 from cssl_ray.method.streams import stream_seed
-from cssl_ray.models import check_geometry
 from cssl_ray.models.precision import backward_step
 from cssl_ray.run import checkpoint as ckpt
-from cssl_ray.run.baseline_rounds import global_ce, global_mean_of
+from cssl_ray.run.baseline_rounds import global_ce, global_mean_of, gradient_sync
 from cssl_ray.run.labelling import label_round
 from cssl_ray.run.loop import patch_omega
 from cssl_ray.run.plan import image_patches
-from cssl_ray.run.records import (
-    evaluate_best,
-    progress_bar,
-    resolve_device,
-    save_round,
-    validate_record,
-    write_run_files,
-)
+from cssl_ray.run.records import evaluate_best, open_run, progress_bar, save_round, validate_record
 from cssl_ray.run.schedule import RunState
 
 UNLABELLED_METHODS = ("bn_mix", "mean_teacher", "pseudo_label", "cps")  # + cssl with use_cl or use_cr
@@ -118,15 +110,9 @@ def run_joint(cfg: Config, *, resume: bool = False,
     ``records.RunResult`` (test metrics on the best-validation weights, the last round's beside them)."""
 
     validate(cfg)
-    check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
     start = time.perf_counter()
     t = cfg.train
-    if t.num_threads > 0:
-        torch.set_num_threads(t.num_threads)
-    device = resolve_device(t.device)
-    bundle = load_bundle(cfg.data)
-    check_metric("train.select_metric", t.select_metric, bundle.class_names)
-    out_dir = write_run_files(cfg, bundle)
+    device, bundle, out_dir = open_run(cfg)
     state = joint_state(cfg, device)
     if resume and (last := ckpt.latest_checkpoint(out_dir)) is not None:
         state.load_state_dict(ckpt.load(last, map_location="cpu"))
@@ -202,11 +188,7 @@ def joint_steps(state: RunState, cfg: Config, bundle: DataBundle, first: int, n_
     lab = _batches(labelled.shape[0], rank_share(t.batch_size, col.rank, col.world_size), n_steps, streams.sup)
     unl = _batches(unlabelled.shape[0] if with_u else 0, rank_share(cfg.consistency.batch_size, col.rank, col.world_size),
                    n_steps, streams.cr)
-    trained = [model] + ([state.peer.model] if state.peer is not None else [])
-
-    def average_gradients() -> None:
-        for net in trained:
-            col.average_gradients(net)
+    average_gradients = gradient_sync(col, model, state.peer.model if state.peer is not None else None)
 
     cssl = t.method == "cssl" and (t.use_cl or t.use_cr)
     lambda_ = noise_variance(0.0 if state.omega is None else state.omega, cfg.consistency.eps)

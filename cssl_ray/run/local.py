@@ -19,24 +19,15 @@ from typing import Any
 import torch
 
 from cssl_ray.baselines.simclr import simclr_pretrain
-from cssl_ray.config import Config, check_metric, to_dict, validate
-from cssl_ray.data.bundle import DataBundle, load_bundle
+from cssl_ray.config import Config, to_dict, validate
+from cssl_ray.data.bundle import DataBundle
 from cssl_ray.method.streams import stream_seed
-from cssl_ray.models import check_geometry
 from cssl_ray.run import checkpoint as ckpt
 from cssl_ray.run.baseline_rounds import ROUND_METHODS, baseline_steps
 from cssl_ray.run.labelling import label_round
 from cssl_ray.run.loop import supervised_epoch
 from cssl_ray.run.plan import epoch_plan, local_steps
-from cssl_ray.run.records import (
-    RunResult,
-    evaluate_best,
-    progress_bar,
-    resolve_device,
-    save_round,
-    validate_record,
-    write_run_files,
-)
+from cssl_ray.run.records import RunResult, evaluate_best, open_run, progress_bar, save_round, validate_record
 from cssl_ray.run.schedule import RunState
 from cssl_ray.run.supervised_epochs import stage_a_plan
 
@@ -56,15 +47,9 @@ def run_local(cfg: Config, *, resume: bool = False, log: Callable[[dict[str, Any
     if cfg.train.protocol == "joint":  # one loop from the initial weights: no stage A to share
         from cssl_ray.run.joint import run_joint
         return run_joint(cfg, resume=resume, log=log)
-    check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
     start = time.perf_counter()
     t = cfg.train
-    if t.num_threads > 0:
-        torch.set_num_threads(t.num_threads)
-    device = resolve_device(t.device)
-    bundle = load_bundle(cfg.data)
-    check_metric("train.select_metric", t.select_metric, bundle.class_names)  # its class, now that it is known
-    out_dir = write_run_files(cfg, bundle)
+    device, bundle, out_dir = open_run(cfg)
     state = RunState(cfg, device)
     if resume and (last := ckpt.latest_checkpoint(out_dir)) is not None:
         # CPU: torch.set_rng_state needs a CPU tensor; load_state_dict moves the rest to the device

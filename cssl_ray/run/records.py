@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from cssl_ray.config import Config, dump_config, to_dict
-from cssl_ray.data.bundle import DataBundle, DataSource
+from cssl_ray.config import Config, check_metric, dump_config, to_dict
+from cssl_ray.data.bundle import DataBundle, DataSource, load_bundle
 from cssl_ray.data.splits import write_split
 from cssl_ray.evaluation.figures import write_run_figures
+from cssl_ray.models import check_geometry
 from cssl_ray.run import checkpoint as ckpt
 from cssl_ray.run.loop import evaluate
 from cssl_ray.run.schedule import RunState
@@ -52,6 +53,20 @@ def validate_record(state: RunState, cfg: Config, bundle: DataBundle, record: di
     state.history.append(record)
     record["step"] = len(state.history)  # validation index: MLflow's step, equal in local and Ray runs
     return val
+
+
+def open_run(cfg: Config) -> tuple[torch.device, DataBundle, Path]:
+    """The start both in-process protocols share, after ``validate(cfg)``: the model's geometry checked,
+    torch's threads set, the device, the dataset loaded and split, the selection metric checked against
+    its classes, and the run folder written. Returns (device, bundle, out_dir)."""
+    check_geometry(cfg.model, cfg.data.image_size, cfg.patches.size)
+    t = cfg.train
+    if t.num_threads > 0:
+        torch.set_num_threads(t.num_threads)
+    device = resolve_device(t.device)
+    bundle = load_bundle(cfg.data)
+    check_metric("train.select_metric", t.select_metric, bundle.class_names)  # its class, now that it is known
+    return device, bundle, write_run_files(cfg, bundle)
 
 
 def write_run_files(cfg: Config, bundle: DataBundle | DataSource) -> Path:
