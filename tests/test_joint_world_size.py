@@ -3,7 +3,8 @@
 the paper protocol's unlabelled epoch (``run.baseline_rounds.baseline_epoch``, as
 ``distributed.baseline_worker`` runs it). One step on 2 gloo ranks, each holding half of a global
 batch, moves every trained network (CPS's B and Mean Teacher's EMA included) as one process's step
-on the whole batch, for the supervised reference, bn_mix, mean_teacher, pseudo_label and cps; a
+on the whole batch, for the supervised reference, bn_mix, mean_teacher, pseudo_label and cps (and the
+supervised reference and cps with ``train.sup_loss: ce_dice``, whose Dice term is the global batch's); a
 joint CSSL step (L_CL's all-gather, L_CR) keeps the ranks bitwise equal. BatchNorm is swapped for GroupNorm (per-rank batch statistics are the documented
 exception) and the optimiser for SGD (Adam's first step, g / |g|, would magnify rounding)."""
 from __future__ import annotations
@@ -21,11 +22,13 @@ from cssl_ray.run.baseline_rounds import BaselineStep, baseline_epoch
 from cssl_ray.run.joint import joint_state, joint_steps
 
 WORLD = 2
-METHODS = ["supervised", "bn_mix", "mean_teacher", "pseudo_label", "cps"]
+METHODS = ["supervised", "bn_mix", "mean_teacher", "pseudo_label", "cps", "supervised+dice", "cps+dice"]
 
 
 def _cfg(method: str):
-    cell = {"method": "cssl" if method in ("supervised", "cssl") else method,
+    """``method``, or ``method+dice`` with ``train.sup_loss: ce_dice`` (its Dice term is over the global batch)."""
+    method, dice = method.removesuffix("+dice"), method.endswith("+dice")
+    cell = {"sup_loss": "ce_dice" if dice else "ce", "method": "cssl" if method in ("supervised", "cssl") else method,
             "use_cl": method == "cssl", "use_cr": method == "cssl", "use_hard_negatives": method == "cssl"}
     return load_config("configs/smoke.yaml", {
         "data": {"num_classes": 2},
@@ -48,6 +51,7 @@ def _global_data():
 def _step(method: str, rank: int, world: int, col: Collectives) -> dict:
     """The last step of the budget (w(t) = 1) on this rank's shard ([rank::world]) of the global batch."""
     cfg = _cfg(method)
+    method = method.removesuffix("+dice")
     state = joint_state(cfg, torch.device("cpu"), rank)
     nets = [state.model] + [n for n in (state.ema, state.peer.model if state.peer else None) if n is not None]
     for net in nets:
@@ -118,7 +122,9 @@ def test_one_joint_step_on_two_ranks_equals_one_process(two_ranks, method):
     torch.set_num_threads(1)
     one = _step(method, 0, 1, Collectives())
     assert one["stats"]["unsup_weight"] == 1.0
-    if method in ("mean_teacher", "pseudo_label", "cps"):
+    if method.endswith("+dice"):  # the Dice term is in L_sup: not the plain-CE step's loss
+        assert one["stats"]["loss_sup"] != pytest.approx(_step(method[:-5], 0, 1, Collectives())["stats"]["loss_sup"])
+    if method.removesuffix("+dice") in ("mean_teacher", "pseudo_label", "cps"):
         assert one["stats"]["loss_unsup"] > 0  # the unlabelled term is in the step, not trivially zero
     for rank in range(WORLD):
         got = two_ranks[rank][method]

@@ -228,6 +228,11 @@ class TrainConfig:
     steps_per_round: int = 0
     sup_steps_per_epoch: int = 0  # supervised / fine-tune steps per epoch; 0 = one pass over D_L
     augment: bool = True  # paired flips / 90-degree rotations of labelled images and masks
+    # L_sup on labelled pixels, the same in every cell and step (stage A, fine-tune epochs, joint steps,
+    # the baselines' labelled halves, both of CPS's networks, train.lsup_in_ltot): "ce" (the paper's
+    # cross-entropy) or "ce_dice" (SSL4MIS's 0.5 (CE + soft Dice): a rare, small class weighs 1/C of the
+    # Dice term, so it is learned where plain CE leaves it at background; cssl_ray.method.supervised)
+    sup_loss: Literal["ce", "ce_dice"] = "ce"
     # the stop rule of the rounds, the same for every cell: "max_rounds" runs every round (the best
     # validation round is tested); "loss_plateau" (the paper's) stops when the round's training loss
     # (L_tot; the fine-tune loss for cells without L_tot) has not improved by plateau_delta for

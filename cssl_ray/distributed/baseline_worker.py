@@ -68,7 +68,7 @@ def _peer_epoch(peer: RunState, shard: Any, col: Collectives, steps: int) -> dic
                              batch_size=rank_share(t.batch_size, col.rank, col.world_size), steps=steps,
                              augment=t.augment, ignore_index=peer.cfg.pseudo.ignore_index,
                              generator=peer.streams.sup, collectives=col, precision=peer.precision,
-                             scaler=peer.scaler)
+                             scaler=peer.scaler, sup_loss=t.sup_loss)
     col.broadcast_buffers(peer.model)
     return stats
 

@@ -161,7 +161,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     # train.batch_size is global: this rank takes its share, for the steps of one pass over all of D_L
     sup = dict(batch_size=rank_share(t.batch_size, rank, world), steps=sup_steps(t, source.count("labelled")),
                augment=t.augment, ignore_index=cfg.pseudo.ignore_index, generator=state.streams.sup,
-               precision=state.precision, scaler=state.scaler)
+               precision=state.precision, scaler=state.scaler, sup_loss=t.sup_loss)
 
     def fine_tune(steps: int = 0) -> dict[str, float]:
         """One supervised epoch (``steps``: stage A's epoch of ``stage_a_plan``; 0 = ``sup_steps``)."""

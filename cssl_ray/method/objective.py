@@ -16,6 +16,7 @@ from cssl_ray.method.collectives import Collectives
 from cssl_ray.method.consistency import Teacher, consistency_step
 from cssl_ray.method.contrastive import AuxiliaryGaussian, contrastive_loss, sample_alpha
 from cssl_ray.method.streams import RandomStreams
+from cssl_ray.method.supervised import supervised_loss
 
 
 @dataclass
@@ -49,12 +50,14 @@ class Terms:
     use_cr: bool = True
     w_cl: float = 1.0
     w_cr: float = 1.0
+    sup_loss: str = "ce"  # train.sup_loss, for train.lsup_in_ltot's L_sup
 
     @classmethod
     def of(cls, cfg: Config) -> Terms:
         t = cfg.train
         return cls(cfg.contrastive, cfg.consistency, cfg.pseudo, use_cl=t.use_cl,
-                   use_hard_negatives=t.use_hard_negatives, use_cr=t.use_cr, w_cl=t.w_cl, w_cr=t.w_cr)
+                   use_hard_negatives=t.use_hard_negatives, use_cr=t.use_cr, w_cl=t.w_cl, w_cr=t.w_cr,
+                   sup_loss=t.sup_loss)
 
 
 def patch_embeddings(model: nn.Module, patches: Tensor) -> Tensor:
@@ -93,8 +96,9 @@ def cssl_objective(model: nn.Module, teacher: Teacher | None, inputs: StepInputs
         y = inputs.labelled_masks
         ignore = terms.pseudo.ignore_index
         logits = model(inputs.labelled)  # (b, C, H, W)
-        loss_sup = col.global_mean(F.cross_entropy(logits.float(), y, ignore_index=ignore, reduction="sum"),
-                                   (y != ignore).sum())
+        ce = col.global_mean(F.cross_entropy(logits.float(), y, ignore_index=ignore, reduction="sum"),
+                             (y != ignore).sum())
+        loss_sup = supervised_loss(ce, logits, y, ignore, terms.sup_loss, col)
         out["loss_sup_ltot"] = loss_sup
         loss = loss + loss_sup
     if t.use_cl:

@@ -49,6 +49,7 @@ from cssl_ray.baselines.pseudo_label import self_training_loss
 from cssl_ray.config import Config
 from cssl_ray.data.batches import labelled_slices
 from cssl_ray.method.collectives import Collectives
+from cssl_ray.method.supervised import supervised_loss
 from cssl_ray.models.precision import Precision, backward_step
 
 ROUND_METHODS = ("bn_mix", "pseudo_label", "mean_teacher", "cps")  # baselines with an unlabelled epoch per round
@@ -122,7 +123,7 @@ def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: It
         n_l = x_l.shape[0]
         with prec.autocast():
             logits = model(torch.cat([x_l, x_u])).float()  # (l + b, C, H, W): one BatchNorm batch
-        sup = global_ce(logits[:n_l], y, ignore, col) if (n_l or col.world_size > 1) else logits.sum() * 0.0
+        sup = global_sup(logits[:n_l], y, ignore, col, cfg.train.sup_loss) if (n_l or col.world_size > 1) else logits.sum() * 0.0
         unsup = logits.sum() * 0.0
         if method == "pseudo_label" and step.pseudo is not None:
             pseudo = step.pseudo.to(device)
@@ -132,7 +133,7 @@ def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: It
             with prec.autocast():
                 peer_logits = peer(torch.cat([x_l, x_u])).float()  # (l + b, C, H, W)
             if n_l or col.world_size > 1:
-                sup = sup + global_ce(peer_logits[:n_l], y, ignore, col)
+                sup = sup + global_sup(peer_logits[:n_l], y, ignore, col, cfg.train.sup_loss)
             unsup = b.cps_weight * global_mean_of(cps_loss(logits[n_l:], peer_logits[n_l:]),
                                                   peer_logits[n_l:, 0].numel(), col)  # each term: all pixels
         elif method == "mean_teacher":
@@ -180,3 +181,9 @@ def global_ce(logits: Tensor, target: Tensor, ignore: int, col: Collectives) -> 
         return F.cross_entropy(logits, target, ignore_index=ignore)
     return col.global_mean(F.cross_entropy(logits, target, ignore_index=ignore, reduction="sum"),
                            (target != ignore).sum())
+
+
+def global_sup(logits: Tensor, target: Tensor, ignore: int, col: Collectives, kind: str) -> Tensor:
+    """L_sup (``train.sup_loss`` ``kind``) over the labelled pixels of every rank's batch: ``global_ce``,
+    plus SSL4MIS's Dice term for "ce_dice" (``cssl_ray.method.supervised``)."""
+    return supervised_loss(global_ce(logits, target, ignore, col), logits, target, ignore, kind, col)

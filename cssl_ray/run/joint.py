@@ -72,7 +72,7 @@ from cssl_ray.method.patches import class_balanced_batches
 from cssl_ray.method.streams import stream_seed
 from cssl_ray.models.precision import backward_step
 from cssl_ray.run import checkpoint as ckpt
-from cssl_ray.run.baseline_rounds import global_ce, global_mean_of, gradient_sync
+from cssl_ray.run.baseline_rounds import global_mean_of, global_sup, gradient_sync
 from cssl_ray.run.labelling import label_round
 from cssl_ray.run.loop import patch_omega
 from cssl_ray.run.plan import image_patches
@@ -226,7 +226,7 @@ def joint_steps(state: RunState, cfg: Config, bundle: DataBundle, first: int, n_
             inputs = torch.cat([x_l, x_u]) if t.method in UNLABELLED_METHODS else x_l
             with prec.autocast():
                 logits = model(inputs).float()  # (l [+ b], C, H, W): one BatchNorm batch
-            sup = global_ce(logits[:n_l], y_l, ignore, col)
+            sup = global_sup(logits[:n_l], y_l, ignore, col, t.sup_loss)
             unsup = logits.sum() * 0.0
             if t.method == "mean_teacher" and x_u.shape[0]:
                 with torch.no_grad(), prec.autocast():
@@ -242,7 +242,7 @@ def joint_steps(state: RunState, cfg: Config, bundle: DataBundle, first: int, n_
             elif t.method == "cps" and x_u.shape[0]:
                 with prec.autocast():
                     peer_logits = state.peer.model(inputs).float()
-                sup = sup + global_ce(peer_logits[:n_l], y_l, ignore, col)
+                sup = sup + global_sup(peer_logits[:n_l], y_l, ignore, col, t.sup_loss)
                 unsup = w * b.cps_weight * global_mean_of(cps_loss(logits[n_l:], peer_logits[n_l:]),
                                                    peer_logits[n_l:, 0].numel(), col)  # each term: all pixels
         loss = sup + unsup

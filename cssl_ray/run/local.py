@@ -116,7 +116,7 @@ def _sup_args(state: RunState, cfg: Config) -> dict[str, Any]:
     t = cfg.train
     return dict(batch_size=t.batch_size, steps=t.sup_steps_per_epoch, augment=t.augment,
                 ignore_index=cfg.pseudo.ignore_index, generator=state.streams.sup, precision=state.precision,
-                scaler=state.scaler)
+                scaler=state.scaler, sup_loss=t.sup_loss)
 
 
 def _stage_a(state: RunState, cfg: Config, bundle: DataBundle, stage_a_cache: str | Path | None,

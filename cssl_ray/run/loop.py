@@ -24,6 +24,7 @@ from cssl_ray.method.objective import StepInputs, Terms, cssl_objective, patch_e
 from cssl_ray.method.patches import class_balanced_batches
 from cssl_ray.method.silhouette import silhouette
 from cssl_ray.method.streams import RandomStreams
+from cssl_ray.method.supervised import supervised_loss
 from cssl_ray.models.precision import FP32, Precision, backward_step
 from cssl_ray.run.plan import StepData
 
@@ -32,8 +33,9 @@ def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
                      batch_size: int, steps: int = 0, augment: bool = True, ignore_index: int = 255,
                      generator: torch.Generator | None = None,
                      collectives: Collectives | None = None, precision: Precision | None = None,
-                     scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
-    """L_sup = H(D(E(x)), y) over D_L (stage A, and the fine-tune epoch of every round).
+                     scaler: torch.amp.GradScaler | None = None, sup_loss: str = "ce") -> dict[str, float]:
+    """L_sup = H(D(E(x)), y) over D_L (stage A, and the fine-tune epoch of every round); ``sup_loss``
+    "ce_dice" adds SSL4MIS's Dice term (``train.sup_loss``, ``cssl_ray.method.supervised``).
 
     ``generator`` draws the batches and their augmentation (the run's ``streams.sup``: no other
     purpose draws from it, so every cell of a seed sees the same supervised batches).
@@ -58,8 +60,9 @@ def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images:
         with prec.autocast():
             logits = col.step(model, lambda m: m(x))  # (B, C, H, W), bf16 / fp16 under amp
         # the mean over the GLOBAL batch's labelled pixels (every rank's share; collectives.global_mean)
-        loss = col.global_mean(F.cross_entropy(logits.float(), y, ignore_index=ignore_index, reduction="sum"),
-                               (y != ignore_index).sum())
+        ce = col.global_mean(F.cross_entropy(logits.float(), y, ignore_index=ignore_index, reduction="sum"),
+                             (y != ignore_index).sum())
+        loss = supervised_loss(ce, logits, y, ignore_index, sup_loss, col)
         backward_step(loss, optimizer, scaler, after_backward=lambda: col.average_gradients(model))
         total += loss.item()
         count += 1
