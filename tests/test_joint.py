@@ -96,6 +96,34 @@ def test_every_cell_draws_the_supervised_cells_labelled_batches(tmp_path, cell):
     assert not torch.equal(sup.streams.cr.get_state(), other.streams.cr.get_state())  # its unlabelled batches
 
 
+def test_bn_batch_separate_normalises_each_half_by_its_own_statistics(tmp_path, monkeypatch):
+    from cssl_ray.run.baseline_rounds import forward_halves
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2)).train()
+    x_l, x_u = torch.randn(2, 1, 4, 4), 3.0 + torch.randn(3, 1, 4, 4)
+    mixed, separate = forward_halves(net, x_l, x_u, "mixed"), forward_halves(net, x_l, x_u, "separate")
+    torch.testing.assert_close(mixed, net(torch.cat([x_l, x_u])))
+    torch.testing.assert_close(separate[:2], net(x_l))
+    torch.testing.assert_close(separate[2:], net(x_u))
+    assert not torch.allclose(mixed[:2], separate[:2])
+    torch.testing.assert_close(forward_halves(net, x_l, x_u[:0], "separate"), net(x_l))  # no empty forward
+    # the joint step forwards bn_mix's halves as the key says
+    calls, seen = [], {}
+    for bn_batch in ("mixed", "separate"):
+        cfg = joint_cfg(tmp_path, "bn_mix", batch_size=3)
+        cfg = dataclasses.replace(cfg, baselines=dataclasses.replace(cfg.baselines, bn_batch=bn_batch),
+                                  consistency=dataclasses.replace(cfg.consistency, batch_size=4))
+        state = joint_state(cfg, torch.device("cpu"))
+        calls.clear()
+        hook = state.model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+        joint_steps(state, cfg, load_bundle(cfg.data), first=0, n_steps=1)
+        hook.remove()
+        seen[bn_batch] = list(calls)
+    assert len(seen["separate"]) == 2 and seen["mixed"] == [sum(seen["separate"])]  # labelled, then D_U
+    with pytest.raises(ConfigError, match="baselines.bn_batch"):
+        load_config(SMOKE, {"baselines": {"bn_batch": "split"}})
+
+
 def test_a_joint_run_validates_every_refresh_and_resumes_exactly(tmp_path):
     cfg = joint_cfg(tmp_path, "cssl", True, True, total_steps=7)  # rounds of 3, 3 and 1 steps
     result = run_local(cfg)

@@ -42,7 +42,7 @@ def test_shipped_space_loads(path: Path):
     cfg = space.base_config()
     assert space.name == path.stem and cfg.data.name == space.dataset
     assert set(space.param_space()) == set(space.search)
-    if path.stem in ("nuclei", "nuclei_demo", "synthetic"):  # the CPU spaces: tau and what decides the rounds
+    if path.stem in ("nuclei", "nuclei_demo", "nuclei_headroom", "synthetic"):  # the CPU spaces: tau and what decides the rounds
         assert {"contrastive.tau", "pseudo.threshold", "optim.cssl_lr"} <= set(space.search)
     elif path.stem != "smoke":  # the paper's data sets: the loss's own hyperparameters, threshold, rate
         assert {"contrastive.tau", "consistency.eps", "contrastive.alpha_min", "contrastive.alpha_max",
@@ -50,6 +50,19 @@ def test_shipped_space_loads(path: Path):
     if "patches.size" in space.search:
         assert space.search["patches.size"].kind in ("choice", "grid")
     assert path.read_text().startswith("#")  # the header says what it searches and its budget
+
+
+def test_headroom_space_gives_both_protocols_one_budget():
+    """nuclei_headroom: SSL4MIS's CE + Dice in every cell, and the paper protocol's optimiser steps equal
+    the joint budget (stage A + rounds x (one L_tot pass over nuclei's 21 D_U images in batches of
+    consistency.batch_size + the fine-tune steps))."""
+    space = load_space(next(p for p in SPACES if p.stem == "nuclei_headroom"))
+    cfg, t = space.base_config(), space.base_config().train
+    assert t.sup_loss == "ce_dice" and t.protocol == "joint" and space.ablation.protocols == ["joint", "paper"]
+    l_tot_steps = -(-21 // cfg.consistency.batch_size)
+    assert t.stage_a_steps + t.max_rounds * (l_tot_steps + t.sup_steps_per_epoch) == t.total_steps
+    assert t.last_round() == t.max_rounds  # as many validations under joint as rounds under paper
+    assert {"supervised", "supervised_all", "bn_mix", "mean_teacher", "cps", "cssl"} <= set(space.ablation.cells)
 
 
 def test_smoke_space_settings():

@@ -50,7 +50,7 @@ def test_key_ignores_the_method_and_sees_the_supervised_schedule():
     same.append(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_rounds=9, out_dir="elsewhere")))
     assert len({stage_a_key(c) for c in same}) == 1
     # the selection: stage A's early stop, the weights it goes on from and the best the rounds must beat
-    for change in ({"seed": 1}, {"stage_a_steps": 3}, {"batch_size": 2}, {"num_threads": 1},
+    for change in ({"seed": 1}, {"stage_a_steps": 3}, {"batch_size": 2}, {"num_threads": 1}, {"sup_loss": "ce_dice"},
                    {"select_metric": "val_loss"}, {"select_mode": "min"}, {"select_metric": "val_dice/blob"}):
         assert stage_a_key(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **change))) != stage_a_key(cfg)
     same_selection = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, select_mode="max"))  # = auto

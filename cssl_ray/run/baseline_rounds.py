@@ -122,7 +122,7 @@ def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: It
         x_u = prec.layout(step.unlabelled.to(device))
         n_l = x_l.shape[0]
         with prec.autocast():
-            logits = model(torch.cat([x_l, x_u])).float()  # (l + b, C, H, W): one BatchNorm batch
+            logits = forward_halves(model, x_l, x_u, b.bn_batch).float()  # (l + b, C, H, W)
         sup = global_sup(logits[:n_l], y, ignore, col, cfg.train.sup_loss) if (n_l or col.world_size > 1) else logits.sum() * 0.0
         unsup = logits.sum() * 0.0
         if method == "pseudo_label" and step.pseudo is not None:
@@ -131,7 +131,7 @@ def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: It
                                                      (pseudo != ignore).sum(), col)
         elif method == "cps":
             with prec.autocast():
-                peer_logits = peer(torch.cat([x_l, x_u])).float()  # (l + b, C, H, W)
+                peer_logits = forward_halves(peer, x_l, x_u, b.bn_batch).float()  # (l + b, C, H, W)
             if n_l or col.world_size > 1:
                 sup = sup + global_sup(peer_logits[:n_l], y, ignore, col, cfg.train.sup_loss)
             unsup = b.cps_weight * global_mean_of(cps_loss(logits[n_l:], peer_logits[n_l:]),
@@ -164,6 +164,15 @@ def gradient_sync(col: Collectives, *networks: nn.Module | None) -> Callable[[],
         for net in trained:
             col.average_gradients(net)
     return average
+
+
+def forward_halves(model: nn.Module, x_l: Tensor, x_u: Tensor, bn_batch: str) -> Tensor:
+    """The student's logits (l + b, C, H, W) of a step's labelled then unlabelled images
+    (``baselines.bn_batch``): "mixed" one forward, one BatchNorm batch (SSL4MIS); "separate" one forward
+    per half, each normalised by its own batch statistics (an empty half is not forwarded)."""
+    if bn_batch == "mixed" or not x_l.shape[0] or not x_u.shape[0]:
+        return model(torch.cat([x_l, x_u]))
+    return torch.cat([model(x_l), model(x_u)])
 
 
 def global_mean_of(mean: Tensor, count: Tensor | int, col: Collectives) -> Tensor:

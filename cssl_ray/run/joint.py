@@ -72,7 +72,7 @@ from cssl_ray.method.patches import class_balanced_batches
 from cssl_ray.method.streams import stream_seed
 from cssl_ray.models.precision import backward_step
 from cssl_ray.run import checkpoint as ckpt
-from cssl_ray.run.baseline_rounds import global_mean_of, global_sup, gradient_sync
+from cssl_ray.run.baseline_rounds import forward_halves, global_mean_of, global_sup, gradient_sync
 from cssl_ray.run.labelling import label_round
 from cssl_ray.run.loop import patch_omega
 from cssl_ray.run.plan import image_patches
@@ -223,9 +223,9 @@ def joint_steps(state: RunState, cfg: Config, bundle: DataBundle, first: int, n_
                 omegas.append(patch_omega(model, out["patches"], out["classes"], cfg, state.aux, streams, col, out=out))
                 realised += int(out["z"].shape[0])  # gathered: every rank's share
         else:
-            inputs = torch.cat([x_l, x_u]) if t.method in UNLABELLED_METHODS else x_l
+            x_u = x_u if t.method in UNLABELLED_METHODS else x_u[:0]
             with prec.autocast():
-                logits = model(inputs).float()  # (l [+ b], C, H, W): one BatchNorm batch
+                logits = forward_halves(model, x_l, x_u, b.bn_batch).float()  # (l [+ b], C, H, W)
             sup = global_sup(logits[:n_l], y_l, ignore, col, t.sup_loss)
             unsup = logits.sum() * 0.0
             if t.method == "mean_teacher" and x_u.shape[0]:
@@ -241,7 +241,7 @@ def joint_steps(state: RunState, cfg: Config, bundle: DataBundle, first: int, n_
                                                       (hard != ignore).sum(), col)
             elif t.method == "cps" and x_u.shape[0]:
                 with prec.autocast():
-                    peer_logits = state.peer.model(inputs).float()
+                    peer_logits = forward_halves(state.peer.model, x_l, x_u, b.bn_batch).float()
                 sup = sup + global_sup(peer_logits[:n_l], y_l, ignore, col, t.sup_loss)
                 unsup = w * b.cps_weight * global_mean_of(cps_loss(logits[n_l:], peer_logits[n_l:]),
                                                    peer_logits[n_l:, 0].numel(), col)  # each term: all pixels
