@@ -46,6 +46,8 @@ def test_trial_config_applies_dotted_params_and_cells():
     methods = {cell: run_tags(trial_config(base, {"cell": cell}), cell)["cssl.method"] for cell in ABLATION_CELLS}
     assert methods["cssl"] == methods["cl"] == "cssl" and methods["mean_teacher"] == "mean_teacher"
     assert methods["bn_mix"] == "bn_mix" and methods["pseudo_label"] == "pseudo_label"
+    assert trial_config(base, {"cell": "bn_stats"}).baselines.bn_batch == "separate"  # bn_mix's, one change
+    assert trial_config(base, {"cell": "bn_mix"}).baselines.bn_batch == "mixed" and methods["bn_stats"] == "bn_mix"
     with pytest.raises(ConfigError, match="contrastive.tau"):
         trial_config(base, {"contrastive.tau": -1.0})
 

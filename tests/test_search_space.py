@@ -9,7 +9,14 @@ import pytest
 import yaml
 
 from cssl_ray.config import Config, ConfigError
-from cssl_ray.experiments.ablation_cells import ABLATION_CELLS, BASELINE_CELLS, CELL_DATA, DEFAULT_CELLS, cell_of
+from cssl_ray.experiments.ablation_cells import (
+    ABLATION_CELLS,
+    BASELINE_CELLS,
+    CELL_BASELINES,
+    CELL_DATA,
+    DEFAULT_CELLS,
+    cell_of,
+)
 from cssl_ray.experiments.search_space import SpaceError, load_space
 from cssl_ray.experiments.space_config import unflatten
 from cssl_ray.experiments.space_domains import Domain
@@ -349,7 +356,8 @@ def test_unflatten():
 @pytest.mark.parametrize("name", [c for c in ABLATION_CELLS if c != "supervised_all"])  # its data says it
 def test_cell_of_round_trips(name: str):
     train = dataclasses.replace(Config().train, **ABLATION_CELLS[name])
-    assert cell_of(dataclasses.replace(Config(), train=train)) == name
+    baselines = dataclasses.replace(Config().baselines, **CELL_BASELINES.get(name, {}))
+    assert cell_of(dataclasses.replace(Config(), train=train, baselines=baselines)) == name
 
 
 def test_cells_match_the_paper():
@@ -362,6 +370,10 @@ def test_cells_match_the_paper():
     hn_without_cl = dataclasses.replace(Config().train, use_cl=False, use_cr=True, use_hard_negatives=True)
     assert cell_of(dataclasses.replace(Config(), train=hn_without_cl)) == "cr"  # hn is irrelevant without CL
     for cell in BASELINE_CELLS:  # a baseline: every CSSL switch off, its method on; maps back to itself
+        if cell == "bn_stats":  # bn_mix's method, its D_U in a forward of its own
+            assert ABLATION_CELLS[cell] == {**off, "method": "bn_mix"}
+            assert CELL_BASELINES == {"bn_stats": {"bn_batch": "separate"}}
+            continue
         assert ABLATION_CELLS[cell] == {**off, "method": cell}
         assert cell_of(dataclasses.replace(Config(), train=dataclasses.replace(Config().train, **ABLATION_CELLS[cell]))) \
             == cell

@@ -2,7 +2,8 @@
 
 Ablation cells (the paper's Table 5, ``ABLATION_CELLS``; train.use_cl / use_cr / use_hard_negatives):
 supervised F F F, cl T F F, cl_hn T F T, cr F T F, cl_cr T T F, cssl T T T (the full method), and
-the reference supervised_all (F F F with every training image labelled, ``CELL_DATA``).
+the reference supervised_all (F F F with every training image labelled, ``CELL_DATA``), and the
+baselines (bn_stats: bn_mix with ``baselines.bn_batch: separate``, ``CELL_BASELINES``).
 ``cell_of(cfg)`` maps a config back (hard negatives are irrelevant without use_cl; a config cannot
 tell supervised_all from supervised, so trials carry their cell name).
 """
@@ -26,15 +27,20 @@ ABLATION_CELLS: dict[str, dict[str, Any]] = {
     "supervised_all": {**_OFF, "method": "cssl"},
     # semi-supervised baselines with the same steps (cssl_ray.run.baseline_rounds); bn_mix is their control
     "bn_mix": {**_OFF, "method": "bn_mix"},
+    # the same control with D_U in its own forward (baselines.bn_batch separate, CELL_BASELINES): the
+    # unlabelled images move only BatchNorm's running statistics, never the labelled batch's statistics
+    "bn_stats": {**_OFF, "method": "bn_mix"},
     "pseudo_label": {**_OFF, "method": "pseudo_label"},
     "mean_teacher": {**_OFF, "method": "mean_teacher"},
     "cps": {**_OFF, "method": "cps"},
     "simclr_pretrain": {**_OFF, "method": "simclr_pretrain"},
 }
-BASELINE_CELLS = ("bn_mix", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain")
+BASELINE_CELLS = ("bn_mix", "bn_stats", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain")
 DEFAULT_CELLS = [c for c in ABLATION_CELLS if c not in BASELINE_CELLS]  # the paper's Table 5 + supervised_all
 # data overrides of a cell (the rest of the split - val, test, the seed - is the experiment's)
 CELL_DATA: dict[str, dict[str, Any]] = {"supervised_all": {"labelled_fraction": 1.0, "labelled_count": 0}}
+# baselines overrides of a cell (the rest of the section is the experiment's)
+CELL_BASELINES: dict[str, dict[str, Any]] = {"bn_stats": {"bn_batch": "separate"}}
 PROTOCOLS = ("paper", "joint")  # train.protocol
 
 
@@ -43,4 +49,5 @@ def cell_of(cfg: Config) -> str:
     t = cfg.train
     switches = {"use_cl": t.use_cl, "use_cr": t.use_cr, "use_hard_negatives": t.use_hard_negatives and t.use_cl,
                 "method": t.method}
-    return next(name for name, cell in ABLATION_CELLS.items() if cell == switches)  # supervised before _all
+    name = next(name for name, cell in ABLATION_CELLS.items() if cell == switches)  # supervised before _all
+    return "bn_stats" if name == "bn_mix" and cfg.baselines.bn_batch == "separate" else name

@@ -10,7 +10,7 @@ from typing import Any
 
 from scipy import stats
 
-CELL_ORDER = ("supervised", "bn_mix", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain", "cl", "cl_hn", "cr",
+CELL_ORDER = ("supervised", "bn_mix", "bn_stats", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain", "cl", "cl_hn", "cr",
               "cl_cr", "cssl", "supervised_all")
 METHOD_NAMES = {
     "supervised": "Supervised",
@@ -21,6 +21,7 @@ METHOD_NAMES = {
     "cssl": "CSSL (CL + hard neg. + CR)",
     "supervised_all": "All labelled (reference)",
     "bn_mix": "BN mix (control)",
+    "bn_stats": "BN stats only (control)",
     "pseudo_label": "Pseudo-label",
     "mean_teacher": "Mean Teacher",
     "cps": "CPS (network A)",

@@ -21,7 +21,7 @@ from typing import Any
 
 from cssl_ray.config import Config, from_dict, merge
 from cssl_ray.distributed.placement import Resources, stream_resources
-from cssl_ray.experiments.ablation_cells import ABLATION_CELLS, CELL_DATA
+from cssl_ray.experiments.ablation_cells import ABLATION_CELLS, CELL_BASELINES, CELL_DATA
 from cssl_ray.experiments.space_config import unflatten
 from cssl_ray.tracking.progress import record_warnings
 
@@ -45,7 +45,8 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
     cfg_dict = merge(base, unflatten(extra))
     if CELL_KEY in params:
         cell = params[CELL_KEY]
-        cfg_dict = merge(cfg_dict, {"train": dict(ABLATION_CELLS[cell]), "data": dict(CELL_DATA.get(cell, {}))})
+        cfg_dict = merge(cfg_dict, {"train": dict(ABLATION_CELLS[cell]), "data": dict(CELL_DATA.get(cell, {})),
+                                    "baselines": dict(CELL_BASELINES.get(cell, {}))})
     return from_dict(cfg_dict)
 
 
