@@ -18,7 +18,8 @@ demo: env
 	$(PY) -m cssl_ray.demo
 
 # The label-headroom ablation (docs/science.md 0.8): nuclei, SSL4MIS's CE + Dice, 600 joint steps, 3 seeds of
-# supervised, every image labelled, and the bn_stats control; ~15 min on a 2-core CPU
+# supervised, every image labelled, and the bn_stats control; ~17 min on a 2-core CPU (summed run times: 9 runs
+# of 150-370 s, 2 at a time; not timed as one command)
 demo-headroom: env
 	$(PY) -m cssl_ray.ablate --space tune_spaces/nuclei_headroom.yaml --seeds 3 --protocols joint \
 	    --cells supervised supervised_all bn_stats
