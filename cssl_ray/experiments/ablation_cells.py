@@ -49,5 +49,7 @@ def cell_of(cfg: Config) -> str:
     t = cfg.train
     switches = {"use_cl": t.use_cl, "use_cr": t.use_cr, "use_hard_negatives": t.use_hard_negatives and t.use_cl,
                 "method": t.method}
-    name = next(name for name, cell in ABLATION_CELLS.items() if cell == switches)  # supervised before _all
-    return "bn_stats" if name == "bn_mix" and cfg.baselines.bn_batch == "separate" else name
+    matches = [name for name, cell in ABLATION_CELLS.items() if cell == switches
+               and all(getattr(cfg.baselines, k) == v for k, v in CELL_BASELINES.get(name, {}).items())]
+    # the most specific match (bn_stats over bn_mix); among equals the first (supervised before _all)
+    return max(matches, key=lambda name: len(CELL_BASELINES.get(name, {})))

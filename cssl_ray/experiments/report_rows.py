@@ -10,8 +10,8 @@ from typing import Any
 
 from scipy import stats
 
-CELL_ORDER = ("supervised", "bn_mix", "bn_stats", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain", "cl", "cl_hn", "cr",
-              "cl_cr", "cssl", "supervised_all")
+CELL_ORDER = ("supervised", "bn_mix", "bn_stats", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain", "cl",
+              "cl_hn", "cr", "cl_cr", "cssl", "supervised_all")
 METHOD_NAMES = {
     "supervised": "Supervised",
     "cl": "CL",

@@ -123,7 +123,8 @@ def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: It
         n_l = x_l.shape[0]
         with prec.autocast():
             logits = forward_halves(model, x_l, x_u, b.bn_batch).float()  # (l + b, C, H, W)
-        sup = global_sup(logits[:n_l], y, ignore, col, cfg.train.sup_loss) if (n_l or col.world_size > 1) else logits.sum() * 0.0
+        sup = (global_sup(logits[:n_l], y, ignore, col, cfg.train.sup_loss) if (n_l or col.world_size > 1)
+               else logits.sum() * 0.0)
         unsup = logits.sum() * 0.0
         if method == "pseudo_label" and step.pseudo is not None:
             pseudo = step.pseudo.to(device)

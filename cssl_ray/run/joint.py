@@ -223,7 +223,6 @@ def joint_steps(state: RunState, cfg: Config, bundle: DataBundle, first: int, n_
                 omegas.append(patch_omega(model, out["patches"], out["classes"], cfg, state.aux, streams, col, out=out))
                 realised += int(out["z"].shape[0])  # gathered: every rank's share
         else:
-            x_u = x_u if t.method in UNLABELLED_METHODS else x_u[:0]
             with prec.autocast():
                 logits = forward_halves(model, x_l, x_u, b.bn_batch).float()  # (l [+ b], C, H, W)
             sup = global_sup(logits[:n_l], y_l, ignore, col, t.sup_loss)

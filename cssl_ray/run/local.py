@@ -174,8 +174,8 @@ def _baseline_round(state: RunState, cfg: Config, bundle: DataBundle) -> dict[st
     return {**record, **state.baseline_epoch(cfg, steps, len(plan))}
 
 
-STAGE_A_TRAIN_KEYS = ("seed", "batch_size", "stage_a_steps", "stage_a_patience", "sup_steps_per_epoch", "sup_loss",
-                      "augment", "device", "num_threads", "amp", "channels_last")
+STAGE_A_TRAIN_KEYS = ("seed", "batch_size", "stage_a_steps", "stage_a_patience", "sup_steps_per_epoch",
+                      "sup_loss", "augment", "device", "num_threads", "amp", "channels_last")
 # + train.selection(): stage A's early stop, the weights it goes on from and the best it hands the
 # rounds (best_score, best_val, best_model) all follow the selection metric
 
