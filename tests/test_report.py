@@ -260,3 +260,44 @@ def test_per_image_columns_beside_dice_without_p_values() -> None:
     header, _ = table_cells(by_hd, [])
     assert header[3:6] == ["HD95 (px) ↓", "Dice per image", "ASD (px) ↓"]
     assert _row(by_hd, "cssl")["test"] == "paired"
+
+
+def _write_parent(tracker: Tracker, name: str, values: dict[str, list[float]]) -> str:
+    parent = tracker.start_parent(name, {"cssl.kind": "ablate"}, session=name)
+    for cell, dice in values.items():
+        for seed, v in enumerate(dice):
+            tags = {"cssl.kind": "ablation", "cssl.cell": cell, "cssl.seed": str(seed),
+                    "cssl.labelled_fraction": "0.1", "cssl.labelled_count": "0"}
+            run = tracker.start_child(parent, f"{cell}-{seed}", f"{cell} {seed}", {}, tags)
+            tracker.log_metrics(run, {"test_dice_mean": v}, step=1)
+            tracker.end(run, "FINISHED")
+    tracker.end(parent, "FINISHED")
+    return parent
+
+
+def test_several_parents_merge_into_one_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An ablation extended by a second ``ablate --cells`` grid: the later cells are paired with the
+    first grid's supervised runs of the same seeds; a cell and seed under two parents is refused."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, "abl")
+    first = _write_parent(tracker, "first", {"supervised": [0.70, 0.72, 0.74], "bn_mix": [0.71, 0.72, 0.76]})
+    later = _write_parent(tracker, "later", {"cps": [0.75, 0.80, 0.79]})
+    out = tmp_path / "out"
+    assert report.main(["--experiment", "abl", "--tracking-uri", uri, "--out", str(out)]) == 0
+    alone = (out / "report.md").read_text()  # the newest parent only: CPS with nothing to test against
+    assert "| CPS (network A) | 3 |" in alone and "Supervised" not in alone
+
+    assert report.main(["--experiment", "abl", "--tracking-uri", uri, "--out", str(out),
+                        "--parent", first, later, first]) == 0
+    md = (out / "report.md").read_text()
+    assert f"first ({first}) + later ({later})" in md and "9 finished runs" in md
+    line = next(x for x in md.splitlines() if "| CPS" in x)
+    want = stats.ttest_rel([0.75, 0.80, 0.79], [0.70, 0.72, 0.74]).pvalue
+    assert f"| {want:.3g} |" in line  # paired against the first grid's supervised
+    capsys.readouterr()
+
+    again = _write_parent(tracker, "again", {"supervised": [0.70]})  # seed 0 of supervised again
+    assert report.main(["--experiment", "abl", "--tracking-uri", uri, "--parent", first, again]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "cell supervised (0.1) seed 0" in err and first in err and again in err

@@ -1,11 +1,14 @@
 """The paper's results table (and its Fig. 3 silhouette plot) read back from MLflow.
 
-    python -m cssl_ray.report --experiment NAME [--tracking-uri URI] [--parent RUN_ID]
+    python -m cssl_ray.report --experiment NAME [--tracking-uri URI] [--parent RUN_ID [RUN_ID ...]]
                               [--metric test_dice_mean] [--out DIR]
 
 Takes the FINISHED child runs of one parent run (default: the newest ``cssl.kind=ablate`` parent,
-else the newest ``tune`` parent), groups them by labelled share and ablation cell, and writes
-into ``--out`` (default ``runs/report/<experiment>``):
+else the newest ``tune`` parent), or of several named parents merged into one table (an ablation
+extended by a later ``ablate --cells ...`` into the same store: its new cells are tested against the
+first grid's supervised runs of the same seeds; a cell, share and seed found under two parents is an
+error, never an average), groups them by labelled share and ablation cell, and writes into ``--out``
+(default ``runs/report/<experiment>``):
 
     report.md    the Markdown table: mean +- sample std (ddof=1) over seeds per group of the main
                  metric on the selected (best-validation) weights and on the last round's weights
@@ -23,7 +26,7 @@ into ``--out`` (default ``runs/report/<experiment>``):
     omega.png    omega (the silhouette score) per validation step, mean +- std over seeds, of the
                  runs without CR (cl, cl_hn) and with CR (cl_cr, cssl), when any logged omega
 
-The files are also attached to the parent run (artifacts under ``report/``). MLflow is read only
+The files are also attached to the (first named) parent run (artifacts under ``report/``). MLflow is read only
 through ``cssl_ray.tracking.runs``. The rows: ``report_rows``; the table: ``report_table``; the
 figures: ``report_figures``.
 """
@@ -34,7 +37,7 @@ import sys
 from pathlib import Path
 
 from cssl_ray.experiments.report_figures import draw_cells, draw_omega, draw_table, omega_curves
-from cssl_ray.experiments.report_rows import build_rows, classes_of
+from cssl_ray.experiments.report_rows import build_rows, classes_of, labelled_of
 from cssl_ray.experiments.report_table import extras_note, format_markdown
 from cssl_ray.tracking.runs import find_runs, get_run, latest_parent, require_experiment
 from cssl_ray.tracking.tracker import Tracker
@@ -45,36 +48,62 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cssl_ray.report", description=__doc__.splitlines()[0])
     p.add_argument("--experiment", required=True, help="MLflow experiment name")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else ./mlflow.db")
-    p.add_argument("--parent", default=None, help="parent run id (default: newest ablate parent)")
+    p.add_argument("--parent", nargs="+", default=None, metavar="RUN_ID",
+                   help="parent run id(s) (default: newest ablate parent); several merge into one table")
     p.add_argument("--metric", default="test_dice_mean", help="main metric (default test_dice_mean)")
     p.add_argument("--out", default=None, help="output folder (default runs/report/<experiment>)")
     return p
 
 
-def _select_runs(uri: str, args: argparse.Namespace) -> tuple[dict, list[dict]]:
-    require_experiment(uri, args.experiment)
-    if args.parent:
-        parent = get_run(uri, args.parent)
-    else:
-        parent = latest_parent(uri, args.experiment, kind="ablate") \
-            or latest_parent(uri, args.experiment, kind="tune")
-        if parent is None:
-            raise ValueError(f"experiment '{args.experiment}' in {uri} has no parent run")
-    children = find_runs(uri, args.experiment, parent_id=parent["run_id"])
+def _seed_key(run: dict) -> tuple[str, str, str | None]:
+    tags = run["tags"]
+    return labelled_of(run), tags.get("cssl.cell", run["name"]), tags.get("cssl.seed")
+
+
+def _children(uri: str, experiment: str, parent: dict) -> list[dict]:
+    children = find_runs(uri, experiment, parent_id=parent["run_id"])
     finished = [r for r in children if r["status"] == "FINISHED"]
     if not finished:
         raise ValueError(
             f"parent run {parent['run_id']} ({parent['name']}) has no FINISHED child runs "
             f"({len(children)} children in other states)"
         )
-    return parent, finished
+    return finished
+
+
+def _select_runs(uri: str, args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """The parents (the named ones in order, else the newest ablate/tune parent) and their FINISHED
+    children; ``ValueError`` when a parent has none, or two parents hold the same cell, share and seed."""
+    require_experiment(uri, args.experiment)
+    if args.parent:
+        parents = [get_run(uri, run_id) for run_id in dict.fromkeys(args.parent)]
+    else:
+        parent = latest_parent(uri, args.experiment, kind="ablate") \
+            or latest_parent(uri, args.experiment, kind="tune")
+        if parent is None:
+            raise ValueError(f"experiment '{args.experiment}' in {uri} has no parent run")
+        parents = [parent]
+    runs: list[dict] = []
+    owner: dict[tuple, str] = {}
+    for parent in parents:
+        children = _children(uri, args.experiment, parent)
+        for run in children:
+            key = _seed_key(run)
+            if key[2] is not None and owner.get(key, parent["run_id"]) != parent["run_id"]:
+                raise ValueError(
+                    f"cell {key[1]} ({key[0]}) seed {key[2]} is under parents {owner[key]} and "
+                    f"{parent['run_id']}: pass parents whose cells do not overlap"
+                )
+        owner.update({_seed_key(r): parent["run_id"] for r in children})
+        runs += children
+    return parents, runs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     uri = tracking_uri(args.tracking_uri)
     try:
-        parent, runs = _select_runs(uri, args)
+        parents, runs = _select_runs(uri, args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -84,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = build_rows(runs, args.metric)
     classes = classes_of(runs, args.metric)
     table = format_markdown(rows, classes)
-    title = f"{args.experiment} / {parent['name']} ({parent['run_id']})"
+    title = f"{args.experiment} / " + " + ".join(f"{p['name']} ({p['run_id']})" for p in parents)
     extras = extras_note(rows)
     note = (
         f"# {title}\n\n{len(runs)} finished runs; mean ± sample std over seeds; p: paired t-test "
@@ -102,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         draw_omega(curves, out / "omega.png", title, runs_of)
         paths.append(out / "omega.png")
 
-    Tracker(uri, args.experiment).log_artifacts(parent["run_id"], out, "report")  # the parent holds its report
+    Tracker(uri, args.experiment).log_artifacts(parents[0]["run_id"], out, "report")  # the parent holds its report
     print(table, end="")
     if not curves:
         print("no omega history in cells cl, cl_hn, cl_cr, cssl: omega.png not written")
