@@ -16,6 +16,7 @@ from cssl_ray.experiments.ablation_cells import ABLATION_CELLS, cell_of
 from cssl_ray.experiments.trainable import trial_config, tune_metrics
 from cssl_ray.experiments.trial_recorder import make_callback, run_tags
 from cssl_ray.experiments.trials import TrialOutcome, best_outcome
+from cssl_ray.tracking.run_record import selected_value
 from cssl_ray.tracking.runs import find_runs, metric_history
 
 
@@ -67,6 +68,21 @@ def test_best_outcome_uses_the_metric_over_rounds_and_needs_test_metrics():
     outs = [o("a", 0.4, mode="min"), o("b", 0.2, mode="min")]
     assert best_outcome(outs, "val_dice_mean", "min").trial_id == "b"
     assert best_outcome([o("c", 0.9, test=False)], "val_dice_mean", "max") is None
+
+
+def test_best_outcome_ranks_the_kept_weights_not_stage_a_peak():
+    """Under the paper's protocol Tune's maximum is stage A's best epoch (0.65 here), shared by every
+    trial with that stage A and not kept; the kept weights' validation Dice (best_val) decides."""
+    def o(tid, kept):
+        return TrialOutcome(tid, {}, "TERMINATED", Path("."), test={"dice_mean": 0.1},
+                            best_val={"dice_mean": kept, "loss": 1 - kept},
+                            metric_analysis={"val_dice_mean": {"max": 0.65}, "val_loss": {"min": 0.1}})
+    outs = [o("a", 0.62), o("b", 0.63), o("c", 0.61)]
+    assert best_outcome(outs, "val_dice_mean", "max").trial_id == "b"
+    assert best_outcome(outs, "val_loss", "min").trial_id == "b"  # loss 0.37, the lowest kept
+    assert selected_value({"dice_mean": 0.63}, {"val_dice_mean": {"max": 0.65}}, "val_dice_mean", "max") == 0.63
+    assert selected_value({}, {"val_dice_mean": {"max": 0.65}}, "val_dice_mean", "max") == 0.65  # no result.json
+    assert math.isnan(selected_value({}, {}, "val_dice_mean", "max"))
 
 
 def test_recorder_statuses_metrics_and_artifacts(tmp_path):

@@ -4,6 +4,7 @@ experiment's lines (one per trial start and end, warnings, the bar over trials).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from cssl_ray.config import Config, to_dict
 from cssl_ray.experiments.ablation_cells import cell_of
 from cssl_ray.experiments.trainable import CELL_KEY, trial_config
 from cssl_ray.tracking.progress import TrialProgress, run_warnings
-from cssl_ray.tracking.run_record import read_result, record_result
+from cssl_ray.tracking.run_record import read_result, record_result, selected_value
 
 
 def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any], runs_root: Path,
@@ -88,7 +89,8 @@ def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any
             out_dir = runs_root / trial.trial_id
             step = int((trial.last_result or {}).get("step", 0))
             cfg = trial_config(base, dict(trial.config))
-            raised = run_warnings(out_dir, read_result(out_dir))
+            saved = read_result(out_dir)
+            raised = run_warnings(out_dir, saved)
             result = record_result(self.tracker, run_id, cfg, out_dir, step, log_model=status == "FINISHED",
                                    warnings=raised)
             self.progress.warn(trial.trial_id, raised)
@@ -104,8 +106,8 @@ def make_callback(uri: str, experiment: str, parent_id: str, base: dict[str, Any
                 what = f"stopped early by the scheduler after round {int(last.get('round', 0))}"
             else:
                 what = f"finished round {int(last.get('round', 0))}"
-            best = (trial.metric_analysis or {}).get(metric, {}).get(mode)
-            shown = f", best {metric} {best:.4f}" if best is not None else ""
+            best = selected_value(saved.get("best_val", {}), trial.metric_analysis or {}, metric, mode)
+            shown = "" if math.isnan(best) else f", best {metric} {best:.4f}"  # of the weights it kept
             test = (f", test dice_mean {result['test']['dice_mean']:.4f}"
                     if result and "dice_mean" in result["test"] else "")
             self.progress.write(self.progress.end_line(trials, trial.trial_id, f"{what}{shown}{test}"))

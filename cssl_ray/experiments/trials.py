@@ -38,7 +38,7 @@ from cssl_ray.experiments.search_space import Space
 from cssl_ray.experiments.trainable import TrialSpec, run_trial, trials_label
 from cssl_ray.experiments.trial_recorder import make_callback
 from cssl_ray.tracking.progress import ENDED
-from cssl_ray.tracking.run_record import cells_view, read_result, runs_view
+from cssl_ray.tracking.run_record import cells_view, read_result, runs_view, selected_value
 
 SESSION_FILE = "cssl_session.json"
 # Tune writes its experiment state at most this often; a killed driver loses at most that much.
@@ -234,11 +234,11 @@ def unfinished(trials: list) -> list:
 
 
 def best_outcome(outcomes: list[TrialOutcome], metric: str, mode: str) -> TrialOutcome | None:
-    """The finished trial (test metrics present) with the best value of ``metric`` over its results;
-    ties (a flat metric, such as nuclei's micronucleus Dice at 0) go to the best val_dice_mean, as
-    within a run (``TrainConfig.selection_order``)."""
+    """The finished trial (test metrics present) whose kept weights have the best validation
+    ``metric`` (``selected_value``); ties (a flat metric, such as nuclei's micronucleus Dice at 0) go
+    to the best val_dice_mean, as within a run (``TrainConfig.selection_order``)."""
     def value(o: TrialOutcome, key: str, how: str) -> float:
-        v = float(o.metric_analysis.get(key, {}).get(how, math.nan))
+        v = selected_value(o.best_val, o.metric_analysis, key, how)
         return -math.inf if math.isnan(v) else (v if how == "max" else -v)
 
     finished = [o for o in outcomes if o.test]

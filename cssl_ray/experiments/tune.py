@@ -46,6 +46,7 @@ from cssl_ray.experiments.trials import (
     register_best,
     run_experiment,
 )
+from cssl_ray.tracking.run_record import selected_value
 
 if TYPE_CHECKING:  # torch: loaded only once the arguments are valid
     from cssl_ray.data.bundle import DataSource
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = {k: round(v, 4) for k, v in best.test.items()
              if k.startswith(("dice", "iou", "auprc", "hd95_mean", "asd_mean"))}
     print(f"best trial {best.trial_id} ({space.metric} {space.mode} "
-          f"{best.metric_analysis.get(space.metric, {}).get(space.mode, float('nan')):.4f}):")
+          f"{selected_value(best.best_val, best.metric_analysis, space.metric, space.mode):.4f}):")
     print("  params: " + json.dumps(best.params))
     print("  test:   " + json.dumps(shown))
     print(f"  config: {path}   (python -m cssl_ray.train --config {path})")

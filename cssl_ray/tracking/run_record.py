@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,21 @@ def read_result(out_dir: Path) -> dict[str, Any]:
     """A finished run's result.json ({} if the run did not finish)."""
     path = Path(out_dir) / "result.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def selected_value(best_val: dict[str, float], metric_analysis: dict[str, dict[str, float]], metric: str,
+                   mode: str) -> float:
+    """``metric`` of the weights a trial kept (its result.json ``best_val``: ``val_dice_mean`` is
+    ``best_val["dice_mean"]``), else Tune's best over the trial's reports; nan when neither has it.
+
+    The two differ under the paper's protocol: stage A reports every epoch, and its best epoch can
+    beat every round while its weights are not kept (stage A ends at its last step). Ranking trials by
+    Tune's maximum would then rank them by stage A's peak, the same for every trial that shares it.
+    """
+    key = metric.removeprefix("val_")
+    if metric.startswith("val_") and key in best_val:
+        return float(best_val[key])
+    return float(metric_analysis.get(metric, {}).get(mode, math.nan))
 
 
 def data_inputs(cfg: Config, out_dir: Path) -> list[dict[str, Any]]:
