@@ -151,6 +151,8 @@ def test_simclr_pretrains_before_its_own_stage_a(tmp_path):
     assert stage_a_key(cfg) != stage_a_key(sup)
     assert stage_a_key(cfg) != stage_a_key(dataclasses.replace(
         cfg, baselines=dataclasses.replace(cfg.baselines, simclr_temperature=0.1)))
+    assert stage_a_key(cfg) != stage_a_key(dataclasses.replace(  # the simclr_dl control pretrains on D_L alone
+        cfg, baselines=dataclasses.replace(cfg.baselines, simclr_images="labelled")))
     result = run_local(cfg)
     first = result.history[0]
     assert first["stage"] == "supervised" and first["simclr_loss_first"] > 0 and first["simclr_loss_last"] > 0

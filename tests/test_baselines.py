@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import math
 
@@ -25,7 +26,7 @@ from cssl_ray.baselines import (
     sigmoid_rampup,
     two_views,
 )
-from cssl_ray.config import ModelConfig
+from cssl_ray.config import ConfigError, ModelConfig
 from cssl_ray.method.pseudo_labels import predict_pseudo_labels
 from cssl_ray.models import create_model
 
@@ -307,6 +308,47 @@ def test_image_embedding_pools_the_deepest_map_and_trains_the_encoder():
     nt_xent(image_embedding(model, v1, head), image_embedding(model, v2, head), 0.5).backward()
     first = next(model.parameters())
     assert first.grad is not None and torch.isfinite(first.grad).all() and first.grad.abs().sum() > 0
+
+
+def _simclr_cfg(images: str, batch_size: int = 4, epochs: int = 2):
+    from cssl_ray.config import Config
+
+    c = Config()
+    return dataclasses.replace(c, baselines=dataclasses.replace(
+        c.baselines, simclr_images=images, simclr_batch_size=batch_size, simclr_epochs=epochs))
+
+
+def test_simclr_batches_all_is_one_pass_and_labelled_matches_its_step_count():
+    from cssl_ray.baselines.simclr import simclr_batches
+    from cssl_ray.data.batches import index_batches
+
+    for n_l, n_u, bs in ((3, 24, 16), (3, 10, 4), (5, 0, 2), (2, 7, 3)):
+        every = list(simclr_batches(n_l, n_u, _simclr_cfg("all", bs), torch.Generator().manual_seed(1)))
+        oracle = list(index_batches(n_l + n_u, bs, generator=torch.Generator().manual_seed(1)))
+        assert [b.tolist() for b in every] == [b.tolist() for b in oracle]  # the baseline is unchanged
+        assert set(torch.cat(every).tolist()) == set(range(n_l + n_u))  # each image at least once
+        dl = list(simclr_batches(n_l, n_u, _simclr_cfg("labelled", bs), torch.Generator().manual_seed(1)))
+        assert len(dl) == len(every) == math.ceil((n_l + n_u) / min(bs, n_l + n_u))  # the same optimiser steps
+        assert all(b.numel() == min(bs, n_l) for b in dl)
+        assert set(torch.cat(dl).tolist()) == set(range(n_l))  # D_L alone, every image of it
+    with pytest.raises(ConfigError, match="baselines.simclr_images.*at least 2 labelled"):
+        simclr_batches(1, 9, _simclr_cfg("labelled"), torch.Generator())
+
+
+def test_simclr_on_d_l_only_never_reads_the_unlabelled_images():
+    """NaN unlabelled images: the D_L control's loss and weights stay finite, the baseline's do not."""
+    from cssl_ray.baselines.simclr import simclr_pretrain
+
+    labelled = torch.randn(3, 1, 16, 16)
+    poisoned = torch.full((5, 1, 16, 16), float("nan"))
+    dl = tiny_model()
+    out = simclr_pretrain(dl, labelled, poisoned, _simclr_cfg("labelled"), torch.Generator().manual_seed(0))
+    assert math.isfinite(out["simclr_loss_first"]) and math.isfinite(out["simclr_loss_last"])
+    assert all(torch.isfinite(p).all() for p in dl.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(dl.parameters(), tiny_model().parameters()))  # it trained
+    every = tiny_model()
+    out = simclr_pretrain(every, labelled, poisoned, _simclr_cfg("all"), torch.Generator().manual_seed(0))
+    assert math.isnan(out["simclr_loss_first"])
 
 
 # ---- self-training --------------------------------------------------------------------------------

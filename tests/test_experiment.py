@@ -49,6 +49,9 @@ def test_trial_config_applies_dotted_params_and_cells():
     assert methods["bn_mix"] == "bn_mix" and methods["pseudo_label"] == "pseudo_label"
     assert trial_config(base, {"cell": "bn_stats"}).baselines.bn_batch == "separate"  # bn_mix's, one change
     assert trial_config(base, {"cell": "bn_mix"}).baselines.bn_batch == "mixed" and methods["bn_stats"] == "bn_mix"
+    assert trial_config(base, {"cell": "simclr_dl"}).baselines.simclr_images == "labelled"
+    assert trial_config(base, {"cell": "simclr_pretrain"}).baselines.simclr_images == "all"
+    assert methods["simclr_dl"] == "simclr_pretrain"
     with pytest.raises(ConfigError, match="contrastive.tau"):
         trial_config(base, {"contrastive.tau": -1.0})
 

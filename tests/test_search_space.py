@@ -370,13 +370,15 @@ def test_cells_match_the_paper():
     hn_without_cl = dataclasses.replace(Config().train, use_cl=False, use_cr=True, use_hard_negatives=True)
     assert cell_of(dataclasses.replace(Config(), train=hn_without_cl)) == "cr"  # hn is irrelevant without CL
     for cell in BASELINE_CELLS:  # a baseline: every CSSL switch off, its method on; maps back to itself
-        if cell == "bn_stats":  # bn_mix's method, its D_U in a forward of its own
-            assert ABLATION_CELLS[cell] == {**off, "method": "bn_mix"}
-            assert CELL_BASELINES == {"bn_stats": {"bn_batch": "separate"}}
+        if cell in CELL_BASELINES:  # another cell's method with one baselines key changed
             continue
         assert ABLATION_CELLS[cell] == {**off, "method": cell}
         assert cell_of(dataclasses.replace(Config(), train=dataclasses.replace(Config().train, **ABLATION_CELLS[cell]))) \
             == cell
+    # bn_stats: bn_mix with its D_U in a forward of its own; simclr_dl: SimCLR's steps on D_L alone
+    assert CELL_BASELINES == {"bn_stats": {"bn_batch": "separate"}, "simclr_dl": {"simclr_images": "labelled"}}
+    assert ABLATION_CELLS["bn_stats"] == {**off, "method": "bn_mix"}
+    assert ABLATION_CELLS["simclr_dl"] == {**off, "method": "simclr_pretrain"}
 
 
 BENIGN = {  # 13 keys x 2 corners = 8192 > MAX_CORNERS: the pairwise + coupled-group fallback

@@ -21,12 +21,13 @@ standardised intensities and Gaussian noise; no colour jitter or greyscale conve
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cssl_ray.config import Config
+from cssl_ray.config import Config, ConfigError
 from cssl_ray.data.augment import flip_rotate
 from cssl_ray.data.batches import index_batches
 from cssl_ray.models.heads import ProjectionHead
@@ -150,14 +151,34 @@ def image_embedding(model: nn.Module, x: Tensor, head: nn.Module | None = None) 
     return head(h.mean(dim=(2, 3)))  # (B, C_h) -> (B, D)
 
 
-def simclr_pretrain(model: nn.Module, images: Tensor, cfg: Config, generator: torch.Generator) -> dict[str, float]:
+def simclr_batches(n_labelled: int, n_unlabelled: int, cfg: Config, generator: torch.Generator) -> Iterator[Tensor]:
+    """One SimCLR epoch's index batches. ``simclr_images: all``: a shuffled pass over the N_L + N_U
+    images of D_L then D_U (indices into their concatenation), batches of ``simclr_batch_size``.
+    ``labelled``: indices into D_L alone, batches of min(simclr_batch_size, N_L), as many as the
+    ``all`` epoch has (reshuffled passes over D_L), so the control gets the same optimiser steps.
+    Lazy, like ``index_batches``: its reshuffles draw from ``generator`` between the views' draws."""
+    b = cfg.baselines
+    n_all = n_labelled + n_unlabelled
+    if b.simclr_images == "all":
+        return index_batches(n_all, b.simclr_batch_size, generator=generator)
+    if n_labelled < 2:
+        raise ConfigError(f"baselines.simclr_images: 'labelled' needs at least 2 labelled images (a view needs "
+                          f"a negative), this split has {n_labelled}; use 'all'")
+    steps = math.ceil(n_all / min(b.simclr_batch_size, n_all))
+    return index_batches(n_labelled, b.simclr_batch_size, steps=steps, generator=generator)
+
+
+def simclr_pretrain(model: nn.Module, labelled: Tensor, unlabelled: Tensor, cfg: Config,
+                    generator: torch.Generator) -> dict[str, float]:
     """Image-level contrastive pretraining of ``model`` (the ``simclr_pretrain`` cell, before stage A):
-    ``baselines.simclr_epochs`` shuffled passes over ``images`` (N, C, H, W), D_L and D_U, in batches
-    of ``baselines.simclr_batch_size``; each batch's two views (``two_views``) are embedded by the
-    encoder, global pooling and the model's projection head (``image_embedding``) and trained with
-    ``nt_xent`` at ``baselines.simclr_temperature`` on a fresh Adam at ``optim.lr``. The decoder
-    does not move (it gets no gradient); stage A then trains the whole network. ``generator``:
+    ``baselines.simclr_epochs`` epochs of NT-Xent batches of ``baselines.simclr_batch_size`` images
+    (``simclr_batches``: D_L + D_U, or D_L alone under ``simclr_images: labelled``); each batch's two
+    views (``two_views``) are embedded by the encoder, global pooling and the model's projection head
+    (``image_embedding``) and trained with ``nt_xent`` at ``baselines.simclr_temperature`` on a fresh
+    Adam at ``optim.lr``. ``labelled`` / ``unlabelled``: (N_L, C, H, W) / (N_U, C, H, W) images. The
+    decoder does not move (it gets no gradient); stage A then trains the whole network. ``generator``:
     batches and views. Returns the NT-Xent loss of the first and of the last epoch (means)."""
+    images = labelled if cfg.baselines.simclr_images == "labelled" else torch.cat([labelled, unlabelled])
     b = cfg.baselines
     device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -165,7 +186,7 @@ def simclr_pretrain(model: nn.Module, images: Tensor, cfg: Config, generator: to
     epochs: list[float] = []
     for _ in range(b.simclr_epochs):
         losses = []
-        for idx in index_batches(images.shape[0], b.simclr_batch_size, generator=generator):
+        for idx in simclr_batches(labelled.shape[0], unlabelled.shape[0], cfg, generator):
             if idx.numel() < 2:
                 continue  # one image has no negatives
             v1, v2 = two_views(images[idx], generator)  # (n, C, H, W) each

@@ -164,6 +164,9 @@ class BaselinesConfig:
     simclr_epochs: int = 20  # simclr_pretrain: NT-Xent passes over D_L + D_U before stage A
     simclr_batch_size: int = 16  # simclr_pretrain: images per NT-Xent batch (2x views)
     simclr_temperature: float = 0.5  # simclr_pretrain: NT-Xent tau (Chen et al. 2020: 0.5 on CIFAR-10)
+    # simclr_pretrain: the images NT-Xent sees. "all" = D_L + D_U (the baseline); "labelled" = D_L only, as
+    # many batches per epoch as a pass over D_L + D_U (the simclr_dl cell: does D_U matter, or the pretraining?)
+    simclr_images: Literal["all", "labelled"] = "all"
     # bn_mix, mean_teacher, pseudo_label, cps: how the student (and CPS's B) sees a step's labelled and
     # unlabelled images. "mixed" (SSL4MIS's recipes, CPS): one forward of both, one BatchNorm batch;
     # "separate": two forwards, each half normalised by its own batch statistics (the running statistics

@@ -37,9 +37,8 @@ from cssl_ray.run.supervised_epochs import stage_a_plan, sup_steps
 def pretrain_simclr(state: RunState, cfg: Config, shard: Any, col: Collectives) -> dict[str, float]:
     """SimCLR pretraining of the student on all of D_L and D_U, the same on every rank (module docstring)."""
     source = shard.source
-    images = torch.cat([source.take("labelled")[0], source.take("unlabelled")[0]])
-    pretrained = simclr_pretrain(state.model, images, cfg, torch.Generator().manual_seed(stream_seed(cfg.train.seed,
-                                                                                                       "simclr")))
+    generator = torch.Generator().manual_seed(stream_seed(cfg.train.seed, "simclr"))
+    pretrained = simclr_pretrain(state.model, source.take("labelled")[0], source.take("unlabelled")[0], cfg, generator)
     col.broadcast_state(state.model)
     return pretrained
 

@@ -3,7 +3,8 @@
 Ablation cells (the paper's Table 5, ``ABLATION_CELLS``; train.use_cl / use_cr / use_hard_negatives):
 supervised F F F, cl T F F, cl_hn T F T, cr F T F, cl_cr T T F, cssl T T T (the full method), and
 the reference supervised_all (F F F with every training image labelled, ``CELL_DATA``), and the
-baselines (bn_stats: bn_mix with ``baselines.bn_batch: separate``, ``CELL_BASELINES``).
+baselines (bn_stats: bn_mix with ``baselines.bn_batch: separate``; simclr_dl: simclr_pretrain on D_L alone,
+``baselines.simclr_images: labelled``; ``CELL_BASELINES``).
 ``cell_of(cfg)`` maps a config back (hard negatives are irrelevant without use_cl; a config cannot
 tell supervised_all from supervised, so trials carry their cell name).
 """
@@ -34,13 +35,17 @@ ABLATION_CELLS: dict[str, dict[str, Any]] = {
     "mean_teacher": {**_OFF, "method": "mean_teacher"},
     "cps": {**_OFF, "method": "cps"},
     "simclr_pretrain": {**_OFF, "method": "simclr_pretrain"},
+    # its control: the same pretraining steps on D_L alone (baselines.simclr_images labelled, CELL_BASELINES),
+    # so a SimCLR gain over supervised is credited to D_U only if it beats this cell too
+    "simclr_dl": {**_OFF, "method": "simclr_pretrain"},
 }
-BASELINE_CELLS = ("bn_mix", "bn_stats", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain")
+BASELINE_CELLS = ("bn_mix", "bn_stats", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain", "simclr_dl")
 DEFAULT_CELLS = [c for c in ABLATION_CELLS if c not in BASELINE_CELLS]  # the paper's Table 5 + supervised_all
 # data overrides of a cell (the rest of the split - val, test, the seed - is the experiment's)
 CELL_DATA: dict[str, dict[str, Any]] = {"supervised_all": {"labelled_fraction": 1.0, "labelled_count": 0}}
 # baselines overrides of a cell (the rest of the section is the experiment's)
-CELL_BASELINES: dict[str, dict[str, Any]] = {"bn_stats": {"bn_batch": "separate"}}
+CELL_BASELINES: dict[str, dict[str, Any]] = {"bn_stats": {"bn_batch": "separate"},
+                                             "simclr_dl": {"simclr_images": "labelled"}}
 PROTOCOLS = ("paper", "joint")  # train.protocol
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from scipy import stats
 
-CELL_ORDER = ("supervised", "bn_mix", "bn_stats", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain", "cl",
-              "cl_hn", "cr", "cl_cr", "cssl", "supervised_all")
+CELL_ORDER = ("supervised", "bn_mix", "bn_stats", "pseudo_label", "mean_teacher", "cps", "simclr_pretrain", "simclr_dl",
+              "cl", "cl_hn", "cr", "cl_cr", "cssl", "supervised_all")
 METHOD_NAMES = {
     "supervised": "Supervised",
     "cl": "CL",
@@ -26,6 +26,7 @@ METHOD_NAMES = {
     "mean_teacher": "Mean Teacher",
     "cps": "CPS (network A)",
     "simclr_pretrain": "SimCLR pretraining",
+    "simclr_dl": "SimCLR on D_L only (control)",
 }
 # The cells every other row is tested against (same labelled share): supervised always, CSSL and the
 # bn_mix control (unlabelled images in the BatchNorm batches, no loss on them) when the table has them.

@@ -121,8 +121,8 @@ def run_joint(cfg: Config, *, resume: bool = False,
     bar = progress_bar(rounds, t.progress)
     bar.update(state.round)
     if t.method == "simclr_pretrain" and state.round == 0:  # before the first step (a resume has it)
-        images = torch.cat([bundle.labelled_images, bundle.unlabelled_images])
-        pretrained = simclr_pretrain(state.model, images, cfg, torch.Generator().manual_seed(stream_seed(t.seed, "simclr")))
+        pretrained = simclr_pretrain(state.model, bundle.labelled_images, bundle.unlabelled_images, cfg,
+                                     torch.Generator().manual_seed(stream_seed(t.seed, "simclr")))
         state.history.append({"stage": "pretrain", "round": 0, **pretrained})
     while state.round < rounds:
         state.round += 1

@@ -132,9 +132,8 @@ def _stage_a(state: RunState, cfg: Config, bundle: DataBundle, stage_a_cache: st
         sup = _sup_args(state, cfg)
         pretrained: dict[str, float] = {}
         if cfg.train.method == "simclr_pretrain" and not state.history:  # before stage A's first epoch
-            images = torch.cat([bundle.labelled_images, bundle.unlabelled_images])
             generator = torch.Generator().manual_seed(stream_seed(cfg.train.seed, "simclr"))
-            pretrained = simclr_pretrain(state.model, images, cfg, generator)
+            pretrained = simclr_pretrain(state.model, bundle.labelled_images, bundle.unlabelled_images, cfg, generator)
         plan = stage_a_plan(cfg.train, bundle.labelled_images.shape[0])
         for epoch in range(len(state.history), len(plan)):
             stats = supervised_epoch(state.model, state.optimizer, bundle.labelled_images, bundle.labelled_masks,
