@@ -26,7 +26,9 @@ from cssl_ray.baselines import (
     sigmoid_rampup,
     two_views,
 )
-from cssl_ray.config import ConfigError, ModelConfig
+from cssl_ray.baselines.simclr import simclr_batches, simclr_pretrain
+from cssl_ray.config import Config, ConfigError, ModelConfig
+from cssl_ray.data.batches import index_batches
 from cssl_ray.method.pseudo_labels import predict_pseudo_labels
 from cssl_ray.models import create_model
 
@@ -311,17 +313,12 @@ def test_image_embedding_pools_the_deepest_map_and_trains_the_encoder():
 
 
 def _simclr_cfg(images: str, batch_size: int = 4, epochs: int = 2):
-    from cssl_ray.config import Config
-
     c = Config()
     return dataclasses.replace(c, baselines=dataclasses.replace(
         c.baselines, simclr_images=images, simclr_batch_size=batch_size, simclr_epochs=epochs))
 
 
 def test_simclr_batches_all_is_one_pass_and_labelled_matches_its_step_count():
-    from cssl_ray.baselines.simclr import simclr_batches
-    from cssl_ray.data.batches import index_batches
-
     for n_l, n_u, bs in ((3, 24, 16), (3, 10, 4), (5, 0, 2), (2, 7, 3)):
         every = list(simclr_batches(n_l, n_u, _simclr_cfg("all", bs), torch.Generator().manual_seed(1)))
         oracle = list(index_batches(n_l + n_u, bs, generator=torch.Generator().manual_seed(1)))
@@ -337,8 +334,6 @@ def test_simclr_batches_all_is_one_pass_and_labelled_matches_its_step_count():
 
 def test_simclr_on_d_l_only_never_reads_the_unlabelled_images():
     """NaN unlabelled images: the D_L control's loss and weights stay finite, the baseline's do not."""
-    from cssl_ray.baselines.simclr import simclr_pretrain
-
     labelled = torch.randn(3, 1, 16, 16)
     poisoned = torch.full((5, 1, 16, 16), float("nan"))
     dl = tiny_model()

@@ -178,8 +178,8 @@ def simclr_pretrain(model: nn.Module, labelled: Tensor, unlabelled: Tensor, cfg:
     Adam at ``optim.lr``. ``labelled`` / ``unlabelled``: (N_L, C, H, W) / (N_U, C, H, W) images. The
     decoder does not move (it gets no gradient); stage A then trains the whole network. ``generator``:
     batches and views. Returns the NT-Xent loss of the first and of the last epoch (means)."""
-    images = labelled if cfg.baselines.simclr_images == "labelled" else torch.cat([labelled, unlabelled])
     b = cfg.baselines
+    images = labelled if b.simclr_images == "labelled" else torch.cat([labelled, unlabelled])  # simclr_batches' indices
     device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     model.train()

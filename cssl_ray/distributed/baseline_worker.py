@@ -35,7 +35,8 @@ from cssl_ray.run.supervised_epochs import stage_a_plan, sup_steps
 
 
 def pretrain_simclr(state: RunState, cfg: Config, shard: Any, col: Collectives) -> dict[str, float]:
-    """SimCLR pretraining of the student on all of D_L and D_U, the same on every rank (module docstring)."""
+    """SimCLR pretraining of the student on all of D_L and D_U (D_L alone for simclr_dl), the same on every
+    rank (module docstring)."""
     source = shard.source
     generator = torch.Generator().manual_seed(stream_seed(cfg.train.seed, "simclr"))
     pretrained = simclr_pretrain(state.model, source.take("labelled")[0], source.take("unlabelled")[0], cfg, generator)
